@@ -1,0 +1,44 @@
+"""Opening the ports: the URL scheme picks the adapter (``redis://``, ``amqp://``, ``memory://``)."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from urllib.parse import urlsplit
+
+from app.config import ConfigError
+from app.ports import Broker, Store
+
+
+@asynccontextmanager
+async def open_store(url: str, *, prefix: str = "", run_history: int = 100) -> AsyncIterator[Store]:
+    """A connected ``Store`` for ``url``, closed on exit."""
+    scheme = urlsplit(url).scheme
+    if scheme == "memory":
+        from app.adapters.memory_store import MemoryStore
+
+        yield MemoryStore(run_history=run_history)
+    elif scheme in ("redis", "rediss", "unix"):
+        from app.adapters.redis_store import open_redis_store
+
+        async with open_redis_store(url, prefix=prefix, run_history=run_history) as store:
+            yield store
+    else:
+        raise ConfigError(f"REDIS_URL must start with redis://, rediss:// or memory://: {url!r}")
+
+
+@asynccontextmanager
+async def open_broker(url: str, *, prefix: str = "") -> AsyncIterator[Broker]:
+    """A connected ``Broker`` for ``url``, closed on exit."""
+    scheme = urlsplit(url).scheme
+    if scheme == "memory":
+        from app.adapters.memory_broker import MemoryBroker
+
+        yield MemoryBroker()
+    elif scheme in ("amqp", "amqps"):
+        from app.adapters.amqp_broker import open_amqp_broker
+
+        async with open_amqp_broker(url, prefix=prefix) as broker:
+            yield broker
+    else:
+        raise ConfigError(f"AMQP_URL must start with amqp://, amqps:// or memory://: {url!r}")

@@ -1,0 +1,166 @@
+"""The in-memory store: the reference behaviour of ``Store``, and dev mode's store.
+
+Documents are kept encoded, as Redis keeps them, so callers never share mutable state
+with the store. Every method runs without awaiting in between, which makes each one
+atomic on a single event loop.
+"""
+
+from __future__ import annotations
+
+import bisect
+import math
+import time
+from collections.abc import Sequence
+
+import anyio
+import anyio.lowlevel
+import msgspec
+
+from app.domain import RevisionConflict, Run, Task, TaskAlreadyExists, TaskStatus
+from app.ports import Claim, DueAt, Keep, TaskChange, Unschedule
+
+_task_decoder = msgspec.json.Decoder(Task)
+_run_decoder = msgspec.json.Decoder(Run)
+
+
+class MemoryStore:
+    """Implements ``Store`` in process memory."""
+
+    def __init__(self, *, run_history: int) -> None:
+        self._run_history = run_history
+        self._tasks: dict[str, bytes] = {}
+        self._ids: list[str] = []
+        self._ids_by_status: dict[TaskStatus, list[str]] = {s: [] for s in TaskStatus}
+        self._runs: dict[str, dict[str, bytes]] = {}
+        self._due: dict[str, float] = {}
+        self._claims: dict[str, str] = {}
+        self._wakeup = anyio.Event()
+
+    async def ping(self) -> None:
+        await anyio.lowlevel.checkpoint()
+
+    async def get_task(self, task_id: str) -> Task | None:
+        await anyio.lowlevel.checkpoint()
+        doc = self._tasks.get(task_id)
+        return None if doc is None else _task_decoder.decode(doc)
+
+    async def list_tasks(
+        self, *, status: TaskStatus | None, limit: int, after: str | None
+    ) -> list[Task]:
+        await anyio.lowlevel.checkpoint()
+        ids = self._ids if status is None else self._ids_by_status[status]
+        start = 0 if after is None else bisect.bisect_right(ids, after)
+        return [_task_decoder.decode(self._tasks[i]) for i in ids[start : start + limit]]
+
+    async def commit(self, change: TaskChange) -> None:
+        await anyio.lowlevel.checkpoint()
+        task_id = change.task_id
+        current_doc = self._tasks.get(task_id)
+        current = None if current_doc is None else _task_decoder.decode(current_doc)
+        if change.expected_revision is None:
+            if current is not None:
+                raise TaskAlreadyExists(task_id)
+        elif current is None or current.revision != change.expected_revision:
+            raise RevisionConflict(task_id)
+
+        if change.task is None:
+            self._delete(task_id, current)
+            return
+        if current is None:
+            bisect.insort(self._ids, task_id)
+        elif current.status != change.task.status:
+            _discard_sorted(self._ids_by_status[current.status], task_id)
+        if current is None or current.status != change.task.status:
+            bisect.insort(self._ids_by_status[change.task.status], task_id)
+        self._tasks[task_id] = msgspec.json.encode(change.task)
+        runs = self._runs.setdefault(task_id, {})
+        for run in change.runs:
+            runs[run.run_id] = msgspec.json.encode(run)
+        for old in sorted(runs)[: max(0, len(runs) - self._run_history)]:
+            del runs[old]
+        self._apply_schedule(task_id, change.schedule)
+
+    async def commit_each(self, changes: Sequence[TaskChange]) -> list[bool]:
+        applied: list[bool] = []
+        for change in changes:
+            try:
+                await self.commit(change)
+            except (RevisionConflict, TaskAlreadyExists):
+                applied.append(False)
+            else:
+                applied.append(True)
+        return applied
+
+    def _delete(self, task_id: str, current: Task | None) -> None:
+        if current is None:
+            return
+        del self._tasks[task_id]
+        _discard_sorted(self._ids, task_id)
+        _discard_sorted(self._ids_by_status[current.status], task_id)
+        self._runs.pop(task_id, None)
+        self._due.pop(task_id, None)
+        self._claims.pop(task_id, None)
+
+    def _apply_schedule(self, task_id: str, schedule: Keep | Unschedule | DueAt) -> None:
+        match schedule:
+            case Keep():
+                return
+            case Unschedule():
+                self._due.pop(task_id, None)
+            case DueAt(when=when):
+                earliest = min(self._due.values(), default=math.inf)
+                self._due[task_id] = when
+                if when < earliest:
+                    self._wake()
+        self._claims.pop(task_id, None)
+
+    def _wake(self) -> None:
+        self._wakeup.set()
+        self._wakeup = anyio.Event()
+
+    async def get_run(self, task_id: str, run_id: str) -> Run | None:
+        await anyio.lowlevel.checkpoint()
+        doc = self._runs.get(task_id, {}).get(run_id)
+        return None if doc is None else _run_decoder.decode(doc)
+
+    async def list_runs(self, task_id: str, *, limit: int) -> list[Run]:
+        await anyio.lowlevel.checkpoint()
+        runs = self._runs.get(task_id, {})
+        newest = sorted(runs, reverse=True)[:limit]
+        return [_run_decoder.decode(runs[run_id]) for run_id in newest]
+
+    async def claim_due(self, *, now: float, limit: int, lease: float, token: str) -> list[Claim]:
+        await anyio.lowlevel.checkpoint()
+        due = sorted(
+            ((when, task_id) for task_id, when in self._due.items() if when <= now),
+        )[:limit]
+        claims: list[Claim] = []
+        for _, task_id in due:
+            self._due[task_id] = now + lease
+            self._claims[task_id] = token
+            doc = self._tasks.get(task_id)
+            claims.append(Claim(task_id, None if doc is None else _task_decoder.decode(doc)))
+        return claims
+
+    async def release_claims(self, *, token: str, task_ids: Sequence[str]) -> None:
+        await anyio.lowlevel.checkpoint()
+        for task_id in task_ids:
+            if self._claims.get(task_id) == token:
+                del self._claims[task_id]
+                self._due.pop(task_id, None)
+
+    async def wait_for_due(self, *, max_wait: float) -> None:
+        earliest = min(self._due.values(), default=math.inf)
+        delay = min(max_wait, earliest - time.time())
+        if delay <= 0:
+            await anyio.lowlevel.checkpoint()
+            return
+        wakeup = self._wakeup
+        with anyio.move_on_after(delay):
+            await wakeup.wait()
+
+
+def _discard_sorted(ids: list[str], task_id: str) -> None:
+    index = bisect.bisect_left(ids, task_id)
+    if index < len(ids) and ids[index] == task_id:
+        del ids[index]

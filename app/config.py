@@ -1,0 +1,90 @@
+"""Settings from the environment (names from DESIGN.md, including the Go system's)."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field, replace
+from typing import Any, cast
+
+from app.ports import ALL_ROLES, Role
+
+DEFAULT_REDIS_URL = "redis://localhost:6379/0"
+DEFAULT_AMQP_URL = "amqp://guest:guest@localhost:5672/"
+MEMORY_URL = "memory://"
+
+
+class ConfigError(ValueError):
+    """A setting has a value taskq cannot use; the message names the setting."""
+
+
+@dataclass(frozen=True, slots=True)
+class Settings:
+    redis_url: str = DEFAULT_REDIS_URL
+    amqp_url: str = DEFAULT_AMQP_URL
+    host: str = "127.0.0.1"
+    port: int = 8080
+    key_prefix: str = ""
+    api_tokens: tuple[str, ...] = ()
+    roles: tuple[Role, ...] = ALL_ROLES
+    concurrency: int = field(default_factory=lambda: 2 * (os.cpu_count() or 1))
+    output_limit: int = 1_048_576
+    run_history: int = 100
+    lease_seconds: float = 30.0
+    shutdown_grace: float = 30.0
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
+        """Read every setting from ``env`` (default: ``os.environ``)."""
+        env = os.environ if env is None else env
+        values: dict[str, Any] = {}
+        if url := env.get("REDIS_URL"):
+            values["redis_url"] = url
+        elif address := env.get("REDIS_ADDRESS"):
+            values["redis_url"] = f"redis://{address}/0"
+        if url := env.get("AMQP_URL") or env.get("REDIS_MQ_URL"):
+            values["amqp_url"] = url
+        if host := env.get("SERVER_HOST"):
+            values["host"] = host
+        if "TASKQ_KEY_PREFIX" in env:
+            values["key_prefix"] = env["TASKQ_KEY_PREFIX"]
+        if tokens := env.get("TASKQ_API_TOKENS"):
+            values["api_tokens"] = tuple(t.strip() for t in tokens.split(",") if t.strip())
+        if roles := env.get("TASKQ_ROLES"):
+            values["roles"] = parse_roles(roles)
+        numbers: dict[str, tuple[str, type[int] | type[float], float]] = {
+            "SERVER_PORT": ("port", int, 0),
+            "TASKQ_CONCURRENCY": ("concurrency", int, 1),
+            "TASKQ_OUTPUT_LIMIT": ("output_limit", int, 1024),
+            "TASKQ_RUN_HISTORY": ("run_history", int, 1),
+            "TASKQ_LEASE_SECONDS": ("lease_seconds", float, 1),
+            "TASKQ_SHUTDOWN_GRACE": ("shutdown_grace", float, 0),
+        }
+        for name, (attribute, kind, minimum) in numbers.items():
+            if (raw := env.get(name)) is not None:
+                values[attribute] = _number(name, raw, kind, minimum)
+        return cls(**values)
+
+    def with_overrides(self, **overrides: Any) -> Settings:
+        """These settings with every non-``None`` override applied (CLI flags)."""
+        return replace(self, **{k: v for k, v in overrides.items() if v is not None})
+
+
+def parse_roles(text: str) -> tuple[Role, ...]:
+    names = [part.strip() for part in text.split(",") if part.strip()]
+    unknown = [n for n in names if n not in ALL_ROLES]
+    if unknown or not names:
+        raise ConfigError(
+            f"roles must be a comma-separated subset of {','.join(ALL_ROLES)}, got {text!r}"
+        )
+    return tuple(cast(Role, role) for role in ALL_ROLES if role in names)
+
+
+def _number(name: str, raw: str, kind: type[int] | type[float], minimum: float) -> int | float:
+    try:
+        value = kind(raw)
+    except ValueError:
+        raise ConfigError(f"{name} must be a number, got {raw!r}") from None
+    if value < minimum:
+        raise ConfigError(f"{name} must be at least {minimum:g}, got {raw!r}")
+    return value

@@ -1,0 +1,263 @@
+"""The task model and its lifecycle: pure data and pure transitions, no I/O.
+
+Every state change is a function from the current document to the next one; the
+store persists it with a compare-and-set on ``revision`` so that a late or duplicate
+actor can never overwrite a newer state.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import time
+from datetime import UTC, datetime
+from enum import StrEnum
+from typing import Annotated
+
+import msgspec
+
+TASK_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$"
+MAX_COMMAND_BYTES = 16 * 1024
+
+TaskId = Annotated[str, msgspec.Meta(pattern=TASK_ID_PATTERN, description="Task id")]
+
+
+class TaskStatus(StrEnum):
+    CREATED = "created"
+    PENDING = "pending"
+    RUNNING = "running"
+    COMPLETED = "completed"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+
+
+ACTIVE_STATUSES = frozenset({TaskStatus.PENDING, TaskStatus.RUNNING})
+
+
+class RunStatus(StrEnum):
+    QUEUED = "queued"
+    RUNNING = "running"
+    COMPLETED = "completed"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+
+
+FINISHED_RUN_STATUSES = frozenset({RunStatus.COMPLETED, RunStatus.FAILED, RunStatus.CANCELLED})
+
+
+class DomainError(Exception):
+    """Base class of the errors a caller can act on (the API maps them to 4xx)."""
+
+
+class TaskNotFound(DomainError):
+    def __init__(self, task_id: str) -> None:
+        super().__init__(f"task {task_id!r} does not exist")
+        self.task_id = task_id
+
+
+class RunNotFound(DomainError):
+    def __init__(self, task_id: str, run_id: str) -> None:
+        super().__init__(f"run {run_id!r} of task {task_id!r} does not exist")
+
+
+class TaskAlreadyExists(DomainError):
+    def __init__(self, task_id: str) -> None:
+        super().__init__(f"task {task_id!r} already exists")
+        self.task_id = task_id
+
+
+class InvalidTransition(DomainError):
+    """The task's current status does not allow the requested operation."""
+
+
+class RevisionConflict(Exception):
+    """The stored document changed since it was read; re-read and try again."""
+
+
+class RunSummary(msgspec.Struct, kw_only=True):
+    """The outcome of a task's most recent finished run."""
+
+    run_id: str
+    attempt: int
+    status: RunStatus
+    exit_code: int | None
+    duration: float | None
+    finished_at: datetime
+
+
+class ActiveRun(msgspec.Struct, kw_only=True):
+    """The run a pending or running task is working on."""
+
+    run_id: str
+    attempt: int
+
+
+class Task(msgspec.Struct, kw_only=True):
+    """A task as stored in Redis (``task:{id}``) and returned by the API."""
+
+    id: str
+    name: str
+    description: str = ""
+    command: str | None = None
+    args: list[str] | None = None
+    env: dict[str, str] = {}
+    cwd: str | None = None
+    timeout: float | None = None
+    status: TaskStatus = TaskStatus.CREATED
+    created_at: datetime
+    updated_at: datetime
+    scheduled_at: datetime | None = None
+    last_run: RunSummary | None = None
+    active_run: ActiveRun | None = None
+    revision: int = 0
+
+
+class Run(msgspec.Struct, kw_only=True):
+    """One execution of a task."""
+
+    run_id: str
+    task_id: str
+    attempt: int
+    status: RunStatus
+    queued_at: datetime
+    started_at: datetime | None = None
+    finished_at: datetime | None = None
+    exit_code: int | None = None
+    duration: float | None = None
+    output: str = ""
+    truncated: bool = False
+    timed_out: bool = False
+    error: str | None = None
+    worker: str | None = None
+
+
+class Outcome(msgspec.Struct, kw_only=True):
+    """What executing a command produced."""
+
+    exit_code: int | None
+    duration: float
+    output: str
+    truncated: bool
+    timed_out: bool = False
+    error: str | None = None
+
+    @property
+    def succeeded(self) -> bool:
+        return self.exit_code == 0 and not self.timed_out and self.error is None
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+def timestamp(moment: datetime) -> float:
+    """Unix seconds, the score of ``scheduled_tasks``."""
+    return moment.timestamp()
+
+
+def new_task_id() -> str:
+    return f"task-{secrets.token_hex(8)}"
+
+
+def new_run_id() -> str:
+    """A run id that sorts in creation order: milliseconds, then randomness."""
+    return f"{time.time_ns() // 1_000_000:013x}-{secrets.token_hex(4)}"
+
+
+def worker_name() -> str:
+    return f"{os.uname().nodename}:{os.getpid()}"
+
+
+def _advance(task: Task, now: datetime, **changes: object) -> Task:
+    return msgspec.structs.replace(task, updated_at=now, revision=task.revision + 1, **changes)
+
+
+def queue_run(task: Task, now: datetime) -> tuple[Task, Run]:
+    """Put an idle task in ``pending`` with a new queued run."""
+    if task.status in ACTIVE_STATUSES:
+        raise InvalidTransition(f"task {task.id!r} is already {task.status}")
+    run = Run(
+        run_id=new_run_id(),
+        task_id=task.id,
+        attempt=1,
+        status=RunStatus.QUEUED,
+        queued_at=now,
+    )
+    active = ActiveRun(run_id=run.run_id, attempt=run.attempt)
+    return _advance(task, now, status=TaskStatus.PENDING, active_run=active), run
+
+
+def fire_schedule(task: Task, now: datetime) -> tuple[Task, Run]:
+    """Queue the run a due ``scheduled_at`` asks for; a one-shot time is consumed."""
+    queued, run = queue_run(task, now)
+    return msgspec.structs.replace(queued, scheduled_at=None), run
+
+
+def start_run(task: Task, run: Run, worker: str, now: datetime) -> tuple[Task, Run]:
+    """A worker takes a queued run."""
+    if task.status != TaskStatus.PENDING or task.active_run is None:
+        raise InvalidTransition(f"task {task.id!r} is {task.status}, not pending")
+    if task.active_run.run_id != run.run_id or run.status != RunStatus.QUEUED:
+        raise InvalidTransition(f"run {run.run_id!r} is not the queued run of {task.id!r}")
+    started = msgspec.structs.replace(run, status=RunStatus.RUNNING, started_at=now, worker=worker)
+    return _advance(task, now, status=TaskStatus.RUNNING), started
+
+
+def finish_run(task: Task, run: Run, outcome: Outcome, now: datetime) -> tuple[Task, Run]:
+    """Record a run's outcome; the exit code decides ``completed`` or ``failed``."""
+    if (
+        task.status != TaskStatus.RUNNING
+        or task.active_run is None
+        or task.active_run.run_id != run.run_id
+    ):
+        raise InvalidTransition(f"run {run.run_id!r} is not the running run of {task.id!r}")
+    run_status = RunStatus.COMPLETED if outcome.succeeded else RunStatus.FAILED
+    finished = msgspec.structs.replace(
+        run,
+        status=run_status,
+        finished_at=now,
+        exit_code=outcome.exit_code,
+        duration=outcome.duration,
+        output=outcome.output,
+        truncated=outcome.truncated,
+        timed_out=outcome.timed_out,
+        error=outcome.error,
+    )
+    summary = RunSummary(
+        run_id=run.run_id,
+        attempt=run.attempt,
+        status=run_status,
+        exit_code=outcome.exit_code,
+        duration=outcome.duration,
+        finished_at=now,
+    )
+    task_status = TaskStatus.COMPLETED if outcome.succeeded else TaskStatus.FAILED
+    return _advance(task, now, status=task_status, last_run=summary, active_run=None), finished
+
+
+def requeue_run(task: Task, run: Run, reason: str, now: datetime) -> tuple[Task, Run, Run]:
+    """Give back a run this worker could not finish (shutdown): close it, queue a fresh one.
+
+    Returns the task, the closed run and the new queued run.
+    """
+    if task.active_run is None or task.active_run.run_id != run.run_id:
+        raise InvalidTransition(f"run {run.run_id!r} is not the active run of {task.id!r}")
+    closed = msgspec.structs.replace(run, status=RunStatus.CANCELLED, finished_at=now, error=reason)
+    fresh = Run(
+        run_id=new_run_id(),
+        task_id=task.id,
+        attempt=run.attempt,
+        status=RunStatus.QUEUED,
+        queued_at=now,
+    )
+    active = ActiveRun(run_id=fresh.run_id, attempt=fresh.attempt)
+    return _advance(task, now, status=TaskStatus.PENDING, active_run=active), closed, fresh
+
+
+def reschedule(task: Task, at: datetime, now: datetime) -> Task:
+    return _advance(task, now, scheduled_at=at)
+
+
+def touch(task: Task, now: datetime, **changes: object) -> Task:
+    """Any other change to the document (an update from the API)."""
+    return _advance(task, now, **changes)

@@ -1,0 +1,173 @@
+"""The two ports every role talks through: ``Store`` (task state) and ``Broker`` (dispatch).
+
+Each has a real adapter (Redis, AMQP) and an in-memory one that is the reference
+behaviour; the contract suites in ``tests/contract`` run both through the same cases.
+Opening and closing connections is not part of a port: see ``app.adapters``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Sequence
+from contextlib import AbstractAsyncContextManager
+from dataclasses import dataclass, field
+from typing import Literal, Protocol
+
+import msgspec
+
+from app.domain import Run, Task, TaskStatus
+
+
+class Keep(msgspec.Struct, frozen=True):
+    """Leave the task's entry in ``scheduled_tasks`` as it is."""
+
+
+class Unschedule(msgspec.Struct, frozen=True):
+    """Remove the task's entry from ``scheduled_tasks``."""
+
+
+class DueAt(msgspec.Struct, frozen=True):
+    """Set the task's entry in ``scheduled_tasks`` to ``when`` (unix seconds)."""
+
+    when: float
+
+
+KEEP = Keep()
+UNSCHEDULE = Unschedule()
+ScheduleChange = Keep | Unschedule | DueAt
+
+
+@dataclass(frozen=True, slots=True)
+class TaskChange:
+    """One atomic change of a task, applied by ``Store.commit`` or not at all.
+
+    ``expected_revision`` is the revision the change was computed from (``None``: the
+    task must not exist yet). ``task`` is the new document (``None`` deletes the task,
+    its runs and its schedule). ``runs`` are run records to write alongside. Any change
+    to the schedule also invalidates a scheduler's claim on the task.
+    """
+
+    task_id: str
+    expected_revision: int | None
+    task: Task | None
+    runs: Sequence[Run] = ()
+    schedule: ScheduleChange = field(default=KEEP)
+
+
+@dataclass(frozen=True, slots=True)
+class Claim:
+    """A due task a scheduler leased from ``scheduled_tasks``; ``task`` is ``None`` if gone."""
+
+    task_id: str
+    task: Task | None
+
+
+class Store(Protocol):
+    """Where tasks, their runs and their schedule live."""
+
+    async def ping(self) -> None:
+        """Raise if the store cannot be reached."""
+        ...
+
+    async def get_task(self, task_id: str) -> Task | None:
+        """The task, or ``None``."""
+        ...
+
+    async def list_tasks(
+        self, *, status: TaskStatus | None, limit: int, after: str | None
+    ) -> list[Task]:
+        """Up to ``limit`` tasks in id order, starting after the id ``after``."""
+        ...
+
+    async def commit(self, change: TaskChange) -> None:
+        """Apply ``change`` atomically.
+
+        Raises ``TaskAlreadyExists`` when creating an existing id and ``RevisionConflict``
+        when the stored revision is not ``change.expected_revision`` (or the task is gone).
+        """
+        ...
+
+    async def commit_each(self, changes: Sequence[TaskChange]) -> list[bool]:
+        """Apply each change atomically on its own (in one round trip where the store
+        can); report which were applied. A conflict or an existing id is ``False``."""
+        ...
+
+    async def get_run(self, task_id: str, run_id: str) -> Run | None:
+        """One run of a task, or ``None``."""
+        ...
+
+    async def list_runs(self, task_id: str, *, limit: int) -> list[Run]:
+        """The task's most recent runs, newest first."""
+        ...
+
+    async def claim_due(self, *, now: float, limit: int, lease: float, token: str) -> list[Claim]:
+        """Atomically lease up to ``limit`` entries of ``scheduled_tasks`` due at ``now``.
+
+        A leased entry is due again at ``now + lease`` unless ``release_claims`` removes
+        it first, so a scheduler that dies after claiming loses nothing. Two callers
+        never lease the same entry at the same time.
+        """
+        ...
+
+    async def release_claims(self, *, token: str, task_ids: Sequence[str]) -> None:
+        """Remove the entries this ``token`` still holds (dispatch is done)."""
+        ...
+
+    async def wait_for_due(self, *, max_wait: float) -> None:
+        """Return when the earliest entry of ``scheduled_tasks`` is due, when one may have
+        been added earlier than that (in any process), or after ``max_wait`` seconds."""
+        ...
+
+
+class Dispatch(msgspec.Struct, frozen=True):
+    """The body of a dispatch message: which run of which task to execute."""
+
+    task_id: str
+    run_id: str
+    attempt: int
+
+
+class Delivery(Protocol):
+    """One message handed to a consumer; settle it exactly once."""
+
+    @property
+    def dispatch(self) -> Dispatch | None:
+        """The decoded body, or ``None`` when the body is not a valid dispatch."""
+        ...
+
+    @property
+    def redelivered(self) -> bool: ...
+
+    async def ack(self) -> None:
+        """Done with it: remove it from the queue."""
+        ...
+
+    async def requeue(self) -> None:
+        """Give it back to the queue for another consumer."""
+        ...
+
+    async def dead_letter(self) -> None:
+        """It can never be processed: move it to the dead-letter queue."""
+        ...
+
+
+class Broker(Protocol):
+    """Carries dispatch messages from schedulers to consumers."""
+
+    async def ping(self) -> None:
+        """Raise if the broker cannot be reached."""
+        ...
+
+    async def publish(self, messages: Sequence[Dispatch]) -> list[Dispatch]:
+        """Publish persistently; return the messages the broker confirmed, in order."""
+        ...
+
+    def consume(self, *, prefetch: int) -> AbstractAsyncContextManager[AsyncIterator[Delivery]]:
+        """Deliveries from the queue, at most ``prefetch`` unsettled at a time.
+
+        Leaving the context stops consuming; unsettled deliveries go back to the queue.
+        """
+        ...
+
+
+Role = Literal["api", "scheduler", "consumer"]
+ALL_ROLES: tuple[Role, ...] = ("api", "scheduler", "consumer")

@@ -1,0 +1,308 @@
+"""One suite for every ``Store`` adapter: the in-memory one is the reference, Redis must match."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator, Callable
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
+from datetime import timedelta
+
+import anyio
+import msgspec
+import pytest
+import redis.asyncio as redis
+
+from app.adapters import open_store
+from app.adapters.memory_store import MemoryStore
+from app.domain import (
+    RevisionConflict,
+    Run,
+    Task,
+    TaskAlreadyExists,
+    TaskStatus,
+    queue_run,
+    utcnow,
+)
+from app.ports import UNSCHEDULE, DueAt, Store, TaskChange
+from tests.conftest import REDIS_URL
+
+RUN_HISTORY = 5
+StoreOpener = Callable[[], AbstractAsyncContextManager[Store]]
+
+
+@pytest.fixture(
+    params=[
+        pytest.param(("memory", "asyncio"), id="memory-asyncio"),
+        pytest.param(("memory", "trio"), id="memory-trio"),
+        pytest.param(("redis", "asyncio"), id="redis"),
+    ]
+)
+def adapter_and_backend(request: pytest.FixtureRequest) -> tuple[str, str]:
+    return request.param  # type: ignore[no-any-return]
+
+
+@pytest.fixture
+def anyio_backend(adapter_and_backend: tuple[str, str]) -> str:
+    return adapter_and_backend[1]
+
+
+@pytest.fixture
+async def open_another(
+    adapter_and_backend: tuple[str, str], prefix: str
+) -> AsyncIterator[StoreOpener]:
+    """Opens a second handle on the same data (another process, for Redis)."""
+    adapter = adapter_and_backend[0]
+    if adapter == "memory":
+        shared = MemoryStore(run_history=RUN_HISTORY)
+
+        @asynccontextmanager
+        async def same_memory() -> AsyncIterator[Store]:
+            yield shared
+
+        yield same_memory
+        return
+
+    def another_redis() -> AbstractAsyncContextManager[Store]:
+        return open_store(REDIS_URL, prefix=prefix, run_history=RUN_HISTORY)
+
+    yield another_redis
+    client = redis.Redis.from_url(REDIS_URL)
+    keys = [key async for key in client.scan_iter(match=f"{prefix}*")]
+    if keys:
+        await client.delete(*keys)
+    await client.aclose()
+
+
+@pytest.fixture
+async def store(open_another: StoreOpener) -> AsyncIterator[Store]:
+    async with open_another() as opened:
+        yield opened
+
+
+def make_task(task_id: str, **changes: object) -> Task:
+    now = utcnow()
+    task = Task(
+        id=task_id, name=f"name of {task_id}", command="true", created_at=now, updated_at=now
+    )
+    return msgspec.structs.replace(task, **changes)
+
+
+async def create(store: Store, task_id: str, **changes: object) -> Task:
+    task = make_task(task_id, **changes)
+    await store.commit(TaskChange(task_id, None, task))
+    return task
+
+
+def next_revision(task: Task, **changes: object) -> Task:
+    return msgspec.structs.replace(task, revision=task.revision + 1, **changes)
+
+
+async def test_created_task_reads_back_equal(store: Store) -> None:
+    task = await create(store, "a", env={"A": "1"}, args=None, description="d")
+    assert await store.get_task("a") == task
+    assert await store.get_task("missing") is None
+
+
+async def test_duplicate_id_is_refused_and_keeps_the_original(store: Store) -> None:
+    original = await create(store, "a", name="original")
+    with pytest.raises(TaskAlreadyExists):
+        await store.commit(TaskChange("a", None, make_task("a", name="impostor")))
+    assert await store.get_task("a") == original
+
+
+async def test_stale_revision_is_a_conflict_and_changes_nothing(store: Store) -> None:
+    task = await create(store, "a")
+    renamed = next_revision(task, name="renamed")
+    await store.commit(TaskChange("a", task.revision, renamed))
+    with pytest.raises(RevisionConflict):
+        await store.commit(TaskChange("a", task.revision, next_revision(task, name="late")))
+    assert await store.get_task("a") == renamed
+
+
+async def test_commit_on_a_deleted_task_is_a_conflict(store: Store) -> None:
+    task = await create(store, "a")
+    await store.commit(TaskChange("a", task.revision, None))
+    with pytest.raises(RevisionConflict):
+        await store.commit(TaskChange("a", task.revision, next_revision(task)))
+    assert await store.get_task("a") is None
+
+
+async def test_listing_pages_in_id_order(store: Store) -> None:
+    ids = [f"t{n:02}" for n in range(25)]
+    for task_id in reversed(ids):
+        await create(store, task_id)
+    seen: list[str] = []
+    after = None
+    while True:
+        page = await store.list_tasks(status=None, limit=10, after=after)
+        seen += [t.id for t in page]
+        if len(page) < 10:
+            break
+        after = page[-1].id
+    assert seen == ids
+
+
+async def test_status_filter_follows_transitions(store: Store) -> None:
+    for task_id in ("a", "b", "c"):
+        await create(store, task_id)
+    task = await store.get_task("b")
+    assert task is not None
+    pending, run = queue_run(task, utcnow())
+    await store.commit(TaskChange("b", task.revision, pending, runs=[run]))
+
+    async def ids(status: TaskStatus) -> list[str]:
+        return [t.id for t in await store.list_tasks(status=status, limit=100, after=None)]
+
+    assert await ids(TaskStatus.CREATED) == ["a", "c"]
+    assert await ids(TaskStatus.PENDING) == ["b"]
+    await store.commit(TaskChange("b", pending.revision, None))
+    assert await ids(TaskStatus.PENDING) == []
+    assert [t.id for t in await store.list_tasks(status=None, limit=10, after=None)] == ["a", "c"]
+
+
+async def test_runs_are_kept_newest_first_and_bounded(store: Store) -> None:
+    task = await create(store, "a")
+    runs: list[Run] = []
+    for _ in range(RUN_HISTORY + 3):
+        pending, run = queue_run(task, utcnow())
+        idle = next_revision(pending, status=TaskStatus.CREATED, active_run=None)
+        await store.commit(TaskChange("a", task.revision, idle, runs=[run]))
+        task = idle
+        runs.append(run)
+        await anyio.sleep(0.002)  # run ids order by millisecond
+    listed = await store.list_runs("a", limit=100)
+    assert [r.run_id for r in listed] == [r.run_id for r in reversed(runs[-RUN_HISTORY:])]
+    assert await store.list_runs("a", limit=2) == listed[:2]
+    assert await store.get_run("a", runs[-1].run_id) == runs[-1]
+    assert await store.get_run("a", runs[0].run_id) is None
+
+
+async def test_delete_removes_runs_and_schedule(store: Store) -> None:
+    task = await create(store, "a")
+    pending, run = queue_run(task, utcnow())
+    await store.commit(TaskChange("a", task.revision, pending, runs=[run], schedule=DueAt(0)))
+    await store.commit(TaskChange("a", pending.revision, None))
+    assert await store.get_run("a", run.run_id) is None
+    assert await store.claim_due(now=time.time(), limit=10, lease=30, token="t") == []
+    again = await create(store, "a")
+    assert await store.list_runs("a", limit=10) == []
+    assert again == await store.get_task("a")
+
+
+async def test_claim_takes_only_due_entries_once_until_the_lease_expires(store: Store) -> None:
+    now = time.time()
+    for task_id, when in (("past", now - 5), ("now", now), ("later", now + 60)):
+        task = await create(store, task_id)
+        await store.commit(
+            TaskChange(task_id, task.revision, next_revision(task), schedule=DueAt(when))
+        )
+
+    claims = await store.claim_due(now=now, limit=10, lease=30, token="one")
+    assert [c.task_id for c in claims] == ["past", "now"]
+    assert all(c.task is not None and c.task.id == c.task_id for c in claims)
+    assert await store.claim_due(now=now + 29, limit=10, lease=30, token="two") == []
+    expired = await store.claim_due(now=now + 31, limit=10, lease=30, token="two")
+    assert sorted(c.task_id for c in expired) == ["now", "past"]
+
+
+async def test_claim_respects_the_limit_in_due_order(store: Store) -> None:
+    now = time.time()
+    for n in range(5):
+        task = await create(store, f"t{n}")
+        await store.commit(TaskChange(task.id, 0, next_revision(task), schedule=DueAt(now - n)))
+    claims = await store.claim_due(now=now, limit=2, lease=30, token="x")
+    assert [c.task_id for c in claims] == ["t4", "t3"]
+
+
+async def test_concurrent_claimers_never_share_an_entry(
+    store: Store, open_another: StoreOpener
+) -> None:
+    now = time.time()
+    for n in range(200):
+        task = await create(store, f"t{n:03}")
+        await store.commit(TaskChange(task.id, 0, next_revision(task), schedule=DueAt(now)))
+    claimed: list[list[str]] = [[], [], []]
+
+    async def claimer(index: int) -> None:
+        async with open_another() as own:
+            while batch := await own.claim_due(now=now, limit=7, lease=30, token=str(index)):
+                claimed[index] += [c.task_id for c in batch]
+
+    with anyio.fail_after(10):
+        async with anyio.create_task_group() as tg:
+            for index in range(3):
+                tg.start_soon(claimer, index)
+    everything = [task_id for batch in claimed for task_id in batch]
+    assert sorted(everything) == [f"t{n:03}" for n in range(200)]
+
+
+async def test_release_removes_only_entries_the_token_still_holds(store: Store) -> None:
+    now = time.time()
+    tasks = {}
+    for task_id in ("kept", "released", "rescheduled"):
+        task = await create(store, task_id)
+        tasks[task_id] = next_revision(task)
+        await store.commit(TaskChange(task_id, 0, tasks[task_id], schedule=DueAt(now)))
+    await store.claim_due(now=now, limit=10, lease=30, token="mine")
+    # Someone reschedules one task while the claim is held: the claim is void.
+    later = next_revision(tasks["rescheduled"])
+    await store.commit(TaskChange("rescheduled", 1, later, schedule=DueAt(now + 1)))
+    await store.release_claims(token="other", task_ids=["kept"])
+    await store.release_claims(token="mine", task_ids=["released", "rescheduled"])
+    claims = await store.claim_due(now=now + 60, limit=10, lease=30, token="next")
+    assert sorted(c.task_id for c in claims) == ["kept", "rescheduled"]
+
+
+async def test_unschedule_removes_the_entry(store: Store) -> None:
+    task = await create(store, "a")
+    scheduled = next_revision(task)
+    await store.commit(TaskChange("a", 0, scheduled, schedule=DueAt(0)))
+    await store.commit(TaskChange("a", 1, next_revision(scheduled), schedule=UNSCHEDULE))
+    assert await store.claim_due(now=time.time(), limit=10, lease=30, token="t") == []
+
+
+async def test_commit_each_reports_each_change(store: Store) -> None:
+    task = await create(store, "a")
+    applied = await store.commit_each(
+        [
+            TaskChange("b", None, make_task("b")),
+            TaskChange("a", 7, next_revision(task)),
+            TaskChange("a", None, make_task("a")),
+            TaskChange("a", 0, next_revision(task, name="new")),
+        ]
+    )
+    assert applied == [True, False, False, True]
+    fetched = await store.get_task("a")
+    assert fetched is not None and fetched.name == "new"
+
+
+async def test_wait_for_due_waits_for_the_earliest_entry(store: Store) -> None:
+    task = await create(store, "a")
+    due = time.time() + 0.3
+    await store.commit(TaskChange("a", 0, next_revision(task), schedule=DueAt(due)))
+    with anyio.fail_after(5):
+        while time.time() < due:
+            await store.wait_for_due(max_wait=10)
+    assert time.time() - due < 0.2
+
+
+async def test_wait_for_due_wakes_when_an_earlier_entry_is_added_elsewhere(
+    store: Store, open_another: StoreOpener
+) -> None:
+    woke_at: list[float] = []
+
+    async def waiter() -> None:
+        await store.wait_for_due(max_wait=30)
+        woke_at.append(time.time())
+
+    async with open_another() as other:
+        task = await create(other, "a")
+        await store.wait_for_due(max_wait=0)  # subscribes, where the store subscribes
+        with anyio.fail_after(5):
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(waiter)
+                await anyio.wait_all_tasks_blocked()
+                added_at = time.time()
+                when = (utcnow() + timedelta(hours=1)).timestamp()
+                await other.commit(TaskChange("a", 0, next_revision(task), schedule=DueAt(when)))
+    assert woke_at and woke_at[0] - added_at < 1
