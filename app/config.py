@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
-from typing import Any, cast
+from typing import Any
 
 from app.ports import ALL_ROLES, Role
 
@@ -77,7 +77,7 @@ def parse_roles(text: str) -> tuple[Role, ...]:
         raise ConfigError(
             f"roles must be a comma-separated subset of {','.join(ALL_ROLES)}, got {text!r}"
         )
-    return tuple(cast(Role, role) for role in ALL_ROLES if role in names)
+    return tuple(role for role in ALL_ROLES if role in names)
 
 
 def _number(name: str, raw: str, kind: type[int] | type[float], minimum: float) -> int | float:

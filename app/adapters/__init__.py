@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 from contextlib import asynccontextmanager
 from urllib.parse import urlsplit
 
@@ -11,7 +11,9 @@ from app.ports import Broker, Store
 
 
 @asynccontextmanager
-async def open_store(url: str, *, prefix: str = "", run_history: int = 100) -> AsyncIterator[Store]:
+async def open_store(
+    url: str, *, prefix: str = "", run_history: int = 100
+) -> AsyncGenerator[Store]:
     """A connected ``Store`` for ``url``, closed on exit."""
     scheme = urlsplit(url).scheme
     if scheme == "memory":
@@ -28,7 +30,7 @@ async def open_store(url: str, *, prefix: str = "", run_history: int = 100) -> A
 
 
 @asynccontextmanager
-async def open_broker(url: str, *, prefix: str = "") -> AsyncIterator[Broker]:
+async def open_broker(url: str, *, prefix: str = "") -> AsyncGenerator[Broker]:
     """A connected ``Broker`` for ``url``, closed on exit."""
     scheme = urlsplit(url).scheme
     if scheme == "memory":

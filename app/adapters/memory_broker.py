@@ -120,7 +120,7 @@ class MemoryBroker:
         self._arrived = anyio.Event()
 
     @asynccontextmanager
-    async def consume(self, *, prefetch: int) -> AsyncIterator[AsyncIterator[Delivery]]:
+    async def consume(self, *, prefetch: int) -> AsyncGenerator[AsyncIterator[Delivery]]:
         consumer = _Consumer()
         deliveries = self._deliveries(consumer, prefetch)
         try:

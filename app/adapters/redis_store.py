@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncGenerator, Sequence
 from contextlib import asynccontextmanager
 from typing import Any, cast
 
@@ -36,7 +36,8 @@ from app.domain import RevisionConflict, Run, Task, TaskAlreadyExists, TaskStatu
 from app.ports import Claim, DueAt, Keep, TaskChange, Unschedule
 
 _COMMIT = """
-local task_key, tasks_key, due_key, claims_key, runs_key = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5]
+local task_key, tasks_key, due_key = KEYS[1], KEYS[2], KEYS[3]
+local claims_key, runs_key = KEYS[4], KEYS[5]
 local prefix, id, expected, doc, new_status = ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5]
 local mode, score, history = ARGV[6], ARGV[7], tonumber(ARGV[8])
 
@@ -180,7 +181,7 @@ class RedisStore:
         return f"{self._prefix}status:{status}"
 
     async def ping(self) -> None:
-        await self._redis.ping()
+        await self._redis.ping()  # pyright: ignore[reportUnknownMemberType]
 
     async def get_task(self, task_id: str) -> Task | None:
         doc = await self._redis.get(self.task_key(task_id))
@@ -280,7 +281,9 @@ class RedisStore:
             pass
         first = cast(
             list[tuple[bytes, float]],
-            await self._redis.zrange(self._due_key, 0, 0, withscores=True),
+            await self._redis.zrange(  # pyright: ignore[reportUnknownMemberType]
+                self._due_key, 0, 0, withscores=True
+            ),
         )
         earliest = first[0][1] if first else math.inf
         delay = min(max_wait, earliest - time.time())
@@ -289,7 +292,7 @@ class RedisStore:
 
     async def _subscribed(self) -> PubSub:
         if self._pubsub is None:
-            pubsub = self._redis.pubsub()
+            pubsub = self._redis.pubsub()  # pyright: ignore[reportUnknownMemberType]
             await pubsub.subscribe(self._wake_channel)
             self._pubsub = pubsub
         return self._pubsub
@@ -308,9 +311,11 @@ def _raise_for(change: TaskChange, result: object) -> None:
 
 
 @asynccontextmanager
-async def open_redis_store(url: str, *, prefix: str, run_history: int) -> AsyncIterator[RedisStore]:
+async def open_redis_store(
+    url: str, *, prefix: str, run_history: int
+) -> AsyncGenerator[RedisStore]:
     """A ``RedisStore`` on a client that retries dropped connections with backoff."""
-    client = redis.Redis.from_url(
+    client = redis.Redis.from_url(  # pyright: ignore[reportUnknownMemberType]
         url,
         retry=Retry(ExponentialBackoff(cap=2.0, base=0.05), retries=5),
         retry_on_error=[RedisConnectionError, RedisTimeoutError],

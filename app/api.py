@@ -1,0 +1,271 @@
+"""The HTTP API: translates requests into ``TaskService`` calls and domain errors into 4xx.
+
+No store or broker code lives here; controllers get the service through ``Provide``.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Awaitable, Callable
+from typing import Annotated, Any, cast
+
+import anyio
+import msgspec
+from litestar import Controller, Litestar, MediaType, Request, Response, delete, get, post, put
+from litestar.datastructures import ResponseHeader
+from litestar.di import Provide
+from litestar.exceptions import (
+    HTTPException,
+    NotFoundException,
+    ValidationException,
+)
+from litestar.openapi import OpenAPIConfig
+from litestar.openapi.plugins import SwaggerRenderPlugin
+from litestar.params import Parameter
+from litestar.response import Redirect
+from litestar.status_codes import (
+    HTTP_200_OK,
+    HTTP_202_ACCEPTED,
+    HTTP_400_BAD_REQUEST,
+    HTTP_404_NOT_FOUND,
+    HTTP_409_CONFLICT,
+    HTTP_503_SERVICE_UNAVAILABLE,
+)
+
+from app.domain import (
+    DomainError,
+    InvalidTransition,
+    Run,
+    RunNotFound,
+    Task,
+    TaskAlreadyExists,
+    TaskNotFound,
+    TaskStatus,
+)
+from app.schemas import ScheduleRequest, TaskCreate, TaskUpdate
+from app.service import InvalidCursor, StoreContention, TaskService
+
+log = logging.getLogger(__name__)
+
+MAX_BODY_BYTES = 1_048_576
+MAX_PAGE = 1000
+HEALTH_CHECK_SECONDS = 2.0
+
+
+class ConflictException(HTTPException):
+    """The task's id or current state conflicts with the request (409)."""
+
+    status_code = HTTP_409_CONFLICT
+
+
+class ServiceUnavailableException(HTTPException):
+    status_code = HTTP_503_SERVICE_UNAVAILABLE
+
+
+class DependencyCheck(msgspec.Struct):
+    status: str
+    detail: str | None = None
+
+
+class Health(msgspec.Struct):
+    """``ok`` when every dependency answered, ``unavailable`` otherwise."""
+
+    status: str
+    checks: dict[str, DependencyCheck]
+
+
+Check = Callable[[], Awaitable[None]]
+
+
+class TaskController(Controller):
+    path = "/tasks"
+    tags = ["tasks"]  # noqa: RUF012 (Litestar reads it as a class attribute)
+
+    @post(
+        "/",
+        summary="Create a task",
+        raises=[ValidationException, ConflictException],
+    )
+    async def create_task(self, data: TaskCreate, service: TaskService) -> Task:
+        return await service.create(data)
+
+    @get(
+        "/",
+        summary="List tasks",
+        description="Pages in id order. The next page's cursor is in `X-Next-Cursor`, "
+        "absent on the last page.",
+        response_headers=[
+            ResponseHeader(
+                name="X-Next-Cursor",
+                description="Pass as `cursor` to get the next page",
+                documentation_only=True,
+                required=False,
+            )
+        ],
+        raises=[ValidationException],
+    )
+    async def list_tasks(
+        self,
+        service: TaskService,
+        status: TaskStatus | None = None,
+        limit: Annotated[int, Parameter(ge=1, le=MAX_PAGE)] = 100,
+        cursor: Annotated[str | None, Parameter(max_length=1024)] = None,
+    ) -> Response[list[Task]]:
+        tasks, next_cursor = await service.list(status=status, limit=limit, cursor=cursor)
+        headers = {} if next_cursor is None else {"X-Next-Cursor": next_cursor}
+        return Response(tasks, headers=headers)
+
+    @get("/{task_id:str}", summary="Get a task", raises=[NotFoundException])
+    async def get_task(self, task_id: str, service: TaskService) -> Task:
+        return await service.get(task_id)
+
+    @put(
+        "/{task_id:str}",
+        summary="Update a task",
+        description="Omitted fields stay as they are.",
+        raises=[ValidationException, NotFoundException],
+    )
+    async def update_task(self, task_id: str, data: TaskUpdate, service: TaskService) -> Task:
+        return await service.update(task_id, data)
+
+    @delete("/{task_id:str}", summary="Delete a task and its runs", raises=[NotFoundException])
+    async def delete_task(self, task_id: str, service: TaskService) -> None:
+        await service.delete(task_id)
+
+    @post(
+        "/{task_id:str}/execute",
+        summary="Run a task now",
+        status_code=HTTP_202_ACCEPTED,
+        raises=[NotFoundException, ConflictException],
+    )
+    async def execute_task(self, task_id: str, service: TaskService) -> Run:
+        return await service.execute(task_id)
+
+    @post(
+        "/{task_id:str}/schedule",
+        summary="Schedule a task",
+        status_code=HTTP_200_OK,
+        raises=[ValidationException, NotFoundException],
+    )
+    async def schedule_task(
+        self, task_id: str, data: ScheduleRequest, service: TaskService
+    ) -> Task:
+        return await service.schedule(task_id, data.at)
+
+    @get(
+        "/{task_id:str}/runs",
+        summary="List a task's runs, newest first",
+        raises=[NotFoundException],
+    )
+    async def list_runs(
+        self,
+        task_id: str,
+        service: TaskService,
+        limit: Annotated[int, Parameter(ge=1, le=MAX_PAGE)] = 20,
+    ) -> list[Run]:
+        return await service.runs(task_id, limit=limit)
+
+    @get(
+        "/{task_id:str}/runs/{run_id:str}",
+        summary="Get one run with its output",
+        raises=[NotFoundException],
+    )
+    async def get_run(self, task_id: str, run_id: str, service: TaskService) -> Run:
+        return await service.run(task_id, run_id)
+
+
+def _health_handler(checks: dict[str, Check]) -> Callable[[], Awaitable[Response[Health]]]:
+    @get(
+        "/health",
+        summary="Health of the service and its dependencies",
+        tags=["health"],
+        responses={},
+    )
+    async def health() -> Response[Health]:
+        results: dict[str, DependencyCheck] = {}
+
+        async def run_check(name: str, check: Check) -> None:
+            try:
+                with anyio.fail_after(HEALTH_CHECK_SECONDS):
+                    await check()
+            except Exception as exc:
+                results[name] = DependencyCheck("down", f"{type(exc).__name__}: {exc}")
+            else:
+                results[name] = DependencyCheck("up")
+
+        async with anyio.create_task_group() as tg:
+            for name, check in checks.items():
+                tg.start_soon(run_check, name, check)
+        healthy = all(r.status == "up" for r in results.values())
+        body = Health("ok" if healthy else "unavailable", dict(sorted(results.items())))
+        return Response(body, status_code=HTTP_200_OK if healthy else HTTP_503_SERVICE_UNAVAILABLE)
+
+    return health  # type: ignore[return-value]
+
+
+@get("/swagger/index.html", include_in_schema=False)
+async def swagger_redirect() -> Redirect:
+    return Redirect("/schema")
+
+
+_STATUS_OF: list[tuple[type[Exception], int]] = [
+    (TaskNotFound, HTTP_404_NOT_FOUND),
+    (RunNotFound, HTTP_404_NOT_FOUND),
+    (TaskAlreadyExists, HTTP_409_CONFLICT),
+    (InvalidTransition, HTTP_409_CONFLICT),
+    (InvalidCursor, HTTP_400_BAD_REQUEST),
+    (StoreContention, HTTP_503_SERVICE_UNAVAILABLE),
+]
+
+
+def _problem(status_code: int, detail: str, **extra: object) -> Response[dict[str, object]]:
+    return Response(
+        {"status_code": status_code, "detail": detail, **extra},
+        status_code=status_code,
+        media_type=MediaType.JSON,
+    )
+
+
+def _domain_error(_: Request[Any, Any, Any], exc: Exception) -> Response[dict[str, object]]:
+    status = next(code for kind, code in _STATUS_OF if isinstance(exc, kind))
+    return _problem(status, str(exc))
+
+
+def _validation_error(
+    request: Request[Any, Any, Any], exc: ValidationException
+) -> Response[dict[str, object]]:
+    """Name the offending fields in ``detail`` itself, not only in ``extra``."""
+    problems: list[str] = []
+    if isinstance(exc.extra, list):
+        for item in exc.extra:
+            if isinstance(item, dict):
+                item = cast(dict[str, Any], item)
+                message = item.get("message", "invalid")
+                key = item.get("key")
+                problems.append(f"{message} ({key})" if key else str(message))
+    detail = "; ".join(problems) or exc.detail
+    return _problem(HTTP_400_BAD_REQUEST, f"Invalid request: {detail}", extra=exc.extra or [])
+
+
+def create_app(service: TaskService, *, checks: dict[str, Check], debug: bool = False) -> Litestar:
+    """The Litestar application around ``service``; ``checks`` feed ``GET /health``."""
+    return Litestar(
+        route_handlers=[TaskController, _health_handler(checks), swagger_redirect],
+        dependencies={"service": Provide(lambda: service, use_cache=True, sync_to_thread=False)},
+        exception_handlers={
+            DomainError: _domain_error,
+            StoreContention: _domain_error,
+            ValidationException: _validation_error,
+        },
+        openapi_config=OpenAPIConfig(
+            title="taskq",
+            version="0.1.0",
+            description="A distributed scheduler for shell-command tasks.",
+            path="/schema",
+            render_plugins=[SwaggerRenderPlugin(path="/")],
+        ),
+        request_max_body_size=MAX_BODY_BYTES,
+        # The process configures logging once (the CLI); the app only emits records.
+        logging_config=None,
+        debug=debug,
+    )

@@ -1,0 +1,197 @@
+"""The consumer role: takes dispatch messages, runs the commands, records the runs.
+
+A delivery is acknowledged as soon as the run is recorded as ``running`` in the
+store, not when the command ends: RabbitMQ's consumer timeout then never limits how
+long a command may run, and the store (not the broker) owns the run from there on.
+Redelivered or duplicate messages for a run that is no longer queued are
+acknowledged and skipped, which makes execution at-least-once without double runs
+of the same queued run.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from datetime import datetime
+
+import anyio
+from anyio.abc import TaskStatus as StartedStatus
+
+from app.domain import (
+    DomainError,
+    Outcome,
+    Run,
+    RunStatus,
+    Task,
+    finish_run,
+    requeue_run,
+    start_run,
+    timestamp,
+    utcnow,
+    worker_name,
+)
+from app.executor import command_environment, run_command
+from app.ports import KEEP, Broker, Delivery, DueAt, ScheduleChange, Store, TaskChange
+from app.service import transact
+
+log = logging.getLogger(__name__)
+
+SHUTDOWN_BOOKKEEPING_SECONDS = 10.0
+
+
+class Consumer:
+    """Runs dispatched tasks, at most ``concurrency`` at a time."""
+
+    def __init__(
+        self,
+        store: Store,
+        broker: Broker,
+        *,
+        concurrency: int,
+        output_limit: int,
+        shutdown_grace: float,
+        worker: str | None = None,
+        clock: Callable[[], datetime] = utcnow,
+    ) -> None:
+        self._store = store
+        self._broker = broker
+        self._concurrency = concurrency
+        self._output_limit = output_limit
+        self._shutdown_grace = shutdown_grace
+        self._worker = worker or worker_name()
+        self._clock = clock
+
+    async def run(
+        self, stopping: anyio.Event, *, task_status: StartedStatus[None] = anyio.TASK_STATUS_IGNORED
+    ) -> None:
+        """Consume until ``stopping`` is set, then let running commands finish for the
+        grace period and give back the ones still running after it."""
+        slots = anyio.Semaphore(self._concurrency)
+        async with anyio.create_task_group() as timers:
+            async with anyio.create_task_group() as runs:
+                with anyio.CancelScope() as intake:
+                    timers.start_soon(_cancel_when_set, stopping, intake)
+                    async with self._broker.consume(prefetch=self._concurrency) as deliveries:
+                        task_status.started()
+                        async for delivery in deliveries:
+                            await slots.acquire()
+                            runs.start_soon(self._handle, delivery, slots)
+                if not intake.cancel_called:
+                    raise RuntimeError("the broker stopped delivering messages")
+                # Unstarted deliveries went back to the queue; running commands get
+                # the grace period, then are cancelled and their tasks requeued.
+                log.info("consumer stopped taking messages; waiting for running commands")
+                timers.start_soon(_cancel_after, self._shutdown_grace, runs.cancel_scope)
+            timers.cancel_scope.cancel()
+
+    async def _handle(self, delivery: Delivery, slot: anyio.Semaphore) -> None:
+        try:
+            await self._process(delivery)
+        finally:
+            slot.release()
+
+    async def _process(self, delivery: Delivery) -> None:
+        dispatch = delivery.dispatch
+        if dispatch is None:
+            log.error("dead-lettering a message whose body is not a dispatch")
+            await delivery.dead_letter()
+            return
+        run = await self._store.get_run(dispatch.task_id, dispatch.run_id)
+        if run is None or run.status != RunStatus.QUEUED:
+            log.info("skipping %s/%s: not a queued run", dispatch.task_id, dispatch.run_id)
+            await delivery.ack()
+            return
+        try:
+            started = await self._start(run)
+        except DomainError as exc:
+            log.info("skipping %s/%s: %s", dispatch.task_id, dispatch.run_id, exc)
+            await delivery.ack()
+            return
+        await delivery.ack()
+        task, run = started
+        try:
+            outcome = await run_command(
+                ["sh", "-c", task.command] if task.command is not None else task.args or [],
+                env=command_environment(task.env),
+                cwd=task.cwd,
+                time_limit=task.timeout,
+                output_limit=self._output_limit,
+            )
+        except anyio.get_cancelled_exc_class():
+            with anyio.move_on_after(SHUTDOWN_BOOKKEEPING_SECONDS, shield=True):
+                await self._give_back(run)
+            raise
+        await self._finish(task, run, outcome)
+
+    async def _start(self, run: Run) -> tuple[Task, Run]:
+        def plan(task: Task) -> TaskChange:
+            new_task, new_run = start_run(task, run, self._worker, self._clock())
+            return TaskChange(task.id, task.revision, new_task, runs=[new_run])
+
+        change = await transact(self._store, run.task_id, plan)
+        assert change.task is not None
+        return change.task, change.runs[0]
+
+    async def _finish(self, task: Task, run: Run, outcome: Outcome) -> None:
+        def plan(task: Task) -> TaskChange:
+            finished_task, finished_run = finish_run(task, run, outcome, self._clock())
+            return TaskChange(
+                task.id,
+                task.revision,
+                finished_task,
+                runs=[finished_run],
+                schedule=_next_due(finished_task),
+            )
+
+        try:
+            change = await transact(self._store, run.task_id, plan, known=task)
+        except DomainError as exc:
+            log.warning("result of %s/%s not recorded: %s", run.task_id, run.run_id, exc)
+            return
+        assert change.task is not None
+        log.info(
+            "%s/%s %s (exit %s, %.3fs)",
+            run.task_id,
+            run.run_id,
+            change.task.status,
+            outcome.exit_code,
+            outcome.duration,
+        )
+
+    async def _give_back(self, run: Run) -> None:
+        """Close a run this worker could not finish and queue the task again."""
+
+        def plan(task: Task) -> TaskChange:
+            now = self._clock()
+            pending, closed, fresh = requeue_run(task, run, "worker shut down", now)
+            return TaskChange(
+                task.id,
+                task.revision,
+                pending,
+                runs=[closed, fresh],
+                schedule=DueAt(timestamp(now)),
+            )
+
+        try:
+            await transact(self._store, run.task_id, plan)
+        except DomainError as exc:
+            log.warning("could not requeue %s/%s: %s", run.task_id, run.run_id, exc)
+        else:
+            log.info("requeued %s after shutdown interrupted run %s", run.task_id, run.run_id)
+
+
+def _next_due(task: Task) -> ScheduleChange:
+    """After a run, a time set while it ran becomes due."""
+    if task.scheduled_at is not None:
+        return DueAt(timestamp(task.scheduled_at))
+    return KEEP
+
+
+async def _cancel_when_set(event: anyio.Event, scope: anyio.CancelScope) -> None:
+    await event.wait()
+    scope.cancel()
+
+
+async def _cancel_after(delay: float, scope: anyio.CancelScope) -> None:
+    await anyio.sleep(delay)
+    scope.cancel()

@@ -1,0 +1,211 @@
+"""Running one command as a child process group, with its output captured under a cap.
+
+The command gets a session (process group) of its own, so that a timeout, a cancel or
+the end of the main process can signal everything it started: SIGTERM to the group,
+a grace period, then SIGKILL. Nothing it spawned outlives the run.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import signal
+import subprocess
+import time
+from collections.abc import Mapping, Sequence
+
+import anyio
+from anyio.abc import ByteReceiveStream, Process
+
+from app.domain import Outcome
+
+# Settings of the server itself that a command must not see.
+SERVER_SECRETS = frozenset(
+    {
+        "TASKQ_API_TOKENS",
+        "TASKQ_TOKEN",
+        "REDIS_URL",
+        "REDIS_ADDRESS",
+        "AMQP_URL",
+        "REDIS_MQ_URL",
+    }
+)
+_READ_CHUNK = 65536
+_GROUP_POLL = 0.02
+
+
+class CappedOutput:
+    """Keeps the first and the last bytes of a stream, at most ``limit`` in all."""
+
+    def __init__(self, limit: int) -> None:
+        self._head_limit = limit // 2
+        self._tail_limit = limit - self._head_limit
+        self._head = bytearray()
+        self._tail = bytearray()
+        self.total = 0
+        self.complete = anyio.Event()
+
+    def append(self, chunk: bytes) -> None:
+        self.total += len(chunk)
+        room = self._head_limit - len(self._head)
+        if room > 0:
+            self._head += chunk[:room]
+            chunk = chunk[room:]
+        if chunk:
+            self._tail += chunk
+            # Trim lazily so that a stream of small writes costs amortised O(1).
+            if len(self._tail) > 2 * self._tail_limit:
+                del self._tail[: len(self._tail) - self._tail_limit]
+
+    @property
+    def truncated(self) -> bool:
+        return self.total > len(self._head) + min(len(self._tail), self._tail_limit)
+
+    def text(self) -> str:
+        tail = bytes(self._tail[-self._tail_limit :]) if self._tail_limit else b""
+        if not self.truncated:
+            return (bytes(self._head) + tail).decode(errors="replace")
+        omitted = self.total - len(self._head) - len(tail)
+        marker = f"\n[... {omitted} bytes of output omitted ...]\n"
+        return bytes(self._head).decode(errors="replace") + marker + tail.decode(errors="replace")
+
+
+def command_environment(extra: Mapping[str, str]) -> dict[str, str]:
+    """The worker's environment without the server's secrets, plus the task's ``env``."""
+    env = {k: v for k, v in os.environ.items() if k not in SERVER_SECRETS}
+    env.update(extra)
+    return env
+
+
+async def run_command(
+    argv: Sequence[str],
+    *,
+    env: Mapping[str, str],
+    cwd: str | None,
+    time_limit: float | None,
+    output_limit: int,
+    kill_grace: float = 5.0,
+) -> Outcome:
+    """Run ``argv`` to the end (or ``timeout``) and report its exit code and output.
+
+    When the caller is cancelled the process group is stopped before this returns.
+    """
+    started = time.monotonic()
+    try:
+        process = await anyio.open_process(
+            list(argv),
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            cwd=cwd,
+            env=env,
+            start_new_session=True,
+        )
+    except OSError as exc:
+        return Outcome(
+            exit_code=None,
+            duration=time.monotonic() - started,
+            output="",
+            truncated=False,
+            error=f"could not start the command: {exc}",
+        )
+
+    output = CappedOutput(output_limit)
+    timed_out = False
+    try:
+        async with anyio.create_task_group() as tg:
+            assert process.stdout is not None
+            tg.start_soon(_collect, process.stdout, output)
+            with anyio.move_on_after(time_limit if time_limit is not None else math.inf) as limit:
+                await process.wait()
+            timed_out = limit.cancelled_caught
+            await _stop_group(process, kill_grace)
+            # Everything in the group is gone, so the pipe is at its end; a process that
+            # left the group on purpose must not hold the run open.
+            with anyio.move_on_after(1.0):
+                await output.complete.wait()
+            tg.cancel_scope.cancel()
+    except BaseException:
+        with anyio.CancelScope(shield=True):
+            await _stop_group(process, kill_grace)
+        raise
+    finally:
+        with anyio.CancelScope(shield=True):
+            await process.aclose()
+
+    returncode = process.returncode
+    assert returncode is not None
+    exit_code = 128 - returncode if returncode < 0 else returncode
+    error = None
+    if timed_out:
+        error = f"timed out after {time_limit:g} s"
+    elif returncode < 0:
+        error = f"killed by {signal.Signals(-returncode).name}"
+    return Outcome(
+        exit_code=exit_code,
+        duration=time.monotonic() - started,
+        output=output.text(),
+        truncated=output.truncated,
+        timed_out=timed_out,
+        error=error,
+    )
+
+
+async def _collect(stream: ByteReceiveStream, output: CappedOutput) -> None:
+    try:
+        while True:
+            output.append(await stream.receive(_READ_CHUNK))
+    except (anyio.EndOfStream, anyio.ClosedResourceError, anyio.BrokenResourceError):
+        pass
+    finally:
+        output.complete.set()
+
+
+async def _stop_group(process: Process, grace: float) -> None:
+    """SIGTERM the process group, wait up to ``grace`` for it to empty, then SIGKILL it."""
+    if not _signal_group(process.pid, signal.SIGTERM):
+        return
+    with anyio.move_on_after(grace):
+        await process.wait()
+        # Nothing notifies us when the last member of a group exits: poll.
+        while _group_has_live_members(process.pid):  # noqa: ASYNC110
+            await anyio.sleep(_GROUP_POLL)
+        return
+    _signal_group(process.pid, signal.SIGKILL)
+    await process.wait()
+
+
+def _signal_group(pgid: int, signum: int) -> bool:
+    """Send ``signum`` to the group; ``False`` when no process is left in it."""
+    try:
+        os.killpg(pgid, signum)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        # A zombie leader on some kernels; the group is as good as gone.
+        return False
+    return True
+
+
+def _group_has_live_members(pgid: int) -> bool:
+    """Whether a process of the group is still running (zombies awaiting their reaper
+    do not count: they hold no resources and cannot write output)."""
+    if not _signal_group(pgid, 0):
+        return False
+    try:
+        entries = list(os.scandir("/proc"))
+    except OSError:
+        return True
+    for entry in entries:
+        if not entry.name.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry.name}/stat", "rb") as stat_file:
+                stat = stat_file.read()
+        except OSError:
+            continue
+        # Fields after the command name, which is in parentheses and may hold spaces.
+        fields = stat[stat.rindex(b")") + 2 :].split()
+        if int(fields[2]) == pgid and fields[0] not in (b"Z", b"X"):
+            return True
+    return False

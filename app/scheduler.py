@@ -1,0 +1,154 @@
+"""The scheduler role: turns due entries of ``scheduled_tasks`` into dispatch messages.
+
+It sleeps until the earliest due time (woken early when an earlier one is added,
+in any process), leases a batch of due entries atomically, moves each task to
+``pending`` with a queued run, publishes the batch with publisher confirms and only
+then removes the entries. A scheduler that dies anywhere in between leaves leased
+entries that become due again when the lease ends, so nothing due is lost; the
+queued run is reused, so a due time still produces one run.
+"""
+
+from __future__ import annotations
+
+import logging
+import secrets
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import anyio
+from anyio.abc import TaskStatus as StartedStatus
+
+from app.domain import (
+    ACTIVE_STATUSES,
+    Task,
+    TaskStatus,
+    fire_schedule,
+    timestamp,
+    touch,
+    utcnow,
+    worker_name,
+)
+from app.ports import Broker, Dispatch, DueAt, Store, TaskChange
+
+log = logging.getLogger(__name__)
+
+# Re-read the schedule at least this often even without a wake-up, in case a
+# notification was lost with a dropped connection.
+RESYNC_SECONDS = 5.0
+MAX_REPLANS = 20
+
+
+@dataclass(frozen=True, slots=True)
+class _Plan:
+    """What dispatching one claimed task takes: a change to commit first, and/or a message."""
+
+    change: TaskChange | None = None
+    dispatch: Dispatch | None = None
+
+
+def plan_dispatch(task: Task, now: float) -> _Plan:
+    """Decide what a claimed entry of ``scheduled_tasks`` means for its task now."""
+    if task.status == TaskStatus.PENDING and task.active_run is not None:
+        # Queued by "execute", or by a scheduler that died before its publish was confirmed.
+        run = task.active_run
+        return _Plan(dispatch=Dispatch(task_id=task.id, run_id=run.run_id, attempt=run.attempt))
+    if task.status in ACTIVE_STATUSES or task.scheduled_at is None:
+        # Running: the end of the run re-adds a time set meanwhile. Unscheduled: a stale entry.
+        return _Plan()
+    due = timestamp(task.scheduled_at)
+    if due > now:
+        repaired = touch(task, utcnow())
+        return _Plan(change=TaskChange(task.id, task.revision, repaired, schedule=DueAt(due)))
+    pending, run = fire_schedule(task, utcnow())
+    return _Plan(
+        change=TaskChange(task.id, task.revision, pending, runs=[run]),
+        dispatch=Dispatch(task_id=task.id, run_id=run.run_id, attempt=run.attempt),
+    )
+
+
+class Scheduler:
+    """Dispatches due tasks; any number may run against one store and broker."""
+
+    def __init__(
+        self,
+        store: Store,
+        broker: Broker,
+        *,
+        lease_seconds: float,
+        batch_size: int = 500,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self._store = store
+        self._broker = broker
+        self._lease = lease_seconds
+        self._batch_size = batch_size
+        self._clock = clock
+        self._token = f"{worker_name()}:{secrets.token_hex(4)}"
+
+    async def run(
+        self, stopping: anyio.Event, *, task_status: StartedStatus[None] = anyio.TASK_STATUS_IGNORED
+    ) -> None:
+        """Dispatch due tasks until ``stopping`` is set."""
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(_cancel_when_set, stopping, tg.cancel_scope)
+            await self._store.ping()
+            await self._broker.ping()
+            task_status.started()
+            while True:
+                if await self.dispatch_due() < self._batch_size:
+                    await self._store.wait_for_due(max_wait=RESYNC_SECONDS)
+
+    async def dispatch_due(self) -> int:
+        """Dispatch one batch of due tasks; return how many entries were claimed."""
+        now = self._clock()
+        claims = await self._store.claim_due(
+            now=now, limit=self._batch_size, lease=self._lease, token=self._token
+        )
+        if not claims:
+            return 0
+        plans = {c.task_id: plan_dispatch(c.task, now) for c in claims if c.task is not None}
+        finished = [c.task_id for c in claims if c.task is None]
+        changes = [p.change for p in plans.values() if p.change is not None]
+        applied = await self._store.commit_each(changes)
+        for change, ok in zip(changes, applied, strict=True):
+            if not ok:
+                # The task changed since the claim read it: plan again from what it is now.
+                replanned = await self._replan(change.task_id, now)
+                if replanned is None:
+                    del plans[change.task_id]  # stays leased, so it is retried
+                else:
+                    plans[change.task_id] = replanned
+
+        dispatches: list[Dispatch] = []
+        for task_id, plan in plans.items():
+            if plan.dispatch is not None:
+                dispatches.append(plan.dispatch)
+            else:
+                finished.append(task_id)
+        confirmed = await self._broker.publish(dispatches) if dispatches else []
+        if len(confirmed) < len(dispatches):
+            log.warning(
+                "broker confirmed %d of %d dispatches; the rest are retried when their lease ends",
+                len(confirmed),
+                len(dispatches),
+            )
+        finished += [d.task_id for d in confirmed]
+        await self._store.release_claims(token=self._token, task_ids=finished)
+        return len(claims)
+
+    async def _replan(self, task_id: str, now: float) -> _Plan | None:
+        for _ in range(MAX_REPLANS):
+            task = await self._store.get_task(task_id)
+            if task is None:
+                return _Plan()
+            plan = plan_dispatch(task, now)
+            if plan.change is None or await self._store.commit_each([plan.change]) == [True]:
+                return plan
+        log.warning("task %r kept changing; its dispatch is retried when the lease ends", task_id)
+        return None
+
+
+async def _cancel_when_set(event: anyio.Event, scope: anyio.CancelScope) -> None:
+    await event.wait()
+    scope.cancel()

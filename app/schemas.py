@@ -1,0 +1,107 @@
+"""Request bodies of the API: what a client may send, validated while decoding.
+
+Server-owned fields (status, timestamps, runs, revision) are not part of any request,
+and unknown fields are refused, so a client cannot set them.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Annotated
+
+import msgspec
+from msgspec import UNSET, UnsetType
+
+from app.domain import MAX_COMMAND_BYTES, TASK_ID_PATTERN
+
+TaskIdField = Annotated[
+    str, msgspec.Meta(pattern=TASK_ID_PATTERN, description="Letters, digits, '.', '_', '-'")
+]
+Name = Annotated[str, msgspec.Meta(min_length=1, max_length=200)]
+Description = Annotated[str, msgspec.Meta(max_length=4096)]
+Command = Annotated[
+    str,
+    msgspec.Meta(min_length=1, max_length=MAX_COMMAND_BYTES, description="Run with `sh -c`"),
+]
+Argument = Annotated[str, msgspec.Meta(max_length=MAX_COMMAND_BYTES)]
+Args = Annotated[
+    list[Argument],
+    msgspec.Meta(min_length=1, max_length=1024, description="An argv run without a shell"),
+]
+EnvName = Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z_][A-Za-z0-9_]{0,127}$")]
+EnvValue = Annotated[str, msgspec.Meta(max_length=MAX_COMMAND_BYTES)]
+Env = Annotated[dict[EnvName, EnvValue], msgspec.Meta(max_length=128)]
+Cwd = Annotated[str, msgspec.Meta(min_length=1, max_length=4096)]
+Timeout = Annotated[
+    float, msgspec.Meta(gt=0, le=7 * 86400, description="Seconds before the command is killed")
+]
+Moment = Annotated[datetime, msgspec.Meta(tz=True, description="RFC 3339 with a UTC offset")]
+
+
+def _check_program(command: str | None, args: list[str] | None, *, required: bool) -> None:
+    if command is not None and args is not None:
+        raise ValueError("give either `command` or `args`, not both")
+    if required and command is None and args is None:
+        raise ValueError("one of `command` or `args` is required")
+    if command is not None and len(command.encode()) > MAX_COMMAND_BYTES:
+        raise ValueError(f"`command` is longer than {MAX_COMMAND_BYTES} bytes")
+    if args is not None and sum(len(a.encode()) for a in args) > MAX_COMMAND_BYTES:
+        raise ValueError(f"`args` are longer than {MAX_COMMAND_BYTES} bytes in all")
+
+
+class TaskCreate(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    """A new task: a shell ``command`` or an ``args`` vector, exactly one of the two."""
+
+    id: TaskIdField | None = None
+    name: Name
+    description: Description = ""
+    command: Command | None = None
+    args: Args | None = None
+    env: Env = {}
+    cwd: Cwd | None = None
+    timeout: Timeout | None = None
+    scheduled_at: Moment | None = None
+
+    def __post_init__(self) -> None:
+        _check_program(self.command, self.args, required=True)
+
+
+class TaskUpdate(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    """Fields to change; omitted fields stay as they are, ``null`` clears a nullable one.
+
+    Giving ``command`` replaces ``args`` and the other way round.
+    """
+
+    name: Name | UnsetType = UNSET
+    description: Description | UnsetType = UNSET
+    command: Command | UnsetType = UNSET
+    args: Args | UnsetType = UNSET
+    env: Env | UnsetType = UNSET
+    cwd: Cwd | UnsetType | None = UNSET
+    timeout: Timeout | UnsetType | None = UNSET
+
+    def __post_init__(self) -> None:
+        _check_program(
+            None if self.command is UNSET else self.command,
+            None if self.args is UNSET else self.args,
+            required=False,
+        )
+
+    def changes(self) -> dict[str, object]:
+        """The fields to set on the task."""
+        given = {
+            field: value
+            for field in self.__struct_fields__
+            if (value := getattr(self, field)) is not UNSET
+        }
+        if "command" in given:
+            given["args"] = None
+        elif "args" in given:
+            given["command"] = None
+        return given
+
+
+class ScheduleRequest(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    """When to run the task next."""
+
+    at: Moment

@@ -1,0 +1,185 @@
+"""What users can do with tasks, on top of the ``Store`` port (the API's only dependency).
+
+Running a task "now" goes through ``scheduled_tasks`` like any due time, so the
+scheduler is the one place that publishes, under a lease: nothing is lost between
+writing ``pending`` and the broker confirming the message.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+from collections.abc import Callable
+from datetime import datetime
+
+from app.domain import (
+    ACTIVE_STATUSES,
+    DomainError,
+    RevisionConflict,
+    Run,
+    RunNotFound,
+    Task,
+    TaskNotFound,
+    TaskStatus,
+    new_task_id,
+    queue_run,
+    reschedule,
+    timestamp,
+    touch,
+    utcnow,
+)
+from app.ports import KEEP, DueAt, Store, TaskChange
+from app.schemas import TaskCreate, TaskUpdate
+
+MAX_COMMIT_ATTEMPTS = 50
+
+
+class InvalidCursor(DomainError):
+    def __init__(self) -> None:
+        super().__init__("cursor is not one this server handed out")
+
+
+class StoreContention(Exception):
+    """A task changed under us on every attempt; the caller may try again later."""
+
+
+async def transact(
+    store: Store,
+    task_id: str,
+    plan: Callable[[Task], TaskChange],
+    *,
+    known: Task | None = None,
+) -> TaskChange:
+    """Read the task, plan a change from it and commit it; re-plan when it changed meanwhile.
+
+    ``plan`` raises a ``DomainError`` when the current state does not allow the change.
+    ``known`` is a recent copy of the task to plan from first, saving a read.
+    """
+    for _ in range(MAX_COMMIT_ATTEMPTS):
+        task, known = known or await store.get_task(task_id), None
+        if task is None:
+            raise TaskNotFound(task_id)
+        change = plan(task)
+        try:
+            await store.commit(change)
+        except RevisionConflict:
+            continue
+        return change
+    raise StoreContention(f"task {task_id!r} kept changing; try again")
+
+
+def encode_cursor(task_id: str) -> str:
+    return base64.urlsafe_b64encode(f"v1:{task_id}".encode()).decode().rstrip("=")
+
+
+def decode_cursor(cursor: str) -> str:
+    try:
+        text = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)).decode()
+    except (binascii.Error, UnicodeDecodeError, ValueError):
+        raise InvalidCursor() from None
+    version, _, task_id = text.partition(":")
+    if version != "v1" or not task_id:
+        raise InvalidCursor()
+    return task_id
+
+
+class TaskService:
+    """Create, read, change, run and schedule tasks."""
+
+    def __init__(self, store: Store, *, clock: Callable[[], datetime] = utcnow) -> None:
+        self._store = store
+        self._clock = clock
+
+    async def create(self, spec: TaskCreate) -> Task:
+        """Store a new task; schedule it when ``scheduled_at`` is given."""
+        now = self._clock()
+        task = Task(
+            id=spec.id or new_task_id(),
+            name=spec.name,
+            description=spec.description,
+            command=spec.command,
+            args=spec.args,
+            env=spec.env,
+            cwd=spec.cwd,
+            timeout=spec.timeout,
+            created_at=now,
+            updated_at=now,
+            scheduled_at=spec.scheduled_at,
+        )
+        schedule = KEEP if spec.scheduled_at is None else DueAt(timestamp(spec.scheduled_at))
+        await self._store.commit(TaskChange(task.id, None, task, schedule=schedule))
+        return task
+
+    async def get(self, task_id: str) -> Task:
+        task = await self._store.get_task(task_id)
+        if task is None:
+            raise TaskNotFound(task_id)
+        return task
+
+    async def list(
+        self, *, status: TaskStatus | None, limit: int, cursor: str | None
+    ) -> tuple[list[Task], str | None]:
+        """A page of tasks in id order and the cursor of the next page (``None`` at the end)."""
+        after = None if cursor is None else decode_cursor(cursor)
+        tasks = await self._store.list_tasks(status=status, limit=limit + 1, after=after)
+        if len(tasks) <= limit:
+            return tasks, None
+        page = tasks[:limit]
+        return page, encode_cursor(page[-1].id)
+
+    async def update(self, task_id: str, patch: TaskUpdate) -> Task:
+        changes = patch.changes()
+
+        def plan(task: Task) -> TaskChange:
+            return TaskChange(task_id, task.revision, touch(task, self._clock(), **changes))
+
+        return _new_task(await transact(self._store, task_id, plan))
+
+    async def delete(self, task_id: str) -> None:
+        await transact(self._store, task_id, lambda task: TaskChange(task_id, task.revision, None))
+
+    async def execute(self, task_id: str) -> Run:
+        """Queue a run now; refused while the task is already pending or running."""
+
+        def plan(task: Task) -> TaskChange:
+            now = self._clock()
+            pending, run = queue_run(task, now)
+            return TaskChange(
+                task_id, task.revision, pending, runs=[run], schedule=DueAt(timestamp(now))
+            )
+
+        change = await transact(self._store, task_id, plan)
+        return change.runs[0]
+
+    async def schedule(self, task_id: str, at: datetime) -> Task:
+        """Run the task at ``at`` (right away if that has passed).
+
+        While a run is active the time is remembered and becomes due when the run ends.
+        """
+
+        def plan(task: Task) -> TaskChange:
+            scheduled = reschedule(task, at, self._clock())
+            if task.status in ACTIVE_STATUSES:
+                return TaskChange(task_id, task.revision, scheduled)
+            return TaskChange(task_id, task.revision, scheduled, schedule=DueAt(timestamp(at)))
+
+        return _new_task(await transact(self._store, task_id, plan))
+
+    async def runs(self, task_id: str, *, limit: int) -> list[Run]:
+        """The task's runs, newest first."""
+        runs = await self._store.list_runs(task_id, limit=limit)
+        if not runs:
+            await self.get(task_id)
+        return runs
+
+    async def run(self, task_id: str, run_id: str) -> Run:
+        run = await self._store.get_run(task_id, run_id)
+        if run is None:
+            await self.get(task_id)
+            raise RunNotFound(task_id, run_id)
+        return run
+
+
+def _new_task(change: TaskChange) -> Task:
+    assert change.task is not None
+    return change.task

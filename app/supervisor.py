@@ -1,0 +1,151 @@
+"""One process, one task group: the roles this process plays, started in order and
+stopped in order.
+
+SIGINT/SIGTERM set ``stopping``: the API stops accepting, the scheduler stops
+claiming, the consumer stops taking messages and gives running commands their grace
+period. A role that raises takes the whole process down (non-zero exit) so that the
+orchestrator restarts it, rather than limping on without it.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import socket
+from collections.abc import Awaitable, Callable
+from contextlib import AsyncExitStack
+from functools import partial
+from typing import Any
+
+import anyio
+import sniffio
+from anyio.abc import TaskStatus as StartedStatus
+from hypercorn.config import Config as HypercornConfig
+
+from app.adapters import open_broker, open_store
+from app.api import create_app
+from app.config import Settings
+from app.consumer import Consumer
+from app.ports import Role
+from app.scheduler import Scheduler
+from app.service import TaskService
+
+log = logging.getLogger("taskq")
+
+# After the grace period, how long the orderly stop may take before it is forced.
+STOP_MARGIN_SECONDS = 5.0
+
+
+class RoleCrashed(Exception):
+    """A role stopped with an error; the process exits non-zero."""
+
+
+async def serve_http(
+    app: Any,
+    *,
+    host: str,
+    port: int,
+    stopping: anyio.Event,
+    task_status: StartedStatus[int] = anyio.TASK_STATUS_IGNORED,
+) -> None:
+    """Serve ``app`` with Hypercorn until ``stopping`` is set; reports the bound port."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.create_server((host, port), family=family, backlog=1024)
+    bound_port: int = sock.getsockname()[1]
+    config = HypercornConfig()
+    # Binding here rather than in Hypercorn means "started" is only reported once the
+    # port really accepts connections, and port 0 reports the port the kernel chose.
+    config.bind = [f"fd://{sock.detach()}"]
+    config.accesslog = None
+    config.errorlog = logging.getLogger("hypercorn.error")
+    config.graceful_timeout = 3.0
+    task_status.started(bound_port)
+    if sniffio.current_async_library() == "trio":
+        from hypercorn.trio import serve as serve_trio  # pyright: ignore[reportUnknownVariableType]
+
+        await serve_trio(app, config, shutdown_trigger=stopping.wait)
+    else:
+        from hypercorn.asyncio import serve as serve_asyncio  # pyright: ignore[reportUnknownVariableType]
+
+        await serve_asyncio(app, config, shutdown_trigger=stopping.wait)
+
+
+async def run_service(settings: Settings, *, on_ready: Callable[[str], None] | None = None) -> None:
+    """Run the roles in ``settings.roles`` until SIGINT/SIGTERM."""
+    stopping = anyio.Event()
+    roles = settings.roles
+    async with AsyncExitStack() as stack:
+        store = await stack.enter_async_context(
+            open_store(
+                settings.redis_url, prefix=settings.key_prefix, run_history=settings.run_history
+            )
+        )
+        broker = await stack.enter_async_context(
+            open_broker(settings.amqp_url, prefix=settings.key_prefix)
+        )
+        async with anyio.create_task_group() as process:
+            process.start_soon(_stop_on_signal, stopping, process.cancel_scope, settings)
+            async with anyio.create_task_group() as role_group:
+                started: list[str] = []
+                if "api" in roles:
+                    app = create_app(
+                        TaskService(store), checks={"store": store.ping, "broker": broker.ping}
+                    )
+                    serve = partial(
+                        serve_http, app, host=settings.host, port=settings.port, stopping=stopping
+                    )
+                    port = await role_group.start(_role, "api", serve)
+                    started.append(f"api on http://{settings.host}:{port}")
+                if "scheduler" in roles:
+                    scheduler = Scheduler(store, broker, lease_seconds=settings.lease_seconds)
+                    await role_group.start(_role, "scheduler", partial(scheduler.run, stopping))
+                    started.append("scheduler")
+                if "consumer" in roles:
+                    consumer = Consumer(
+                        store,
+                        broker,
+                        concurrency=settings.concurrency,
+                        output_limit=settings.output_limit,
+                        shutdown_grace=settings.shutdown_grace,
+                    )
+                    await role_group.start(_role, "consumer", partial(consumer.run, stopping))
+                    started.append(f"consumer ({settings.concurrency} at a time)")
+                message = "taskq ready: " + ", ".join(started)
+                log.info(message)
+                if on_ready is not None:
+                    on_ready(message)
+            process.cancel_scope.cancel()
+    log.info("taskq stopped")
+
+
+async def _role(
+    name: Role,
+    body: Callable[..., Awaitable[None]],
+    *,
+    task_status: StartedStatus[Any] = anyio.TASK_STATUS_IGNORED,
+) -> None:
+    try:
+        await body(task_status=task_status)
+    except anyio.get_cancelled_exc_class():
+        raise
+    except Exception as exc:
+        log.critical("role %s crashed: %s: %s", name, type(exc).__name__, exc, exc_info=exc)
+        raise RoleCrashed(f"role {name} crashed: {exc}") from exc
+    log.info("role %s stopped", name)
+
+
+async def _stop_on_signal(
+    stopping: anyio.Event, process: anyio.CancelScope, settings: Settings
+) -> None:
+    with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+        async for signum in signals:
+            log.info("%s received: stopping", signal.Signals(signum).name)
+            stopping.set()
+            break
+        with anyio.move_on_after(settings.shutdown_grace + STOP_MARGIN_SECONDS) as deadline:
+            async for signum in signals:
+                log.warning("second %s: stopping now", signal.Signals(signum).name)
+                break
+        if deadline.cancelled_caught:
+            log.warning("orderly stop took too long: stopping now")
+        process.cancel()

@@ -1,0 +1,94 @@
+"""A small HTTP client for the taskq API (what the CLI commands call)."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncGenerator
+from contextlib import asynccontextmanager
+from typing import Any, cast
+
+import httpx
+
+
+class ApiError(Exception):
+    """The API answered with an error, or could not be reached."""
+
+    def __init__(self, message: str, status_code: int | None = None) -> None:
+        super().__init__(message)
+        self.status_code = status_code
+
+
+class ApiClient:
+    """Calls the taskq API; every method raises ``ApiError`` on failure."""
+
+    def __init__(self, http: httpx.AsyncClient) -> None:
+        self._http = http
+
+    async def request(
+        self,
+        method: str,
+        path: str,
+        *,
+        json: object = None,
+        params: dict[str, Any] | None = None,
+    ) -> httpx.Response:
+        try:
+            response = await self._http.request(
+                method,
+                path,
+                json=json,
+                params={k: v for k, v in (params or {}).items() if v is not None},
+            )
+        except httpx.HTTPError as exc:
+            raise ApiError(f"cannot reach the taskq API at {self._http.base_url}: {exc}") from exc
+        if response.is_error:
+            raise ApiError(_error_detail(response), response.status_code)
+        return response
+
+    async def create_task(self, body: dict[str, Any]) -> Any:
+        return (await self.request("POST", "/tasks", json=body)).json()
+
+    async def list_tasks(
+        self, *, status: str | None, limit: int | None, cursor: str | None
+    ) -> tuple[list[Any], str | None]:
+        params = {"status": status, "limit": limit, "cursor": cursor}
+        response = await self.request("GET", "/tasks", params=params)
+        return response.json(), response.headers.get("x-next-cursor")
+
+    async def get_task(self, task_id: str) -> Any:
+        return (await self.request("GET", f"/tasks/{task_id}")).json()
+
+    async def update_task(self, task_id: str, body: dict[str, Any]) -> Any:
+        return (await self.request("PUT", f"/tasks/{task_id}", json=body)).json()
+
+    async def delete_task(self, task_id: str) -> None:
+        await self.request("DELETE", f"/tasks/{task_id}")
+
+    async def execute_task(self, task_id: str) -> Any:
+        return (await self.request("POST", f"/tasks/{task_id}/execute")).json()
+
+    async def schedule_task(self, task_id: str, body: dict[str, Any]) -> Any:
+        return (await self.request("POST", f"/tasks/{task_id}/schedule", json=body)).json()
+
+    async def list_runs(self, task_id: str, *, limit: int | None) -> list[Any]:
+        response = await self.request("GET", f"/tasks/{task_id}/runs", params={"limit": limit})
+        return response.json()  # type: ignore[no-any-return]
+
+    async def get_run(self, task_id: str, run_id: str) -> Any:
+        return (await self.request("GET", f"/tasks/{task_id}/runs/{run_id}")).json()
+
+
+def _error_detail(response: httpx.Response) -> str:
+    try:
+        body = response.json()
+    except ValueError:
+        body = None
+    detail = cast(dict[str, Any], body).get("detail") if isinstance(body, dict) else None
+    text = str(detail) if detail else (response.text.strip() or response.reason_phrase)
+    return f"{text} (HTTP {response.status_code})"
+
+
+@asynccontextmanager
+async def open_client(base_url: str, token: str | None) -> AsyncGenerator[ApiClient]:
+    headers = {"Authorization": f"Bearer {token}"} if token else {}
+    async with httpx.AsyncClient(base_url=base_url, headers=headers, timeout=30.0) as http:
+        yield ApiClient(http)

@@ -1,0 +1,456 @@
+"""The ``taskq`` command: run the service (``serve``, ``dev``) or talk to its API."""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from collections.abc import Awaitable, Callable, Sequence
+from datetime import datetime
+from functools import wraps
+from typing import Any, ParamSpec, TypeVar, cast
+
+import asyncclick as click
+import sniffio
+
+from app.config import MEMORY_URL, ConfigError, Settings, parse_roles
+from cli.client import ApiClient, ApiError, open_client
+
+P = ParamSpec("P")
+T = TypeVar("T")
+
+BACKENDS = ("asyncio", "trio")
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.option(
+    "--api-url",
+    envvar="TASKQ_API_URL",
+    default="http://localhost:8080",
+    show_default=True,
+    help="The taskq API the client commands talk to (env TASKQ_API_URL).",
+)
+@click.option("--token", envvar="TASKQ_TOKEN", help="Bearer token for the API (env TASKQ_TOKEN).")
+@click.pass_context
+async def cli(ctx: click.Context, api_url: str, token: str | None) -> None:
+    """taskq: a distributed scheduler for shell-command tasks."""
+    ctx.obj = {"api_url": api_url, "token": token}
+
+
+# --------------------------------------------------------------------------- service
+
+
+def _configure_logging() -> None:
+    logging.basicConfig(
+        level=logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+
+
+async def _run(settings: Settings) -> None:
+    from app.supervisor import run_service
+
+    try:
+        await run_service(settings)
+    except ConfigError as exc:
+        raise click.ClickException(str(exc)) from exc
+    except BaseExceptionGroup as group:
+        # The crash itself was logged by the supervisor with its traceback.
+        raise click.ClickException(f"taskq stopped on an error: {_first_error(group)}") from None
+    except (OSError, ConnectionError) as exc:
+        raise click.ClickException(f"taskq could not start: {exc}") from exc
+
+
+def _first_error(error: BaseException) -> BaseException:
+    nested: Sequence[BaseException] = getattr(error, "exceptions", ())
+    return _first_error(nested[0]) if nested else error
+
+
+def _service_options(function: Callable[P, Awaitable[T]]) -> Callable[P, Awaitable[T]]:
+    for option in reversed(
+        [
+            click.option("--host", help="API address (env SERVER_HOST, default 127.0.0.1)."),
+            click.option("--port", type=int, help="API port (env SERVER_PORT, default 8080)."),
+            click.option(
+                "--concurrency",
+                type=click.IntRange(min=1),
+                help="Commands this process runs at once (env TASKQ_CONCURRENCY).",
+            ),
+        ]
+    ):
+        function = option(function)
+    return function
+
+
+@cli.command()
+@click.option(
+    "--roles",
+    help="Comma-separated roles to run: api, scheduler, consumer (env TASKQ_ROLES; default all).",
+)
+@click.option("--redis-url", help="Store URL (env REDIS_URL).")
+@click.option("--amqp-url", help="Broker URL (env AMQP_URL).")
+@click.option(
+    "--key-prefix", help="Prefix of every Redis key and AMQP name (env TASKQ_KEY_PREFIX)."
+)
+@_service_options
+async def serve(
+    roles: str | None,
+    redis_url: str | None,
+    amqp_url: str | None,
+    key_prefix: str | None,
+    host: str | None,
+    port: int | None,
+    concurrency: int | None,
+) -> None:
+    """Run the service against Redis and RabbitMQ (all roles unless --roles)."""
+    _configure_logging()
+    try:
+        settings = Settings.from_env().with_overrides(
+            roles=None if roles is None else parse_roles(roles),
+            redis_url=redis_url,
+            amqp_url=amqp_url,
+            key_prefix=key_prefix,
+            host=host,
+            port=port,
+            concurrency=concurrency,
+        )
+    except ConfigError as exc:
+        raise click.ClickException(str(exc)) from exc
+    await _run(settings)
+
+
+@cli.command()
+@click.option(
+    "--backend",
+    type=click.Choice(BACKENDS),
+    default="asyncio",
+    show_default=True,
+    help="Event loop to run on.",
+)
+@_service_options
+async def dev(backend: str, host: str | None, port: int | None, concurrency: int | None) -> None:
+    """Run every role in this process with an in-memory store and broker.
+
+    Nothing else is needed, and nothing survives the exit.
+    """
+    _configure_logging()
+    assert sniffio.current_async_library() == backend
+    try:
+        settings = Settings.from_env().with_overrides(host=host, port=port, concurrency=concurrency)
+    except ConfigError as exc:
+        raise click.ClickException(str(exc)) from exc
+    settings = settings.with_overrides(redis_url=MEMORY_URL, amqp_url=MEMORY_URL)
+    logging.getLogger("taskq").warning(
+        "DEV MODE: tasks live in this process's memory only; NOTHING SURVIVES EXIT"
+    )
+    await _run(settings)
+
+
+# --------------------------------------------------------------------------- client
+
+
+def _client_command(
+    function: Callable[..., Awaitable[None]],
+) -> Callable[..., Awaitable[None]]:
+    """Adds ``--json``, opens the API client, and turns API errors into exit code 1."""
+
+    @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
+    @click.pass_context
+    @wraps(function)
+    async def command(ctx: click.Context, /, *args: Any, **kwargs: Any) -> None:
+        try:
+            async with open_client(ctx.obj["api_url"], ctx.obj["token"]) as client:
+                await function(client, *args, **kwargs)
+        except ApiError as exc:
+            raise click.ClickException(str(exc)) from exc
+
+    return command
+
+
+def _emit(value: Any, as_json: bool, human: Callable[[Any], str]) -> None:
+    click.echo(json.dumps(value, indent=2) if as_json else human(value))
+
+
+def _env_pairs(pairs: Sequence[str]) -> dict[str, str]:
+    env: dict[str, str] = {}
+    for pair in pairs:
+        name, sep, value = pair.partition("=")
+        if not sep or not name:
+            raise click.BadParameter(f"expected NAME=VALUE, got {pair!r}", param_hint="--env")
+        env[name] = value
+    return env
+
+
+def _program_options(function: Callable[P, Awaitable[T]]) -> Callable[P, Awaitable[T]]:
+    for option in reversed(
+        [
+            click.option("--description", help="Free text."),
+            click.option("--command", help="Shell command, run with sh -c."),
+            click.option(
+                "--arg",
+                "args",
+                multiple=True,
+                help="Run this argv without a shell instead of --command (repeat per argument).",
+            ),
+            click.option("--env", multiple=True, help="NAME=VALUE for the command (repeatable)."),
+            click.option("--cwd", help="Working directory of the command."),
+            click.option("--timeout", type=float, help="Seconds before the command is killed."),
+        ]
+    ):
+        function = option(function)
+    return function
+
+
+def _program_body(
+    description: str | None,
+    command: str | None,
+    args: Sequence[str],
+    env: Sequence[str],
+    cwd: str | None,
+    timeout: float | None,
+) -> dict[str, Any]:
+    body: dict[str, Any] = {
+        "description": description,
+        "command": command,
+        "args": list(args) or None,
+        "env": _env_pairs(env) or None,
+        "cwd": cwd,
+        "timeout": timeout,
+    }
+    return {k: v for k, v in body.items() if v is not None}
+
+
+@cli.command()
+@click.option("--id", "task_id", help="Task id (generated when omitted).")
+@click.option("--name", required=True, help="Human-readable name.")
+@_program_options
+@click.option("--at", type=click.DateTime(), help="Schedule for this time (RFC 3339).")
+@_client_command
+async def create(
+    client: ApiClient,
+    task_id: str | None,
+    name: str,
+    at: datetime | None,
+    as_json: bool,
+    **program: Any,
+) -> None:
+    """Create a task."""
+    body = {"id": task_id, "name": name, **_program_body(**program)}
+    if at is not None:
+        body["scheduled_at"] = at.isoformat()
+    task = await client.create_task({k: v for k, v in body.items() if v is not None})
+    _emit(task, as_json, _task_details)
+
+
+@cli.command(name="list")
+@click.option(
+    "--status",
+    type=click.Choice(["created", "pending", "running", "completed", "failed", "cancelled"]),
+)
+@click.option("--limit", type=click.IntRange(1, 1000), help="Tasks per page.")
+@click.option("--cursor", help="Continue from this cursor (printed after a page).")
+@click.option("--all", "every_page", is_flag=True, help="Follow the cursor to the last page.")
+@_client_command
+async def list_tasks(
+    client: ApiClient,
+    status: str | None,
+    limit: int | None,
+    cursor: str | None,
+    every_page: bool,
+    as_json: bool,
+) -> None:
+    """List tasks, in id order."""
+    tasks, next_cursor = await client.list_tasks(status=status, limit=limit, cursor=cursor)
+    while every_page and next_cursor:
+        more, next_cursor = await client.list_tasks(status=status, limit=limit, cursor=next_cursor)
+        tasks += more
+    _emit(tasks, as_json, _task_table)
+    if next_cursor and not as_json:
+        click.echo(f"more: taskq list --cursor {next_cursor}", err=True)
+
+
+@cli.command()
+@click.option("--id", "task_id", required=True)
+@_client_command
+async def get(client: ApiClient, task_id: str, as_json: bool) -> None:
+    """Show one task."""
+    _emit(await client.get_task(task_id), as_json, _task_details)
+
+
+@cli.command()
+@click.option("--id", "task_id", required=True)
+@click.option("--name")
+@_program_options
+@_client_command
+async def update(
+    client: ApiClient, task_id: str, name: str | None, as_json: bool, **program: Any
+) -> None:
+    """Change a task; options not given stay as they are."""
+    body = {"name": name, **_program_body(**program)}
+    body = {k: v for k, v in body.items() if v is not None}
+    if not body:
+        raise click.UsageError("nothing to update: give at least one option")
+    _emit(await client.update_task(task_id, body), as_json, _task_details)
+
+
+@cli.command()
+@click.option("--id", "task_id", required=True)
+@_client_command
+async def delete(client: ApiClient, task_id: str, as_json: bool) -> None:
+    """Delete a task and its runs."""
+    await client.delete_task(task_id)
+    _emit({"deleted": task_id}, as_json, lambda _: f"deleted {task_id}")
+
+
+@cli.command()
+@click.option("--id", "task_id", required=True)
+@_client_command
+async def execute(client: ApiClient, task_id: str, as_json: bool) -> None:
+    """Run a task now."""
+    run = await client.execute_task(task_id)
+    _emit(run, as_json, lambda r: f"queued run {r['run_id']} of {r['task_id']}")
+
+
+@cli.command()
+@click.option("--id", "task_id", required=True)
+@click.option("--at", required=True, help="When to run it (RFC 3339, e.g. 2025-12-01T15:00:00Z).")
+@_client_command
+async def schedule(client: ApiClient, task_id: str, at: str, as_json: bool) -> None:
+    """Schedule a task for a time."""
+    task = await client.schedule_task(task_id, {"at": at})
+    _emit(task, as_json, _task_details)
+
+
+@cli.command()
+@click.option("--id", "task_id", required=True)
+@click.option("--run", "run_id", help="Show this run with its output.")
+@click.option("--limit", type=click.IntRange(1, 1000), help="How many runs (newest first).")
+@_client_command
+async def runs(
+    client: ApiClient, task_id: str, run_id: str | None, limit: int | None, as_json: bool
+) -> None:
+    """Show a task's runs, newest first (or one run with its output)."""
+    if run_id is not None:
+        _emit(await client.get_run(task_id, run_id), as_json, _run_details)
+    else:
+        _emit(await client.list_runs(task_id, limit=limit), as_json, _run_table)
+
+
+@cli.command()
+@click.option("--id", "task_id", required=True)
+@click.option("--run", "run_id", help="Which run (default: the newest).")
+@_client_command
+async def logs(client: ApiClient, task_id: str, run_id: str | None, as_json: bool) -> None:
+    """Print the output of a run."""
+    if run_id is None:
+        newest = await client.list_runs(task_id, limit=1)
+        if not newest:
+            raise click.ClickException(f"task {task_id!r} has no runs yet")
+        run = newest[0]
+    else:
+        run = await client.get_run(task_id, run_id)
+    _emit(run, as_json, lambda r: r["output"].rstrip("\n"))
+
+
+# --------------------------------------------------------------------------- formatting
+
+
+def _table(rows: list[list[str]], headers: list[str]) -> str:
+    widths = [max(len(str(c)) for c in column) for column in zip(headers, *rows, strict=True)]
+    lines = [headers, *rows]
+    return "\n".join(
+        "  ".join(str(c).ljust(w) for c, w in zip(line, widths, strict=True)).rstrip()
+        for line in lines
+    )
+
+
+def _short_time(value: str | None) -> str:
+    return "-" if value is None else value.replace("T", " ")[:19]
+
+
+def _last_run(task: dict[str, Any]) -> str:
+    last = task.get("last_run")
+    if not last:
+        return "-"
+    return f"{last['status']} (exit {last['exit_code']})"
+
+
+def _task_table(tasks: list[dict[str, Any]]) -> str:
+    if not tasks:
+        return "no tasks"
+    rows = [
+        [
+            t["id"],
+            t["name"],
+            t["status"],
+            _short_time(t.get("scheduled_at")),
+            _last_run(t),
+        ]
+        for t in tasks
+    ]
+    return _table(rows, ["ID", "NAME", "STATUS", "SCHEDULED", "LAST RUN"])
+
+
+def _task_details(task: dict[str, Any]) -> str:
+    program = task["command"] if task.get("command") is not None else json.dumps(task["args"])
+    fields = [
+        ("id", task["id"]),
+        ("name", task["name"]),
+        ("status", task["status"]),
+        ("command" if task.get("command") is not None else "args", program),
+        ("description", task.get("description") or "-"),
+        ("scheduled at", task.get("scheduled_at") or "-"),
+        ("timeout", task.get("timeout") or "-"),
+        ("cwd", task.get("cwd") or "-"),
+        ("env", ", ".join(f"{k}={v}" for k, v in _env_of(task).items()) or "-"),
+        ("last run", _last_run(task)),
+        ("created", task["created_at"]),
+        ("updated", task["updated_at"]),
+    ]
+    return "\n".join(f"{label + ':':<14}{value}" for label, value in fields)
+
+
+def _env_of(task: dict[str, Any]) -> dict[str, str]:
+    return cast(dict[str, str], task.get("env") or {})
+
+
+def _run_table(runs: list[dict[str, Any]]) -> str:
+    if not runs:
+        return "no runs"
+    rows = [
+        [
+            r["run_id"],
+            str(r["attempt"]),
+            r["status"],
+            "-" if r["exit_code"] is None else str(r["exit_code"]),
+            "-" if r["duration"] is None else f"{r['duration']:.3f}s",
+            _short_time(r.get("started_at")),
+            r.get("worker") or "-",
+        ]
+        for r in runs
+    ]
+    return _table(rows, ["RUN", "ATTEMPT", "STATUS", "EXIT", "DURATION", "STARTED", "WORKER"])
+
+
+def _run_details(run: dict[str, Any]) -> str:
+    head = _run_table([run])
+    notes = [note for note in (run.get("error"),) if note]
+    if run.get("truncated"):
+        notes.append("output truncated (head and tail kept)")
+    body = run["output"].rstrip("\n")
+    return "\n".join([head, *(f"note: {n}" for n in notes), "", body])
+
+
+def _requested_backend(argv: Sequence[str]) -> str:
+    """The event loop ``taskq dev --backend X`` asks for; it must exist before parsing."""
+    for index, arg in enumerate(argv):
+        if arg == "--backend" and index + 1 < len(argv) and argv[index + 1] in BACKENDS:
+            return argv[index + 1]
+        if arg.startswith("--backend=") and arg.split("=", 1)[1] in BACKENDS:
+            return arg.split("=", 1)[1]
+    return "asyncio"
+
+
+def main() -> None:
+    cli(_anyio_backend=_requested_backend(sys.argv[1:]))
