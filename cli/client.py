@@ -90,5 +90,9 @@ def _error_detail(response: httpx.Response) -> str:
 @asynccontextmanager
 async def open_client(base_url: str, token: str | None) -> AsyncGenerator[ApiClient]:
     headers = {"Authorization": f"Bearer {token}"} if token else {}
-    async with httpx.AsyncClient(base_url=base_url, headers=headers, timeout=30.0) as http:
+    try:
+        http = httpx.AsyncClient(base_url=base_url, headers=headers, timeout=30.0)
+    except httpx.InvalidURL as exc:
+        raise ApiError(f"the API URL {base_url!r} is not valid: {exc}") from exc
+    async with http:
         yield ApiClient(http)

@@ -1,0 +1,79 @@
+"""``taskq dev``: the whole service in one process with nothing else installed."""
+
+from __future__ import annotations
+
+import json
+import signal
+from datetime import UTC, datetime, timedelta
+
+import httpx
+import pytest
+
+from tests.e2e.harness import cli, running, service_env, wait_for_task
+
+pytestmark = pytest.mark.e2e
+
+
+@pytest.mark.parametrize("backend", ["asyncio", "trio"])
+async def test_dev_mode_runs_a_task_created_and_executed_through_the_cli(
+    backend: str, prefix: str
+) -> None:
+    # No Redis or RabbitMQ settings at all: dev mode must not need them.
+    env = service_env(prefix, REDIS_URL="redis://127.0.0.1:1/0", AMQP_URL="amqp://127.0.0.1:1/")
+    async with running(["dev", "--port", "0", "--backend", backend], env) as service:
+        assert any("NOTHING SURVIVES EXIT" in line for line in service.log)
+        assert service.api_url is not None
+        url = service.api_url
+        await cli(
+            url, "create", "--id", "my-task-1", "--name", "My Task", "--command", "echo hello"
+        )
+        queued = json.loads(await cli(url, "execute", "--id", "my-task-1", "--json"))
+        assert queued["status"] == "queued"
+        async with httpx.AsyncClient(base_url=url) as http:
+            task = await wait_for_task(http, "my-task-1", {"completed", "failed"})
+        assert task["status"] == "completed"
+        assert task["last_run"]["exit_code"] == 0
+        assert (await cli(url, "logs", "--id", "my-task-1")).strip() == "hello"
+        runs = json.loads(await cli(url, "runs", "--id", "my-task-1", "--json"))
+        assert [r["run_id"] for r in runs] == [queued["run_id"]]
+        assert runs[0]["output"] == "hello\n"
+        assert "my-task-1" in await cli(url, "list")
+        assert await service.stop(signal.SIGINT) == 0
+    assert any("taskq stopped" in line for line in service.log)
+
+
+async def test_dev_mode_runs_a_scheduled_task_on_time(prefix: str) -> None:
+    async with running(["dev", "--port", "0"], service_env(prefix)) as service:
+        assert service.api_url is not None
+        async with httpx.AsyncClient(base_url=service.api_url) as http:
+            at = datetime.now(UTC) + timedelta(seconds=1)
+            created = await http.post(
+                "/tasks", json={"id": "later", "name": "later", "args": ["echo", "on time"]}
+            )
+            assert created.status_code == 201
+            scheduled = await http.post("/tasks/later/schedule", json={"at": at.isoformat()})
+            assert scheduled.status_code == 200
+            task = await wait_for_task(http, "later", {"completed", "failed"})
+            run = (await http.get(f"/tasks/later/runs/{task['last_run']['run_id']}")).json()
+        started = datetime.fromisoformat(run["started_at"])
+        assert started >= at, "a task never starts before its scheduled time"
+        assert started - at < timedelta(milliseconds=500)
+        assert run["output"] == "on time\n"
+        assert await service.stop() == 0
+
+
+async def test_client_errors_exit_non_zero_with_a_clear_message(prefix: str) -> None:
+    async with running(["dev", "--port", "0"], service_env(prefix)) as service:
+        assert service.api_url is not None
+        url = service.api_url
+        message = await cli(url, "get", "--id", "missing", expect_code=1)
+        assert "task 'missing' does not exist" in message
+        await cli(url, "create", "--id", "dup", "--name", "d", "--command", "true")
+        message = await cli(
+            url, "create", "--id", "dup", "--name", "d", "--command", "true", expect_code=1
+        )
+        assert "already exists" in message and "409" in message
+        message = await cli(url, "create", "--name", "no program", expect_code=1)
+        assert "command" in message and "400" in message
+    unreachable = await cli("http://127.0.0.1:1", "list", expect_code=1)
+    assert "cannot reach the taskq API" in unreachable
