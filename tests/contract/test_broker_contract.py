@@ -1,0 +1,298 @@
+"""The ``Broker`` contract: every adapter runs through the same cases.
+
+The memory broker runs on asyncio and trio; the AMQP broker (asyncio only) runs against the
+real RabbitMQ under a per-test prefix, and its exchanges and queues are deleted afterwards.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncGenerator, AsyncIterator
+from contextlib import asynccontextmanager
+
+import aiormq
+import anyio
+import anyio.abc
+import anyio.lowlevel
+import msgspec
+import pytest
+from aiormq.abc import AbstractChannel
+from pamqp import commands as spec
+
+from app.adapters.amqp_broker import AmqpBroker, delete_amqp_layout, open_amqp_broker
+from app.adapters.memory_broker import MemoryBroker
+from app.ports import Broker, Delivery, Dispatch
+from tests.conftest import AMQP_URL
+
+WAIT = 10.0
+"""Bound for anything that should happen."""
+QUIET = 0.5
+"""How long to watch for something that must not happen."""
+
+CASES = [
+    pytest.param(("memory", "asyncio"), id="memory-asyncio"),
+    pytest.param(("memory", "trio"), id="memory-trio"),
+    pytest.param(("amqp", "asyncio"), id="amqp-asyncio"),
+]
+
+
+@pytest.fixture(params=CASES)
+def case(request: pytest.FixtureRequest) -> tuple[str, str]:
+    return request.param
+
+
+@pytest.fixture
+def anyio_backend(case: tuple[str, str]) -> str:
+    return case[1]
+
+
+@pytest.fixture
+async def broker(case: tuple[str, str], prefix: str) -> AsyncGenerator[Broker, None]:
+    if case[0] == "memory":
+        yield MemoryBroker()
+        return
+    try:
+        async with open_amqp_broker(AMQP_URL, prefix=prefix) as amqp:
+            yield amqp
+    finally:
+        with anyio.CancelScope(shield=True):
+            await delete_amqp_layout(AMQP_URL, prefix=prefix)
+
+
+def dispatches(count: int) -> list[Dispatch]:
+    return [Dispatch(task_id=f"task-{i}", run_id=f"run-{i}", attempt=1) for i in range(count)]
+
+
+async def publish_raw(broker: Broker, body: bytes) -> None:
+    """Put an arbitrary body on the queue, whatever the adapter."""
+    if isinstance(broker, MemoryBroker):
+        broker.publish_raw(body)
+    else:
+        assert isinstance(broker, AmqpBroker)
+        assert await broker.publish_raw(body)
+
+
+async def dead_letters(broker: Broker) -> list[bytes]:
+    """Take the bodies now in the dead-letter queue, whatever the adapter."""
+    if isinstance(broker, MemoryBroker):
+        bodies = list(broker.dead_letters)
+        broker.dead_letters.clear()
+        return bodies
+    assert isinstance(broker, AmqpBroker)
+    bodies = []
+    async with amqp_channel() as channel:
+        while True:
+            message = await channel.basic_get(broker.dead_letter_queue, no_ack=True)
+            if isinstance(message.delivery, spec.Basic.GetEmpty):
+                return bodies
+            bodies.append(message.body)
+
+
+async def wait_for_dead_letters(broker: Broker, count: int) -> list[bytes]:
+    # Dead-lettering is asynchronous in RabbitMQ: poll, within a bound.
+    bodies: list[bytes] = []
+    with anyio.fail_after(WAIT):
+        while len(bodies) < count:
+            bodies += await dead_letters(broker)
+            if len(bodies) < count:
+                await anyio.sleep(0.02)
+    return bodies
+
+
+@asynccontextmanager
+async def amqp_channel() -> AsyncGenerator[AbstractChannel, None]:
+    """A channel on a connection of its own, to look at RabbitMQ from the outside."""
+    async with aiormq.connect(AMQP_URL) as connection:
+        yield await connection.channel()
+
+
+async def receive(deliveries: AsyncIterator[Delivery], count: int) -> list[Delivery]:
+    received: list[Delivery] = []
+    with anyio.fail_after(WAIT):
+        while len(received) < count:
+            received.append(await anext(deliveries))
+    return received
+
+
+async def assert_nothing_arrives(deliveries: AsyncIterator[Delivery]) -> None:
+    """No delivery within ``QUIET`` seconds (this cancels the wait: use it last)."""
+    with anyio.move_on_after(QUIET) as quiet:
+        extra = await anext(deliveries)
+        pytest.fail(f"unexpected delivery: {extra.dispatch}")
+    assert quiet.cancelled_caught
+
+
+async def test_ping(broker: Broker) -> None:
+    with anyio.fail_after(WAIT):
+        await broker.ping()
+
+
+async def test_publish_nothing(broker: Broker) -> None:
+    with anyio.fail_after(WAIT):
+        assert await broker.publish([]) == []
+
+
+async def test_round_trip(broker: Broker) -> None:
+    messages = dispatches(3)
+    with anyio.fail_after(WAIT):
+        assert await broker.publish(messages) == messages
+    async with broker.consume(prefetch=10) as deliveries:
+        received = await receive(deliveries, 3)
+        assert [d.dispatch for d in received] == messages
+        assert not any(d.redelivered for d in received)
+        for delivery in received:
+            await delivery.ack()
+        await assert_nothing_arrives(deliveries)
+
+
+async def test_many_arrive_once_in_order(broker: Broker) -> None:
+    messages = dispatches(2000)
+    with anyio.fail_after(WAIT):
+        assert await broker.publish(messages) == messages
+    async with broker.consume(prefetch=100) as deliveries:
+        received: list[Dispatch | None] = []
+        with anyio.fail_after(WAIT):
+            async for delivery in deliveries:
+                received.append(delivery.dispatch)
+                await delivery.ack()
+                if len(received) == len(messages):
+                    break
+        assert received == messages
+        await assert_nothing_arrives(deliveries)
+
+
+async def test_prefetch_is_honoured(broker: Broker) -> None:
+    with anyio.fail_after(WAIT):
+        await broker.publish(dispatches(5))
+    async with broker.consume(prefetch=2) as deliveries:
+        first, _second = await receive(deliveries, 2)
+        third: list[Delivery] = []
+        arrived = anyio.Event()
+
+        async def take_third() -> None:
+            third.append(await anext(deliveries))
+            arrived.set()
+
+        async with anyio.create_task_group() as tg:
+            # Waiting in a task of its own: the pending ``anext`` is not cancelled.
+            tg.start_soon(take_third)
+            with anyio.move_on_after(QUIET) as quiet:
+                await arrived.wait()
+            assert quiet.cancelled_caught, "a third delivery arrived with prefetch=2"
+            await first.ack()
+            with anyio.fail_after(WAIT):
+                await arrived.wait()
+        assert third[0].dispatch == dispatches(5)[2]
+
+
+async def test_unsettled_comes_back_redelivered(broker: Broker) -> None:
+    [message] = dispatches(1)
+    with anyio.fail_after(WAIT):
+        await broker.publish([message])
+    async with broker.consume(prefetch=1) as deliveries:
+        [first] = await receive(deliveries, 1)
+        assert first.dispatch == message
+        assert not first.redelivered
+    async with broker.consume(prefetch=1) as deliveries:
+        [again] = await receive(deliveries, 1)
+        assert again.dispatch == message
+        assert again.redelivered
+        await again.ack()
+        await assert_nothing_arrives(deliveries)
+
+
+async def test_settling_after_the_consumer_stopped_does_nothing(broker: Broker) -> None:
+    [message] = dispatches(1)
+    with anyio.fail_after(WAIT):
+        await broker.publish([message])
+    async with broker.consume(prefetch=1) as deliveries:
+        [first] = await receive(deliveries, 1)
+    with anyio.fail_after(WAIT):
+        await first.ack()
+    async with broker.consume(prefetch=1) as deliveries:
+        [again] = await receive(deliveries, 1)
+        assert again.dispatch == message
+        assert again.redelivered
+        await again.ack()
+
+
+async def test_requeue_brings_it_back(broker: Broker) -> None:
+    [message] = dispatches(1)
+    with anyio.fail_after(WAIT):
+        await broker.publish([message])
+    async with broker.consume(prefetch=1) as deliveries:
+        [first] = await receive(deliveries, 1)
+        await first.requeue()
+        [again] = await receive(deliveries, 1)
+        assert again.dispatch == message
+        assert again.redelivered
+        await again.ack()
+        await assert_nothing_arrives(deliveries)
+
+
+async def test_dead_letter_moves_it_to_the_dead_letter_queue(broker: Broker) -> None:
+    messages = dispatches(2)
+    with anyio.fail_after(WAIT):
+        await broker.publish(messages)
+    async with broker.consume(prefetch=2) as deliveries:
+        poison, healthy = await receive(deliveries, 2)
+        await poison.dead_letter()
+        await healthy.ack()
+        [body] = await wait_for_dead_letters(broker, 1)
+        assert msgspec.json.decode(body, type=Dispatch) == messages[0]
+        await assert_nothing_arrives(deliveries)
+    assert await dead_letters(broker) == []
+
+
+async def test_undecodable_body_has_no_dispatch(broker: Broker) -> None:
+    with anyio.fail_after(WAIT):
+        await publish_raw(broker, b"not json at all")
+        await publish_raw(broker, b'{"task_id": 7}')
+        await broker.publish(dispatches(1))
+    async with broker.consume(prefetch=3) as deliveries:
+        garbage, wrong_shape, valid = await receive(deliveries, 3)
+        assert garbage.dispatch is None
+        assert wrong_shape.dispatch is None
+        assert valid.dispatch == dispatches(1)[0]
+        for delivery in (garbage, wrong_shape):
+            await delivery.dead_letter()
+        await valid.ack()
+        assert sorted(await wait_for_dead_letters(broker, 2)) == sorted(
+            [b"not json at all", b'{"task_id": 7}']
+        )
+
+
+async def test_two_consumers_share_the_queue(broker: Broker) -> None:
+    messages = dispatches(200)
+    taken: dict[str, list[Dispatch | None]] = {"a": [], "b": []}
+    all_taken = anyio.Event()
+
+    async def consumer(
+        name: str, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED
+    ) -> None:
+        async with broker.consume(prefetch=1) as deliveries:
+            task_status.started()
+            async for delivery in deliveries:
+                taken[name].append(delivery.dispatch)
+                await anyio.lowlevel.checkpoint()  # let the other consumer have a turn
+                await delivery.ack()
+                if sum(map(len, taken.values())) >= len(messages):
+                    all_taken.set()
+
+    async with anyio.create_task_group() as tg:
+        await tg.start(consumer, "a")
+        await tg.start(consumer, "b")
+        with anyio.fail_after(WAIT):
+            assert await broker.publish(messages) == messages
+            await all_taken.wait()
+        await anyio.sleep(QUIET)  # room for a duplicate to show up
+        tg.cancel_scope.cancel()
+
+    everything = taken["a"] + taken["b"]
+    assert sorted(everything, key=_run_id) == sorted(messages, key=_run_id)
+    assert taken["a"]
+    assert taken["b"]
+
+
+def _run_id(dispatch: Dispatch | None) -> str:
+    assert dispatch is not None
+    return dispatch.run_id
