@@ -13,15 +13,15 @@ import anyio
 import msgspec
 from litestar import Controller, Litestar, MediaType, Request, Response, delete, get, post, put
 from litestar.datastructures import ResponseHeader
-from litestar.di import Provide
+from litestar.di import NamedDependency, Provide
 from litestar.exceptions import (
     HTTPException,
     NotFoundException,
     ValidationException,
 )
-from litestar.openapi import OpenAPIConfig
+from litestar.openapi import OpenAPIConfig, ResponseSpec
 from litestar.openapi.plugins import SwaggerRenderPlugin
-from litestar.params import Parameter
+from litestar.params import FromPath, FromQuery, JSONBody, Parameter
 from litestar.response import Redirect
 from litestar.status_codes import (
     HTTP_200_OK,
@@ -75,6 +75,8 @@ class Health(msgspec.Struct):
 
 
 Check = Callable[[], Awaitable[None]]
+# Injected by name from ``create_app``'s dependencies (inferring it is deprecated in Litestar).
+Service = NamedDependency[TaskService]
 
 
 class TaskController(Controller):
@@ -86,7 +88,7 @@ class TaskController(Controller):
         summary="Create a task",
         raises=[ValidationException, ConflictException],
     )
-    async def create_task(self, data: TaskCreate, service: TaskService) -> Task:
+    async def create_task(self, data: JSONBody[TaskCreate], service: Service) -> Task:
         return await service.create(data)
 
     @get(
@@ -106,8 +108,8 @@ class TaskController(Controller):
     )
     async def list_tasks(
         self,
-        service: TaskService,
-        status: TaskStatus | None = None,
+        service: Service,
+        status: FromQuery[TaskStatus | None] = None,
         limit: Annotated[int, Parameter(ge=1, le=MAX_PAGE)] = 100,
         cursor: Annotated[str | None, Parameter(max_length=1024)] = None,
     ) -> Response[list[Task]]:
@@ -116,7 +118,7 @@ class TaskController(Controller):
         return Response(tasks, headers=headers)
 
     @get("/{task_id:str}", summary="Get a task", raises=[NotFoundException])
-    async def get_task(self, task_id: str, service: TaskService) -> Task:
+    async def get_task(self, task_id: FromPath[str], service: Service) -> Task:
         return await service.get(task_id)
 
     @put(
@@ -125,11 +127,13 @@ class TaskController(Controller):
         description="Omitted fields stay as they are.",
         raises=[ValidationException, NotFoundException],
     )
-    async def update_task(self, task_id: str, data: TaskUpdate, service: TaskService) -> Task:
+    async def update_task(
+        self, task_id: FromPath[str], data: JSONBody[TaskUpdate], service: Service
+    ) -> Task:
         return await service.update(task_id, data)
 
     @delete("/{task_id:str}", summary="Delete a task and its runs", raises=[NotFoundException])
-    async def delete_task(self, task_id: str, service: TaskService) -> None:
+    async def delete_task(self, task_id: FromPath[str], service: Service) -> None:
         await service.delete(task_id)
 
     @post(
@@ -138,7 +142,7 @@ class TaskController(Controller):
         status_code=HTTP_202_ACCEPTED,
         raises=[NotFoundException, ConflictException],
     )
-    async def execute_task(self, task_id: str, service: TaskService) -> Run:
+    async def execute_task(self, task_id: FromPath[str], service: Service) -> Run:
         return await service.execute(task_id)
 
     @post(
@@ -148,7 +152,7 @@ class TaskController(Controller):
         raises=[ValidationException, NotFoundException],
     )
     async def schedule_task(
-        self, task_id: str, data: ScheduleRequest, service: TaskService
+        self, task_id: FromPath[str], data: JSONBody[ScheduleRequest], service: Service
     ) -> Task:
         return await service.schedule(task_id, data.at)
 
@@ -159,8 +163,8 @@ class TaskController(Controller):
     )
     async def list_runs(
         self,
-        task_id: str,
-        service: TaskService,
+        task_id: FromPath[str],
+        service: Service,
         limit: Annotated[int, Parameter(ge=1, le=MAX_PAGE)] = 20,
     ) -> list[Run]:
         return await service.runs(task_id, limit=limit)
@@ -170,7 +174,7 @@ class TaskController(Controller):
         summary="Get one run with its output",
         raises=[NotFoundException],
     )
-    async def get_run(self, task_id: str, run_id: str, service: TaskService) -> Run:
+    async def get_run(self, task_id: FromPath[str], run_id: FromPath[str], service: Service) -> Run:
         return await service.run(task_id, run_id)
 
 
@@ -179,7 +183,11 @@ def _health_handler(checks: dict[str, Check]) -> Callable[[], Awaitable[Response
         "/health",
         summary="Health of the service and its dependencies",
         tags=["health"],
-        responses={},
+        responses={
+            HTTP_503_SERVICE_UNAVAILABLE: ResponseSpec(
+                data_container=Health, description="A dependency is down"
+            )
+        },
     )
     async def health() -> Response[Health]:
         results: dict[str, DependencyCheck] = {}

@@ -30,7 +30,7 @@ from app.domain import (
     utcnow,
     worker_name,
 )
-from app.executor import command_environment, run_command
+from app.executor import inherited_environment, run_command
 from app.ports import KEEP, Broker, Delivery, DueAt, ScheduleChange, Store, TaskChange
 from app.service import transact
 
@@ -60,6 +60,7 @@ class Consumer:
         self._shutdown_grace = shutdown_grace
         self._worker = worker or worker_name()
         self._clock = clock
+        self._environment = inherited_environment()
 
     async def run(
         self, stopping: anyio.Event, *, task_status: StartedStatus[None] = anyio.TASK_STATUS_IGNORED
@@ -96,13 +97,13 @@ class Consumer:
             log.error("dead-lettering a message whose body is not a dispatch")
             await delivery.dead_letter()
             return
-        run = await self._store.get_run(dispatch.task_id, dispatch.run_id)
-        if run is None or run.status != RunStatus.QUEUED:
+        task, run = await self._store.get_task_and_run(dispatch.task_id, dispatch.run_id)
+        if task is None or run is None or run.status != RunStatus.QUEUED:
             log.info("skipping %s/%s: not a queued run", dispatch.task_id, dispatch.run_id)
             await delivery.ack()
             return
         try:
-            started = await self._start(run)
+            started = await self._start(task, run)
         except DomainError as exc:
             log.info("skipping %s/%s: %s", dispatch.task_id, dispatch.run_id, exc)
             await delivery.ack()
@@ -112,7 +113,7 @@ class Consumer:
         try:
             outcome = await run_command(
                 ["sh", "-c", task.command] if task.command is not None else task.args or [],
-                env=command_environment(task.env),
+                env=self._environment | task.env,
                 cwd=task.cwd,
                 time_limit=task.timeout,
                 output_limit=self._output_limit,
@@ -123,12 +124,12 @@ class Consumer:
             raise
         await self._finish(task, run, outcome)
 
-    async def _start(self, run: Run) -> tuple[Task, Run]:
+    async def _start(self, task: Task, run: Run) -> tuple[Task, Run]:
         def plan(task: Task) -> TaskChange:
             new_task, new_run = start_run(task, run, self._worker, self._clock())
             return TaskChange(task.id, task.revision, new_task, runs=[new_run])
 
-        change = await transact(self._store, run.task_id, plan)
+        change = await transact(self._store, run.task_id, plan, known=task)
         assert change.task is not None
         return change.task, change.runs[0]
 
@@ -149,7 +150,7 @@ class Consumer:
             log.warning("result of %s/%s not recorded: %s", run.task_id, run.run_id, exc)
             return
         assert change.task is not None
-        log.info(
+        log.debug(
             "%s/%s %s (exit %s, %.3fs)",
             run.task_id,
             run.run_id,

@@ -159,9 +159,15 @@ def new_task_id() -> str:
     return f"task-{secrets.token_hex(8)}"
 
 
+_last_run_micros = 0
+
+
 def new_run_id() -> str:
-    """A run id that sorts in creation order: milliseconds, then randomness."""
-    return f"{time.time_ns() // 1_000_000:013x}-{secrets.token_hex(4)}"
+    """A run id that sorts in creation order: microseconds (strictly increasing within a
+    process), then randomness so that ids from different processes never collide."""
+    global _last_run_micros
+    _last_run_micros = max(time.time_ns() // 1000, _last_run_micros + 1)
+    return f"{_last_run_micros:014x}-{secrets.token_hex(4)}"
 
 
 def worker_name() -> str:

@@ -70,11 +70,10 @@ class CappedOutput:
         return bytes(self._head).decode(errors="replace") + marker + tail.decode(errors="replace")
 
 
-def command_environment(extra: Mapping[str, str]) -> dict[str, str]:
-    """The worker's environment without the server's secrets, plus the task's ``env``."""
-    env = {k: v for k, v in os.environ.items() if k not in SERVER_SECRETS}
-    env.update(extra)
-    return env
+def inherited_environment() -> dict[str, str]:
+    """The worker's environment without the server's secrets: what every command gets,
+    before the task's own ``env``."""
+    return {k: v for k, v in os.environ.items() if k not in SERVER_SECRETS}
 
 
 async def run_command(

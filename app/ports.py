@@ -95,6 +95,10 @@ class Store(Protocol):
         """One run of a task, or ``None``."""
         ...
 
+    async def get_task_and_run(self, task_id: str, run_id: str) -> tuple[Task | None, Run | None]:
+        """The task and one of its runs, read together (one round trip where possible)."""
+        ...
+
     async def list_runs(self, task_id: str, *, limit: int) -> list[Run]:
         """The task's most recent runs, newest first."""
         ...
@@ -116,6 +120,11 @@ class Store(Protocol):
         """Return when the earliest entry of ``scheduled_tasks`` is due, when one may have
         been added earlier than that (in any process), or after ``max_wait`` seconds."""
         ...
+
+
+DELIVERY_LIMIT = 5
+"""Times a message may go back to the queue (requeued, or left unsettled by a consumer
+that stopped) before the broker dead-letters it: a poison message does not loop forever."""
 
 
 class Dispatch(msgspec.Struct, frozen=True):

@@ -10,7 +10,7 @@ from __future__ import annotations
 import base64
 import binascii
 from collections.abc import Callable
-from datetime import datetime
+from datetime import UTC, datetime
 
 from app.domain import (
     ACTIVE_STATUSES,
@@ -93,6 +93,7 @@ class TaskService:
     async def create(self, spec: TaskCreate) -> Task:
         """Store a new task; schedule it when ``scheduled_at`` is given."""
         now = self._clock()
+        scheduled_at = None if spec.scheduled_at is None else spec.scheduled_at.astimezone(UTC)
         task = Task(
             id=spec.id or new_task_id(),
             name=spec.name,
@@ -104,9 +105,9 @@ class TaskService:
             timeout=spec.timeout,
             created_at=now,
             updated_at=now,
-            scheduled_at=spec.scheduled_at,
+            scheduled_at=scheduled_at,
         )
-        schedule = KEEP if spec.scheduled_at is None else DueAt(timestamp(spec.scheduled_at))
+        schedule = KEEP if scheduled_at is None else DueAt(timestamp(scheduled_at))
         await self._store.commit(TaskChange(task.id, None, task, schedule=schedule))
         return task
 
@@ -156,6 +157,7 @@ class TaskService:
 
         While a run is active the time is remembered and becomes due when the run ends.
         """
+        at = at.astimezone(UTC)  # stored and returned in UTC, whatever offset the caller used
 
         def plan(task: Task) -> TaskChange:
             scheduled = reschedule(task, at, self._clock())

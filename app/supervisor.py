@@ -10,8 +10,10 @@ orchestrator restarts it, rather than limping on without it.
 from __future__ import annotations
 
 import logging
+import os
 import signal
 import socket
+import sys
 from collections.abc import Awaitable, Callable
 from contextlib import AsyncExitStack
 from functools import partial
@@ -70,8 +72,25 @@ async def serve_http(
         await serve_asyncio(app, config, shutdown_trigger=stopping.wait)
 
 
+def _watch_children_with_pidfd() -> None:
+    """On Python 3.11, asyncio waits for each child process with a thread of its own;
+    a pidfd watcher (the default from 3.12 on) costs far less per command."""
+    if sys.version_info >= (3, 12) or sniffio.current_async_library() != "asyncio":
+        return
+    import asyncio
+
+    try:
+        os.close(os.pidfd_open(os.getpid()))
+    except (AttributeError, OSError):
+        return  # no pidfd on this kernel: keep the default watcher
+    watcher = asyncio.PidfdChildWatcher()
+    watcher.attach_loop(asyncio.get_running_loop())
+    asyncio.set_child_watcher(watcher)  # pyright: ignore[reportDeprecated] (3.11 only)
+
+
 async def run_service(settings: Settings, *, on_ready: Callable[[str], None] | None = None) -> None:
     """Run the roles in ``settings.roles`` until SIGINT/SIGTERM."""
+    _watch_children_with_pidfd()
     stopping = anyio.Event()
     roles = settings.roles
     async with AsyncExitStack() as stack:

@@ -11,6 +11,7 @@ import os
 import uuid
 
 import pytest
+import redis.asyncio as redis
 
 REDIS_URL = os.environ.get("TASKQ_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
 AMQP_URL = os.environ.get("TASKQ_TEST_AMQP_URL", "amqp://guest:guest@127.0.0.1:5672/")
@@ -25,3 +26,14 @@ def anyio_backend() -> str:
 def prefix() -> str:
     """A key prefix / AMQP name prefix no other test uses."""
     return f"taskq-test-{uuid.uuid4().hex[:12]}:"
+
+
+async def delete_keys(prefix: str) -> None:
+    """Remove every Redis key under ``prefix`` (a test's clean-up)."""
+    client = redis.Redis.from_url(REDIS_URL)
+    try:
+        keys = [key async for key in client.scan_iter(match=f"{prefix}*", count=1000)]
+        for start in range(0, len(keys), 1000):
+            await client.delete(*keys[start : start + 1000])
+    finally:
+        await client.aclose()

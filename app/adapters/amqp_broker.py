@@ -29,13 +29,10 @@ from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStre
 from pamqp import commands as spec
 from yarl import URL
 
-from app.ports import Delivery, Dispatch
+from app.ports import DELIVERY_LIMIT, Delivery, Dispatch
 
 ROUTING_KEY = "task.dispatch"
 """The routing key ``tasks_queue`` is bound with and every dispatch is published with."""
-
-DELIVERY_LIMIT = 5
-"""Redeliveries of one message before the quorum queue dead-letters it (poison messages)."""
 
 PUBLISH_WINDOW = 100
 """Publishes awaiting their confirm at once, per broker (one at a time caps throughput)."""

@@ -14,17 +14,21 @@ import anyio
 import anyio.lowlevel
 import msgspec
 
-from app.ports import Delivery, Dispatch
+from app.ports import DELIVERY_LIMIT, Delivery, Dispatch
 
 _decoder = msgspec.json.Decoder(Dispatch)
 
 
 class _Message:
-    __slots__ = ("body", "redelivered")
+    __slots__ = ("body", "returns")
 
     def __init__(self, body: bytes) -> None:
         self.body = body
-        self.redelivered = False
+        self.returns = 0
+
+    @property
+    def redelivered(self) -> bool:
+        return self.returns > 0
 
 
 class MemoryDelivery:
@@ -74,17 +78,27 @@ class MemoryDelivery:
 
 
 class _Consumer:
-    def __init__(self) -> None:
+    """The deliveries of one ``consume``: an iterator that survives a cancelled wait."""
+
+    def __init__(self, broker: MemoryBroker, prefetch: int) -> None:
         self.unsettled: list[_Message] = []
+        self._broker = broker
+        self._prefetch = prefetch
         self._changed = anyio.Event()
 
     def settled(self) -> None:
         self._changed.set()
         self._changed = anyio.Event()
 
-    async def wait_for_room(self, prefetch: int) -> None:
-        while len(self.unsettled) >= prefetch:
+    def __aiter__(self) -> _Consumer:
+        return self
+
+    async def __anext__(self) -> Delivery:
+        while len(self.unsettled) >= self._prefetch:
             await self._changed.wait()
+        message = await self._broker.take()
+        self.unsettled.append(message)
+        return MemoryDelivery(self._broker, message, self)
 
 
 class MemoryBroker:
@@ -110,10 +124,20 @@ class MemoryBroker:
         self._notify()
 
     def return_to_queue(self, messages: Sequence[_Message]) -> None:
+        """Give messages back (to the head, in order); past the delivery limit a message
+        is dead-lettered instead, as a quorum queue does."""
         for message in reversed(messages):
-            message.redelivered = True
-            self.queue.appendleft(message)
+            message.returns += 1
+            if message.returns > DELIVERY_LIMIT:
+                self.dead_letters.append(message.body)
+            else:
+                self.queue.appendleft(message)
         self._notify()
+
+    async def take(self) -> _Message:
+        while not self.queue:
+            await self._arrived.wait()
+        return self.queue.popleft()
 
     def _notify(self) -> None:
         self._arrived.set()
@@ -121,22 +145,11 @@ class MemoryBroker:
 
     @asynccontextmanager
     async def consume(self, *, prefetch: int) -> AsyncGenerator[AsyncIterator[Delivery]]:
-        consumer = _Consumer()
-        deliveries = self._deliveries(consumer, prefetch)
+        if prefetch < 1:
+            raise ValueError(f"prefetch must be at least 1, not {prefetch}")
+        consumer = _Consumer(self, prefetch)
         try:
-            yield deliveries
+            yield consumer
         finally:
-            await deliveries.aclose()
             unsettled, consumer.unsettled = consumer.unsettled, []
             self.return_to_queue(unsettled)
-
-    async def _deliveries(
-        self, consumer: _Consumer, prefetch: int
-    ) -> AsyncGenerator[Delivery, None]:
-        while True:
-            await consumer.wait_for_room(prefetch)
-            while not self.queue:
-                await self._arrived.wait()
-            message = self.queue.popleft()
-            consumer.unsettled.append(message)
-            yield MemoryDelivery(self, message, consumer)

@@ -123,6 +123,9 @@ class MemoryStore:
         doc = self._runs.get(task_id, {}).get(run_id)
         return None if doc is None else _run_decoder.decode(doc)
 
+    async def get_task_and_run(self, task_id: str, run_id: str) -> tuple[Task | None, Run | None]:
+        return await self.get_task(task_id), await self.get_run(task_id, run_id)
+
     async def list_runs(self, task_id: str, *, limit: int) -> list[Run]:
         await anyio.lowlevel.checkpoint()
         runs = self._runs.get(task_id, {})

@@ -248,6 +248,16 @@ class RedisStore:
         doc = await self._redis.hget(self.runs_key(task_id), run_id)  # type: ignore[misc]
         return None if doc is None else _run_decoder.decode(cast(bytes, doc))
 
+    async def get_task_and_run(self, task_id: str, run_id: str) -> tuple[Task | None, Run | None]:
+        async with self._redis.pipeline(transaction=False) as pipe:
+            pipe.get(self.task_key(task_id))
+            pipe.hget(self.runs_key(task_id), run_id)
+            task_doc, run_doc = await pipe.execute()
+        return (
+            None if task_doc is None else _task_decoder.decode(task_doc),
+            None if run_doc is None else _run_decoder.decode(run_doc),
+        )
+
     async def list_runs(self, task_id: str, *, limit: int) -> list[Run]:
         docs = await self._list_runs(keys=[self.runs_key(task_id)], args=[limit])
         return [_run_decoder.decode(doc) for doc in cast(list[bytes | None], docs) if doc]

@@ -20,7 +20,7 @@ from pamqp import commands as spec
 
 from app.adapters.amqp_broker import AmqpBroker, delete_amqp_layout, open_amqp_broker
 from app.adapters.memory_broker import MemoryBroker
-from app.ports import Broker, Delivery, Dispatch
+from app.ports import DELIVERY_LIMIT, Broker, Delivery, Dispatch
 from tests.conftest import AMQP_URL
 
 WAIT = 10.0
@@ -241,6 +241,22 @@ async def test_dead_letter_moves_it_to_the_dead_letter_queue(broker: Broker) -> 
         assert msgspec.json.decode(body, type=Dispatch) == messages[0]
         await assert_nothing_arrives(deliveries)
     assert await dead_letters(broker) == []
+
+
+async def test_delivery_limit_dead_letters_a_message_requeued_forever(broker: Broker) -> None:
+    [message] = dispatches(1)
+    with anyio.fail_after(WAIT):
+        await broker.publish([message])
+    deliveries_seen = 0
+    async with broker.consume(prefetch=1) as deliveries:
+        with anyio.move_on_after(QUIET * 4) as quiet:
+            async for delivery in deliveries:
+                deliveries_seen += 1
+                await delivery.requeue()
+        assert quiet.cancelled_caught
+    assert deliveries_seen == DELIVERY_LIMIT + 1
+    [body] = await wait_for_dead_letters(broker, 1)
+    assert body == b'{"task_id":"task-0","run_id":"run-0","attempt":1}'
 
 
 async def test_undecodable_body_has_no_dispatch(broker: Broker) -> None:

@@ -10,7 +10,6 @@ from datetime import timedelta
 import anyio
 import msgspec
 import pytest
-import redis.asyncio as redis
 
 from app.adapters import open_store
 from app.adapters.memory_store import MemoryStore
@@ -24,7 +23,7 @@ from app.domain import (
     utcnow,
 )
 from app.ports import UNSCHEDULE, DueAt, Store, TaskChange
-from tests.conftest import REDIS_URL
+from tests.conftest import REDIS_URL, delete_keys
 
 RUN_HISTORY = 5
 StoreOpener = Callable[[], AbstractAsyncContextManager[Store]]
@@ -66,11 +65,7 @@ async def open_another(
         return open_store(REDIS_URL, prefix=prefix, run_history=RUN_HISTORY)
 
     yield another_redis
-    client = redis.Redis.from_url(REDIS_URL)
-    keys = [key async for key in client.scan_iter(match=f"{prefix}*")]
-    if keys:
-        await client.delete(*keys)
-    await client.aclose()
+    await delete_keys(prefix)
 
 
 @pytest.fixture
@@ -290,6 +285,7 @@ async def test_wait_for_due_wakes_when_an_earlier_entry_is_added_elsewhere(
     store: Store, open_another: StoreOpener
 ) -> None:
     woke_at: list[float] = []
+    added_at = 0.0
 
     async def waiter() -> None:
         await store.wait_for_due(max_wait=30)

@@ -6,7 +6,7 @@ import pytest
 import redis.asyncio as redis
 
 from app.adapters.amqp_broker import delete_amqp_layout
-from tests.conftest import AMQP_URL, REDIS_URL
+from tests.conftest import AMQP_URL, REDIS_URL, delete_keys
 
 
 @pytest.fixture
@@ -17,8 +17,6 @@ async def servers(prefix: str) -> AsyncGenerator[redis.Redis]:
     try:
         yield client
     finally:
-        keys = [key async for key in client.scan_iter(match=f"{prefix}*")]
-        if keys:
-            await client.delete(*keys)
         await client.aclose()
+        await delete_keys(prefix)
         await delete_amqp_layout(AMQP_URL, prefix=prefix)

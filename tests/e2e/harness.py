@@ -77,7 +77,7 @@ class ServiceProcess:
         if self.process.returncode is not None:
             raise AssertionError(f"{self.name} exited early:\n" + "\n".join(self.log))
 
-    async def stop(self, signum: int = signal.SIGTERM, deadline: float = 15) -> int:
+    async def stop(self, signum: signal.Signals = signal.SIGTERM, deadline: float = 15) -> int:
         if self.process.returncode is None:
             self.process.send_signal(signum)
         with anyio.fail_after(deadline):

@@ -25,12 +25,10 @@ from app.adapters.amqp_broker import (
 from app.ports import Dispatch
 from tests.conftest import AMQP_URL
 from tests.contract.test_broker_contract import (
-    QUIET,
     WAIT,
     amqp_channel,
     dispatches,
     receive,
-    wait_for_dead_letters,
 )
 
 
@@ -146,22 +144,6 @@ async def test_unroutable_is_not_confirmed(broker: AmqpBroker) -> None:
             assert await broker.publish(dispatches(2)) == dispatches(2)
         declared = await channel.queue_declare(broker.queue_name, passive=True)
         assert declared.message_count == 2
-
-
-async def test_delivery_limit_dead_letters_a_message_requeued_forever(broker: AmqpBroker) -> None:
-    [message] = dispatches(1)
-    with anyio.fail_after(WAIT):
-        await broker.publish([message])
-    deliveries_seen = 0
-    async with broker.consume(prefetch=1) as deliveries:
-        with anyio.move_on_after(QUIET * 4) as quiet:
-            async for delivery in deliveries:
-                deliveries_seen += 1
-                await delivery.requeue()
-        assert quiet.cancelled_caught
-    assert deliveries_seen == DELIVERY_LIMIT + 1
-    [body] = await wait_for_dead_letters(broker, 1)
-    assert body == b'{"task_id":"task-0","run_id":"run-0","attempt":1}'
 
 
 async def test_lost_connection_raises_broker_unavailable(broker: AmqpBroker, prefix: str) -> None:

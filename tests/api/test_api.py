@@ -1,0 +1,913 @@
+"""The HTTP API, driven in process: the real Litestar app over a real ``TaskService`` and store.
+
+Every test runs on the memory store under asyncio and trio, and on Redis (under the test's
+key prefix, deleted afterwards). Requests go through httpx's ASGI transport on the test's
+own event loop. Error cases also check that the stored state did not change, and no request
+in this suite may answer 5xx except the deliberate ``/health`` 503.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+from datetime import datetime
+from typing import Any, NamedTuple
+
+import anyio
+import httpx
+import pytest
+
+from app.adapters import open_broker, open_store
+from app.api import HEALTH_CHECK_SECONDS, MAX_BODY_BYTES, MAX_PAGE, create_app
+from app.domain import MAX_COMMAND_BYTES, Outcome, finish_run, start_run, utcnow
+from app.ports import Store, TaskChange
+from app.service import TaskService
+from tests.conftest import REDIS_URL, delete_keys
+
+Client = httpx.AsyncClient
+Json = dict[str, Any]
+
+MEMORY_URL = "memory://"
+UNREACHABLE_REDIS_URL = "redis://127.0.0.1:1/0"  # nothing listens on port 1
+TOO_LONG_COMMAND = "é" * (MAX_COMMAND_BYTES // 2 + 1)  # within the limit in chars, not in bytes
+
+
+class Served(NamedTuple):
+    client: Client
+    store: Store
+
+
+async def refuse_server_errors(response: httpx.Response) -> None:
+    request = response.request
+    assert response.status_code < 500, f"{request.method} {request.url} -> {response.status_code}"
+
+
+@asynccontextmanager
+async def serve_api(store_url: str, *, prefix: str) -> AsyncIterator[Served]:
+    """The app over a store at ``store_url`` and the memory broker, with a client on it."""
+    async with (
+        open_store(store_url, prefix=prefix) as store,
+        open_broker(MEMORY_URL) as broker,
+    ):
+        app = create_app(TaskService(store), checks={"store": store.ping, "broker": broker.ping})
+        transport = httpx.ASGITransport(app=app)  # pyright: ignore[reportArgumentType]
+        async with httpx.AsyncClient(transport=transport, base_url="http://taskq.test") as client:
+            yield Served(client, store)
+
+
+@pytest.fixture(
+    params=[
+        pytest.param(("memory", "asyncio"), id="memory-asyncio"),
+        pytest.param(("memory", "trio"), id="memory-trio"),
+        pytest.param(("redis", "asyncio"), id="redis"),
+    ]
+)
+def adapter_and_backend(request: pytest.FixtureRequest) -> tuple[str, str]:
+    return request.param  # type: ignore[no-any-return]
+
+
+@pytest.fixture
+def anyio_backend(adapter_and_backend: tuple[str, str]) -> str:
+    return adapter_and_backend[1]
+
+
+@pytest.fixture
+async def served(adapter_and_backend: tuple[str, str], prefix: str) -> AsyncIterator[Served]:
+    adapter = adapter_and_backend[0]
+    store_url = MEMORY_URL if adapter == "memory" else REDIS_URL
+    try:
+        async with serve_api(store_url, prefix=prefix) as served:
+            served.client.event_hooks = {"response": [refuse_server_errors]}
+            yield served
+    finally:
+        if adapter == "redis":
+            await delete_keys(prefix)
+
+
+@pytest.fixture
+def client(served: Served) -> Client:
+    return served.client
+
+
+@pytest.fixture
+def finish_active_run(served: Served) -> Callable[[str], Awaitable[None]]:
+    """Play a worker's part: start the task's queued run and record a successful exit."""
+
+    async def finish(task_id: str) -> None:
+        store = served.store
+        task = await store.get_task(task_id)
+        assert task is not None and task.active_run is not None
+        run = await store.get_run(task_id, task.active_run.run_id)
+        assert run is not None
+        running_task, running = start_run(task, run, "test-worker", utcnow())
+        await store.commit(TaskChange(task_id, task.revision, running_task, runs=[running]))
+        outcome = Outcome(exit_code=0, duration=0.01, output="hello\n", truncated=False)
+        done_task, done = finish_run(running_task, running, outcome, utcnow())
+        await store.commit(TaskChange(task_id, running_task.revision, done_task, runs=[done]))
+
+    return finish
+
+
+# helpers
+
+
+def task_spec(**fields: object) -> Json:
+    return {"id": "t1", "name": "first", "command": "echo hello", **fields}
+
+
+async def create_task(client: Client, **fields: object) -> Json:
+    response = await client.post("/tasks", json=task_spec(**fields))
+    assert response.status_code == 201, response.text
+    return response.json()
+
+
+async def get_task(client: Client, task_id: str) -> Json:
+    response = await client.get(f"/tasks/{task_id}")
+    assert response.status_code == 200, response.text
+    return response.json()
+
+
+async def execute(client: Client, task_id: str) -> Json:
+    response = await client.post(f"/tasks/{task_id}/execute")
+    assert response.status_code == 202, response.text
+    return response.json()
+
+
+async def list_ids(client: Client, **params: str | int) -> list[str]:
+    response = await client.get("/tasks", params=params)
+    assert response.status_code == 200, response.text
+    return [task["id"] for task in response.json()]
+
+
+async def stored_state(client: Client) -> list[Json]:
+    """Every task, read one by one, with its runs: what an error must leave as it was."""
+    ids = await list_ids(client, limit=MAX_PAGE)
+    return [
+        {
+            "task": await get_task(client, task_id),
+            "runs": (await client.get(f"/tasks/{task_id}/runs", params={"limit": MAX_PAGE})).json(),
+        }
+        for task_id in ids
+    ]
+
+
+@asynccontextmanager
+async def state_unchanged(client: Client) -> AsyncIterator[None]:
+    before = await stored_state(client)
+    yield
+    assert await stored_state(client) == before
+
+
+def assert_problem(response: httpx.Response, status_code: int, *mentioned: str) -> None:
+    """A JSON problem with ``status_code`` whose detail mentions every text in ``mentioned``."""
+    assert response.status_code == status_code, response.text
+    body = response.json()
+    assert body["status_code"] == status_code
+    for text in mentioned:
+        assert text in body["detail"], body
+
+
+def parse_utc(text: str) -> datetime:
+    assert text.endswith("Z"), text
+    return datetime.fromisoformat(text)
+
+
+# GET /health
+
+
+async def test_health_is_ok_when_store_and_broker_answer(client: Client) -> None:
+    with anyio.fail_after(HEALTH_CHECK_SECONDS + 3):
+        response = await client.get("/health")
+    assert response.status_code == 200
+    assert response.json() == {
+        "status": "ok",
+        "checks": {
+            "broker": {"status": "up", "detail": None},
+            "store": {"status": "up", "detail": None},
+        },
+    }
+
+
+@pytest.mark.parametrize("anyio_backend", ["asyncio"])  # a Redis store, so asyncio only
+async def test_health_is_503_naming_the_dependency_that_is_down(prefix: str) -> None:
+    with anyio.fail_after(HEALTH_CHECK_SECONDS + 3):
+        async with serve_api(UNREACHABLE_REDIS_URL, prefix=prefix) as served:
+            response = await served.client.get("/health")
+    assert response.status_code == 503
+    body = response.json()
+    assert body["status"] == "unavailable"
+    assert body["checks"]["broker"] == {"status": "up", "detail": None}
+    assert body["checks"]["store"]["status"] == "down"
+    assert body["checks"]["store"]["detail"]
+
+
+# POST /tasks
+
+
+async def test_create_answers_201_with_the_full_task(client: Client) -> None:
+    before = utcnow()
+    response = await client.post("/tasks", json=task_spec(description="says hello"))
+    after = utcnow()
+
+    assert response.status_code == 201
+    task = response.json()
+    assert task == {
+        "id": "t1",
+        "name": "first",
+        "description": "says hello",
+        "command": "echo hello",
+        "args": None,
+        "env": {},
+        "cwd": None,
+        "timeout": None,
+        "status": "created",
+        "created_at": task["created_at"],
+        "updated_at": task["created_at"],
+        "scheduled_at": None,
+        "last_run": None,
+        "active_run": None,
+        "revision": 0,
+    }
+    assert before <= parse_utc(task["created_at"]) <= after
+    assert await get_task(client, "t1") == task
+
+
+async def test_create_generates_an_id_when_omitted(client: Client) -> None:
+    response = await client.post("/tasks", json={"name": "anonymous", "command": "true"})
+
+    assert response.status_code == 201
+    task_id = response.json()["id"]
+    assert task_id
+    assert await get_task(client, task_id) == response.json()
+
+
+async def test_create_takes_args_instead_of_command(client: Client) -> None:
+    task = await create_task(client, command=None, args=["printf", "%s\n", "a b"])
+
+    assert task["args"] == ["printf", "%s\n", "a b"]
+    assert task["command"] is None
+    assert await get_task(client, "t1") == task
+
+
+async def test_create_keeps_env_cwd_timeout_and_scheduled_at_in_utc(client: Client) -> None:
+    task = await create_task(
+        client,
+        env={"GREETING": "hi", "_X1": ""},
+        cwd="/tmp",
+        timeout=2.5,
+        scheduled_at="2030-01-01T02:00:00+02:00",
+    )
+
+    assert task["env"] == {"GREETING": "hi", "_X1": ""}
+    assert task["cwd"] == "/tmp"
+    assert task["timeout"] == 2.5
+    assert task["scheduled_at"] == "2030-01-01T00:00:00Z"
+    assert await get_task(client, "t1") == task
+
+
+@pytest.mark.parametrize(
+    "fields",
+    [
+        pytest.param({"id": "a" * 128}, id="id-128-chars"),
+        pytest.param({"id": "A1._-z"}, id="id-punctuation"),
+        pytest.param({"name": "n" * 200}, id="name-200-chars"),
+        pytest.param({"command": "x" * MAX_COMMAND_BYTES}, id="command-16KiB"),
+    ],
+)
+async def test_create_accepts_the_limits(client: Client, fields: Json) -> None:
+    task = await create_task(client, **fields)
+
+    assert await get_task(client, task["id"]) == task
+
+
+async def test_create_with_an_existing_id_is_409_and_keeps_the_original(client: Client) -> None:
+    original = await create_task(client, name="original")
+
+    async with state_unchanged(client):
+        response = await client.post("/tasks", json=task_spec(name="impostor"))
+
+    assert_problem(response, 409, "t1")
+    assert await get_task(client, "t1") == original
+
+
+@pytest.mark.parametrize(
+    ("body", "mentioned"),
+    [
+        pytest.param({"command": "true"}, ["`name`"], id="missing-name"),
+        pytest.param(task_spec(name=""), ["(name)"], id="empty-name"),
+        pytest.param(task_spec(name="n" * 201), ["(name)"], id="name-too-long"),
+        pytest.param(task_spec(args=["true"]), ["`command`", "`args`"], id="command-and-args"),
+        pytest.param({"name": "nothing"}, ["`command`", "`args`"], id="neither"),
+        pytest.param(task_spec(command=""), ["(command)"], id="empty-command"),
+        pytest.param(task_spec(command=TOO_LONG_COMMAND), ["`command`"], id="command-bytes"),
+        pytest.param(task_spec(command=None, args=[]), ["(args)"], id="empty-args"),
+        pytest.param(task_spec(id="bad id"), ["(id)"], id="id-with-space"),
+        pytest.param(task_spec(id="-x"), ["(id)"], id="id-leading-dash"),
+        pytest.param(task_spec(id="a" * 129), ["(id)"], id="id-129-chars"),
+        pytest.param(task_spec(id=""), ["(id)"], id="id-empty"),
+        pytest.param(task_spec(status="running"), ["unknown field `status`"], id="status"),
+        pytest.param(
+            task_spec(created_at="2030-01-01T00:00:00Z"),
+            ["unknown field `created_at`"],
+            id="created_at",
+        ),
+        pytest.param(task_spec(revision=7), ["unknown field `revision`"], id="revision"),
+        pytest.param(
+            task_spec(scheduled_at="2030-01-01T00:00:00"), ["(scheduled_at)"], id="naive-time"
+        ),
+        pytest.param(task_spec(scheduled_at="tomorrow"), ["(scheduled_at)"], id="garbage-time"),
+        pytest.param(task_spec(name=3), ["(name)"], id="name-not-str"),
+        pytest.param(task_spec(timeout="soon"), ["(timeout)"], id="timeout-not-number"),
+        pytest.param(task_spec(timeout=0), ["(timeout)"], id="timeout-zero"),
+        pytest.param(task_spec(env=["A=1"]), ["(env)"], id="env-not-object"),
+        pytest.param(task_spec(env={"A-B": "1"}), ["env"], id="env-bad-name"),
+        pytest.param(task_spec(command=None, args="ls -l"), ["(args)"], id="args-not-list"),
+        pytest.param([task_spec()], ["object"], id="array-body"),
+    ],
+)
+async def test_create_refuses_an_invalid_task_with_400(
+    client: Client, body: object, mentioned: list[str]
+) -> None:
+    await create_task(client, id="existing")
+
+    async with state_unchanged(client):
+        response = await client.post("/tasks", json=body)
+
+    assert_problem(response, 400, *mentioned)
+
+
+async def test_create_refuses_a_body_that_is_not_json_with_400(client: Client) -> None:
+    async with state_unchanged(client):
+        response = await client.post(
+            "/tasks", content=b"{name: first", headers={"content-type": "application/json"}
+        )
+
+    assert_problem(response, 400, "JSON")
+
+
+async def test_create_refuses_a_body_over_1_mib_with_413(client: Client) -> None:
+    async with state_unchanged(client):
+        response = await client.post("/tasks", json=task_spec(description="x" * MAX_BODY_BYTES))
+
+    assert_problem(response, 413)
+
+
+# GET /tasks
+
+
+async def test_list_is_an_empty_array_without_tasks(client: Client) -> None:
+    response = await client.get("/tasks")
+
+    assert response.status_code == 200
+    assert response.json() == []
+    assert "x-next-cursor" not in response.headers
+
+
+async def test_list_returns_every_task_in_id_order(client: Client) -> None:
+    created = {task_id: await create_task(client, id=task_id) for task_id in ["c", "a", "b"]}
+
+    response = await client.get("/tasks")
+
+    assert response.status_code == 200
+    assert response.json() == [created["a"], created["b"], created["c"]]
+    assert "x-next-cursor" not in response.headers
+
+
+async def test_list_filters_by_status(client: Client) -> None:
+    for task_id in ["a", "b", "c"]:
+        await create_task(client, id=task_id)
+    await execute(client, "b")
+
+    assert await list_ids(client, status="pending") == ["b"]
+    assert await list_ids(client, status="created") == ["a", "c"]
+    assert await list_ids(client, status="running") == []
+
+
+async def test_list_pages_follow_x_next_cursor_to_every_task_once(client: Client) -> None:
+    for task_id in ["e", "d", "c", "b", "a"]:
+        await create_task(client, id=task_id)
+    pages: list[list[str]] = []
+    params: dict[str, str | int] = {"limit": 2}
+
+    while True:
+        response = await client.get("/tasks", params=params)
+        assert response.status_code == 200
+        pages.append([task["id"] for task in response.json()])
+        cursor = response.headers.get("x-next-cursor")
+        if cursor is None:
+            break
+        params = {"limit": 2, "cursor": cursor}
+
+    assert pages == [["a", "b"], ["c", "d"], ["e"]]
+
+
+async def test_list_has_no_cursor_on_a_full_last_page(client: Client) -> None:
+    for task_id in ["a", "b", "c", "d"]:
+        await create_task(client, id=task_id)
+
+    first = await client.get("/tasks", params={"limit": 2})
+    last = await client.get("/tasks", params={"limit": 2, "cursor": first.headers["x-next-cursor"]})
+
+    assert [task["id"] for task in last.json()] == ["c", "d"]
+    assert "x-next-cursor" not in last.headers
+
+
+async def test_list_pages_a_status_filter(client: Client) -> None:
+    for task_id in ["a", "b", "c", "d"]:
+        await create_task(client, id=task_id)
+    for task_id in ["a", "c", "d"]:
+        await execute(client, task_id)
+
+    first = await client.get("/tasks", params={"status": "pending", "limit": 2})
+    cursor = first.headers["x-next-cursor"]
+    last = await client.get("/tasks", params={"status": "pending", "limit": 2, "cursor": cursor})
+
+    assert [task["id"] for task in first.json()] == ["a", "c"]
+    assert [task["id"] for task in last.json()] == ["d"]
+    assert "x-next-cursor" not in last.headers
+
+
+@pytest.mark.parametrize(
+    ("params", "mentioned"),
+    [
+        pytest.param({"limit": 0}, "limit", id="limit-0"),
+        pytest.param({"limit": MAX_PAGE + 1}, "limit", id="limit-1001"),
+        pytest.param({"limit": "ten"}, "limit", id="limit-not-int"),
+        pytest.param({"status": "bogus"}, "status", id="status-bogus"),
+        pytest.param({"cursor": "garbage"}, "cursor", id="cursor-garbage"),
+        pytest.param({"cursor": "!!"}, "cursor", id="cursor-not-base64"),
+        pytest.param({"cursor": "x" * 2000}, "cursor", id="cursor-too-long"),
+    ],
+)
+async def test_list_refuses_a_bad_query_with_400(
+    client: Client, params: dict[str, str | int], mentioned: str
+) -> None:
+    await create_task(client)
+
+    response = await client.get("/tasks", params=params)
+
+    assert_problem(response, 400, mentioned)
+
+
+# GET /tasks/{id}
+
+
+async def test_get_returns_the_task(client: Client) -> None:
+    created = await create_task(client)
+
+    response = await client.get("/tasks/t1")
+
+    assert response.status_code == 200
+    assert response.json() == created
+
+
+async def test_get_an_unknown_task_is_404(client: Client) -> None:
+    response = await client.get("/tasks/missing")
+
+    assert_problem(response, 404, "missing")
+
+
+# PUT /tasks/{id}
+
+
+async def test_update_changes_given_fields_and_keeps_the_rest(client: Client) -> None:
+    created = await create_task(client, description="old", env={"A": "1"}, timeout=5)
+
+    response = await client.put("/tasks/t1", json={"name": "renamed", "env": {"B": "2"}})
+
+    assert response.status_code == 200
+    updated = response.json()
+    assert updated == {
+        **created,
+        "name": "renamed",
+        "env": {"B": "2"},
+        "updated_at": updated["updated_at"],
+        "revision": 1,
+    }
+    assert parse_utc(updated["updated_at"]) > parse_utc(created["updated_at"])
+    assert await get_task(client, "t1") == updated
+
+
+async def test_update_increments_the_revision_each_time(client: Client) -> None:
+    await create_task(client)
+
+    first = (await client.put("/tasks/t1", json={"description": "one"})).json()
+    second = (await client.put("/tasks/t1", json={"description": "two"})).json()
+
+    assert (first["revision"], second["revision"]) == (1, 2)
+    assert parse_utc(second["updated_at"]) > parse_utc(first["updated_at"])
+
+
+async def test_update_command_replaces_args(client: Client) -> None:
+    await create_task(client, command=None, args=["true"])
+
+    updated = (await client.put("/tasks/t1", json={"command": "echo hi"})).json()
+
+    assert (updated["command"], updated["args"]) == ("echo hi", None)
+    assert await get_task(client, "t1") == updated
+
+
+async def test_update_args_replace_command(client: Client) -> None:
+    await create_task(client)
+
+    updated = (await client.put("/tasks/t1", json={"args": ["echo", "hi"]})).json()
+
+    assert (updated["command"], updated["args"]) == (None, ["echo", "hi"])
+    assert await get_task(client, "t1") == updated
+
+
+async def test_update_null_clears_timeout_and_cwd(client: Client) -> None:
+    await create_task(client, timeout=5, cwd="/tmp")
+
+    updated = (await client.put("/tasks/t1", json={"timeout": None, "cwd": None})).json()
+
+    assert (updated["timeout"], updated["cwd"]) == (None, None)
+    assert await get_task(client, "t1") == updated
+
+
+async def test_update_an_unknown_task_is_404(client: Client) -> None:
+    async with state_unchanged(client):
+        response = await client.put("/tasks/missing", json={"name": "x"})
+
+    assert_problem(response, 404, "missing")
+
+
+@pytest.mark.parametrize(
+    ("body", "mentioned"),
+    [
+        pytest.param({"name": ""}, ["(name)"], id="empty-name"),
+        pytest.param({"name": None}, ["(name)"], id="null-name"),
+        pytest.param({"name": "n" * 201}, ["(name)"], id="name-too-long"),
+        pytest.param({"command": ""}, ["(command)"], id="empty-command"),
+        pytest.param({"command": TOO_LONG_COMMAND}, ["`command`"], id="command-bytes"),
+        pytest.param({"command": "a", "args": ["b"]}, ["`command`", "`args`"], id="both"),
+        pytest.param({"command": None}, ["(command)"], id="null-command"),
+        pytest.param({"timeout": -1}, ["(timeout)"], id="negative-timeout"),
+        pytest.param({"cwd": ""}, ["(cwd)"], id="empty-cwd"),
+        pytest.param({"env": {"1A": "x"}}, ["env"], id="env-bad-name"),
+        pytest.param({"id": "other"}, ["unknown field `id`"], id="id"),
+        pytest.param({"status": "completed"}, ["unknown field `status`"], id="status"),
+        pytest.param(
+            {"updated_at": "2030-01-01T00:00:00Z"}, ["unknown field `updated_at`"], id="updated_at"
+        ),
+        pytest.param({"revision": 9}, ["unknown field `revision`"], id="revision"),
+        pytest.param({"colour": "red"}, ["unknown field `colour`"], id="unknown"),
+        pytest.param("rename", ["object"], id="string-body"),
+    ],
+)
+async def test_update_refuses_invalid_fields_with_400(
+    client: Client, body: object, mentioned: list[str]
+) -> None:
+    await create_task(client, timeout=5, cwd="/tmp")
+
+    async with state_unchanged(client):
+        response = await client.put("/tasks/t1", json=body)
+
+    assert_problem(response, 400, *mentioned)
+
+
+async def test_update_refuses_a_body_that_is_not_json_with_400(client: Client) -> None:
+    await create_task(client)
+
+    async with state_unchanged(client):
+        response = await client.put(
+            "/tasks/t1", content=b"name=x", headers={"content-type": "application/json"}
+        )
+
+    assert_problem(response, 400, "JSON")
+
+
+# DELETE /tasks/{id}
+
+
+async def test_delete_answers_204_and_the_task_and_its_runs_are_gone(client: Client) -> None:
+    await create_task(client)
+    await create_task(client, id="kept")
+    run = await execute(client, "t1")
+
+    response = await client.delete("/tasks/t1")
+
+    assert response.status_code == 204
+    assert response.content == b""
+    assert_problem(await client.get("/tasks/t1"), 404)
+    assert_problem(await client.get("/tasks/t1/runs"), 404)
+    assert_problem(await client.get(f"/tasks/t1/runs/{run['run_id']}"), 404)
+    assert await list_ids(client) == ["kept"]
+
+
+async def test_delete_an_unknown_task_is_404(client: Client) -> None:
+    await create_task(client)
+
+    async with state_unchanged(client):
+        response = await client.delete("/tasks/missing")
+
+    assert_problem(response, 404, "missing")
+
+
+# POST /tasks/{id}/execute
+
+
+async def test_execute_answers_202_with_the_queued_run(client: Client) -> None:
+    created = await create_task(client)
+
+    response = await client.post("/tasks/t1/execute")
+
+    assert response.status_code == 202
+    run = response.json()
+    assert run == {
+        "run_id": run["run_id"],
+        "task_id": "t1",
+        "attempt": 1,
+        "status": "queued",
+        "queued_at": run["queued_at"],
+        "started_at": None,
+        "finished_at": None,
+        "exit_code": None,
+        "duration": None,
+        "output": "",
+        "truncated": False,
+        "timed_out": False,
+        "error": None,
+        "worker": None,
+    }
+    assert run["run_id"]
+    task = await get_task(client, "t1")
+    assert task["status"] == "pending"
+    assert task["active_run"] == {"run_id": run["run_id"], "attempt": 1}
+    assert task["revision"] == created["revision"] + 1
+
+
+async def test_execute_while_pending_is_409_and_changes_nothing(client: Client) -> None:
+    await create_task(client)
+    await execute(client, "t1")
+
+    async with state_unchanged(client):
+        response = await client.post("/tasks/t1/execute")
+
+    assert_problem(response, 409, "pending")
+
+
+async def test_execute_after_a_finished_run_queues_a_new_one(
+    client: Client, finish_active_run: Callable[[str], Awaitable[None]]
+) -> None:
+    await create_task(client)
+    first = await execute(client, "t1")
+    await finish_active_run("t1")
+
+    second = await execute(client, "t1")
+
+    assert second["run_id"] != first["run_id"]
+    task = await get_task(client, "t1")
+    assert task["status"] == "pending"
+    assert task["last_run"]["run_id"] == first["run_id"]
+    assert task["active_run"]["run_id"] == second["run_id"]
+
+
+async def test_execute_an_unknown_task_is_404(client: Client) -> None:
+    async with state_unchanged(client):
+        response = await client.post("/tasks/missing/execute")
+
+    assert_problem(response, 404, "missing")
+
+
+# POST /tasks/{id}/schedule
+
+
+async def test_schedule_sets_scheduled_at_in_utc(client: Client) -> None:
+    created = await create_task(client)
+
+    response = await client.post("/tasks/t1/schedule", json={"at": "2030-06-01T17:30:00+02:00"})
+
+    assert response.status_code == 200
+    task = response.json()
+    assert task == {
+        **created,
+        "scheduled_at": "2030-06-01T15:30:00Z",
+        "updated_at": task["updated_at"],
+        "revision": 1,
+    }
+    assert await get_task(client, "t1") == task
+
+
+@pytest.mark.parametrize(
+    ("body", "mentioned"),
+    [
+        pytest.param({}, "`at`", id="missing-at"),
+        pytest.param({"at": "2030-01-01T00:00:00"}, "(at)", id="naive"),
+        pytest.param({"at": "next tuesday"}, "(at)", id="garbage"),
+        pytest.param({"at": None}, "(at)", id="null"),
+        pytest.param({"at": "2030-01-01T00:00:00Z", "when": "now"}, "`when`", id="unknown-field"),
+    ],
+)
+async def test_schedule_refuses_a_bad_time_with_400(
+    client: Client, body: Json, mentioned: str
+) -> None:
+    await create_task(client)
+
+    async with state_unchanged(client):
+        response = await client.post("/tasks/t1/schedule", json=body)
+
+    assert_problem(response, 400, mentioned)
+
+
+async def test_schedule_an_unknown_task_is_404(client: Client) -> None:
+    async with state_unchanged(client):
+        response = await client.post("/tasks/missing/schedule", json={"at": "2030-01-01T00:00:00Z"})
+
+    assert_problem(response, 404, "missing")
+
+
+# GET /tasks/{id}/runs and /tasks/{id}/runs/{run_id}
+
+
+async def test_runs_list_the_run_queued_by_execute(client: Client) -> None:
+    await create_task(client)
+    run = await execute(client, "t1")
+
+    response = await client.get("/tasks/t1/runs")
+
+    assert response.status_code == 200
+    assert response.json() == [run]
+
+
+async def test_runs_of_a_task_never_run_are_an_empty_array(client: Client) -> None:
+    await create_task(client)
+
+    response = await client.get("/tasks/t1/runs")
+
+    assert response.status_code == 200
+    assert response.json() == []
+
+
+async def test_runs_are_newest_first_and_limited(
+    client: Client, finish_active_run: Callable[[str], Awaitable[None]]
+) -> None:
+    await create_task(client)
+    queued: list[str] = []
+    for _ in range(3):
+        queued.append((await execute(client, "t1"))["run_id"])
+        await finish_active_run("t1")
+
+    everything = (await client.get("/tasks/t1/runs")).json()
+    newest_two = (await client.get("/tasks/t1/runs", params={"limit": 2})).json()
+
+    # Run ids start with their millisecond, so newest first is descending id order.
+    assert [run["run_id"] for run in everything] == sorted(queued, reverse=True)
+    assert [run["status"] for run in everything] == ["completed"] * 3
+    assert newest_two == everything[:2]
+
+
+async def test_get_run_returns_the_run(client: Client) -> None:
+    await create_task(client)
+    run = await execute(client, "t1")
+
+    response = await client.get(f"/tasks/t1/runs/{run['run_id']}")
+
+    assert response.status_code == 200
+    assert response.json() == run
+
+
+async def test_get_run_returns_the_finished_run_with_its_output(
+    client: Client, finish_active_run: Callable[[str], Awaitable[None]]
+) -> None:
+    await create_task(client)
+    run = await execute(client, "t1")
+    await finish_active_run("t1")
+
+    finished = (await client.get(f"/tasks/t1/runs/{run['run_id']}")).json()
+
+    assert finished["status"] == "completed"
+    assert (finished["exit_code"], finished["output"]) == (0, "hello\n")
+    assert finished["worker"] == "test-worker"
+
+
+@pytest.mark.parametrize(
+    ("path", "mentioned"),
+    [
+        pytest.param("/tasks/missing/runs", "'missing'", id="runs-of-unknown-task"),
+        pytest.param("/tasks/missing/runs/r1", "'missing'", id="run-of-unknown-task"),
+        pytest.param("/tasks/t1/runs/unknown-run", "'unknown-run'", id="unknown-run"),
+    ],
+)
+async def test_runs_of_unknown_things_are_404(client: Client, path: str, mentioned: str) -> None:
+    await create_task(client)
+    await execute(client, "t1")
+
+    response = await client.get(path)
+
+    assert_problem(response, 404, mentioned)
+
+
+@pytest.mark.parametrize("limit", [0, MAX_PAGE + 1, "all"])
+async def test_runs_refuse_a_bad_limit_with_400(client: Client, limit: int | str) -> None:
+    await create_task(client)
+
+    response = await client.get("/tasks/t1/runs", params={"limit": limit})
+
+    assert_problem(response, 400, "limit")
+
+
+# OpenAPI
+
+
+async def test_schema_serves_the_openapi_ui(client: Client) -> None:
+    response = await client.get("/schema")
+
+    assert response.status_code == 200
+    assert response.headers["content-type"].startswith("text/html")
+    assert "swagger-ui" in response.text
+
+
+async def test_swagger_index_redirects_to_the_schema(client: Client) -> None:
+    response = await client.get("/swagger/index.html", follow_redirects=False)
+
+    assert 300 <= response.status_code < 400
+    assert response.headers["location"] == "/schema"
+
+
+async def openapi(client: Client) -> Json:
+    response = await client.get("/schema/openapi.json")
+    assert response.status_code == 200
+    return response.json()
+
+
+ENDPOINTS = [
+    # path, method, success status, response schema ("[X]": array of X), error statuses
+    ("/health", "get", "200", "Health", {"503"}),
+    ("/tasks", "post", "201", "Task", {"400", "409"}),
+    ("/tasks", "get", "200", "[Task]", {"400"}),
+    ("/tasks/{task_id}", "get", "200", "Task", {"404"}),
+    ("/tasks/{task_id}", "put", "200", "Task", {"400", "404"}),
+    ("/tasks/{task_id}", "delete", "204", None, {"404"}),
+    ("/tasks/{task_id}/execute", "post", "202", "Run", {"404", "409"}),
+    ("/tasks/{task_id}/schedule", "post", "200", "Task", {"400", "404"}),
+    ("/tasks/{task_id}/runs", "get", "200", "[Run]", {"400", "404"}),
+    ("/tasks/{task_id}/runs/{run_id}", "get", "200", "Run", {"404"}),
+]
+
+
+def schema_name(schema: Json) -> str:
+    if schema.get("type") == "array":
+        return f"[{schema_name(schema['items'])}]"
+    return schema["$ref"].removeprefix("#/components/schemas/")
+
+
+@pytest.mark.parametrize(
+    ("path", "method", "success", "body", "errors"),
+    [pytest.param(*endpoint, id=f"{endpoint[1]} {endpoint[0]}") for endpoint in ENDPOINTS],
+)
+async def test_openapi_documents_each_operation_with_its_responses(
+    client: Client, path: str, method: str, success: str, body: str | None, errors: set[str]
+) -> None:
+    responses = (await openapi(client))["paths"][path][method]["responses"]
+
+    assert success in responses
+    assert errors <= set(responses)
+    content = responses[success].get("content")
+    if body is None:
+        assert content is None
+    else:
+        assert schema_name(content["application/json"]["schema"]) == body
+
+
+async def test_openapi_lists_no_operations_beyond_the_known_ones(client: Client) -> None:
+    paths = (await openapi(client))["paths"]
+
+    documented = {(path, method) for path, operations in paths.items() for method in operations}
+
+    assert documented == {(path, method) for path, method, *_ in ENDPOINTS}
+
+
+@pytest.mark.parametrize(
+    ("path", "method", "schema"),
+    [
+        ("/tasks", "post", "TaskCreate"),
+        ("/tasks/{task_id}", "put", "TaskUpdate"),
+        ("/tasks/{task_id}/schedule", "post", "ScheduleRequest"),
+    ],
+)
+async def test_openapi_documents_the_request_bodies(
+    client: Client, path: str, method: str, schema: str
+) -> None:
+    document = await openapi(client)
+
+    request_body = document["paths"][path][method]["requestBody"]
+
+    assert request_body["required"] is True
+    assert schema_name(request_body["content"]["application/json"]["schema"]) == schema
+    assert schema in document["components"]["schemas"]
+
+
+async def test_openapi_request_bodies_leave_out_server_owned_fields(client: Client) -> None:
+    schemas = (await openapi(client))["components"]["schemas"]
+
+    for name in ["TaskCreate", "TaskUpdate"]:
+        assert not {"status", "created_at", "updated_at", "revision"} & set(
+            schemas[name]["properties"]
+        )
+
+
+async def test_openapi_documents_the_next_cursor_header(client: Client) -> None:
+    listing = (await openapi(client))["paths"]["/tasks"]["get"]["responses"]["200"]
+
+    assert "X-Next-Cursor" in listing["headers"]
