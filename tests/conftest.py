@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import os
 import uuid
+from collections.abc import Awaitable, Callable
 
+import anyio
 import pytest
 import redis.asyncio as redis
 
@@ -37,3 +39,19 @@ async def delete_keys(prefix: str) -> None:
             await client.delete(*keys[start : start + 1000])
     finally:
         await client.aclose()
+
+
+async def eventually(
+    condition: Callable[[], bool | Awaitable[bool]], *, within: float = 10.0, every: float = 0.01
+) -> None:
+    """Wait until ``condition()`` holds, failing after ``within`` seconds.
+
+    For state that nothing notifies a test about (a file another process writes, a
+    store another task changes): checked every ``every`` seconds, always bounded.
+    """
+    with anyio.fail_after(within):
+        while True:
+            result = condition()
+            if result if isinstance(result, bool) else await result:
+                return
+            await anyio.sleep(every)

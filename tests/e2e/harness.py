@@ -16,7 +16,7 @@ import anyio
 import httpx
 from anyio.abc import Process
 
-from tests.conftest import AMQP_URL, REDIS_URL
+from tests.conftest import AMQP_URL, REDIS_URL, eventually
 
 READY = re.compile(r"taskq ready: (.*)")
 API_URL = re.compile(r"api on (http://[^\s,]+)")
@@ -130,9 +130,12 @@ async def wait_for_task(
     http: httpx.AsyncClient, task_id: str, statuses: set[str], *, within: float = 20
 ) -> dict[str, Any]:
     """Poll the API until the task reaches one of ``statuses`` (bounded)."""
-    with anyio.fail_after(within):
-        while True:
-            task: dict[str, Any] = (await http.get(f"/tasks/{task_id}")).json()
-            if task["status"] in statuses:
-                return task
-            await anyio.sleep(0.02)
+    task: dict[str, Any] = {}
+
+    async def reached() -> bool:
+        nonlocal task
+        task = (await http.get(f"/tasks/{task_id}")).json()
+        return task["status"] in statuses
+
+    await eventually(reached, within=within, every=0.02)
+    return task

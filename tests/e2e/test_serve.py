@@ -7,11 +7,11 @@ import signal
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
-import anyio
 import httpx
 import pytest
 import redis.asyncio as redis
 
+from tests.conftest import eventually
 from tests.e2e.harness import cli, running, service_env, wait_for_task
 
 pytestmark = pytest.mark.e2e
@@ -96,12 +96,12 @@ async def test_role_split_runs_200_scheduled_tasks_exactly_once(
                     },
                 )
                 assert response.status_code == 201, response.text
-            with anyio.fail_after(60):
-                while True:
-                    done = await http.get("/tasks", params={"status": "completed", "limit": 1000})
-                    if len(done.json()) == len(ids):
-                        break
-                    await anyio.sleep(0.1)
+
+            async def all_completed() -> bool:
+                done = await http.get("/tasks", params={"status": "completed", "limit": 1000})
+                return len(done.json()) == len(ids)
+
+            await eventually(all_completed, within=60, every=0.1)
             runs = {task_id: (await http.get(f"/tasks/{task_id}/runs")).json() for task_id in ids}
 
     executions = ran.read_text().split()

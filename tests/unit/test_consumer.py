@@ -1,0 +1,213 @@
+"""The consumer role on the in-memory adapters with real child processes, on both backends."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncGenerator
+from contextlib import asynccontextmanager
+from datetime import timedelta
+from pathlib import Path
+
+import anyio
+import pytest
+
+from app.adapters.memory_broker import MemoryBroker
+from app.adapters.memory_store import MemoryStore
+from app.consumer import Consumer
+from app.domain import Run, RunStatus, Task, TaskStatus, utcnow
+from app.ports import Dispatch
+from app.scheduler import Scheduler
+from app.schemas import TaskCreate
+from app.service import TaskService
+from tests.conftest import eventually
+
+
+@pytest.fixture(params=["asyncio", "trio"])
+def anyio_backend(request: pytest.FixtureRequest) -> str:
+    return request.param  # type: ignore[no-any-return]
+
+
+@pytest.fixture
+def store() -> MemoryStore:
+    return MemoryStore(run_history=10)
+
+
+@pytest.fixture
+def broker() -> MemoryBroker:
+    return MemoryBroker()
+
+
+@asynccontextmanager
+async def consuming(
+    store: MemoryStore, broker: MemoryBroker, *, concurrency: int = 4, grace: float = 5.0
+) -> AsyncGenerator[anyio.Event]:
+    """A consumer running until the block ends; set the yielded event to stop it early."""
+    stopping = anyio.Event()
+    consumer = Consumer(
+        store,
+        broker,
+        concurrency=concurrency,
+        output_limit=4096,
+        shutdown_grace=grace,
+        worker="test-worker",
+    )
+    async with anyio.create_task_group() as tg:
+        await tg.start(consumer.run, stopping)
+        yield stopping
+        stopping.set()
+
+
+async def submit(store: MemoryStore, broker: MemoryBroker, task_id: str, command: str) -> Run:
+    """Create and execute a task, and let a scheduler dispatch it."""
+    service = TaskService(store)
+    await service.create(TaskCreate(id=task_id, name=task_id, command=command))
+    run = await service.execute(task_id)
+    assert await Scheduler(store, broker, lease_seconds=30).dispatch_due() == 1
+    return run
+
+
+async def finished(store: MemoryStore, task_id: str) -> Task:
+    """The task once it left pending/running (the store's state is what we observe)."""
+
+    async def idle() -> bool:
+        task = await store.get_task(task_id)
+        return task is not None and task.status not in (TaskStatus.PENDING, TaskStatus.RUNNING)
+
+    await eventually(idle)
+    task = await store.get_task(task_id)
+    assert task is not None
+    return task
+
+
+async def test_a_command_runs_and_its_run_is_recorded(
+    store: MemoryStore, broker: MemoryBroker
+) -> None:
+    async with consuming(store, broker):
+        queued = await submit(store, broker, "a", "echo out; echo err >&2")
+        task = await finished(store, "a")
+    assert task.status == TaskStatus.COMPLETED
+    assert task.active_run is None
+    assert task.last_run is not None and task.last_run.exit_code == 0
+    run = await store.get_run("a", queued.run_id)
+    assert run is not None
+    assert run.status == RunStatus.COMPLETED
+    assert run.output == "out\nerr\n"
+    assert run.worker == "test-worker"
+    assert run.started_at is not None and run.finished_at is not None
+    assert run.queued_at <= run.started_at <= run.finished_at
+    assert not broker.queue and not broker.dead_letters
+
+
+async def test_a_failing_command_fails_the_task(store: MemoryStore, broker: MemoryBroker) -> None:
+    async with consuming(store, broker):
+        await submit(store, broker, "a", "echo bad; exit 3")
+        task = await finished(store, "a")
+    assert task.status == TaskStatus.FAILED
+    assert task.last_run is not None and task.last_run.exit_code == 3
+    [run] = await store.list_runs("a", limit=10)
+    assert (run.status, run.exit_code, run.output) == (RunStatus.FAILED, 3, "bad\n")
+
+
+async def test_a_duplicate_message_does_not_run_the_command_twice(
+    store: MemoryStore, broker: MemoryBroker, tmp_path: Path
+) -> None:
+    ran = tmp_path / "ran"
+    async with consuming(store, broker, concurrency=1):
+        run = await submit(store, broker, "a", f"echo once >> {ran}")
+        # The same dispatch again, as after a scheduler retry or a redelivery.
+        await broker.publish([Dispatch(task_id="a", run_id=run.run_id, attempt=1)])
+        await finished(store, "a")
+        await eventually(lambda: not broker.queue)
+    assert ran.read_text() == "once\n"
+    assert [r.run_id for r in await store.list_runs("a", limit=10)] == [run.run_id]
+
+
+async def test_a_message_for_a_deleted_task_is_acknowledged_and_skipped(
+    store: MemoryStore, broker: MemoryBroker
+) -> None:
+    run = await submit(store, broker, "a", "true")
+    await TaskService(store).delete("a")
+    async with consuming(store, broker):
+        await eventually(lambda: not broker.queue)
+    assert not broker.dead_letters
+    assert await store.get_run("a", run.run_id) is None
+
+
+async def test_an_undecodable_message_is_dead_lettered(
+    store: MemoryStore, broker: MemoryBroker
+) -> None:
+    broker.publish_raw(b"not a dispatch")
+    async with consuming(store, broker):
+        await eventually(lambda: bool(broker.dead_letters))
+    assert broker.dead_letters == [b"not a dispatch"]
+
+
+async def test_no_more_than_concurrency_commands_run_at_once(
+    store: MemoryStore, broker: MemoryBroker, tmp_path: Path
+) -> None:
+    log = tmp_path / "log"
+    async with consuming(store, broker, concurrency=2):
+        for n in range(6):
+            await submit(
+                store, broker, f"t{n}", f"echo start >> {log}; sleep 0.2; echo end >> {log}"
+            )
+        for n in range(6):
+            await finished(store, f"t{n}")
+    running = peak = 0
+    for line in log.read_text().split():
+        running += 1 if line == "start" else -1
+        peak = max(peak, running)
+    assert peak == 2
+
+
+async def test_shutdown_lets_a_short_command_finish(
+    store: MemoryStore, broker: MemoryBroker, tmp_path: Path
+) -> None:
+    started = tmp_path / "started"
+    async with consuming(store, broker, grace=5) as stopping:
+        await submit(store, broker, "a", f"touch {started}; sleep 0.5; echo done")
+        await eventually(started.exists)
+        stopping.set()
+    task = await store.get_task("a")
+    assert task is not None and task.status == TaskStatus.COMPLETED
+    [run] = await store.list_runs("a", limit=10)
+    assert run.output == "done\n"
+
+
+async def test_shutdown_requeues_a_command_still_running_after_the_grace_period(
+    store: MemoryStore, broker: MemoryBroker, tmp_path: Path
+) -> None:
+    started = tmp_path / "started"
+    async with consuming(store, broker, grace=0.3) as stopping:
+        first = await submit(store, broker, "a", f"touch {started}; sleep 60")
+        await eventually(started.exists)
+        stopping.set()
+    task = await store.get_task("a")
+    assert task is not None
+    assert task.status == TaskStatus.PENDING, "given back for another consumer"
+    fresh, interrupted = await store.list_runs("a", limit=10)
+    assert interrupted.run_id == first.run_id
+    assert interrupted.status == RunStatus.CANCELLED
+    assert interrupted.error == "worker shut down"
+    assert fresh.status == RunStatus.QUEUED
+    assert task.active_run is not None and task.active_run.run_id == fresh.run_id
+    # ... and it is due for dispatch right away.
+    claims = await store.claim_due(
+        now=(utcnow() + timedelta(seconds=1)).timestamp(), limit=10, lease=30, token="t"
+    )
+    assert [c.task_id for c in claims] == ["a"]
+
+
+async def test_a_time_set_while_running_becomes_due_when_the_run_ends(
+    store: MemoryStore, broker: MemoryBroker, tmp_path: Path
+) -> None:
+    started = tmp_path / "started"
+    at = utcnow() + timedelta(hours=1)
+    async with consuming(store, broker):
+        await submit(store, broker, "a", f"touch {started}; sleep 0.3")
+        await eventually(started.exists)
+        await TaskService(store).schedule("a", at)
+        assert await store.claim_due(now=at.timestamp(), limit=10, lease=30, token="t") == []
+        task = await finished(store, "a")
+    assert task.status == TaskStatus.COMPLETED and task.scheduled_at == at
+    claims = await store.claim_due(now=at.timestamp(), limit=10, lease=30, token="t")
+    assert [c.task_id for c in claims] == ["a"]

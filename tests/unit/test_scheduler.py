@@ -1,0 +1,221 @@
+"""The scheduler role on the in-memory adapters (the reference behaviour), on both backends."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from datetime import UTC, datetime, timedelta
+
+import anyio
+import msgspec
+import pytest
+
+from app.adapters.memory_broker import MemoryBroker
+from app.adapters.memory_store import MemoryStore
+from app.domain import RunStatus, Task, TaskStatus, fire_schedule, timestamp, utcnow
+from app.ports import Dispatch, TaskChange
+from app.scheduler import Scheduler
+from app.schemas import TaskCreate
+from app.service import TaskService
+
+LEASE = 30.0
+
+
+@pytest.fixture(params=["asyncio", "trio"])
+def anyio_backend(request: pytest.FixtureRequest) -> str:
+    return request.param  # type: ignore[no-any-return]
+
+
+class Clock:
+    """A settable wall clock for the scheduler's "now"."""
+
+    def __init__(self) -> None:
+        self.now = time.time()
+
+    def __call__(self) -> float:
+        return self.now
+
+
+@pytest.fixture
+def store() -> MemoryStore:
+    return MemoryStore(run_history=10)
+
+
+@pytest.fixture
+def broker() -> MemoryBroker:
+    return MemoryBroker()
+
+
+def queued(broker: MemoryBroker) -> list[Dispatch]:
+    return [msgspec.json.decode(m.body, type=Dispatch) for m in broker.queue]
+
+
+async def new_task(store: MemoryStore, task_id: str, at: datetime | None = None) -> Task:
+    spec = TaskCreate(id=task_id, name=task_id, command="true", scheduled_at=at)
+    return await TaskService(store).create(spec)
+
+
+async def test_an_executed_task_is_published_with_its_queued_run(
+    store: MemoryStore, broker: MemoryBroker
+) -> None:
+    await new_task(store, "a")
+    run = await TaskService(store).execute("a")
+    scheduler = Scheduler(store, broker, lease_seconds=LEASE)
+    assert await scheduler.dispatch_due() == 1
+    assert queued(broker) == [Dispatch(task_id="a", run_id=run.run_id, attempt=1)]
+    # Dispatched: nothing is left to claim, now or after the lease.
+    assert await store.claim_due(now=time.time() + 2 * LEASE, limit=10, lease=1, token="x") == []
+
+
+async def test_a_due_time_queues_one_run_and_publishes_it(
+    store: MemoryStore, broker: MemoryBroker
+) -> None:
+    at = utcnow() - timedelta(seconds=1)
+    await new_task(store, "a", at)
+    assert await Scheduler(store, broker, lease_seconds=LEASE).dispatch_due() == 1
+    task = await store.get_task("a")
+    assert task is not None and task.status == TaskStatus.PENDING
+    assert task.scheduled_at is None, "a one-shot time is consumed when it fires"
+    assert task.active_run is not None
+    [run] = await store.list_runs("a", limit=10)
+    assert run.status == RunStatus.QUEUED and run.run_id == task.active_run.run_id
+    assert queued(broker) == [Dispatch(task_id="a", run_id=run.run_id, attempt=1)]
+
+
+async def test_nothing_fires_before_its_time(store: MemoryStore, broker: MemoryBroker) -> None:
+    clock = Clock()
+    at = datetime.fromtimestamp(clock.now + 10, UTC)
+    await new_task(store, "a", at)
+    scheduler = Scheduler(store, broker, lease_seconds=LEASE, clock=clock)
+    clock.now = timestamp(at) - 0.001
+    assert await scheduler.dispatch_due() == 0
+    assert queued(broker) == []
+    clock.now = timestamp(at)
+    assert await scheduler.dispatch_due() == 1
+    assert len(queued(broker)) == 1
+
+
+async def test_a_claim_of_a_dead_scheduler_is_dispatched_once_its_lease_ends(
+    store: MemoryStore, broker: MemoryBroker
+) -> None:
+    clock = Clock()
+    await new_task(store, "a", datetime.fromtimestamp(clock.now - 1, UTC))
+    # A scheduler claims the entry and dies before doing anything else.
+    assert len(await store.claim_due(now=clock.now, limit=10, lease=LEASE, token="dead")) == 1
+    survivor = Scheduler(store, broker, lease_seconds=LEASE, clock=clock)
+    clock.now += LEASE - 1
+    assert await survivor.dispatch_due() == 0, "the claim still holds"
+    clock.now += 2
+    assert await survivor.dispatch_due() == 1
+    assert len(queued(broker)) == 1
+
+
+async def test_a_run_queued_by_a_dead_scheduler_is_published_again_not_duplicated(
+    store: MemoryStore, broker: MemoryBroker
+) -> None:
+    clock = Clock()
+    await new_task(store, "a", datetime.fromtimestamp(clock.now - 1, UTC))
+    # The dead scheduler claimed, moved the task to pending with a run, then died
+    # before its publish was confirmed.
+    [claim] = await store.claim_due(now=clock.now, limit=10, lease=LEASE, token="dead")
+    assert claim.task is not None
+    pending, run = fire_schedule(claim.task, utcnow())
+    await store.commit(TaskChange("a", claim.task.revision, pending, runs=[run]))
+
+    clock.now += LEASE + 1
+    assert await Scheduler(store, broker, lease_seconds=LEASE, clock=clock).dispatch_due() == 1
+    assert queued(broker) == [Dispatch(task_id="a", run_id=run.run_id, attempt=1)]
+    assert [r.run_id for r in await store.list_runs("a", limit=10)] == [run.run_id]
+
+
+async def test_unconfirmed_dispatches_stay_claimed_and_are_retried(store: MemoryStore) -> None:
+    class ConfirmsFirstOnly(MemoryBroker):
+        async def publish(self, messages: Sequence[Dispatch]) -> list[Dispatch]:
+            return await super().publish(messages[:1])
+
+    clock = Clock()
+    broker = ConfirmsFirstOnly()
+    for task_id in ("a", "b"):
+        await new_task(store, task_id, datetime.fromtimestamp(clock.now - 1, UTC))
+    scheduler = Scheduler(store, broker, lease_seconds=LEASE, clock=clock)
+    assert await scheduler.dispatch_due() == 2
+    assert [d.task_id for d in queued(broker)] == ["a"]
+    clock.now += LEASE + 1
+    assert await scheduler.dispatch_due() == 1
+    assert [d.task_id for d in queued(broker)] == ["a", "b"]
+
+
+async def test_entries_of_deleted_tasks_are_dropped(
+    store: MemoryStore, broker: MemoryBroker
+) -> None:
+    task = await new_task(store, "a", utcnow() - timedelta(seconds=1))
+    claims = await store.claim_due(now=time.time(), limit=10, lease=0.001, token="t")
+    assert len(claims) == 1
+    await store.commit(TaskChange("a", task.revision, None))
+    assert await Scheduler(store, broker, lease_seconds=LEASE).dispatch_due() == 0
+    assert queued(broker) == []
+
+
+async def test_a_task_changed_between_claim_and_commit_is_still_dispatched(
+    store: MemoryStore, broker: MemoryBroker
+) -> None:
+    class RenamingStore(MemoryStore):
+        """Renames the task right after the claim read it, as a concurrent API call would."""
+
+        async def claim_due(self, **kwargs: object):  # type: ignore[no-untyped-def, override]
+            claims = await super().claim_due(**kwargs)  # type: ignore[arg-type]
+            for claim in claims:
+                assert claim.task is not None
+                renamed = msgspec.structs.replace(
+                    claim.task, name="renamed", revision=claim.task.revision + 1
+                )
+                await self.commit(TaskChange(claim.task_id, claim.task.revision, renamed))
+            return claims
+
+    racing = RenamingStore(run_history=10)
+    await new_task(racing, "a", utcnow() - timedelta(seconds=1))
+    assert await Scheduler(racing, broker, lease_seconds=LEASE).dispatch_due() == 1
+    task = await racing.get_task("a")
+    assert task is not None and task.name == "renamed" and task.status == TaskStatus.PENDING
+    assert len(queued(broker)) == 1
+
+
+async def test_two_schedulers_fire_each_due_time_once(
+    store: MemoryStore, broker: MemoryBroker
+) -> None:
+    at = utcnow() - timedelta(seconds=1)
+    for n in range(300):
+        await new_task(store, f"t{n:03}", at)
+    schedulers = [Scheduler(store, broker, lease_seconds=LEASE, batch_size=7) for _ in range(2)]
+
+    async def drain(scheduler: Scheduler) -> None:
+        while await scheduler.dispatch_due():
+            pass
+
+    with anyio.fail_after(10):
+        async with anyio.create_task_group() as tg:
+            for scheduler in schedulers:
+                tg.start_soon(drain, scheduler)
+    assert sorted(d.task_id for d in queued(broker)) == [f"t{n:03}" for n in range(300)]
+
+
+async def test_the_running_loop_sleeps_until_the_due_time_and_wakes_for_earlier_ones(
+    store: MemoryStore, broker: MemoryBroker
+) -> None:
+    stopping = anyio.Event()
+    async with anyio.create_task_group() as tg:
+        await tg.start(Scheduler(store, broker, lease_seconds=LEASE).run, stopping)
+        # Scheduled far away first, so the loop goes to sleep for a long time ...
+        await new_task(store, "late", utcnow() + timedelta(hours=1))
+        # ... then an earlier time must wake it.
+        at = utcnow() + timedelta(milliseconds=300)
+        await new_task(store, "soon", at)
+        async with broker.consume(prefetch=1) as deliveries:
+            with anyio.fail_after(5):
+                delivery = await anext(deliveries)
+            fired = utcnow()
+            await delivery.ack()
+        assert delivery.dispatch is not None and delivery.dispatch.task_id == "soon"
+        assert at <= fired < at + timedelta(milliseconds=200)
+        assert queued(broker) == []
+        stopping.set()
