@@ -14,7 +14,7 @@ import os
 import signal
 import socket
 import sys
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from contextlib import AsyncExitStack
 from functools import partial
 from typing import Any
@@ -137,6 +137,12 @@ async def run_service(settings: Settings, *, on_ready: Callable[[str], None] | N
     log.info("taskq stopped")
 
 
+def root_cause(error: BaseException) -> BaseException:
+    """The first error inside (nested) exception groups: what a person needs to read."""
+    nested: Sequence[BaseException] = getattr(error, "exceptions", ())
+    return root_cause(nested[0]) if nested else error
+
+
 async def _role(
     name: Role,
     body: Callable[..., Awaitable[None]],
@@ -148,8 +154,9 @@ async def _role(
     except anyio.get_cancelled_exc_class():
         raise
     except Exception as exc:
-        log.critical("role %s crashed: %s: %s", name, type(exc).__name__, exc, exc_info=exc)
-        raise RoleCrashed(f"role {name} crashed: {exc}") from exc
+        cause = root_cause(exc)
+        log.critical("role %s crashed: %s: %s", name, type(cause).__name__, cause, exc_info=exc)
+        raise RoleCrashed(f"role {name} crashed: {type(cause).__name__}: {cause}") from exc
     log.info("role %s stopped", name)
 
 

@@ -49,22 +49,15 @@ def _configure_logging() -> None:
 
 
 async def _run(settings: Settings) -> None:
-    from app.supervisor import run_service
+    from app.supervisor import root_cause, run_service
 
     try:
         await run_service(settings)
     except ConfigError as exc:
         raise click.ClickException(str(exc)) from exc
-    except BaseExceptionGroup as group:
-        # The crash itself was logged by the supervisor with its traceback.
-        raise click.ClickException(f"taskq stopped on an error: {_first_error(group)}") from None
-    except (OSError, ConnectionError) as exc:
-        raise click.ClickException(f"taskq could not start: {exc}") from exc
-
-
-def _first_error(error: BaseException) -> BaseException:
-    nested: Sequence[BaseException] = getattr(error, "exceptions", ())
-    return _first_error(nested[0]) if nested else error
+    except Exception as exc:
+        # A crash of a running role was logged by the supervisor with its traceback.
+        raise click.ClickException(f"taskq stopped: {root_cause(exc)}") from None
 
 
 def _service_options(function: Callable[P, Awaitable[T]]) -> Callable[P, Awaitable[T]]:
