@@ -33,6 +33,7 @@ from app.domain import (
 from app.executor import inherited_environment, run_command
 from app.ports import KEEP, Broker, Delivery, DueAt, ScheduleChange, Store, TaskChange
 from app.service import transact
+from app.stopping import cancel_after, cancel_when_set
 
 log = logging.getLogger(__name__)
 
@@ -71,7 +72,7 @@ class Consumer:
         async with anyio.create_task_group() as timers:
             async with anyio.create_task_group() as runs:
                 with anyio.CancelScope() as intake:
-                    timers.start_soon(_cancel_when_set, stopping, intake)
+                    timers.start_soon(cancel_when_set, stopping, intake)
                     async with self._broker.consume(prefetch=self._concurrency) as deliveries:
                         task_status.started()
                         async for delivery in deliveries:
@@ -82,7 +83,7 @@ class Consumer:
                 # Unstarted deliveries went back to the queue; running commands get
                 # the grace period, then are cancelled and their tasks requeued.
                 log.info("consumer stopped taking messages; waiting for running commands")
-                timers.start_soon(_cancel_after, self._shutdown_grace, runs.cancel_scope)
+                timers.start_soon(cancel_after, self._shutdown_grace, runs.cancel_scope)
             timers.cancel_scope.cancel()
 
     async def _handle(self, delivery: Delivery, slot: anyio.Semaphore) -> None:
@@ -186,13 +187,3 @@ def _next_due(task: Task) -> ScheduleChange:
     if task.scheduled_at is not None:
         return DueAt(timestamp(task.scheduled_at))
     return KEEP
-
-
-async def _cancel_when_set(event: anyio.Event, scope: anyio.CancelScope) -> None:
-    await event.wait()
-    scope.cancel()
-
-
-async def _cancel_after(delay: float, scope: anyio.CancelScope) -> None:
-    await anyio.sleep(delay)
-    scope.cancel()

@@ -178,19 +178,23 @@ def _advance(task: Task, now: datetime, **changes: object) -> Task:
     return msgspec.structs.replace(task, updated_at=now, revision=task.revision + 1, **changes)
 
 
-def queue_run(task: Task, now: datetime) -> tuple[Task, Run]:
-    """Put an idle task in ``pending`` with a new queued run."""
-    if task.status in ACTIVE_STATUSES:
-        raise InvalidTransition(f"task {task.id!r} is already {task.status}")
+def _pending_with_new_run(task: Task, attempt: int, now: datetime) -> tuple[Task, Run]:
     run = Run(
         run_id=new_run_id(),
         task_id=task.id,
-        attempt=1,
+        attempt=attempt,
         status=RunStatus.QUEUED,
         queued_at=now,
     )
     active = ActiveRun(run_id=run.run_id, attempt=run.attempt)
     return _advance(task, now, status=TaskStatus.PENDING, active_run=active), run
+
+
+def queue_run(task: Task, now: datetime) -> tuple[Task, Run]:
+    """Put an idle task in ``pending`` with a new queued run."""
+    if task.status in ACTIVE_STATUSES:
+        raise InvalidTransition(f"task {task.id!r} is already {task.status}")
+    return _pending_with_new_run(task, 1, now)
 
 
 def fire_schedule(task: Task, now: datetime) -> tuple[Task, Run]:
@@ -249,15 +253,8 @@ def requeue_run(task: Task, run: Run, reason: str, now: datetime) -> tuple[Task,
     if task.active_run is None or task.active_run.run_id != run.run_id:
         raise InvalidTransition(f"run {run.run_id!r} is not the active run of {task.id!r}")
     closed = msgspec.structs.replace(run, status=RunStatus.CANCELLED, finished_at=now, error=reason)
-    fresh = Run(
-        run_id=new_run_id(),
-        task_id=task.id,
-        attempt=run.attempt,
-        status=RunStatus.QUEUED,
-        queued_at=now,
-    )
-    active = ActiveRun(run_id=fresh.run_id, attempt=fresh.attempt)
-    return _advance(task, now, status=TaskStatus.PENDING, active_run=active), closed, fresh
+    pending, fresh = _pending_with_new_run(task, run.attempt, now)
+    return pending, closed, fresh
 
 
 def reschedule(task: Task, at: datetime, now: datetime) -> Task:

@@ -32,6 +32,7 @@ SERVER_SECRETS = frozenset(
 )
 _READ_CHUNK = 65536
 _GROUP_POLL = 0.02
+_KILL_SETTLE = 1.0
 
 
 class CappedOutput:
@@ -100,7 +101,8 @@ async def run_command(
             env=env,
             start_new_session=True,
         )
-    except OSError as exc:
+    except (OSError, ValueError) as exc:
+        # ValueError: a NUL byte in the argv, the environment or the cwd.
         return Outcome(
             exit_code=None,
             duration=time.monotonic() - started,
@@ -166,12 +168,20 @@ async def _stop_group(process: Process, grace: float) -> None:
         return
     with anyio.move_on_after(grace):
         await process.wait()
-        # Nothing notifies us when the last member of a group exits: poll.
-        while _group_has_live_members(process.pid):  # noqa: ASYNC110
-            await anyio.sleep(_GROUP_POLL)
+        await _wait_for_empty_group(process.pid)
         return
     _signal_group(process.pid, signal.SIGKILL)
     await process.wait()
+    # A killed process dies only once it is next scheduled: the leader's exit does not
+    # mean the rest of the group is gone yet.
+    with anyio.move_on_after(_KILL_SETTLE):
+        await _wait_for_empty_group(process.pid)
+
+
+async def _wait_for_empty_group(pgid: int) -> None:
+    # Nothing notifies us when the last member of a group exits: poll.
+    while _group_has_live_members(pgid):  # noqa: ASYNC110
+        await anyio.sleep(_GROUP_POLL)
 
 
 def _signal_group(pgid: int, signum: int) -> bool:

@@ -135,6 +135,17 @@ class Dispatch(msgspec.Struct, frozen=True):
     attempt: int
 
 
+_dispatch_decoder = msgspec.json.Decoder(Dispatch)
+
+
+def decode_dispatch(body: bytes) -> Dispatch | None:
+    """The dispatch in a message body, or ``None`` when the body is not one."""
+    try:
+        return _dispatch_decoder.decode(body)
+    except msgspec.DecodeError:
+        return None
+
+
 class Delivery(Protocol):
     """One message handed to a consumer; settle it exactly once."""
 

@@ -30,6 +30,7 @@ from app.domain import (
     worker_name,
 )
 from app.ports import Broker, Dispatch, DueAt, Store, TaskChange
+from app.stopping import cancel_when_set
 
 log = logging.getLogger(__name__)
 
@@ -91,7 +92,7 @@ class Scheduler:
     ) -> None:
         """Dispatch due tasks until ``stopping`` is set."""
         async with anyio.create_task_group() as tg:
-            tg.start_soon(_cancel_when_set, stopping, tg.cancel_scope)
+            tg.start_soon(cancel_when_set, stopping, tg.cancel_scope)
             await self._store.ping()
             await self._broker.ping()
             task_status.started()
@@ -147,8 +148,3 @@ class Scheduler:
                 return plan
         log.warning("task %r kept changing; its dispatch is retried when the lease ends", task_id)
         return None
-
-
-async def _cancel_when_set(event: anyio.Event, scope: anyio.CancelScope) -> None:
-    await event.wait()
-    scope.cancel()

@@ -19,6 +19,15 @@ REDIS_URL = os.environ.get("TASKQ_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
 AMQP_URL = os.environ.get("TASKQ_TEST_AMQP_URL", "amqp://guest:guest@127.0.0.1:5672/")
 
 
+# (store adapter, event loop): the memory store on both backends, Redis on asyncio (its client
+# needs asyncio). Suites over a store parametrise a fixture with these.
+STORE_CASES = [
+    pytest.param(("memory", "asyncio"), id="memory-asyncio"),
+    pytest.param(("memory", "trio"), id="memory-trio"),
+    pytest.param(("redis", "asyncio"), id="redis"),
+]
+
+
 @pytest.fixture
 def anyio_backend() -> str:
     return "asyncio"

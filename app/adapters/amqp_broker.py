@@ -29,7 +29,7 @@ from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStre
 from pamqp import commands as spec
 from yarl import URL
 
-from app.ports import DELIVERY_LIMIT, Delivery, Dispatch
+from app.ports import DELIVERY_LIMIT, Delivery, Dispatch, decode_dispatch
 
 ROUTING_KEY = "task.dispatch"
 """The routing key ``tasks_queue`` is bound with and every dispatch is published with."""
@@ -44,8 +44,6 @@ _CONNECT_TIMEOUT = 15.0
 _RPC_TIMEOUT = 10.0
 _CONFIRM_TIMEOUT = 30.0
 _CLOSE_TIMEOUT = 5.0
-
-_decoder = msgspec.json.Decoder(Dispatch)
 
 # What aiormq raises when the connection or a channel is gone or does not answer
 # (TimeoutError and ConnectionError are OSErrors; ChannelInvalidStateError is a RuntimeError).
@@ -155,10 +153,7 @@ class AmqpDelivery:
             raise ValueError(f"a delivery without a delivery tag: {message!r}")
         self.delivery_tag: int = tag
         self.redelivered: bool = bool(message.redelivered)
-        try:
-            self._dispatch: Dispatch | None = _decoder.decode(message.body)
-        except msgspec.DecodeError:
-            self._dispatch = None
+        self._dispatch = decode_dispatch(message.body)
 
     @property
     def dispatch(self) -> Dispatch | None:

@@ -14,9 +14,7 @@ import anyio
 import anyio.lowlevel
 import msgspec
 
-from app.ports import DELIVERY_LIMIT, Delivery, Dispatch
-
-_decoder = msgspec.json.Decoder(Dispatch)
+from app.ports import DELIVERY_LIMIT, Delivery, Dispatch, decode_dispatch
 
 
 class _Message:
@@ -38,10 +36,7 @@ class MemoryDelivery:
         self._broker = broker
         self._message = message
         self._consumer = consumer
-        try:
-            self._dispatch: Dispatch | None = _decoder.decode(message.body)
-        except msgspec.DecodeError:
-            self._dispatch = None
+        self._dispatch = decode_dispatch(message.body)
 
     @property
     def dispatch(self) -> Dispatch | None:

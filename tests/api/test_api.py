@@ -22,7 +22,7 @@ from app.api import HEALTH_CHECK_SECONDS, MAX_BODY_BYTES, MAX_PAGE, create_app
 from app.domain import MAX_COMMAND_BYTES, Outcome, finish_run, start_run, utcnow
 from app.ports import Store, TaskChange
 from app.service import TaskService
-from tests.conftest import REDIS_URL, delete_keys
+from tests.conftest import REDIS_URL, STORE_CASES, delete_keys
 
 Client = httpx.AsyncClient
 Json = dict[str, Any]
@@ -55,13 +55,7 @@ async def serve_api(store_url: str, *, prefix: str) -> AsyncIterator[Served]:
             yield Served(client, store)
 
 
-@pytest.fixture(
-    params=[
-        pytest.param(("memory", "asyncio"), id="memory-asyncio"),
-        pytest.param(("memory", "trio"), id="memory-trio"),
-        pytest.param(("redis", "asyncio"), id="redis"),
-    ]
-)
+@pytest.fixture(params=STORE_CASES)
 def adapter_and_backend(request: pytest.FixtureRequest) -> tuple[str, str]:
     return request.param  # type: ignore[no-any-return]
 

@@ -23,19 +23,13 @@ from app.domain import (
     utcnow,
 )
 from app.ports import UNSCHEDULE, DueAt, Store, TaskChange
-from tests.conftest import REDIS_URL, delete_keys
+from tests.conftest import REDIS_URL, STORE_CASES, delete_keys
 
 RUN_HISTORY = 5
 StoreOpener = Callable[[], AbstractAsyncContextManager[Store]]
 
 
-@pytest.fixture(
-    params=[
-        pytest.param(("memory", "asyncio"), id="memory-asyncio"),
-        pytest.param(("memory", "trio"), id="memory-trio"),
-        pytest.param(("redis", "asyncio"), id="redis"),
-    ]
-)
+@pytest.fixture(params=STORE_CASES)
 def adapter_and_backend(request: pytest.FixtureRequest) -> tuple[str, str]:
     return request.param  # type: ignore[no-any-return]
 
