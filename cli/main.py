@@ -6,7 +6,6 @@ import json
 import logging
 import sys
 from collections.abc import Awaitable, Callable, Sequence
-from datetime import datetime
 from functools import wraps
 from typing import Any, ParamSpec, TypeVar, cast
 
@@ -218,20 +217,18 @@ def _program_body(
 @click.option("--id", "task_id", help="Task id (generated when omitted).")
 @click.option("--name", required=True, help="Human-readable name.")
 @_program_options
-@click.option("--at", type=click.DateTime(), help="Schedule for this time (RFC 3339).")
+@click.option("--at", help="Schedule for this time (RFC 3339, e.g. 2025-12-01T15:00:00Z).")
 @_client_command
 async def create(
     client: ApiClient,
     task_id: str | None,
     name: str,
-    at: datetime | None,
+    at: str | None,
     as_json: bool,
     **program: Any,
 ) -> None:
     """Create a task."""
-    body = {"id": task_id, "name": name, **_program_body(**program)}
-    if at is not None:
-        body["scheduled_at"] = at.isoformat()
+    body = {"id": task_id, "name": name, "scheduled_at": at, **_program_body(**program)}
     task = await client.create_task({k: v for k, v in body.items() if v is not None})
     _emit(task, as_json, _task_details)
 

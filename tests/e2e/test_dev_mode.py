@@ -77,3 +77,40 @@ async def test_client_errors_exit_non_zero_with_a_clear_message(prefix: str) -> 
         assert "command" in message and "400" in message
     unreachable = await cli("http://127.0.0.1:1", "list", expect_code=1)
     assert "cannot reach the taskq API" in unreachable
+
+
+async def test_every_client_command_through_the_cli(prefix: str) -> None:
+    async with running(["dev", "--port", "0"], service_env(prefix)) as service:
+        assert service.api_url is not None
+        url = service.api_url
+        at = (datetime.now(UTC) + timedelta(hours=1)).isoformat()
+        created = json.loads(
+            await cli(
+                url, "create", "--id", "c1", "--name", "One", "--arg", "printf", "--arg", "%s|",
+                "--arg", "a b", "--env", "X=1", "--timeout", "30", "--at", at, "--json",
+            )
+        )  # fmt: skip
+        assert created["args"] == ["printf", "%s|", "a b"]
+        assert created["env"] == {"X": "1"} and created["timeout"] == 30
+        assert created["scheduled_at"] is not None
+
+        updated = json.loads(await cli(url, "update", "--id", "c1", "--name", "Uno", "--json"))
+        assert updated["name"] == "Uno" and updated["args"] == created["args"]
+        assert "Uno" in await cli(url, "get", "--id", "c1")
+
+        later = (datetime.now(UTC) + timedelta(milliseconds=300)).isoformat()
+        scheduled = json.loads(await cli(url, "schedule", "--id", "c1", "--at", later, "--json"))
+        assert datetime.fromisoformat(scheduled["scheduled_at"]) == datetime.fromisoformat(later)
+        async with httpx.AsyncClient(base_url=url) as http:
+            task = await wait_for_task(http, "c1", {"completed", "failed"})
+        assert task["status"] == "completed"
+        run_id = task["last_run"]["run_id"]
+        assert "a b|" in await cli(url, "runs", "--id", "c1", "--run", run_id)
+        assert (await cli(url, "logs", "--id", "c1", "--run", run_id)).strip() == "a b|"
+
+        listed = json.loads(await cli(url, "list", "--status", "completed", "--json"))
+        assert [t["id"] for t in listed] == ["c1"]
+        assert json.loads(await cli(url, "list", "--status", "pending", "--json")) == []
+        assert "deleted c1" in await cli(url, "delete", "--id", "c1")
+        assert "no tasks" in await cli(url, "list")
+        await cli(url, "delete", "--id", "c1", expect_code=1)
