@@ -92,15 +92,7 @@ async def run_command(
     """
     started = time.monotonic()
     try:
-        process = await anyio.open_process(
-            list(argv),
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            cwd=cwd,
-            env=env,
-            start_new_session=True,
-        )
+        process = await _start_session(argv, env=env, cwd=cwd)
     except (OSError, ValueError) as exc:
         # ValueError: a NUL byte in the argv, the environment or the cwd.
         return Outcome(
@@ -150,6 +142,30 @@ async def run_command(
         timed_out=timed_out,
         error=error,
     )
+
+
+async def _start_session(
+    argv: Sequence[str], *, env: Mapping[str, str], cwd: str | None
+) -> Process:
+    """Start ``argv`` as the leader of a new session, stdout and stderr on one pipe.
+
+    Not cancellable: the child runs before ``open_process`` returns, and a cancel in
+    between would leave its group with no one to stop it (asyncio kills only the leader).
+    The caller takes the cancel at its next checkpoint, once it can stop the group.
+    """
+    process: Process | None = None
+    with anyio.CancelScope(shield=True):
+        process = await anyio.open_process(
+            list(argv),
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            cwd=cwd,
+            env=env,
+            start_new_session=True,
+        )
+    assert process is not None  # a shielded scope swallows no cancellation
+    return process
 
 
 async def _collect(stream: ByteReceiveStream, output: CappedOutput) -> None:

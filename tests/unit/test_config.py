@@ -1,0 +1,198 @@
+"""``Settings.from_env``: every variable, its default and its errors."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from app.config import (
+    DEFAULT_AMQP_URL,
+    DEFAULT_REDIS_URL,
+    ConfigError,
+    Settings,
+    parse_roles,
+)
+
+
+def test_defaults() -> None:
+    settings = Settings.from_env({})
+    assert settings == Settings()
+    assert settings.redis_url == DEFAULT_REDIS_URL == "redis://localhost:6379/0"
+    assert settings.amqp_url == DEFAULT_AMQP_URL
+    assert settings.host == "127.0.0.1"
+    assert settings.port == 8080
+    assert settings.key_prefix == ""
+    assert settings.api_tokens == ()
+    assert settings.roles == ("api", "scheduler", "consumer")
+    assert settings.concurrency == 2 * (os.cpu_count() or 1)
+    assert settings.output_limit == 1_048_576
+    assert settings.run_history == 100
+    assert settings.lease_seconds == 30.0
+    assert settings.shutdown_grace == 30.0
+
+
+def test_unrelated_variables_are_ignored() -> None:
+    assert Settings.from_env({"HOME": "/root", "TASKQ_UNKNOWN": "x"}) == Settings()
+
+
+def test_redis_address_becomes_a_url() -> None:
+    settings = Settings.from_env({"REDIS_ADDRESS": "redis.internal:6380"})
+    assert settings.redis_url == "redis://redis.internal:6380/0"
+
+
+def test_redis_url_wins_over_redis_address() -> None:
+    env = {"REDIS_URL": "redis://primary:6379/2", "REDIS_ADDRESS": "other:6380"}
+    assert Settings.from_env(env).redis_url == "redis://primary:6379/2"
+
+
+def test_empty_redis_url_falls_back_to_redis_address() -> None:
+    env = {"REDIS_URL": "", "REDIS_ADDRESS": "other:6380"}
+    assert Settings.from_env(env).redis_url == "redis://other:6380/0"
+
+
+def test_redis_mq_url_is_the_amqp_url() -> None:
+    env = {"REDIS_MQ_URL": "amqp://mq:5672/"}
+    assert Settings.from_env(env).amqp_url == "amqp://mq:5672/"
+
+
+def test_amqp_url_wins_over_redis_mq_url() -> None:
+    env = {"AMQP_URL": "amqp://primary:5672/", "REDIS_MQ_URL": "amqp://other:5672/"}
+    assert Settings.from_env(env).amqp_url == "amqp://primary:5672/"
+
+
+def test_server_host_and_port() -> None:
+    settings = Settings.from_env({"SERVER_HOST": "0.0.0.0", "SERVER_PORT": "9000"})
+    assert settings.host == "0.0.0.0"
+    assert settings.port == 9000
+    assert isinstance(settings.port, int)
+
+
+def test_port_zero_is_allowed() -> None:
+    assert Settings.from_env({"SERVER_PORT": "0"}).port == 0
+
+
+@pytest.mark.parametrize("prefix", ["", "team-a:"])
+def test_key_prefix(prefix: str) -> None:
+    assert Settings.from_env({"TASKQ_KEY_PREFIX": prefix}).key_prefix == prefix
+
+
+@pytest.mark.parametrize(
+    ("raw", "tokens"),
+    [
+        ("one", ("one",)),
+        ("one,two", ("one", "two")),
+        (" one , two ,, three ,", ("one", "two", "three")),
+        (" , ", ()),
+        ("", ()),
+    ],
+)
+def test_api_tokens_are_split_and_stripped(raw: str, tokens: tuple[str, ...]) -> None:
+    assert Settings.from_env({"TASKQ_API_TOKENS": raw}).api_tokens == tokens
+
+
+@pytest.mark.parametrize(
+    ("raw", "roles"),
+    [
+        ("api", ("api",)),
+        ("consumer,api", ("api", "consumer")),
+        (" consumer , scheduler ", ("scheduler", "consumer")),
+        ("scheduler,api,consumer", ("api", "scheduler", "consumer")),
+        ("api,api", ("api",)),
+    ],
+)
+def test_roles_are_normalised(raw: str, roles: tuple[str, ...]) -> None:
+    assert Settings.from_env({"TASKQ_ROLES": raw}).roles == roles
+    assert parse_roles(raw) == roles
+
+
+def test_empty_roles_mean_all_roles() -> None:
+    assert Settings.from_env({"TASKQ_ROLES": ""}).roles == ("api", "scheduler", "consumer")
+
+
+def test_unknown_role_is_named() -> None:
+    with pytest.raises(ConfigError, match="worker"):
+        Settings.from_env({"TASKQ_ROLES": "api,worker"})
+
+
+def test_no_role_at_all_is_an_error() -> None:
+    with pytest.raises(ConfigError):
+        parse_roles(" , ")
+
+
+@pytest.mark.parametrize(
+    ("name", "attribute", "raw", "value"),
+    [
+        ("SERVER_PORT", "port", "8081", 8081),
+        ("TASKQ_CONCURRENCY", "concurrency", "7", 7),
+        ("TASKQ_CONCURRENCY", "concurrency", "1", 1),
+        ("TASKQ_OUTPUT_LIMIT", "output_limit", "2048", 2048),
+        ("TASKQ_OUTPUT_LIMIT", "output_limit", "1024", 1024),
+        ("TASKQ_RUN_HISTORY", "run_history", "5", 5),
+        ("TASKQ_LEASE_SECONDS", "lease_seconds", "2.5", 2.5),
+        ("TASKQ_LEASE_SECONDS", "lease_seconds", "1", 1.0),
+        ("TASKQ_SHUTDOWN_GRACE", "shutdown_grace", "0", 0.0),
+        ("TASKQ_SHUTDOWN_GRACE", "shutdown_grace", "0.25", 0.25),
+    ],
+)
+def test_numbers(name: str, attribute: str, raw: str, value: float) -> None:
+    settings = Settings.from_env({name: raw})
+    assert getattr(settings, attribute) == value
+    assert type(getattr(settings, attribute)) is type(getattr(Settings(), attribute))
+
+
+@pytest.mark.parametrize(
+    ("name", "raw"),
+    [
+        ("SERVER_PORT", "http"),
+        ("SERVER_PORT", "80.5"),
+        ("SERVER_PORT", ""),
+        ("TASKQ_CONCURRENCY", "two"),
+        ("TASKQ_OUTPUT_LIMIT", "1MB"),
+        ("TASKQ_RUN_HISTORY", "1e3"),
+        ("TASKQ_LEASE_SECONDS", "30s"),
+        ("TASKQ_LEASE_SECONDS", "nan"),
+        ("TASKQ_LEASE_SECONDS", "inf"),
+        ("TASKQ_SHUTDOWN_GRACE", "soon"),
+        ("TASKQ_SHUTDOWN_GRACE", "nan"),
+    ],
+)
+def test_bad_number_names_the_variable(name: str, raw: str) -> None:
+    with pytest.raises(ConfigError, match=name):
+        Settings.from_env({name: raw})
+
+
+@pytest.mark.parametrize(
+    ("name", "raw"),
+    [
+        ("SERVER_PORT", "-1"),
+        ("TASKQ_CONCURRENCY", "0"),
+        ("TASKQ_OUTPUT_LIMIT", "1023"),
+        ("TASKQ_RUN_HISTORY", "0"),
+        ("TASKQ_LEASE_SECONDS", "0.5"),
+        ("TASKQ_SHUTDOWN_GRACE", "-0.1"),
+    ],
+)
+def test_number_below_the_minimum_names_the_variable(name: str, raw: str) -> None:
+    with pytest.raises(ConfigError, match=f"{name} must be at least"):
+        Settings.from_env({name: raw})
+
+
+def test_config_error_is_a_value_error() -> None:
+    assert issubclass(ConfigError, ValueError)
+
+
+def test_with_overrides_ignores_none() -> None:
+    base = Settings.from_env({"SERVER_PORT": "9000", "SERVER_HOST": "0.0.0.0"})
+    changed = base.with_overrides(port=None, host="::1", roles=("api",), key_prefix=None)
+    assert changed.port == 9000
+    assert changed.host == "::1"
+    assert changed.roles == ("api",)
+    assert changed.key_prefix == base.key_prefix
+    assert base.host == "0.0.0.0"  # the original is left as it was
+
+
+def test_with_overrides_of_nothing_is_equal() -> None:
+    base = Settings()
+    assert base.with_overrides() == base
+    assert base.with_overrides(port=None, host=None) == base
