@@ -31,7 +31,7 @@ from app.domain import (
     worker_name,
 )
 from app.executor import inherited_environment, run_command
-from app.ports import KEEP, Broker, Delivery, DueAt, ScheduleChange, Store, TaskChange
+from app.ports import UNSCHEDULE, Broker, Delivery, DueAt, ScheduleChange, Store, TaskChange
 from app.service import transact
 from app.stopping import cancel_after, cancel_when_set
 
@@ -51,6 +51,7 @@ class Consumer:
         concurrency: int,
         output_limit: int,
         shutdown_grace: float,
+        lease_seconds: float,
         worker: str | None = None,
         clock: Callable[[], datetime] = utcnow,
     ) -> None:
@@ -59,6 +60,8 @@ class Consumer:
         self._concurrency = concurrency
         self._output_limit = output_limit
         self._shutdown_grace = shutdown_grace
+        self._lease_seconds = lease_seconds
+        self._running: set[str] = set()
         self._worker = worker or worker_name()
         self._clock = clock
         self._environment = inherited_environment()
@@ -73,6 +76,7 @@ class Consumer:
             async with anyio.create_task_group() as runs:
                 with anyio.CancelScope() as intake:
                     timers.start_soon(cancel_when_set, stopping, intake)
+                    timers.start_soon(self._renew_leases)
                     async with self._broker.consume(prefetch=self._concurrency) as deliveries:
                         task_status.started()
                         async for delivery in deliveries:
@@ -111,6 +115,7 @@ class Consumer:
             return
         await delivery.ack()
         task, run = started
+        self._running.add(task.id)
         try:
             outcome = await run_command(
                 ["sh", "-c", task.command] if task.command is not None else task.args or [],
@@ -123,12 +128,25 @@ class Consumer:
             with anyio.move_on_after(SHUTDOWN_BOOKKEEPING_SECONDS, shield=True):
                 await self._give_back(run)
             raise
+        finally:
+            self._running.discard(task.id)
         await self._finish(task, run, outcome)
+
+    async def _renew_leases(self) -> None:
+        """Keep the leases of the running runs ahead of now, so no scheduler takes them
+        for lost; a worker that dies stops renewing and its runs are recovered."""
+        while True:
+            await anyio.sleep(self._lease_seconds / 3)
+            if self._running:
+                until = timestamp(self._clock()) + self._lease_seconds
+                await self._store.extend_leases(sorted(self._running), until=until)
 
     async def _start(self, task: Task, run: Run) -> tuple[Task, Run]:
         def plan(task: Task) -> TaskChange:
-            new_task, new_run = start_run(task, run, self._worker, self._clock())
-            return TaskChange(task.id, task.revision, new_task, runs=[new_run])
+            now = self._clock()
+            new_task, new_run = start_run(task, run, self._worker, now)
+            lease = DueAt(timestamp(now) + self._lease_seconds)
+            return TaskChange(task.id, task.revision, new_task, runs=[new_run], schedule=lease)
 
         change = await transact(self._store, run.task_id, plan, known=task)
         assert change.task is not None
@@ -183,7 +201,7 @@ class Consumer:
 
 
 def _next_due(task: Task) -> ScheduleChange:
-    """After a run, a time set while it ran becomes due."""
+    """After a run its lease entry goes; a time set while it ran becomes due instead."""
     if task.scheduled_at is not None:
         return DueAt(timestamp(task.scheduled_at))
-    return KEEP
+    return UNSCHEDULE

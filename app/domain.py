@@ -257,6 +257,39 @@ def requeue_run(task: Task, run: Run, reason: str, now: datetime) -> tuple[Task,
     return pending, closed, fresh
 
 
+LOST_RUN_LIMIT = 3
+"""Attempts a task gets when its runs keep being lost (their worker dies mid-run)."""
+
+
+def lose_run(task: Task, run: Run, now: datetime) -> tuple[Task, list[Run]]:
+    """A run whose worker stopped renewing its lease: close it as failed, then queue the
+    next attempt, or fail the task once ``LOST_RUN_LIMIT`` attempts were made.
+
+    Returns the task and the runs to write (the lost one, and the new queued one if any).
+    """
+    if (
+        task.status != TaskStatus.RUNNING
+        or task.active_run is None
+        or task.active_run.run_id != run.run_id
+    ):
+        raise InvalidTransition(f"run {run.run_id!r} is not the running run of {task.id!r}")
+    reason = f"lost: worker {run.worker} stopped renewing its lease"
+    lost = msgspec.structs.replace(run, status=RunStatus.FAILED, finished_at=now, error=reason)
+    if run.attempt < LOST_RUN_LIMIT:
+        pending, fresh = _pending_with_new_run(task, run.attempt + 1, now)
+        return pending, [lost, fresh]
+    summary = RunSummary(
+        run_id=run.run_id,
+        attempt=run.attempt,
+        status=RunStatus.FAILED,
+        exit_code=None,
+        duration=None,
+        finished_at=now,
+    )
+    failed = _advance(task, now, status=TaskStatus.FAILED, last_run=summary, active_run=None)
+    return failed, [lost]
+
+
 def reschedule(task: Task, at: datetime, now: datetime) -> Task:
     return _advance(task, now, scheduled_at=at)
 

@@ -116,6 +116,15 @@ class Store(Protocol):
         """Remove the entries this ``token`` still holds (dispatch is done)."""
         ...
 
+    async def extend_leases(self, task_ids: Sequence[str], *, until: float) -> None:
+        """Move the ``scheduled_tasks`` entries of these running tasks to ``until``.
+
+        A running task's entry is its run's lease: a consumer renews it while the command
+        runs, and a scheduler that finds it due knows the run was lost. Ids without an
+        entry are left without one.
+        """
+        ...
+
     async def wait_for_due(self, *, max_wait: float) -> None:
         """Return when the earliest entry of ``scheduled_tasks`` is due, when one may have
         been added earlier than that (in any process), or after ``max_wait`` seconds."""

@@ -21,15 +21,17 @@ from anyio.abc import TaskStatus as StartedStatus
 
 from app.domain import (
     ACTIVE_STATUSES,
+    Run,
     Task,
     TaskStatus,
     fire_schedule,
+    lose_run,
     timestamp,
     touch,
     utcnow,
     worker_name,
 )
-from app.ports import Broker, Dispatch, DueAt, Store, TaskChange
+from app.ports import UNSCHEDULE, Broker, Dispatch, DueAt, Store, TaskChange
 from app.stopping import cancel_when_set
 
 log = logging.getLogger(__name__)
@@ -48,15 +50,20 @@ class _Plan:
     dispatch: Dispatch | None = None
 
 
-def plan_dispatch(task: Task, now: float) -> _Plan:
-    """Decide what a claimed entry of ``scheduled_tasks`` means for its task now."""
+def plan_dispatch(task: Task, now: float, running: Run | None = None) -> _Plan:
+    """Decide what a claimed entry of ``scheduled_tasks`` means for its task now.
+
+    ``running`` is the task's active run when the task is running.
+    """
     if task.status == TaskStatus.PENDING and task.active_run is not None:
         # Queued by "execute", or by a scheduler that died before its publish was confirmed.
         run = task.active_run
         return _Plan(dispatch=Dispatch(task_id=task.id, run_id=run.run_id, attempt=run.attempt))
+    if task.status == TaskStatus.RUNNING and running is not None:
+        # A running task's entry is its run's lease: due means nobody renewed it.
+        return _recover_lost_run(task, running)
     if task.status in ACTIVE_STATUSES or task.scheduled_at is None:
-        # Running: the end of the run re-adds a time set meanwhile. Unscheduled: a stale entry.
-        return _Plan()
+        return _Plan()  # a stale entry
     due = timestamp(task.scheduled_at)
     if due > now:
         repaired = touch(task, utcnow())
@@ -65,6 +72,25 @@ def plan_dispatch(task: Task, now: float) -> _Plan:
     return _Plan(
         change=TaskChange(task.id, task.revision, pending, runs=[run]),
         dispatch=Dispatch(task_id=task.id, run_id=run.run_id, attempt=run.attempt),
+    )
+
+
+def _recover_lost_run(task: Task, run: Run) -> _Plan:
+    now = utcnow()
+    recovered, runs = lose_run(task, run, now)
+    log.warning("run %s/%s was lost (%s)", task.id, run.run_id, runs[0].error)
+    if recovered.active_run is None:
+        # Out of attempts: failed. A time set meanwhile becomes due, as after any run.
+        schedule = (
+            UNSCHEDULE
+            if recovered.scheduled_at is None
+            else DueAt(timestamp(recovered.scheduled_at))
+        )
+        return _Plan(change=TaskChange(task.id, task.revision, recovered, runs, schedule))
+    fresh = recovered.active_run
+    return _Plan(
+        change=TaskChange(task.id, task.revision, recovered, runs),
+        dispatch=Dispatch(task_id=task.id, run_id=fresh.run_id, attempt=fresh.attempt),
     )
 
 
@@ -108,7 +134,11 @@ class Scheduler:
         )
         if not claims:
             return 0
-        plans = {c.task_id: plan_dispatch(c.task, now) for c in claims if c.task is not None}
+        plans = {
+            claim.task_id: plan_dispatch(claim.task, now, await self._running_run(claim.task))
+            for claim in claims
+            if claim.task is not None
+        }
         finished = [c.task_id for c in claims if c.task is None]
         changes = [p.change for p in plans.values() if p.change is not None]
         applied = await self._store.commit_each(changes)
@@ -138,12 +168,18 @@ class Scheduler:
         await self._store.release_claims(token=self._token, task_ids=finished)
         return len(claims)
 
+    async def _running_run(self, task: Task) -> Run | None:
+        """The run of a running task (claimed only when its lease ran out: rare)."""
+        if task.status != TaskStatus.RUNNING or task.active_run is None:
+            return None
+        return await self._store.get_run(task.id, task.active_run.run_id)
+
     async def _replan(self, task_id: str, now: float) -> _Plan | None:
         for _ in range(MAX_REPLANS):
             task = await self._store.get_task(task_id)
             if task is None:
                 return _Plan()
-            plan = plan_dispatch(task, now)
+            plan = plan_dispatch(task, now, await self._running_run(task))
             if plan.change is None or await self._store.commit_each([plan.change]) == [True]:
                 return plan
         log.warning("task %r kept changing; its dispatch is retried when the lease ends", task_id)

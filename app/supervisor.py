@@ -126,6 +126,7 @@ async def run_service(settings: Settings, *, on_ready: Callable[[str], None] | N
                         concurrency=settings.concurrency,
                         output_limit=settings.output_limit,
                         shutdown_grace=settings.shutdown_grace,
+                        lease_seconds=settings.lease_seconds,
                     )
                     await role_group.start(_role, "consumer", partial(consumer.run, stopping))
                     started.append(f"consumer ({settings.concurrency} at a time)")

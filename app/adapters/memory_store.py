@@ -152,6 +152,12 @@ class MemoryStore:
                 del self._claims[task_id]
                 self._due.pop(task_id, None)
 
+    async def extend_leases(self, task_ids: Sequence[str], *, until: float) -> None:
+        await anyio.lowlevel.checkpoint()
+        for task_id in task_ids:
+            if task_id in self._due:
+                self._due[task_id] = until
+
     async def wait_for_due(self, *, max_wait: float) -> None:
         earliest = min(self._due.values(), default=math.inf)
         delay = min(max_wait, earliest - time.time())

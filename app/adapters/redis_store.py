@@ -283,6 +283,10 @@ class RedisStore:
                 keys=[self._due_key, self._claims_key], args=[token, *task_ids]
             )
 
+    async def extend_leases(self, task_ids: Sequence[str], *, until: float) -> None:
+        if task_ids:
+            await self._redis.zadd(self._due_key, dict.fromkeys(task_ids, until), xx=True)
+
     async def wait_for_due(self, *, max_wait: float) -> None:
         pubsub = await self._subscribed()
         # Drop notifications that arrived before we look at the earliest entry: the

@@ -296,3 +296,14 @@ async def test_wait_for_due_wakes_when_an_earlier_entry_is_added_elsewhere(
                 when = (utcnow() + timedelta(hours=1)).timestamp()
                 await other.commit(TaskChange("a", 0, next_revision(task), schedule=DueAt(when)))
     assert woke_at and woke_at[0] - added_at < 1
+
+
+async def test_extend_leases_moves_only_existing_entries(store: Store) -> None:
+    now = time.time()
+    task = await create(store, "held")
+    await store.commit(TaskChange("held", 0, next_revision(task), schedule=DueAt(now)))
+    await create(store, "idle")
+    await store.extend_leases(["held", "idle", "missing"], until=now + 60)
+    assert await store.claim_due(now=now + 59, limit=10, lease=30, token="t") == []
+    claims = await store.claim_due(now=now + 60, limit=10, lease=30, token="t")
+    assert [c.task_id for c in claims] == ["held"]

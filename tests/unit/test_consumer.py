@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import AsyncGenerator
 from contextlib import asynccontextmanager
 from datetime import timedelta
@@ -38,7 +39,12 @@ def broker() -> MemoryBroker:
 
 @asynccontextmanager
 async def consuming(
-    store: MemoryStore, broker: MemoryBroker, *, concurrency: int = 4, grace: float = 5.0
+    store: MemoryStore,
+    broker: MemoryBroker,
+    *,
+    concurrency: int = 4,
+    grace: float = 5.0,
+    lease: float = 30.0,
 ) -> AsyncGenerator[anyio.Event]:
     """A consumer running until the block ends; set the yielded event to stop it early."""
     stopping = anyio.Event()
@@ -48,6 +54,7 @@ async def consuming(
         concurrency=concurrency,
         output_limit=4096,
         shutdown_grace=grace,
+        lease_seconds=lease,
         worker="test-worker",
     )
     async with anyio.create_task_group() as tg:
@@ -206,8 +213,27 @@ async def test_a_time_set_while_running_becomes_due_when_the_run_ends(
         await submit(store, broker, "a", f"touch {started}; sleep 0.3")
         await eventually(started.exists)
         await TaskService(store).schedule("a", at)
-        assert await store.claim_due(now=at.timestamp(), limit=10, lease=30, token="t") == []
         task = await finished(store, "a")
     assert task.status == TaskStatus.COMPLETED and task.scheduled_at == at
+    before = at.timestamp() - 1
+    assert await store.claim_due(now=before, limit=10, lease=30, token="t") == []
     claims = await store.claim_due(now=at.timestamp(), limit=10, lease=30, token="t")
     assert [c.task_id for c in claims] == ["a"]
+
+
+async def test_the_lease_of_a_running_command_is_renewed_until_it_ends(
+    store: MemoryStore, broker: MemoryBroker, tmp_path: Path
+) -> None:
+    started = tmp_path / "started"
+    lease = 0.6
+    async with consuming(store, broker, lease=lease):
+        await submit(store, broker, "a", f"touch {started}; sleep {4 * lease}")
+        await eventually(started.exists)
+        # Past several lease periods, no scheduler may take the run for lost.
+        for _ in range(6):
+            await anyio.sleep(lease / 2)
+            assert await store.claim_due(now=time.time(), limit=10, lease=30, token="t") == []
+        task = await finished(store, "a")
+    assert task.status == TaskStatus.COMPLETED
+    # The run is over: its lease entry is gone.
+    assert await store.claim_due(now=time.time() + 3600, limit=10, lease=30, token="t") == []

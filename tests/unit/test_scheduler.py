@@ -12,8 +12,18 @@ import pytest
 
 from app.adapters.memory_broker import MemoryBroker
 from app.adapters.memory_store import MemoryStore
-from app.domain import RunStatus, Task, TaskStatus, fire_schedule, timestamp, utcnow
-from app.ports import Dispatch, TaskChange
+from app.domain import (
+    LOST_RUN_LIMIT,
+    Run,
+    RunStatus,
+    Task,
+    TaskStatus,
+    fire_schedule,
+    start_run,
+    timestamp,
+    utcnow,
+)
+from app.ports import Dispatch, DueAt, TaskChange
 from app.scheduler import Scheduler
 from app.schemas import TaskCreate
 from app.service import TaskService
@@ -219,3 +229,64 @@ async def test_the_running_loop_sleeps_until_the_due_time_and_wakes_for_earlier_
         assert at <= fired < at + timedelta(milliseconds=200)
         assert queued(broker) == []
         stopping.set()
+
+
+async def start_running(store: MemoryStore, task_id: str, *, lease_until: float) -> Run:
+    """Bring a task to running as a consumer would, with its lease entry."""
+    await new_task(store, task_id)
+    await TaskService(store).execute(task_id)
+    task = await store.get_task(task_id)
+    assert task is not None and task.active_run is not None
+    queued_run = await store.get_run(task_id, task.active_run.run_id)
+    assert queued_run is not None
+    running_task, running = start_run(task, queued_run, "host:4242", utcnow())
+    await store.commit(
+        TaskChange(
+            task_id, task.revision, running_task, runs=[running], schedule=DueAt(lease_until)
+        )
+    )
+    return running
+
+
+async def test_a_run_whose_lease_ran_out_is_recovered_as_the_next_attempt(
+    store: MemoryStore, broker: MemoryBroker
+) -> None:
+    clock = Clock()
+    lost = await start_running(store, "a", lease_until=clock.now + 30)
+    scheduler = Scheduler(store, broker, lease_seconds=LEASE, clock=clock)
+    clock.now += 29
+    assert await scheduler.dispatch_due() == 0, "the lease still holds"
+    clock.now += 2
+    assert await scheduler.dispatch_due() == 1
+    task = await store.get_task("a")
+    assert task is not None and task.status == TaskStatus.PENDING
+    fresh, old = await store.list_runs("a", limit=10)
+    assert old.run_id == lost.run_id and old.status == RunStatus.FAILED
+    assert old.error == "lost: worker host:4242 stopped renewing its lease"
+    assert fresh.status == RunStatus.QUEUED and fresh.attempt == 2
+    assert queued(broker) == [Dispatch(task_id="a", run_id=fresh.run_id, attempt=2)]
+
+
+async def test_a_task_whose_runs_keep_being_lost_fails_after_the_limit(
+    store: MemoryStore, broker: MemoryBroker
+) -> None:
+    clock = Clock()
+    await start_running(store, "a", lease_until=clock.now)
+    scheduler = Scheduler(store, broker, lease_seconds=LEASE, clock=clock)
+    for attempt in range(2, LOST_RUN_LIMIT + 1):
+        assert await scheduler.dispatch_due() == 1
+        task = await store.get_task("a")
+        assert task is not None and task.active_run is not None
+        assert task.active_run.attempt == attempt
+        # The next worker dies too: start the queued run, never renew its lease.
+        queued_run = await store.get_run("a", task.active_run.run_id)
+        assert queued_run is not None
+        running_task, running = start_run(task, queued_run, "host:4242", utcnow())
+        lease = DueAt(clock.now)
+        await store.commit(TaskChange("a", task.revision, running_task, [running], lease))
+    assert await scheduler.dispatch_due() == 1
+    task = await store.get_task("a")
+    assert task is not None and task.status == TaskStatus.FAILED and task.active_run is None
+    assert task.last_run is not None and task.last_run.attempt == LOST_RUN_LIMIT
+    assert len(queued(broker)) == LOST_RUN_LIMIT - 1
+    assert await store.claim_due(now=clock.now + 3600, limit=10, lease=1, token="t") == []
