@@ -5,14 +5,20 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
+from collections.abc import AsyncGenerator, Awaitable
+from contextlib import asynccontextmanager
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
+import aiormq
 import anyio
 import httpx
 import pytest
 import redis.asyncio as redis
+from aiormq.abc import AbstractChannel
 
-from tests.conftest import eventually
+from app.adapters.amqp_broker import ROUTING_KEY, AmqpLayout
+from tests.conftest import AMQP_URL, eventually
 from tests.e2e.harness import running, service_env, wait_for_task
 
 pytestmark = pytest.mark.e2e
@@ -58,3 +64,95 @@ async def test_a_run_lost_with_its_killed_consumer_is_run_again_elsewhere(
     assert second["output"] == "second\n"
     assert second["worker"] != lost["worker"]
     assert recovered_after < 3 * lease + 5
+
+
+async def test_a_killed_scheduler_leaves_nothing_undispatched(
+    prefix: str, servers: redis.Redis, tmp_path: Path
+) -> None:
+    """Publishes that RabbitMQ does not confirm keep their claims; the scheduler dies
+    holding them; once they expire another scheduler dispatches every task, once."""
+    lease = 2.0
+    env = service_env(prefix, TASKQ_LEASE_SECONDS=str(lease))
+    ran = tmp_path / "ran"
+    ids = [f"held-{n:02}" for n in range(20)]
+    async with (
+        running(["serve", "--roles", "api,consumer"], env, name="api") as api,
+        amqp_channel() as channel,
+    ):
+        assert api.api_url is not None
+        layout = AmqpLayout.for_prefix(prefix)
+        async with httpx.AsyncClient(base_url=api.api_url) as http:
+            async with running(["serve", "--roles", "scheduler"], env, name="doomed") as doomed:
+                # Unroutable from now on: publishes are returned, never confirmed.
+                await channel.queue_unbind(layout.queue, layout.exchange, ROUTING_KEY)
+                for task_id in ids:
+                    body = {"id": task_id, "name": task_id, "command": f"echo {task_id} >> {ran}"}
+                    await http.post("/tasks", json=body)
+                    await http.post(f"/tasks/{task_id}/execute")
+                claims = f"{prefix}claims"
+                await eventually(lambda: _count(servers.hlen(claims), len(ids)), within=10)
+                doomed.process.kill()
+                await doomed.process.wait()
+            await channel.queue_bind(layout.queue, layout.exchange, ROUTING_KEY)
+            async with running(["serve", "--roles", "scheduler"], env, name="successor"):
+                for task_id in ids:
+                    task = await wait_for_task(http, task_id, {"completed", "failed"}, within=30)
+                    assert task["status"] == "completed"
+    executions = ran.read_text().split()
+    print(f"{len(ids)} tasks claimed by a killed scheduler: {len(executions)} executions")
+    assert sorted(executions) == ids
+
+
+async def _count(pending: Awaitable[int], expected: int) -> bool:
+    return await pending == expected
+
+
+@asynccontextmanager
+async def amqp_channel() -> AsyncGenerator[AbstractChannel]:
+    async with aiormq.connect(AMQP_URL) as connection:
+        yield await connection.channel()
+
+
+async def test_three_schedulers_fire_1000_due_times_exactly_once(
+    prefix: str, servers: redis.Redis, tmp_path: Path
+) -> None:
+    ran = tmp_path / "ran"
+    env = service_env(prefix, TASKQ_CONCURRENCY="16")
+    ids = [f"due-{n:04}" for n in range(1000)]
+    async with (
+        running(["serve", "--roles", "api,consumer"], env, name="api") as api,
+        running(["serve", "--roles", "scheduler"], env, name="scheduler-1"),
+        running(["serve", "--roles", "scheduler"], env, name="scheduler-2"),
+        running(["serve", "--roles", "scheduler"], env, name="scheduler-3"),
+    ):
+        assert api.api_url is not None
+        at = datetime.now(UTC) + timedelta(seconds=6)
+        async with httpx.AsyncClient(base_url=api.api_url) as http:
+            limiter = anyio.Semaphore(16)
+
+            async def create(task_id: str) -> None:
+                async with limiter:
+                    body = {
+                        "id": task_id,
+                        "name": task_id,
+                        "command": f"echo {task_id} >> {ran}",
+                        # Spread over two seconds: due times close together, not identical.
+                        "scheduled_at": (
+                            at + timedelta(milliseconds=2 * int(task_id[4:]))
+                        ).isoformat(),
+                    }
+                    response = await http.post("/tasks", json=body)
+                    assert response.status_code == 201, response.text
+
+            async with anyio.create_task_group() as tg:
+                for task_id in ids:
+                    tg.start_soon(create, task_id)
+            assert datetime.now(UTC) < at, "creating 1000 tasks took too long for this test"
+            completed = f"{prefix}status:completed"
+            await eventually(lambda: _count(servers.zcard(completed), len(ids)), within=90)
+    executions = ran.read_text().split()
+    duplicated = len(executions) - len(set(executions))
+    lost = len(set(ids) - set(executions))
+    print(f"1000 due times, 3 schedulers: {len(executions)} executions, "
+          f"{duplicated} duplicated, {lost} lost")  # fmt: skip
+    assert duplicated == 0 and lost == 0
