@@ -156,3 +156,43 @@ async def test_three_schedulers_fire_1000_due_times_exactly_once(
     print(f"1000 due times, 3 schedulers: {len(executions)} executions, "
           f"{duplicated} duplicated, {lost} lost")  # fmt: skip
     assert duplicated == 0 and lost == 0
+
+
+async def test_sigterm_lets_short_commands_finish_and_requeues_long_ones(
+    prefix: str, servers: redis.Redis, tmp_path: Path
+) -> None:
+    grace = 2.0
+    env = service_env(prefix, TASKQ_SHUTDOWN_GRACE=str(grace))
+    short_started, long_started = tmp_path / "short", tmp_path / "long"
+    commands = {
+        "short": f"touch {short_started}; sleep 1; echo short done",
+        # The first attempt outlives the grace period; the requeued one finishes at once.
+        "long": f"if [ -e {long_started} ]; then echo long done; "
+        f"else touch {long_started}; sleep 600; fi",
+    }
+    async with running(["serve", "--roles", "api,scheduler"], env, name="api") as api:
+        assert api.api_url is not None
+        async with httpx.AsyncClient(base_url=api.api_url) as http:
+            for task_id, command in commands.items():
+                await http.post("/tasks", json={"id": task_id, "name": task_id, "command": command})
+            async with running(["serve", "--roles", "consumer"], env, name="stopping") as consumer:
+                for task_id in commands:
+                    await http.post(f"/tasks/{task_id}/execute")
+                await eventually(lambda: short_started.exists() and long_started.exists())
+                stopped_at = anyio.current_time()
+                code = await consumer.stop(signal.SIGTERM, deadline=grace + 10)
+                took = anyio.current_time() - stopped_at
+            short = (await http.get("/tasks/short")).json()
+            long = (await http.get("/tasks/long")).json()
+            assert short["status"] == "completed", "finished within the grace period"
+            assert long["status"] == "pending", "given back, not lost and not stuck running"
+            async with running(["serve", "--roles", "consumer"], env, name="next"):
+                long = await wait_for_task(http, "long", {"completed", "failed"})
+            long_runs = (await http.get("/tasks/long/runs")).json()
+    print(f"SIGTERM with 2 commands running: exit {code} after {took:.1f} s (grace {grace:g} s)")
+    assert code == 0
+    assert grace <= took < grace + 5
+    assert long["status"] == "completed"
+    done, interrupted = long_runs
+    assert interrupted["status"] == "cancelled" and interrupted["error"] == "worker shut down"
+    assert done["output"] == "long done\n"
