@@ -42,6 +42,7 @@ from app.domain import (
     TaskNotFound,
     TaskStatus,
 )
+from app.ports import StoreUnavailable
 from app.schemas import ScheduleRequest, TaskCreate, TaskUpdate
 from app.service import InvalidCursor, StoreContention, TaskService
 
@@ -223,6 +224,7 @@ _STATUS_OF: list[tuple[type[Exception], int]] = [
     (InvalidTransition, HTTP_409_CONFLICT),
     (InvalidCursor, HTTP_400_BAD_REQUEST),
     (StoreContention, HTTP_503_SERVICE_UNAVAILABLE),
+    (StoreUnavailable, HTTP_503_SERVICE_UNAVAILABLE),
 ]
 
 
@@ -263,6 +265,7 @@ def create_app(service: TaskService, *, checks: dict[str, Check], debug: bool = 
         exception_handlers={
             DomainError: _domain_error,
             StoreContention: _domain_error,
+            StoreUnavailable: _domain_error,
             ValidationException: _validation_error,
         },
         openapi_config=OpenAPIConfig(

@@ -11,7 +11,7 @@ of the same queued run.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from datetime import datetime
 
 import anyio
@@ -31,13 +31,33 @@ from app.domain import (
     worker_name,
 )
 from app.executor import inherited_environment, run_command
-from app.ports import UNSCHEDULE, Broker, Delivery, DueAt, ScheduleChange, Store, TaskChange
+from app.outages import until_available
+from app.ports import (
+    UNSCHEDULE,
+    Broker,
+    BrokerUnavailable,
+    Delivery,
+    DueAt,
+    ScheduleChange,
+    Store,
+    StoreUnavailable,
+    TaskChange,
+)
 from app.service import transact
 from app.stopping import cancel_after, cancel_when_set
 
 log = logging.getLogger(__name__)
 
 SHUTDOWN_BOOKKEEPING_SECONDS = 10.0
+
+
+async def _settle(settle: Callable[[], Awaitable[None]]) -> None:
+    """Settle a delivery; if the broker went away meanwhile, RabbitMQ has requeued the
+    message, and its redelivery finds the run no longer queued and is skipped."""
+    try:
+        await settle()
+    except BrokerUnavailable as exc:
+        log.warning("could not settle a delivery (%s); its redelivery will be skipped", exc)
 
 
 class Consumer:
@@ -100,21 +120,28 @@ class Consumer:
         dispatch = delivery.dispatch
         if dispatch is None:
             log.error("dead-lettering a message whose body is not a dispatch")
-            await delivery.dead_letter()
+            await _settle(delivery.dead_letter)
             return
-        task, run = await self._store.get_task_and_run(dispatch.task_id, dispatch.run_id)
-        if task is None or run is None or run.status != RunStatus.QUEUED:
+        # While the store is out of reach the delivery stays unsettled here, and the
+        # prefetch limit stops more from arriving.
+        found_task, found_run = await until_available(
+            lambda: self._store.get_task_and_run(dispatch.task_id, dispatch.run_id),
+            "read a dispatched run",
+        )
+        if found_task is None or found_run is None or found_run.status != RunStatus.QUEUED:
             log.info("skipping %s/%s: not a queued run", dispatch.task_id, dispatch.run_id)
-            await delivery.ack()
+            await _settle(delivery.ack)
             return
+        queued_task, queued_run = found_task, found_run
         try:
-            started = await self._start(task, run)
+            task, run = await until_available(
+                lambda: self._start(queued_task, queued_run), "record a start"
+            )
         except DomainError as exc:
             log.info("skipping %s/%s: %s", dispatch.task_id, dispatch.run_id, exc)
-            await delivery.ack()
+            await _settle(delivery.ack)
             return
-        await delivery.ack()
-        task, run = started
+        await _settle(delivery.ack)
         self._running.add(task.id)
         try:
             outcome = await run_command(
@@ -126,11 +153,13 @@ class Consumer:
             )
         except anyio.get_cancelled_exc_class():
             with anyio.move_on_after(SHUTDOWN_BOOKKEEPING_SECONDS, shield=True):
-                await self._give_back(run)
+                await until_available(lambda: self._give_back(run), "requeue a run")
             raise
         finally:
             self._running.discard(task.id)
-        await self._finish(task, run, outcome)
+        # The result matters more than the wait: without it the lease would run out and
+        # the command would run again.
+        await until_available(lambda: self._finish(task, run, outcome), "record a result")
 
     async def _renew_leases(self) -> None:
         """Keep the leases of the running runs ahead of now, so no scheduler takes them
@@ -139,7 +168,10 @@ class Consumer:
             await anyio.sleep(self._lease_seconds / 3)
             if self._running:
                 until = timestamp(self._clock()) + self._lease_seconds
-                await self._store.extend_leases(sorted(self._running), until=until)
+                try:
+                    await self._store.extend_leases(sorted(self._running), until=until)
+                except StoreUnavailable as exc:
+                    log.warning("cannot renew run leases: %s", exc)
 
     async def _start(self, task: Task, run: Run) -> tuple[Task, Run]:
         def plan(task: Task) -> TaskChange:

@@ -17,6 +17,14 @@ import msgspec
 from app.domain import Run, Task, TaskStatus
 
 
+class StoreUnavailable(Exception):
+    """The store cannot be reached right now; the operation may be retried later."""
+
+
+class BrokerUnavailable(Exception):
+    """The broker cannot be reached right now; the operation may be retried later."""
+
+
 class Keep(msgspec.Struct, frozen=True):
     """Leave the task's entry in ``scheduled_tasks`` as it is."""
 
@@ -62,7 +70,10 @@ class Claim:
 
 
 class Store(Protocol):
-    """Where tasks, their runs and their schedule live."""
+    """Where tasks, their runs and their schedule live.
+
+    Every method raises ``StoreUnavailable`` when the store cannot be reached.
+    """
 
     async def ping(self) -> None:
         """Raise if the store cannot be reached."""
@@ -180,7 +191,11 @@ class Delivery(Protocol):
 
 
 class Broker(Protocol):
-    """Carries dispatch messages from schedulers to consumers."""
+    """Carries dispatch messages from schedulers to consumers.
+
+    ``ping`` and ``publish`` raise ``BrokerUnavailable`` while the broker cannot be
+    reached; a ``consume`` iterator waits through such an outage and goes on after it.
+    """
 
     async def ping(self) -> None:
         """Raise if the broker cannot be reached."""

@@ -31,6 +31,7 @@ from app.domain import (
     utcnow,
     worker_name,
 )
+from app.outages import OUTAGES, Backoff
 from app.ports import UNSCHEDULE, Broker, Dispatch, DueAt, Store, TaskChange
 from app.stopping import cancel_when_set
 
@@ -122,9 +123,16 @@ class Scheduler:
             await self._store.ping()
             await self._broker.ping()
             task_status.started()
+            backoff = Backoff()
             while True:
-                if await self.dispatch_due() < self._batch_size:
-                    await self._store.wait_for_due(max_wait=RESYNC_SECONDS)
+                try:
+                    if await self.dispatch_due() < self._batch_size:
+                        await self._store.wait_for_due(max_wait=RESYNC_SECONDS)
+                except OUTAGES as exc:
+                    # Claims already taken stay leased: nothing is lost while we wait.
+                    await backoff.wait("scheduler cannot dispatch", exc)
+                else:
+                    backoff.reset()
 
     async def dispatch_due(self) -> int:
         """Dispatch one batch of due tasks; return how many entries were claimed."""

@@ -8,13 +8,18 @@ Layout, every name under the key prefix (``AmqpLayout``):
 - exchange ``tasks.dead`` (fanout, durable), which feeds the durable queue ``tasks_dead``.
 
 Messages are persistent JSON, published ``mandatory`` with publisher confirms and a window
-of outstanding confirms. The connection does not heal itself yet: once it is lost, every
-operation raises ``BrokerUnavailable`` and the broker has to be opened again.
+of outstanding confirms.
+
+aiormq does not reconnect by itself, so the broker keeps its connection alive: when it is
+lost, a background task reconnects with backoff and declares the layout again. Meanwhile
+``ping`` and ``publish`` raise ``BrokerUnavailable`` (callers retry: scheduler claims stay
+leased), and consumers wait, then consume again on a fresh channel.
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Generator, Sequence
 from contextlib import asynccontextmanager, contextmanager, suppress
 from dataclasses import dataclass
@@ -29,7 +34,7 @@ from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStre
 from pamqp import commands as spec
 from yarl import URL
 
-from app.ports import DELIVERY_LIMIT, Delivery, Dispatch, decode_dispatch
+from app.ports import DELIVERY_LIMIT, BrokerUnavailable, Delivery, Dispatch, decode_dispatch
 
 ROUTING_KEY = "task.dispatch"
 """The routing key ``tasks_queue`` is bound with and every dispatch is published with."""
@@ -44,6 +49,11 @@ _CONNECT_TIMEOUT = 15.0
 _RPC_TIMEOUT = 10.0
 _CONFIRM_TIMEOUT = 30.0
 _CLOSE_TIMEOUT = 5.0
+_RETRY_FIRST = 0.1
+_RETRY_MAX = 5.0
+_HEARTBEAT_SECONDS = 10
+
+log = logging.getLogger(__name__)
 
 # What aiormq raises when the connection or a channel is gone or does not answer
 # (TimeoutError and ConnectionError are OSErrors; ChannelInvalidStateError is a RuntimeError).
@@ -52,10 +62,6 @@ _UNAVAILABLE_ERRORS: tuple[type[Exception], ...] = (
     aiormq.ChannelInvalidStateError,
     OSError,
 )
-
-
-class BrokerUnavailable(Exception):
-    """RabbitMQ cannot be reached, closed the connection or a channel, or did not answer."""
 
 
 @contextmanager
@@ -159,6 +165,11 @@ class AmqpDelivery:
     def dispatch(self) -> Dispatch | None:
         return self._dispatch
 
+    @property
+    def stale(self) -> bool:
+        """Its channel is gone: RabbitMQ has given the message back to the queue."""
+        return self._consumer.stopping or self._consumer.lost is not None
+
     async def ack(self) -> None:
         await self._settle("ack", lambda channel, tag: channel.basic_ack(tag))
 
@@ -173,9 +184,9 @@ class AmqpDelivery:
     async def _settle(
         self, what: str, settle: Callable[[AbstractChannel, int], Awaitable[None]]
     ) -> None:
-        if self._settled or self._consumer.stopping:
-            # As with the memory broker: settling twice, or after the consumer stopped
-            # (its channel closed, so RabbitMQ has requeued the message), does nothing.
+        if self._settled or self.stale:
+            # As with the memory broker: settling twice, or after the channel went (the
+            # message is back in the queue, for a redelivery), does nothing.
             await anyio.lowlevel.checkpoint()
             return
         self._settled = True
@@ -219,52 +230,110 @@ class _Consumer:
         self.lost = why
         self._send.close()
 
+    async def close(self) -> None:
+        """Stop consuming; what was left unsettled goes back to the queue."""
+        self.stopping = True
+        self._send.close()
+        with anyio.move_on_after(_CLOSE_TIMEOUT, shield=True), suppress(*_UNAVAILABLE_ERRORS):
+            await self.channel.close(None)
+
 
 class _Deliveries:
-    """The async iterator ``AmqpBroker.consume`` yields."""
+    """The async iterator ``AmqpBroker.consume`` yields: it consumes again on a fresh
+    channel whenever the current one is lost (connection lost, queue deleted)."""
 
-    def __init__(
-        self, consumer: _Consumer, receive: MemoryObjectReceiveStream[AmqpDelivery]
-    ) -> None:
-        self._consumer = consumer
-        self._receive = receive
+    def __init__(self, broker: AmqpBroker, prefetch: int) -> None:
+        self._broker = broker
+        self._prefetch = prefetch
+        self._consumer: _Consumer | None = None
+        self._receive: MemoryObjectReceiveStream[AmqpDelivery] | None = None
 
     def __aiter__(self) -> _Deliveries:
         return self
 
     async def __anext__(self) -> Delivery:
-        self._raise_if_lost()
-        try:
-            return await self._receive.receive()
-        except anyio.EndOfStream:
-            self._raise_if_lost()
-            raise StopAsyncIteration from None
-        except anyio.ClosedResourceError:
-            raise StopAsyncIteration from None
+        while True:
+            if self._consumer is None or self._receive is None:
+                await self.start()
+                assert self._receive is not None
+            try:
+                delivery = await self._receive.receive()
+            except (anyio.EndOfStream, anyio.ClosedResourceError):
+                assert self._consumer is not None
+                log.warning("consuming again after: %s", self._consumer.lost or "channel closed")
+                await self.stop()
+                continue
+            if not delivery.stale:
+                return delivery
 
-    def _raise_if_lost(self) -> None:
-        # Deliveries still buffered are on a dead channel and could not be settled.
-        if self._consumer.lost is not None:
-            raise BrokerUnavailable(self._consumer.lost)
+    async def start(self) -> None:
+        """Consume on a fresh channel, waiting for the connection as long as it takes."""
+        delay = _RETRY_FIRST
+        while True:
+            connection = await self._broker.connected()
+            try:
+                with anyio.fail_after(_RPC_TIMEOUT):
+                    channel = await connection.channel(publisher_confirms=False)
+                    # Declaring again heals a queue deleted under a running consumer.
+                    await declare_layout(channel, self._broker.layout)
+                    await channel.basic_qos(prefetch_count=self._prefetch)
+                    send, receive = anyio.create_memory_object_stream[AmqpDelivery](
+                        max_buffer_size=self._prefetch
+                    )
+                    consumer = _Consumer(channel, send)
+                    closing = cast("asyncio.Future[Any]", channel.closing)  # pyright: ignore[reportUnknownMemberType]
+                    closing.add_done_callback(consumer.on_channel_closed)
+                    channel.on_consumer_cancel_callbacks.add(consumer.on_cancelled)
+                    await channel.basic_consume(self._broker.queue_name, consumer.on_message)
+            except (*_UNAVAILABLE_ERRORS, TimeoutError) as exc:
+                log.warning("cannot consume yet (%r); retrying in %.1f s", exc, delay)
+                await anyio.sleep(delay)
+                delay = min(2 * delay, _RETRY_MAX)
+                continue
+            self._consumer, self._receive = consumer, receive
+            return
+
+    async def stop(self) -> None:
+        consumer, receive = self._consumer, self._receive
+        self._consumer = self._receive = None
+        if receive is not None:
+            receive.close()
+        if consumer is not None:
+            await consumer.close()
 
 
-class AmqpBroker:
-    """Implements ``Broker`` over one RabbitMQ connection; open it with ``open_amqp_broker``."""
+class _Link:
+    """One live connection and the channels the broker keeps open on it."""
 
     def __init__(
         self,
         connection: AbstractConnection,
-        *,
         control_channel: AbstractChannel,
         publish_channel: AbstractChannel,
-        layout: AmqpLayout,
     ) -> None:
-        self._connection = connection
-        self._control_channel = control_channel
-        self._control_lock = anyio.Lock()
-        self._publish_channel = publish_channel
-        self._window = anyio.Semaphore(PUBLISH_WINDOW)
+        self.connection = connection
+        self.control_channel = control_channel
+        self.publish_channel = publish_channel
+        self.closed = anyio.Event()
+        closing = cast("asyncio.Future[Any]", connection.closing)  # pyright: ignore[reportUnknownMemberType]
+        closing.add_done_callback(lambda _: self.closed.set())
+
+    @property
+    def usable(self) -> bool:
+        return not self.connection.is_closed and not self.closed.is_set()
+
+
+class AmqpBroker:
+    """Implements ``Broker`` over RabbitMQ; open it with ``open_amqp_broker``."""
+
+    def __init__(self, url: str, layout: AmqpLayout) -> None:
+        self._url = url
+        self._where = URL(url).with_password(None)
         self.layout = layout
+        self._link: _Link | None = None
+        self._link_changed = anyio.Event()
+        self._control_lock = anyio.Lock()
+        self._window = anyio.Semaphore(PUBLISH_WINDOW)
 
     @property
     def exchange(self) -> str:
@@ -286,10 +355,79 @@ class AmqpBroker:
     def routing_key(self) -> str:
         return ROUTING_KEY
 
+    async def connect(self) -> None:
+        """Connect and declare the layout; raises ``BrokerUnavailable`` if it cannot."""
+        self._set_link(await self._connect())
+
+    async def keep_connected(self) -> None:
+        """Reconnect whenever the connection is lost, with backoff, until cancelled."""
+        link = self._link
+        assert link is not None, "connect() first"
+        while True:
+            await link.closed.wait()
+            self._set_link(None)
+            log.warning("lost the connection to %s; reconnecting", self._where)
+            delay = _RETRY_FIRST
+            while True:
+                try:
+                    link = await self._connect()
+                    break
+                except BrokerUnavailable as exc:
+                    log.warning("%s; retrying in %.1f s", exc, delay)
+                    await anyio.sleep(delay)
+                    delay = min(2 * delay, _RETRY_MAX)
+            self._set_link(link)
+            log.warning("reconnected to %s", self._where)
+
+    async def _connect(self) -> _Link:
+        with (
+            _unavailable_on_error(f"cannot connect to {self._where}"),
+            anyio.fail_after(_CONNECT_TIMEOUT),
+        ):
+            connection = await aiormq.connect(self._url)
+        try:
+            with (
+                _unavailable_on_error(f"cannot set up {self._where}"),
+                anyio.fail_after(_RPC_TIMEOUT),
+            ):
+                control_channel = await connection.channel(publisher_confirms=False)
+                await declare_layout(control_channel, self.layout)
+                publish_channel = await connection.channel(publisher_confirms=True)
+        except BaseException:
+            await _close_connection(connection)
+            raise
+        return _Link(connection, control_channel, publish_channel)
+
+    def _set_link(self, link: _Link | None) -> None:
+        self._link = link
+        self._link_changed.set()
+        self._link_changed = anyio.Event()
+
+    def _current(self, what: str) -> _Link:
+        link = self._link
+        if link is None or not link.usable:
+            raise BrokerUnavailable(f"{what}: not connected to {self._where} (reconnecting)")
+        return link
+
+    async def connected(self) -> AbstractConnection:
+        """The live connection, once there is one (waits through an outage)."""
+        while self._link is None or not self._link.usable:
+            await self._link_changed.wait()
+        return self._link.connection
+
+    async def close(self) -> None:
+        link, self._link = self._link, None
+        if link is not None:
+            await _close_connection(link.connection)
+
     async def ping(self) -> None:
+        link = self._current("RabbitMQ did not answer")
         with _unavailable_on_error("RabbitMQ did not answer"), anyio.fail_after(_RPC_TIMEOUT):
-            channel = await self._control()
-            await channel.queue_declare(self.queue_name, passive=True)
+            async with self._control_lock:
+                # A failed passive declare (queue deleted) closes the channel: open another.
+                if link.control_channel.is_closed:
+                    link.control_channel = await link.connection.channel(publisher_confirms=False)
+                await link.control_channel.queue_declare(self.queue_name, passive=True)
 
     async def publish(self, messages: Sequence[Dispatch]) -> list[Dispatch]:
         confirmed = await self._publish_bodies([msgspec.json.encode(m) for m in messages])
@@ -301,8 +439,8 @@ class AmqpBroker:
         return confirmed
 
     async def _publish_bodies(self, bodies: Sequence[bytes]) -> list[bool]:
-        channel = self._publish_channel
-        if channel.is_closed or self._connection.is_closed:
+        channel = self._current("cannot publish").publish_channel
+        if channel.is_closed:
             raise BrokerUnavailable("cannot publish: the publishing channel is closed")
         confirmed = [False] * len(bodies)
         failures: list[Exception] = []
@@ -320,7 +458,7 @@ class AmqpBroker:
                 confirmed[index] = True
             except aiormq.DeliveryError:
                 pass  # nacked, or returned as unroutable (a PublishError): not confirmed
-            except _UNAVAILABLE_ERRORS as exc:
+            except (*_UNAVAILABLE_ERRORS, TimeoutError) as exc:
                 failures.append(exc)
                 tg.cancel_scope.cancel()
             finally:
@@ -342,61 +480,41 @@ class AmqpBroker:
     async def consume(self, *, prefetch: int) -> AsyncGenerator[AsyncIterator[Delivery], None]:
         if prefetch < 1:
             raise ValueError(f"prefetch must be at least 1, not {prefetch}")
-        with (
-            _unavailable_on_error("cannot open a consumer channel"),
-            anyio.fail_after(_RPC_TIMEOUT),
-        ):
-            channel = await self._open_channel()
-        send, receive = anyio.create_memory_object_stream[AmqpDelivery](max_buffer_size=prefetch)
-        consumer = _Consumer(channel, send)
+        deliveries = _Deliveries(self, prefetch)
         try:
-            closing = cast("asyncio.Future[Any]", channel.closing)  # pyright: ignore[reportUnknownMemberType]
-            closing.add_done_callback(consumer.on_channel_closed)
-            channel.on_consumer_cancel_callbacks.add(consumer.on_cancelled)
-            with _unavailable_on_error("cannot start consuming"), anyio.fail_after(_RPC_TIMEOUT):
-                await channel.basic_qos(prefetch_count=prefetch)
-                await channel.basic_consume(self.queue_name, consumer.on_message)
-            yield _Deliveries(consumer, receive)
+            await deliveries.start()
+            yield deliveries
         finally:
-            consumer.stopping = True
-            send.close()
-            receive.close()
-            # Closing the channel cancels the consumer and requeues what it left unsettled.
-            with anyio.move_on_after(_CLOSE_TIMEOUT, shield=True), suppress(*_UNAVAILABLE_ERRORS):
-                await channel.close(None)
+            with anyio.CancelScope(shield=True):
+                await deliveries.stop()
 
-    async def _control(self) -> AbstractChannel:
-        # A failed passive declare (queue deleted) closes the channel: open a fresh one.
-        async with self._control_lock:
-            if self._control_channel.is_closed:
-                self._control_channel = await self._open_channel()
-            return self._control_channel
 
-    async def _open_channel(self) -> AbstractChannel:
-        # aiormq raises a bare RuntimeError for a closed connection.
-        if self._connection.is_closed:
-            raise BrokerUnavailable("the connection to RabbitMQ is closed")
-        return await self._connection.channel(publisher_confirms=False)
+async def _close_connection(connection: AbstractConnection) -> None:
+    with anyio.move_on_after(_CLOSE_TIMEOUT, shield=True), suppress(*_UNAVAILABLE_ERRORS):
+        await connection.close(None)
+
+
+def _with_heartbeat(url: str) -> str:
+    """Notice a dead connection within seconds, not the minutes of the default heartbeat."""
+    parsed = URL(url)
+    if "heartbeat" in parsed.query:
+        return url
+    return str(parsed.update_query(heartbeat=_HEARTBEAT_SECONDS))
 
 
 @asynccontextmanager
 async def open_amqp_broker(url: str, *, prefix: str) -> AsyncGenerator[AmqpBroker, None]:
-    """A connected ``AmqpBroker`` for ``url`` with its layout declared, closed on exit."""
-    layout = AmqpLayout.for_prefix(prefix)
-    where = URL(url).with_password(None)
-    with _unavailable_on_error(f"cannot connect to {where}"), anyio.fail_after(_CONNECT_TIMEOUT):
-        connection = await aiormq.connect(url)
-    try:
-        with _unavailable_on_error(f"cannot set up {where}"), anyio.fail_after(_RPC_TIMEOUT):
-            control_channel = await connection.channel(publisher_confirms=False)
-            await declare_layout(control_channel, layout)
-            publish_channel = await connection.channel(publisher_confirms=True)
-        yield AmqpBroker(
-            connection,
-            control_channel=control_channel,
-            publish_channel=publish_channel,
-            layout=layout,
-        )
-    finally:
-        with anyio.move_on_after(_CLOSE_TIMEOUT, shield=True), suppress(*_UNAVAILABLE_ERRORS):
-            await connection.close(None)
+    """A connected ``AmqpBroker`` for ``url`` with its layout declared, closed on exit.
+
+    The first connection must succeed (a wrong URL fails at once); later losses are
+    healed in the background.
+    """
+    broker = AmqpBroker(_with_heartbeat(url), AmqpLayout.for_prefix(prefix))
+    await broker.connect()
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(broker.keep_connected)
+        try:
+            yield broker
+        finally:
+            tg.cancel_scope.cancel()
+            await broker.close()

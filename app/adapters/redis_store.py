@@ -18,12 +18,16 @@ whose stored document already equals the new one reports success.
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import math
 import time
-from collections.abc import AsyncGenerator, Sequence
+from collections.abc import AsyncGenerator, Callable, Sequence
 from contextlib import asynccontextmanager
-from typing import Any, cast
+from types import CoroutineType
+from typing import Any, ParamSpec, TypeVar, cast
 
+import anyio
 import msgspec
 import redis.asyncio as redis
 from redis.asyncio.client import PubSub
@@ -33,7 +37,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from app.domain import RevisionConflict, Run, Task, TaskAlreadyExists, TaskStatus
-from app.ports import Claim, DueAt, Keep, TaskChange, Unschedule
+from app.ports import Claim, DueAt, Keep, StoreUnavailable, TaskChange, Unschedule
 
 _COMMIT = """
 local task_key, tasks_key, due_key = KEYS[1], KEYS[2], KEYS[3]
@@ -153,6 +157,27 @@ _run_decoder = msgspec.json.Decoder(Run)
 _encoder = msgspec.json.Encoder()
 
 
+_P = ParamSpec("_P")
+_T = TypeVar("_T")
+_UNAVAILABLE = (RedisConnectionError, RedisTimeoutError)
+
+
+def _translate_errors(
+    method: Callable[_P, CoroutineType[Any, Any, _T]],
+) -> Callable[_P, CoroutineType[Any, Any, _T]]:
+    """Report Redis being out of reach (after the client's own retries) as the port's
+    ``StoreUnavailable``, which callers know to wait out."""
+
+    @functools.wraps(method)
+    async def translated(*args: _P.args, **kwargs: _P.kwargs) -> _T:
+        try:
+            return await method(*args, **kwargs)
+        except _UNAVAILABLE as exc:
+            raise StoreUnavailable(f"Redis: {exc}") from exc
+
+    return translated
+
+
 class RedisStore:
     """Implements ``Store`` on one Redis server (or one Cluster slot)."""
 
@@ -180,13 +205,16 @@ class RedisStore:
     def status_key(self, status: TaskStatus) -> str:
         return f"{self._prefix}status:{status}"
 
+    @_translate_errors
     async def ping(self) -> None:
         await self._redis.ping()  # pyright: ignore[reportUnknownMemberType]
 
+    @_translate_errors
     async def get_task(self, task_id: str) -> Task | None:
         doc = await self._redis.get(self.task_key(task_id))
         return None if doc is None else _task_decoder.decode(doc)
 
+    @_translate_errors
     async def list_tasks(
         self, *, status: TaskStatus | None, limit: int, after: str | None
     ) -> list[Task]:
@@ -195,10 +223,12 @@ class RedisStore:
         docs = await self._list_tasks(keys=[index], args=[self._prefix, start, limit])
         return [_task_decoder.decode(doc) for doc in cast(list[bytes | None], docs) if doc]
 
+    @_translate_errors
     async def commit(self, change: TaskChange) -> None:
         result = await self._commit(keys=self._commit_keys(change), args=self._commit_args(change))
         _raise_for(change, result)
 
+    @_translate_errors
     async def commit_each(self, changes: Sequence[TaskChange]) -> list[bool]:
         """Apply each change atomically on its own, in one round trip; report which applied."""
         if not changes:
@@ -244,10 +274,12 @@ class RedisStore:
             args += [run.run_id, _encoder.encode(run)]
         return args
 
+    @_translate_errors
     async def get_run(self, task_id: str, run_id: str) -> Run | None:
         doc = await self._redis.hget(self.runs_key(task_id), run_id)  # type: ignore[misc]
         return None if doc is None else _run_decoder.decode(cast(bytes, doc))
 
+    @_translate_errors
     async def get_task_and_run(self, task_id: str, run_id: str) -> tuple[Task | None, Run | None]:
         async with self._redis.pipeline(transaction=False) as pipe:
             pipe.get(self.task_key(task_id))
@@ -258,10 +290,12 @@ class RedisStore:
             None if run_doc is None else _run_decoder.decode(run_doc),
         )
 
+    @_translate_errors
     async def list_runs(self, task_id: str, *, limit: int) -> list[Run]:
         docs = await self._list_runs(keys=[self.runs_key(task_id)], args=[limit])
         return [_run_decoder.decode(doc) for doc in cast(list[bytes | None], docs) if doc]
 
+    @_translate_errors
     async def claim_due(self, *, now: float, limit: int, lease: float, token: str) -> list[Claim]:
         flat = cast(
             list[bytes | None],
@@ -277,17 +311,30 @@ class RedisStore:
             claims.append(Claim(raw_id.decode(), task))
         return claims
 
+    @_translate_errors
     async def release_claims(self, *, token: str, task_ids: Sequence[str]) -> None:
         if task_ids:
             await self._release_claims(
                 keys=[self._due_key, self._claims_key], args=[token, *task_ids]
             )
 
+    @_translate_errors
     async def extend_leases(self, task_ids: Sequence[str], *, until: float) -> None:
         if task_ids:
             await self._redis.zadd(self._due_key, dict.fromkeys(task_ids, until), xx=True)
 
     async def wait_for_due(self, *, max_wait: float) -> None:
+        try:
+            await self._wait_for_due(max_wait)
+        except _UNAVAILABLE as exc:
+            # The subscription died with its connection: subscribe afresh next time.
+            pubsub, self._pubsub = self._pubsub, None
+            if pubsub is not None:
+                with anyio.move_on_after(1, shield=True), contextlib.suppress(*_UNAVAILABLE):
+                    await pubsub.aclose()
+            raise StoreUnavailable(f"Redis: {exc}") from exc
+
+    async def _wait_for_due(self, max_wait: float) -> None:
         pubsub = await self._subscribed()
         # Drop notifications that arrived before we look at the earliest entry: the
         # look below sees what they announced.

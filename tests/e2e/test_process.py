@@ -8,8 +8,7 @@ import anyio
 import pytest
 import redis.asyncio as redis
 
-from app.adapters.amqp_broker import delete_amqp_layout
-from tests.conftest import AMQP_URL, eventually
+from tests.conftest import eventually
 from tests.e2e.harness import running, service_env, taskq_command
 
 pytestmark = pytest.mark.e2e
@@ -18,13 +17,14 @@ pytestmark = pytest.mark.e2e
 async def test_a_role_that_crashes_stops_the_process_with_a_non_zero_exit(
     prefix: str, servers: redis.Redis
 ) -> None:
-    async with running(["serve", "--roles", "consumer"], service_env(prefix)) as consumer:
-        # Deleting the queue under a running consumer: RabbitMQ cancels its consumption.
-        await delete_amqp_layout(AMQP_URL, prefix=prefix)
+    async with running(["serve", "--roles", "scheduler"], service_env(prefix)) as scheduler:
+        # Something no code path writes: a due entry whose document is not a task.
+        await servers.set(f"{prefix}task:garbled", "this is not a task document")
+        await servers.zadd(f"{prefix}scheduled_tasks", {"garbled": 0})
         with anyio.fail_after(15):
-            code = await consumer.process.wait()
-        await eventually(lambda: any("role consumer crashed" in line for line in consumer.log))
-    assert code == 1, consumer.dump()
+            code = await scheduler.process.wait()
+        await eventually(lambda: any("role scheduler crashed" in line for line in scheduler.log))
+    assert code == 1, scheduler.dump()
 
 
 @pytest.mark.parametrize(

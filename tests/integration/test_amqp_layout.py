@@ -22,8 +22,8 @@ from app.adapters.amqp_broker import (
     delete_amqp_layout,
     open_amqp_broker,
 )
-from app.ports import Dispatch
-from tests.conftest import AMQP_URL
+from app.ports import Delivery, Dispatch
+from tests.conftest import AMQP_URL, eventually
 from tests.contract.test_broker_contract import (
     WAIT,
     amqp_channel,
@@ -146,11 +146,12 @@ async def test_unroutable_is_not_confirmed(broker: AmqpBroker) -> None:
         assert declared.message_count == 2
 
 
-async def test_lost_connection_raises_broker_unavailable(broker: AmqpBroker, prefix: str) -> None:
+async def test_a_lost_connection_is_healed(broker: AmqpBroker, prefix: str) -> None:
+    [before, after] = dispatches(2)
     with anyio.fail_after(WAIT):
-        await broker.publish(dispatches(1))
+        await broker.publish([before])
     async with broker.consume(prefetch=1) as deliveries:
-        [delivery] = await receive(deliveries, 1)
+        [unsettled] = await receive(deliveries, 1)
         connections = await rabbitmqctl("list_connections", "pid", "client_properties")
         [pid] = [
             line.split("\t")[0]
@@ -158,31 +159,49 @@ async def test_lost_connection_raises_broker_unavailable(broker: AmqpBroker, pre
             if connection_name(prefix) in line
         ]
         await rabbitmqctl("close_connection", pid, "taskq test: connection loss")
-        with anyio.fail_after(WAIT):
-            with pytest.raises(BrokerUnavailable):
-                await anext(deliveries)
-            with pytest.raises(BrokerUnavailable):
-                await delivery.ack()
-            with pytest.raises(BrokerUnavailable):
+        # Settling on the dead channel does nothing: RabbitMQ gives the message back.
+        await unsettled.ack()
+
+        async def publishes() -> bool:
+            try:
                 await broker.ping()
-            with pytest.raises(BrokerUnavailable):
-                await broker.publish(dispatches(1))
-            with pytest.raises(BrokerUnavailable):
-                async with broker.consume(prefetch=1):
-                    pass
+                return await broker.publish([after]) == [after]
+            except BrokerUnavailable:
+                return False  # reconnecting
+
+        await eventually(publishes, within=WAIT, every=0.05)
+        # The consumer goes on, on a fresh channel: the old message again, then the new.
+        [again] = await receive(deliveries, 1)
+        assert (again.dispatch, again.redelivered) == (before, True)
+        await again.ack()
+        [new] = await receive(deliveries, 1)
+        assert new.dispatch == after
+        await new.ack()
 
 
-async def test_deleted_queue_raises_broker_unavailable(broker: AmqpBroker) -> None:
+async def test_a_queue_deleted_under_a_consumer_is_declared_again(broker: AmqpBroker) -> None:
     async with broker.consume(prefetch=1) as deliveries:
         async with amqp_channel() as channel:
             await channel.queue_delete(broker.queue_name)
-        with anyio.fail_after(WAIT):
-            with pytest.raises(BrokerUnavailable):
-                await anext(deliveries)
-            with pytest.raises(BrokerUnavailable):
-                await broker.ping()
-            # Publishing to an exchange without a queue is "not confirmed", not an error.
-            assert await broker.publish(dispatches(1)) == []
+        [message] = dispatches(1)
+
+        results: list[Delivery] = []
+        arrived = anyio.Event()
+
+        async def take() -> None:
+            results.append(await anext(deliveries))
+            arrived.set()
+
+        async def published() -> bool:
+            # Unroutable until the consumer has declared the queue again.
+            return await broker.publish([message]) == [message]
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(take)
+            await eventually(published, within=WAIT, every=0.05)
+            with anyio.fail_after(WAIT):
+                await arrived.wait()
+        assert results[0].dispatch == message
 
 
 async def test_connect_failure_raises_broker_unavailable() -> None:
