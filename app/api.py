@@ -1,26 +1,52 @@
 """The HTTP API: translates requests into ``TaskService`` calls and domain errors into 4xx.
 
 No store or broker code lives here; controllers get the service through ``Provide``.
+
+With API tokens configured, every route needs ``Authorization: Bearer <token>`` except
+``GET /health`` (orchestrators probe it without credentials) and the OpenAPI UI and
+document under ``/schema`` with the ``/swagger/index.html`` redirect (they describe the
+API, not its data). Those routes opt out through ``opt={EXCLUDE_FROM_AUTH: True}``.
 """
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Annotated, Any, cast
 
 import anyio
 import msgspec
-from litestar import Controller, Litestar, MediaType, Request, Response, delete, get, post, put
+from litestar import (
+    Controller,
+    Litestar,
+    MediaType,
+    Request,
+    Response,
+    Router,
+    delete,
+    get,
+    post,
+    put,
+)
+from litestar.connection import ASGIConnection
 from litestar.datastructures import ResponseHeader
 from litestar.di import NamedDependency, Provide
 from litestar.exceptions import (
     HTTPException,
+    NotAuthorizedException,
     NotFoundException,
     ValidationException,
 )
+from litestar.middleware import (
+    AbstractAuthenticationMiddleware,
+    AuthenticationResult,
+    DefineMiddleware,
+)
 from litestar.openapi import OpenAPIConfig, ResponseSpec
 from litestar.openapi.plugins import SwaggerRenderPlugin
+from litestar.openapi.spec import Components, SecurityRequirement, SecurityScheme
 from litestar.params import FromPath, FromQuery, JSONBody, Parameter
 from litestar.response import Redirect
 from litestar.status_codes import (
@@ -51,6 +77,12 @@ log = logging.getLogger(__name__)
 MAX_BODY_BYTES = 1_048_576
 MAX_PAGE = 1000
 HEALTH_CHECK_SECONDS = 2.0
+SCHEMA_PATH = "/schema"
+# Route ``opt`` key of the routes that answer without a token.
+EXCLUDE_FROM_AUTH = "exclude_from_auth"
+BEARER_SCHEME = "bearerToken"
+# One message for a missing, malformed or wrong token: the answer tells nothing about tokens.
+NOT_AUTHORIZED = "Not authorized"
 
 
 class ConflictException(HTTPException):
@@ -80,6 +112,35 @@ Check = Callable[[], Awaitable[None]]
 Service = NamedDependency[TaskService]
 
 
+class BearerTokenAuth(AbstractAuthenticationMiddleware):
+    """Lets a request through only with ``Authorization: Bearer <one of tokens>``."""
+
+    def __init__(self, app: Any, *, tokens: Sequence[str], **options: Any) -> None:
+        super().__init__(app, **options)
+        # Digests have one length whatever the token's, so comparing them reveals no length.
+        self._digests = [_digest(token.encode()) for token in tokens]
+
+    async def authenticate_request(
+        self, connection: ASGIConnection[Any, Any, Any, Any]
+    ) -> AuthenticationResult:
+        scheme, _, credentials = connection.headers.get("authorization", "").partition(" ")
+        token = credentials.strip()
+        # Header values arrive decoded as latin-1: encoding back gives the bytes sent.
+        presented = _digest(token.encode("latin-1"))
+        # Every token is compared, in constant time, so the timing tells nothing about which
+        # one (if any) matched.
+        matches = [hmac.compare_digest(presented, digest) for digest in self._digests]
+        if scheme.lower() != "bearer" or not token or not any(matches):
+            raise NotAuthorizedException(
+                detail=NOT_AUTHORIZED, headers={"WWW-Authenticate": "Bearer"}
+            )
+        return AuthenticationResult(user=None, auth=token)
+
+
+def _digest(value: bytes) -> bytes:
+    return hashlib.sha256(value).digest()
+
+
 class TaskController(Controller):
     path = "/tasks"
     tags = ["tasks"]  # noqa: RUF012 (Litestar reads it as a class attribute)
@@ -87,7 +148,7 @@ class TaskController(Controller):
     @post(
         "/",
         summary="Create a task",
-        raises=[ValidationException, ConflictException],
+        raises=[ValidationException, ConflictException, NotAuthorizedException],
     )
     async def create_task(self, data: JSONBody[TaskCreate], service: Service) -> Task:
         return await service.create(data)
@@ -105,7 +166,7 @@ class TaskController(Controller):
                 required=False,
             )
         ],
-        raises=[ValidationException],
+        raises=[ValidationException, NotAuthorizedException],
     )
     async def list_tasks(
         self,
@@ -118,7 +179,7 @@ class TaskController(Controller):
         headers = {} if next_cursor is None else {"X-Next-Cursor": next_cursor}
         return Response(tasks, headers=headers)
 
-    @get("/{task_id:str}", summary="Get a task", raises=[NotFoundException])
+    @get("/{task_id:str}", summary="Get a task", raises=[NotFoundException, NotAuthorizedException])
     async def get_task(self, task_id: FromPath[str], service: Service) -> Task:
         return await service.get(task_id)
 
@@ -126,14 +187,18 @@ class TaskController(Controller):
         "/{task_id:str}",
         summary="Update a task",
         description="Omitted fields stay as they are.",
-        raises=[ValidationException, NotFoundException],
+        raises=[ValidationException, NotFoundException, NotAuthorizedException],
     )
     async def update_task(
         self, task_id: FromPath[str], data: JSONBody[TaskUpdate], service: Service
     ) -> Task:
         return await service.update(task_id, data)
 
-    @delete("/{task_id:str}", summary="Delete a task and its runs", raises=[NotFoundException])
+    @delete(
+        "/{task_id:str}",
+        summary="Delete a task and its runs",
+        raises=[NotFoundException, NotAuthorizedException],
+    )
     async def delete_task(self, task_id: FromPath[str], service: Service) -> None:
         await service.delete(task_id)
 
@@ -141,7 +206,7 @@ class TaskController(Controller):
         "/{task_id:str}/execute",
         summary="Run a task now",
         status_code=HTTP_202_ACCEPTED,
-        raises=[NotFoundException, ConflictException],
+        raises=[NotFoundException, ConflictException, NotAuthorizedException],
     )
     async def execute_task(self, task_id: FromPath[str], service: Service) -> Run:
         return await service.execute(task_id)
@@ -150,7 +215,7 @@ class TaskController(Controller):
         "/{task_id:str}/schedule",
         summary="Schedule a task",
         status_code=HTTP_200_OK,
-        raises=[ValidationException, NotFoundException],
+        raises=[ValidationException, NotFoundException, NotAuthorizedException],
     )
     async def schedule_task(
         self, task_id: FromPath[str], data: JSONBody[ScheduleRequest], service: Service
@@ -160,7 +225,7 @@ class TaskController(Controller):
     @get(
         "/{task_id:str}/runs",
         summary="List a task's runs, newest first",
-        raises=[NotFoundException],
+        raises=[NotFoundException, NotAuthorizedException],
     )
     async def list_runs(
         self,
@@ -173,7 +238,7 @@ class TaskController(Controller):
     @get(
         "/{task_id:str}/runs/{run_id:str}",
         summary="Get one run with its output",
-        raises=[NotFoundException],
+        raises=[NotFoundException, NotAuthorizedException],
     )
     async def get_run(self, task_id: FromPath[str], run_id: FromPath[str], service: Service) -> Run:
         return await service.run(task_id, run_id)
@@ -184,6 +249,7 @@ def _health_handler(checks: dict[str, Check]) -> Callable[[], Awaitable[Response
         "/health",
         summary="Health of the service and its dependencies",
         tags=["health"],
+        opt={EXCLUDE_FROM_AUTH: True},
         responses={
             HTTP_503_SERVICE_UNAVAILABLE: ResponseSpec(
                 data_container=Health, description="A dependency is down"
@@ -212,9 +278,9 @@ def _health_handler(checks: dict[str, Check]) -> Callable[[], Awaitable[Response
     return health  # type: ignore[return-value]
 
 
-@get("/swagger/index.html", include_in_schema=False)
+@get("/swagger/index.html", include_in_schema=False, opt={EXCLUDE_FROM_AUTH: True})
 async def swagger_redirect() -> Redirect:
-    return Redirect("/schema")
+    return Redirect(SCHEMA_PATH)
 
 
 _STATUS_OF: list[tuple[type[Exception], int]] = [
@@ -257,10 +323,31 @@ def _validation_error(
     return _problem(HTTP_400_BAD_REQUEST, f"Invalid request: {detail}", extra=exc.extra or [])
 
 
-def create_app(service: TaskService, *, checks: dict[str, Check], debug: bool = False) -> Litestar:
-    """The Litestar application around ``service``; ``checks`` feed ``GET /health``."""
+def create_app(
+    service: TaskService,
+    *,
+    checks: dict[str, Check],
+    tokens: Sequence[str] = (),
+    debug: bool = False,
+) -> Litestar:
+    """The Litestar application around ``service``; ``checks`` feed ``GET /health``.
+
+    With ``tokens``, requests need one of them as a bearer token (see the module docstring);
+    without, the API is open.
+    """
+    # The document declares the scheme only where the server enforces it.
+    security: list[SecurityRequirement] = [{BEARER_SCHEME: []}] if tokens else []
+    bearer = SecurityScheme(
+        type="http", scheme="bearer", description="One of the server's TASKQ_API_TOKENS"
+    )
+    auth = DefineMiddleware(BearerTokenAuth, tokens=tokens, exclude_from_auth_key=EXCLUDE_FROM_AUTH)
     return Litestar(
-        route_handlers=[TaskController, _health_handler(checks), swagger_redirect],
+        route_handlers=[
+            Router("/", route_handlers=[TaskController], security=security),
+            _health_handler(checks),
+            swagger_redirect,
+        ],
+        middleware=[auth] if tokens else [],
         dependencies={"service": Provide(lambda: service, use_cache=True, sync_to_thread=False)},
         exception_handlers={
             DomainError: _domain_error,
@@ -272,8 +359,15 @@ def create_app(service: TaskService, *, checks: dict[str, Check], debug: bool = 
             title="taskq",
             version="0.1.0",
             description="A distributed scheduler for shell-command tasks.",
-            path="/schema",
+            path=SCHEMA_PATH,
             render_plugins=[SwaggerRenderPlugin(path="/")],
+            openapi_router=Router(
+                SCHEMA_PATH,
+                route_handlers=[],
+                include_in_schema=False,
+                opt={EXCLUDE_FROM_AUTH: True},
+            ),
+            components=Components(security_schemes={BEARER_SCHEME: bearer} if tokens else None),
         ),
         request_max_body_size=MAX_BODY_BYTES,
         # The process configures logging once (the CLI); the app only emits records.

@@ -28,12 +28,33 @@ Args = Annotated[
     list[Argument],
     msgspec.Meta(min_length=1, max_length=1024, description="An argv run without a shell"),
 ]
-EnvName = Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z_][A-Za-z0-9_]{0,127}$")]
+ENV_NAME_PATTERN = r"^[A-Za-z_][A-Za-z0-9_]{0,127}$"
+MAX_ENV_ENTRIES = 128
+EnvName = Annotated[str, msgspec.Meta(pattern=ENV_NAME_PATTERN)]
 EnvValue = Annotated[str, msgspec.Meta(max_length=MAX_COMMAND_BYTES)]
-Env = Annotated[dict[EnvName, EnvValue], msgspec.Meta(max_length=128)]
+# Litestar's OpenAPI leaves out the key pattern and the entry count: "extra" states them.
+Env = Annotated[
+    dict[EnvName, EnvValue],
+    msgspec.Meta(
+        max_length=MAX_ENV_ENTRIES,
+        extra_json_schema={
+            "extra": {
+                "maxProperties": MAX_ENV_ENTRIES,
+                "propertyNames": {"pattern": ENV_NAME_PATTERN},
+            }
+        },
+    ),
+]
 Cwd = Annotated[str, msgspec.Meta(min_length=1, max_length=4096)]
 Timeout = Annotated[
-    float, msgspec.Meta(gt=0, le=7 * 86400, description="Seconds before the command is killed")
+    float,
+    msgspec.Meta(
+        gt=0,
+        le=7 * 86400,
+        description="Seconds before the command is killed",
+        # Litestar's OpenAPI drops a bound of 0 (it tests the bound's truth): restated here.
+        extra_json_schema={"extra": {"exclusiveMinimum": 0}},
+    ),
 ]
 Moment = Annotated[datetime, msgspec.Meta(tz=True, description="RFC 3339 with a UTC offset")]
 

@@ -36,6 +36,7 @@ log = logging.getLogger("taskq")
 
 # After the grace period, how long the orderly stop may take before it is forced.
 STOP_MARGIN_SECONDS = 5.0
+OPEN_API_WARNING = "TASKQ_API_TOKENS is not set: the API is open to anyone who can reach it"
 
 
 class RoleCrashed(Exception):
@@ -107,8 +108,12 @@ async def run_service(settings: Settings, *, on_ready: Callable[[str], None] | N
             async with anyio.create_task_group() as role_group:
                 started: list[str] = []
                 if "api" in roles:
+                    if not settings.api_tokens:
+                        log.warning(OPEN_API_WARNING)
                     app = create_app(
-                        TaskService(store), checks={"store": store.ping, "broker": broker.ping}
+                        TaskService(store),
+                        checks={"store": store.ping, "broker": broker.ping},
+                        tokens=settings.api_tokens,
                     )
                     serve = partial(
                         serve_http, app, host=settings.host, port=settings.port, stopping=stopping

@@ -40,6 +40,9 @@ class ApiClient:
             )
         except httpx.HTTPError as exc:
             raise ApiError(f"cannot reach the taskq API at {self._http.base_url}: {exc}") from exc
+        if response.status_code == 401:
+            hint = "is TASKQ_TOKEN (or --token) one of the server's TASKQ_API_TOKENS?"
+            raise ApiError(f"{_error_detail(response)}: {hint}", response.status_code)
         if response.is_error:
             raise ApiError(_error_detail(response), response.status_code)
         return response

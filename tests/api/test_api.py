@@ -1,8 +1,7 @@
 """The HTTP API, driven in process: the real Litestar app over a real ``TaskService`` and store.
 
-Every test runs on the memory store under asyncio and trio, and on Redis (under the test's
-key prefix, deleted afterwards). Requests go through httpx's ASGI transport on the test's
-own event loop. Error cases also check that the stored state did not change, and no request
+Every test runs on the memory store under asyncio and trio, and on Redis (``served`` in
+conftest.py). Error cases also check that the stored state did not change, and no request
 in this suite may answer 5xx except the deliberate ``/health`` 503.
 """
 
@@ -11,76 +10,22 @@ from __future__ import annotations
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from datetime import datetime
-from typing import Any, NamedTuple
+from typing import Any
 
 import anyio
 import httpx
 import pytest
 
-from app.adapters import open_broker, open_store
-from app.api import HEALTH_CHECK_SECONDS, MAX_BODY_BYTES, MAX_PAGE, create_app
+from app.api import HEALTH_CHECK_SECONDS, MAX_BODY_BYTES, MAX_PAGE
 from app.domain import MAX_COMMAND_BYTES, Outcome, finish_run, start_run, utcnow
-from app.ports import Store, TaskChange
-from app.service import TaskService
-from tests.conftest import REDIS_URL, STORE_CASES, delete_keys
+from app.ports import TaskChange
+from tests.api.conftest import Served, serve_api
 
 Client = httpx.AsyncClient
 Json = dict[str, Any]
 
-MEMORY_URL = "memory://"
 UNREACHABLE_REDIS_URL = "redis://127.0.0.1:1/0"  # nothing listens on port 1
 TOO_LONG_COMMAND = "é" * (MAX_COMMAND_BYTES // 2 + 1)  # within the limit in chars, not in bytes
-
-
-class Served(NamedTuple):
-    client: Client
-    store: Store
-
-
-async def refuse_server_errors(response: httpx.Response) -> None:
-    request = response.request
-    assert response.status_code < 500, f"{request.method} {request.url} -> {response.status_code}"
-
-
-@asynccontextmanager
-async def serve_api(store_url: str, *, prefix: str) -> AsyncIterator[Served]:
-    """The app over a store at ``store_url`` and the memory broker, with a client on it."""
-    async with (
-        open_store(store_url, prefix=prefix) as store,
-        open_broker(MEMORY_URL) as broker,
-    ):
-        app = create_app(TaskService(store), checks={"store": store.ping, "broker": broker.ping})
-        transport = httpx.ASGITransport(app=app)  # pyright: ignore[reportArgumentType]
-        async with httpx.AsyncClient(transport=transport, base_url="http://taskq.test") as client:
-            yield Served(client, store)
-
-
-@pytest.fixture(params=STORE_CASES)
-def adapter_and_backend(request: pytest.FixtureRequest) -> tuple[str, str]:
-    return request.param  # type: ignore[no-any-return]
-
-
-@pytest.fixture
-def anyio_backend(adapter_and_backend: tuple[str, str]) -> str:
-    return adapter_and_backend[1]
-
-
-@pytest.fixture
-async def served(adapter_and_backend: tuple[str, str], prefix: str) -> AsyncIterator[Served]:
-    adapter = adapter_and_backend[0]
-    store_url = MEMORY_URL if adapter == "memory" else REDIS_URL
-    try:
-        async with serve_api(store_url, prefix=prefix) as served:
-            served.client.event_hooks = {"response": [refuse_server_errors]}
-            yield served
-    finally:
-        if adapter == "redis":
-            await delete_keys(prefix)
-
-
-@pytest.fixture
-def client(served: Served) -> Client:
-    return served.client
 
 
 @pytest.fixture

@@ -115,9 +115,12 @@ async def running(
                 await process.wait()
 
 
-async def cli(api_url: str, *args: str, expect_code: int = 0) -> str:
-    """Run a ``taskq`` client command against ``api_url``; return its stdout."""
-    env = dict(os.environ, TASKQ_API_URL=api_url)
+async def cli(
+    api_url: str, *args: str, expect_code: int = 0, env: Mapping[str, str] | None = None
+) -> str:
+    """Run a ``taskq`` client command against ``api_url``; return its stdout (its stderr
+    when ``expect_code`` is not 0). ``env`` adds to or overrides this process's environment."""
+    env = {**os.environ, **(env or {}), "TASKQ_API_URL": api_url}
     result = await anyio.run_process([*taskq_command(), *args], env=env, check=False)
     output = result.stdout.decode()
     assert result.returncode == expect_code, (

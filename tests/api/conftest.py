@@ -1,0 +1,86 @@
+"""The API driven in process: the real Litestar app over a real ``TaskService`` and store.
+
+``served`` runs each test on the memory store under asyncio and trio, and on Redis (under
+the test's key prefix, deleted afterwards); requests go through httpx's ASGI transport on
+the test's own event loop. The app is open unless a module overrides ``api_tokens``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Sequence
+from contextlib import asynccontextmanager
+from typing import NamedTuple
+
+import httpx
+import pytest
+
+from app.adapters import open_broker, open_store
+from app.api import create_app
+from app.ports import Store
+from app.service import TaskService
+from tests.conftest import REDIS_URL, STORE_CASES, delete_keys
+
+MEMORY_URL = "memory://"
+
+
+class Served(NamedTuple):
+    client: httpx.AsyncClient
+    store: Store
+
+
+async def refuse_server_errors(response: httpx.Response) -> None:
+    request = response.request
+    assert response.status_code < 500, f"{request.method} {request.url} -> {response.status_code}"
+
+
+@asynccontextmanager
+async def serve_api(
+    store_url: str, *, prefix: str, tokens: Sequence[str] = ()
+) -> AsyncIterator[Served]:
+    """The app over a store at ``store_url`` and the memory broker, with a client on it."""
+    async with (
+        open_store(store_url, prefix=prefix) as store,
+        open_broker(MEMORY_URL) as broker,
+    ):
+        app = create_app(
+            TaskService(store), checks={"store": store.ping, "broker": broker.ping}, tokens=tokens
+        )
+        transport = httpx.ASGITransport(app=app)  # pyright: ignore[reportArgumentType]
+        async with httpx.AsyncClient(transport=transport, base_url="http://taskq.test") as client:
+            yield Served(client, store)
+
+
+@pytest.fixture(params=STORE_CASES)
+def adapter_and_backend(request: pytest.FixtureRequest) -> tuple[str, str]:
+    return request.param  # type: ignore[no-any-return]
+
+
+@pytest.fixture
+def anyio_backend(adapter_and_backend: tuple[str, str]) -> str:
+    return adapter_and_backend[1]
+
+
+@pytest.fixture
+def api_tokens() -> Sequence[str]:
+    """The tokens the served app requires (none: an open API)."""
+    return ()
+
+
+@pytest.fixture
+async def served(
+    adapter_and_backend: tuple[str, str], prefix: str, api_tokens: Sequence[str]
+) -> AsyncIterator[Served]:
+    adapter = adapter_and_backend[0]
+    store_url = MEMORY_URL if adapter == "memory" else REDIS_URL
+    try:
+        async with serve_api(store_url, prefix=prefix, tokens=api_tokens) as served:
+            served.client.event_hooks = {"response": [refuse_server_errors]}
+            yield served
+    finally:
+        if adapter == "redis":
+            await delete_keys(prefix)
+
+
+@pytest.fixture
+def client(served: Served) -> httpx.AsyncClient:
+    return served.client
