@@ -49,6 +49,7 @@ from app.stopping import cancel_after, cancel_when_set
 log = logging.getLogger(__name__)
 
 SHUTDOWN_BOOKKEEPING_SECONDS = 10.0
+RENEW_RETRY_SECONDS = 0.5
 
 
 async def _settle(settle: Callable[[], Awaitable[None]]) -> None:
@@ -164,14 +165,18 @@ class Consumer:
     async def _renew_leases(self) -> None:
         """Keep the leases of the running runs ahead of now, so no scheduler takes them
         for lost; a worker that dies stops renewing and its runs are recovered."""
+        pause = self._lease_seconds / 3
         while True:
-            await anyio.sleep(self._lease_seconds / 3)
+            await anyio.sleep(pause)
+            pause = self._lease_seconds / 3
             if self._running:
                 until = timestamp(self._clock()) + self._lease_seconds
                 try:
                     await self._store.extend_leases(sorted(self._running), until=until)
                 except StoreUnavailable as exc:
+                    # Renew as soon as the store is back, before any lease runs out.
                     log.warning("cannot renew run leases: %s", exc)
+                    pause = min(pause, RENEW_RETRY_SECONDS)
 
     async def _start(self, task: Task, run: Run) -> tuple[Task, Run]:
         def plan(task: Task) -> TaskChange:

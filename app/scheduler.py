@@ -11,6 +11,7 @@ queued run is reused, so a due time still produces one run.
 from __future__ import annotations
 
 import logging
+import math
 import secrets
 import time
 from collections.abc import Callable
@@ -51,18 +52,26 @@ class _Plan:
     dispatch: Dispatch | None = None
 
 
-def plan_dispatch(task: Task, now: float, running: Run | None = None) -> _Plan:
+def plan_dispatch(
+    task: Task, now: float, running: Run | None = None, *, extend_lease_to: float | None = None
+) -> _Plan:
     """Decide what a claimed entry of ``scheduled_tasks`` means for its task now.
 
-    ``running`` is the task's active run when the task is running.
+    ``running`` is the task's active run when the task is running. With
+    ``extend_lease_to``, an expired run lease is extended rather than taken for lost.
     """
     if task.status == TaskStatus.PENDING and task.active_run is not None:
         # Queued by "execute", or by a scheduler that died before its publish was confirmed.
         run = task.active_run
         return _Plan(dispatch=Dispatch(task_id=task.id, run_id=run.run_id, attempt=run.attempt))
     if task.status == TaskStatus.RUNNING and running is not None:
-        # A running task's entry is its run's lease: due means nobody renewed it.
-        return _recover_lost_run(task, running)
+        # A running task's entry is its run's lease: due means nobody renewed it ...
+        if extend_lease_to is None:
+            return _recover_lost_run(task, running)
+        # ... unless the store was just out of reach for everyone, consumers included.
+        extended = touch(task, utcnow())
+        lease = DueAt(extend_lease_to)
+        return _Plan(change=TaskChange(task.id, task.revision, extended, schedule=lease))
     if task.status in ACTIVE_STATUSES or task.scheduled_at is None:
         return _Plan()  # a stale entry
     due = timestamp(task.scheduled_at)
@@ -113,6 +122,7 @@ class Scheduler:
         self._batch_size = batch_size
         self._clock = clock
         self._token = f"{worker_name()}:{secrets.token_hex(4)}"
+        self._reap_not_before = 0.0
 
     async def run(
         self, stopping: anyio.Event, *, task_status: StartedStatus[None] = anyio.TASK_STATUS_IGNORED
@@ -130,9 +140,14 @@ class Scheduler:
                         await self._store.wait_for_due(max_wait=RESYNC_SECONDS)
                 except OUTAGES as exc:
                     # Claims already taken stay leased: nothing is lost while we wait.
+                    # Consumers could not renew their leases meanwhile either: give them
+                    # a lease period once the outage is over before taking runs for lost.
+                    self._reap_not_before = math.inf
                     await backoff.wait("scheduler cannot dispatch", exc)
                 else:
                     backoff.reset()
+                    if self._reap_not_before == math.inf:
+                        self._reap_not_before = self._clock() + self._lease
 
     async def dispatch_due(self) -> int:
         """Dispatch one batch of due tasks; return how many entries were claimed."""
@@ -142,8 +157,11 @@ class Scheduler:
         )
         if not claims:
             return 0
+        extend = now + self._lease if now < self._reap_not_before else None
         plans = {
-            claim.task_id: plan_dispatch(claim.task, now, await self._running_run(claim.task))
+            claim.task_id: plan_dispatch(
+                claim.task, now, await self._running_run(claim.task), extend_lease_to=extend
+            )
             for claim in claims
             if claim.task is not None
         }
@@ -187,7 +205,8 @@ class Scheduler:
             task = await self._store.get_task(task_id)
             if task is None:
                 return _Plan()
-            plan = plan_dispatch(task, now, await self._running_run(task))
+            extend = now + self._lease if now < self._reap_not_before else None
+            plan = plan_dispatch(task, now, await self._running_run(task), extend_lease_to=extend)
             if plan.change is None or await self._store.commit_each([plan.change]) == [True]:
                 return plan
         log.warning("task %r kept changing; its dispatch is retried when the lease ends", task_id)

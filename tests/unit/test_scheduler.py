@@ -24,7 +24,7 @@ from app.domain import (
     utcnow,
 )
 from app.ports import Dispatch, DueAt, TaskChange
-from app.scheduler import Scheduler
+from app.scheduler import Scheduler, plan_dispatch
 from app.schemas import TaskCreate
 from app.service import TaskService
 
@@ -290,3 +290,21 @@ async def test_a_task_whose_runs_keep_being_lost_fails_after_the_limit(
     assert task.last_run is not None and task.last_run.attempt == LOST_RUN_LIMIT
     assert len(queued(broker)) == LOST_RUN_LIMIT - 1
     assert await store.claim_due(now=clock.now + 3600, limit=10, lease=1, token="t") == []
+
+
+async def test_right_after_a_store_outage_expired_leases_are_extended_not_taken(
+    store: MemoryStore,
+) -> None:
+    now = time.time()
+    running = await start_running(store, "a", lease_until=now - 1)
+    task = await store.get_task("a")
+    assert task is not None
+    plan = plan_dispatch(task, now, running, extend_lease_to=now + LEASE)
+    assert plan.dispatch is None and plan.change is not None
+    await store.commit(plan.change)
+    task = await store.get_task("a")
+    assert task is not None and task.status == TaskStatus.RUNNING
+    assert await store.claim_due(now=now + LEASE - 1, limit=10, lease=1, token="t") == []
+    assert [
+        c.task_id for c in await store.claim_due(now=now + LEASE, limit=10, lease=1, token="t")
+    ] == ["a"]
