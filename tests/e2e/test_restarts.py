@@ -315,43 +315,19 @@ async def test_rabbitmq_restarted_under_load_loses_and_repeats_nothing(
                     f"the API refused tasks while only the broker was down: {summarize(during)}",
                 )
                 alive(processes, report, "while RabbitMQ was down")
-                await anyio.sleep(max(0.0, OUTAGE_SECONDS - (anyio.current_time() - down_at)))
-
-                await node.start_app()
-                up_at = anyio.current_time()
-                report.note(f"RabbitMQ was down {up_at - down_at:.1f} s")
-
-                async def healthy() -> bool:
-                    nonlocal seen
-                    seen = await health(http)
-                    return seen[0] == 200 or any_exited(processes)
-
-                recovered = await within(healthy, RECOVERY_SECONDS) and seen[0] == 200
-                report.expect(recovered, f"/health after the restart: {seen} (wanted 200)")
-                if recovered:
-                    report.note(f"/health 200 again {anyio.current_time() - up_at:.1f} s later")
-                after = await submit(http, batch("after"), ran)
-                report.note(f"after the outage: {summarize(after)}")
-                report.expect(len(acknowledged(after)) == BATCH, "refused after the outage")
-
-                submitted = {
-                    "before": acknowledged(before),
-                    "during": acknowledged(during),
-                    "after": acknowledged(after),
-                }
-                every = set().union(*submitted.values())
-                settled = await within(
-                    lambda: _settled_or_dead(states, every, processes), SETTLE_SECONDS
+                await recover_and_check(
+                    report,
+                    http,
+                    processes,
+                    states,
+                    ran,
+                    restart=node.start_app,
+                    what="RabbitMQ",
+                    down_at=down_at,
+                    before=before,
+                    during=during,
+                    in_flight=in_flight,
                 )
-                report.expect(
-                    settled and await states.all_terminal(every),
-                    f"not every task terminal {SETTLE_SECONDS:g} s after the last submit",
-                )
-                await check_every_task(
-                    report, states, ran, submitted=submitted, may_repeat=in_flight
-                )
-                alive(processes, report, "by the end")
-                report.finish()
 
 
 async def test_redis_killed_and_restarted_loses_no_acknowledged_task(
@@ -400,44 +376,70 @@ async def test_redis_killed_and_restarted_loses_no_acknowledged_task(
                     f"wanted 503 for every create while Redis was down: {summarize(during)}",
                 )
                 alive(processes, report, "while Redis was down")
-                await anyio.sleep(max(0.0, OUTAGE_SECONDS - (anyio.current_time() - down_at)))
-
-                await store.start()
-                up_at = anyio.current_time()
-                report.note(f"Redis was down {up_at - down_at:.1f} s")
-
-                async def healthy() -> bool:
-                    nonlocal seen
-                    seen = await health(http)
-                    return seen[0] == 200 or any_exited(processes)
-
-                recovered = await within(healthy, RECOVERY_SECONDS) and seen[0] == 200
-                report.expect(recovered, f"/health after the restart: {seen} (wanted 200)")
-                if recovered:
-                    report.note(f"/health 200 again {anyio.current_time() - up_at:.1f} s later")
-                after = await submit(http, batch("after"), ran)
-                report.note(f"after the restart: {summarize(after)}")
-                report.expect(len(acknowledged(after)) == BATCH, "refused after the restart")
-
-                # A create the API acknowledged during the outage (it should not) counts too.
-                submitted = {
-                    "before": acknowledged(before),
-                    "during": acknowledged(during),
-                    "after": acknowledged(after),
-                }
-                every = set().union(*submitted.values())
-                settled = await within(
-                    lambda: _settled_or_dead(states, every, processes), SETTLE_SECONDS
+                await recover_and_check(
+                    report,
+                    http,
+                    processes,
+                    states,
+                    ran,
+                    restart=store.start,
+                    what="Redis",
+                    down_at=down_at,
+                    before=before,
+                    during=during,
+                    in_flight=in_flight,
                 )
-                report.expect(
-                    settled and await states.all_terminal(every),
-                    f"not every task terminal {SETTLE_SECONDS:g} s after the last submit",
-                )
-                await check_every_task(
-                    report, states, ran, submitted=submitted, may_repeat=in_flight
-                )
-                alive(processes, report, "by the end")
-                report.finish()
+
+
+async def recover_and_check(
+    report: Report,
+    http: httpx.AsyncClient,
+    processes: Sequence[ServiceProcess],
+    states: TaskStates,
+    ran: Path,
+    *,
+    restart: Callable[[], Awaitable[None]],
+    what: str,
+    down_at: float,
+    before: dict[str, str],
+    during: dict[str, str],
+    in_flight: set[str],
+) -> None:
+    """End the outage, submit a last batch, and check every task, one by one."""
+    await anyio.sleep(max(0.0, OUTAGE_SECONDS - (anyio.current_time() - down_at)))
+    await restart()
+    up_at = anyio.current_time()
+    report.note(f"{what} was down {up_at - down_at:.1f} s")
+    seen: tuple[int, dict[str, str]] = (0, {})
+
+    async def healthy() -> bool:
+        nonlocal seen
+        seen = await health(http)
+        return seen[0] == 200 or any_exited(processes)
+
+    recovered = await within(healthy, RECOVERY_SECONDS) and seen[0] == 200
+    report.expect(recovered, f"/health after the restart: {seen} (wanted 200)")
+    if recovered:
+        report.note(f"/health 200 again {anyio.current_time() - up_at:.1f} s later")
+    after = await submit(http, batch("after"), ran)
+    report.note(f"after the outage: {summarize(after)}")
+    report.expect(len(acknowledged(after)) == BATCH, "refused after the outage")
+
+    # A create the API acknowledged during the outage counts like any other.
+    submitted = {
+        "before": acknowledged(before),
+        "during": acknowledged(during),
+        "after": acknowledged(after),
+    }
+    every = set().union(*submitted.values())
+    settled = await within(lambda: _settled_or_dead(states, every, processes), SETTLE_SECONDS)
+    report.expect(
+        settled and await states.all_terminal(every),
+        f"not every task terminal {SETTLE_SECONDS:g} s after the last submit",
+    )
+    await check_every_task(report, states, ran, submitted=submitted, may_repeat=in_flight)
+    alive(processes, report, "by the end")
+    report.finish()
 
 
 async def _settled_or_dead(

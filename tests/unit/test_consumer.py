@@ -9,7 +9,6 @@ from datetime import timedelta
 from pathlib import Path
 
 import anyio
-import pytest
 
 from app.adapters.memory_broker import MemoryBroker
 from app.adapters.memory_store import MemoryStore
@@ -20,21 +19,6 @@ from app.scheduler import Scheduler
 from app.schemas import TaskCreate
 from app.service import TaskService
 from tests.conftest import eventually
-
-
-@pytest.fixture(params=["asyncio", "trio"])
-def anyio_backend(request: pytest.FixtureRequest) -> str:
-    return request.param  # type: ignore[no-any-return]
-
-
-@pytest.fixture
-def store() -> MemoryStore:
-    return MemoryStore(run_history=10)
-
-
-@pytest.fixture
-def broker() -> MemoryBroker:
-    return MemoryBroker()
 
 
 @asynccontextmanager

@@ -24,11 +24,6 @@ LIMIT = 1_048_576
 MARKER = re.compile(r"\n\[\.\.\. (\d+) bytes of output omitted \.\.\.\]\n")
 
 
-@pytest.fixture(params=["asyncio", "trio"])
-def anyio_backend(request: pytest.FixtureRequest) -> str:
-    return request.param
-
-
 async def shell(
     script: str,
     *,

@@ -8,7 +8,6 @@ from datetime import UTC, datetime, timedelta
 
 import anyio
 import msgspec
-import pytest
 
 from app.adapters.memory_broker import MemoryBroker
 from app.adapters.memory_store import MemoryStore
@@ -31,11 +30,6 @@ from app.service import TaskService
 LEASE = 30.0
 
 
-@pytest.fixture(params=["asyncio", "trio"])
-def anyio_backend(request: pytest.FixtureRequest) -> str:
-    return request.param  # type: ignore[no-any-return]
-
-
 class Clock:
     """A settable wall clock for the scheduler's "now"."""
 
@@ -44,16 +38,6 @@ class Clock:
 
     def __call__(self) -> float:
         return self.now
-
-
-@pytest.fixture
-def store() -> MemoryStore:
-    return MemoryStore(run_history=10)
-
-
-@pytest.fixture
-def broker() -> MemoryBroker:
-    return MemoryBroker()
 
 
 def queued(broker: MemoryBroker) -> list[Dispatch]:
