@@ -60,6 +60,7 @@ from litestar.status_codes import (
 
 from app.domain import (
     DomainError,
+    InvalidSchedule,
     InvalidTransition,
     Run,
     RunNotFound,
@@ -214,13 +215,25 @@ class TaskController(Controller):
     @post(
         "/{task_id:str}/schedule",
         summary="Schedule a task",
+        description="Once (`at`), or on a recurrence (`cron` with `timezone`, or `every`). "
+        "The task's `next_runs` shows the next fire times.",
         status_code=HTTP_200_OK,
         raises=[ValidationException, NotFoundException, NotAuthorizedException],
     )
     async def schedule_task(
         self, task_id: FromPath[str], data: JSONBody[ScheduleRequest], service: Service
     ) -> Task:
-        return await service.schedule(task_id, data.at)
+        return await service.schedule(task_id, data)
+
+    @delete(
+        "/{task_id:str}/schedule",
+        summary="Unschedule a task",
+        description="No more scheduled runs; a run already queued or running goes on.",
+        status_code=HTTP_200_OK,
+        raises=[NotFoundException, NotAuthorizedException],
+    )
+    async def unschedule_task(self, task_id: FromPath[str], service: Service) -> Task:
+        return await service.unschedule(task_id)
 
     @get(
         "/{task_id:str}/runs",
@@ -288,6 +301,7 @@ _STATUS_OF: list[tuple[type[Exception], int]] = [
     (RunNotFound, HTTP_404_NOT_FOUND),
     (TaskAlreadyExists, HTTP_409_CONFLICT),
     (InvalidTransition, HTTP_409_CONFLICT),
+    (InvalidSchedule, HTTP_400_BAD_REQUEST),
     (InvalidCursor, HTTP_400_BAD_REQUEST),
     (StoreContention, HTTP_503_SERVICE_UNAVAILABLE),
     (StoreUnavailable, HTTP_503_SERVICE_UNAVAILABLE),

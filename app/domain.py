@@ -10,11 +10,13 @@ from __future__ import annotations
 import os
 import secrets
 import time
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from enum import StrEnum
 from typing import Annotated
+from zoneinfo import ZoneInfo
 
 import msgspec
+from cronsim import CronSim
 
 TASK_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$"
 MAX_COMMAND_BYTES = 16 * 1024
@@ -70,6 +72,10 @@ class InvalidTransition(DomainError):
     """The task's current status does not allow the requested operation."""
 
 
+class InvalidSchedule(DomainError):
+    """A schedule that can never fire."""
+
+
 class RevisionConflict(Exception):
     """The stored document changed since it was read; re-read and try again."""
 
@@ -92,6 +98,51 @@ class ActiveRun(msgspec.Struct, kw_only=True):
     attempt: int
 
 
+class Recurrence(msgspec.Struct, kw_only=True):
+    """A repeating schedule: a cron expression in a timezone, or a fixed interval.
+
+    ``cron`` has 5 fields, or 6 with a leading seconds field (as in Quartz and Dkron);
+    it is evaluated in ``timezone``, so a local time that does not exist (spring
+    forward) fires at the next valid time and a repeated one (fall back) fires once.
+    ``every`` counts seconds from ``start``. Nothing fires before ``start`` or after ``end``.
+    """
+
+    cron: str | None = None
+    timezone: str = "UTC"
+    every: float | None = None
+    start: datetime | None = None
+    end: datetime | None = None
+
+
+NEXT_RUNS_SHOWN = 5
+
+
+def next_fires(recurrence: Recurrence, after: datetime, count: int) -> list[datetime]:
+    """Up to ``count`` fire times strictly after ``after``, in UTC."""
+    fires: list[datetime] = []
+    if recurrence.cron is not None:
+        begin = after if recurrence.start is None else max(after, recurrence.start - _TICK)
+        zone = ZoneInfo(recurrence.timezone)
+        for local in CronSim(recurrence.cron, begin.astimezone(zone)):
+            if len(fires) == count or (recurrence.end and local > recurrence.end):
+                break
+            fires.append(local.astimezone(UTC))
+    elif recurrence.every is not None:
+        anchor = recurrence.start or after
+        step = timedelta(seconds=recurrence.every)
+        index = int((after - anchor) / step) + 1 if after >= anchor else 0
+        while len(fires) < count:
+            fire = anchor + index * step
+            index += 1
+            if recurrence.end and fire > recurrence.end:
+                break
+            fires.append(fire.astimezone(UTC))
+    return fires
+
+
+_TICK = timedelta(microseconds=1)
+
+
 class Task(msgspec.Struct, kw_only=True):
     """A task as stored in Redis (``task:{id}``) and returned by the API."""
 
@@ -107,6 +158,8 @@ class Task(msgspec.Struct, kw_only=True):
     created_at: datetime
     updated_at: datetime
     scheduled_at: datetime | None = None
+    schedule: Recurrence | None = None
+    next_runs: list[datetime] = []
     last_run: RunSummary | None = None
     active_run: ActiveRun | None = None
     revision: int = 0
@@ -198,9 +251,15 @@ def queue_run(task: Task, now: datetime) -> tuple[Task, Run]:
 
 
 def fire_schedule(task: Task, now: datetime) -> tuple[Task, Run]:
-    """Queue the run a due ``scheduled_at`` asks for; a one-shot time is consumed."""
+    """Queue the run a due ``scheduled_at`` asks for.
+
+    A one-shot time is consumed; a recurrence moves on to its next fire time after
+    ``now``, so fires missed while nothing ran (downtime) give one run, not one each.
+    """
     queued, run = queue_run(task, now)
-    return msgspec.structs.replace(queued, scheduled_at=None), run
+    upcoming = [] if task.schedule is None else next_fires(task.schedule, now, NEXT_RUNS_SHOWN)
+    scheduled_at = upcoming[0] if upcoming else None
+    return msgspec.structs.replace(queued, scheduled_at=scheduled_at, next_runs=upcoming), run
 
 
 def start_run(task: Task, run: Run, worker: str, now: datetime) -> tuple[Task, Run]:
@@ -291,7 +350,21 @@ def lose_run(task: Task, run: Run, now: datetime) -> tuple[Task, list[Run]]:
 
 
 def reschedule(task: Task, at: datetime, now: datetime) -> Task:
-    return _advance(task, now, scheduled_at=at)
+    """Run once at ``at`` (replacing any recurrence)."""
+    return _advance(task, now, scheduled_at=at, schedule=None, next_runs=[at])
+
+
+def recur(task: Task, recurrence: Recurrence, now: datetime) -> Task:
+    """Run on ``recurrence`` from now on; raises ``InvalidSchedule`` if it never fires."""
+    upcoming = next_fires(recurrence, now, NEXT_RUNS_SHOWN)
+    if not upcoming:
+        raise InvalidSchedule("the schedule never fires after now (is `end` in the past?)")
+    return _advance(task, now, scheduled_at=upcoming[0], schedule=recurrence, next_runs=upcoming)
+
+
+def unschedule(task: Task, now: datetime) -> Task:
+    """No more scheduled runs (a run already queued or running is not affected)."""
+    return _advance(task, now, scheduled_at=None, schedule=None, next_runs=[])
 
 
 def touch(task: Task, now: datetime, **changes: object) -> Task:

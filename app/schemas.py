@@ -6,13 +6,15 @@ and unknown fields are refused, so a client cannot set them.
 
 from __future__ import annotations
 
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Annotated
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 import msgspec
+from cronsim import CronSim, CronSimError
 from msgspec import UNSET, UnsetType
 
-from app.domain import MAX_COMMAND_BYTES, TASK_ID_PATTERN
+from app.domain import MAX_COMMAND_BYTES, TASK_ID_PATTERN, Recurrence
 
 TaskIdField = Annotated[
     str, msgspec.Meta(pattern=TASK_ID_PATTERN, description="Letters, digits, '.', '_', '-'")
@@ -122,7 +124,67 @@ class TaskUpdate(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
         return given
 
 
-class ScheduleRequest(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
-    """When to run the task next."""
+CronExpression = Annotated[
+    str,
+    msgspec.Meta(
+        min_length=9,
+        max_length=200,
+        description="5 fields, or 6 with a leading seconds field: `*/5 * * * *`",
+    ),
+]
+TimezoneName = Annotated[
+    str, msgspec.Meta(min_length=1, max_length=64, description="IANA name: `Europe/Berlin`")
+]
+Interval = Annotated[float, msgspec.Meta(ge=1, le=366 * 86400, description="Seconds between runs")]
 
-    at: Moment
+
+class ScheduleRequest(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    """When to run the task: once ``at`` a time, or on a ``cron`` expression (in
+    ``timezone``, default UTC) or ``every`` N seconds, optionally between ``start`` and
+    ``end``. Exactly one of ``at``, ``cron`` and ``every``."""
+
+    at: Moment | None = None
+    cron: CronExpression | None = None
+    timezone: TimezoneName | None = None
+    every: Interval | None = None
+    start: Moment | None = None
+    end: Moment | None = None
+
+    def __post_init__(self) -> None:
+        given = [name for name in ("at", "cron", "every") if getattr(self, name) is not None]
+        if len(given) != 1:
+            raise ValueError("give exactly one of `at`, `cron` and `every`")
+        if self.timezone is not None:
+            if self.cron is None:
+                raise ValueError("`timezone` goes with `cron`")
+            try:
+                ZoneInfo(self.timezone)
+            except (ZoneInfoNotFoundError, ValueError):
+                raise ValueError(f"`timezone`: unknown time zone {self.timezone!r}") from None
+        if self.at is not None and (self.start is not None or self.end is not None):
+            raise ValueError("`start` and `end` go with `cron` or `every`, not `at`")
+        if self.start is not None and self.end is not None and self.start >= self.end:
+            raise ValueError("`start` must be before `end`")
+        if self.cron is not None:
+            try:
+                CronSim(self.cron, datetime.now(UTC))
+            except CronSimError as exc:
+                raise ValueError(f"`cron`: {exc}") from None
+
+    def recurrence(self, now: datetime) -> Recurrence | None:
+        """The repeating schedule asked for (``None`` for a one-shot ``at``)."""
+        if self.cron is not None:
+            return Recurrence(
+                cron=self.cron,
+                timezone=self.timezone or "UTC",
+                start=_utc(self.start),
+                end=_utc(self.end),
+            )
+        if self.every is not None:
+            # Anchored, so that the phase of the interval never drifts.
+            return Recurrence(every=self.every, start=_utc(self.start) or now, end=_utc(self.end))
+        return None
+
+
+def _utc(moment: datetime | None) -> datetime | None:
+    return None if moment is None else moment.astimezone(UTC)

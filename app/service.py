@@ -23,13 +23,15 @@ from app.domain import (
     TaskStatus,
     new_task_id,
     queue_run,
+    recur,
     reschedule,
     timestamp,
     touch,
+    unschedule,
     utcnow,
 )
-from app.ports import KEEP, DueAt, Store, TaskChange
-from app.schemas import TaskCreate, TaskUpdate
+from app.ports import KEEP, UNSCHEDULE, DueAt, Store, TaskChange
+from app.schemas import ScheduleRequest, TaskCreate, TaskUpdate
 
 MAX_COMMIT_ATTEMPTS = 50
 
@@ -106,6 +108,7 @@ class TaskService:
             created_at=now,
             updated_at=now,
             scheduled_at=scheduled_at,
+            next_runs=[] if scheduled_at is None else [scheduled_at],
         )
         schedule = KEEP if scheduled_at is None else DueAt(timestamp(scheduled_at))
         await self._store.commit(TaskChange(task.id, None, task, schedule=schedule))
@@ -152,18 +155,37 @@ class TaskService:
         change = await transact(self._store, task_id, plan)
         return change.runs[0]
 
-    async def schedule(self, task_id: str, at: datetime) -> Task:
-        """Run the task at ``at`` (right away if that has passed).
+    async def schedule(self, task_id: str, request: ScheduleRequest) -> Task:
+        """Run the task once at a time (right away if it has passed) or on a recurrence.
 
-        While a run is active the time is remembered and becomes due when the run ends.
+        While a run is active the new time is remembered and becomes due when it ends.
         """
-        at = at.astimezone(UTC)  # stored and returned in UTC, whatever offset the caller used
 
         def plan(task: Task) -> TaskChange:
-            scheduled = reschedule(task, at, self._clock())
+            now = self._clock()
+            recurrence = request.recurrence(now)
+            if recurrence is None:
+                assert request.at is not None
+                scheduled = reschedule(task, request.at.astimezone(UTC), now)
+            else:
+                scheduled = recur(task, recurrence, now)
+            assert scheduled.scheduled_at is not None
             if task.status in ACTIVE_STATUSES:
                 return TaskChange(task_id, task.revision, scheduled)
-            return TaskChange(task_id, task.revision, scheduled, schedule=DueAt(timestamp(at)))
+            due = DueAt(timestamp(scheduled.scheduled_at))
+            return TaskChange(task_id, task.revision, scheduled, schedule=due)
+
+        return _new_task(await transact(self._store, task_id, plan))
+
+    async def unschedule(self, task_id: str) -> Task:
+        """Drop the task's schedule; a run already queued or running goes on."""
+
+        def plan(task: Task) -> TaskChange:
+            idle = unschedule(task, self._clock())
+            if task.status in ACTIVE_STATUSES:
+                # Its entry belongs to the active run (dispatch or lease): leave it.
+                return TaskChange(task_id, task.revision, idle)
+            return TaskChange(task_id, task.revision, idle, schedule=UNSCHEDULE)
 
         return _new_task(await transact(self._store, task_id, plan))
 

@@ -72,6 +72,9 @@ class ApiClient:
     async def schedule_task(self, task_id: str, body: dict[str, Any]) -> Any:
         return (await self.request("POST", f"/tasks/{task_id}/schedule", json=body)).json()
 
+    async def unschedule_task(self, task_id: str) -> Any:
+        return (await self.request("DELETE", f"/tasks/{task_id}/schedule")).json()
+
     async def list_runs(self, task_id: str, *, limit: int | None) -> list[Any]:
         response = await self.request("GET", f"/tasks/{task_id}/runs", params={"limit": limit})
         return response.json()  # type: ignore[no-any-return]

@@ -304,12 +304,39 @@ async def execute(client: ApiClient, task_id: str, as_json: bool) -> None:
 
 @cli.command()
 @click.option("--id", "task_id", required=True)
-@click.option("--at", required=True, help="When to run it (RFC 3339, e.g. 2025-12-01T15:00:00Z).")
+@click.option("--at", help="Once, at this time (RFC 3339, e.g. 2025-12-01T15:00:00Z).")
+@click.option("--cron", help="On a cron expression: 5 fields, or 6 with leading seconds.")
+@click.option("--timezone", help="Time zone of --cron (IANA name, default UTC).")
+@click.option("--every", type=float, help="Every this many seconds.")
+@click.option("--start", help="Recurrence: not before this time (RFC 3339).")
+@click.option("--end", help="Recurrence: not after this time (RFC 3339).")
 @_client_command
-async def schedule(client: ApiClient, task_id: str, at: str, as_json: bool) -> None:
-    """Schedule a task for a time."""
-    task = await client.schedule_task(task_id, {"at": at})
+async def schedule(
+    client: ApiClient,
+    task_id: str,
+    at: str | None,
+    cron: str | None,
+    timezone: str | None,
+    every: float | None,
+    start: str | None,
+    end: str | None,
+    as_json: bool,
+) -> None:
+    """Schedule a task: once (--at) or on a recurrence (--cron or --every)."""
+    if sum(option is not None for option in (at, cron, every)) != 1:
+        raise click.UsageError("give exactly one of --at, --cron and --every")
+    body = {"at": at, "cron": cron, "timezone": timezone, "every": every}
+    body |= {"start": start, "end": end}
+    task = await client.schedule_task(task_id, {k: v for k, v in body.items() if v is not None})
     _emit(task, as_json, _task_details)
+
+
+@cli.command()
+@click.option("--id", "task_id", required=True)
+@_client_command
+async def unschedule(client: ApiClient, task_id: str, as_json: bool) -> None:
+    """Drop a task's schedule (a run already queued or running goes on)."""
+    _emit(await client.unschedule_task(task_id), as_json, _task_details)
 
 
 @cli.command()
@@ -391,6 +418,8 @@ def _task_details(task: dict[str, Any]) -> str:
         ("command" if task.get("command") is not None else "args", program),
         ("description", task.get("description") or "-"),
         ("scheduled at", task.get("scheduled_at") or "-"),
+        ("recurrence", _recurrence(task.get("schedule"))),
+        ("next runs", ", ".join(task.get("next_runs") or []) or "-"),
         ("timeout", task.get("timeout") or "-"),
         ("cwd", task.get("cwd") or "-"),
         ("env", ", ".join(f"{k}={v}" for k, v in _env_of(task).items()) or "-"),
@@ -399,6 +428,18 @@ def _task_details(task: dict[str, Any]) -> str:
         ("updated", task["updated_at"]),
     ]
     return "\n".join(f"{label + ':':<14}{value}" for label, value in fields)
+
+
+def _recurrence(schedule: dict[str, Any] | None) -> str:
+    if not schedule:
+        return "-"
+    what = (
+        f"cron {schedule['cron']} ({schedule['timezone']})"
+        if schedule.get("cron")
+        else f"every {schedule['every']:g} s"
+    )
+    bounds = [f"{word} {schedule[word]}" for word in ("start", "end") if schedule.get(word)]
+    return ", ".join([what, *bounds])
 
 
 def _env_of(task: dict[str, Any]) -> dict[str, str]:

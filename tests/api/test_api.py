@@ -164,6 +164,8 @@ async def test_create_answers_201_with_the_full_task(client: Client) -> None:
         "updated_at": task["created_at"],
         "scheduled_at": None,
         "last_run": None,
+        "schedule": None,
+        "next_runs": [],
         "active_run": None,
         "revision": 0,
     }
@@ -622,6 +624,7 @@ async def test_schedule_sets_scheduled_at_in_utc(client: Client) -> None:
     assert task == {
         **created,
         "scheduled_at": "2030-06-01T15:30:00Z",
+        "next_runs": ["2030-06-01T15:30:00Z"],
         "updated_at": task["updated_at"],
         "revision": 1,
     }
@@ -634,7 +637,7 @@ async def test_schedule_sets_scheduled_at_in_utc(client: Client) -> None:
         pytest.param({}, "`at`", id="missing-at"),
         pytest.param({"at": "2030-01-01T00:00:00"}, "(at)", id="naive"),
         pytest.param({"at": "next tuesday"}, "(at)", id="garbage"),
-        pytest.param({"at": None}, "(at)", id="null"),
+        pytest.param({"at": None}, "`at`", id="null"),
         pytest.param({"at": "2030-01-01T00:00:00Z", "when": "now"}, "`when`", id="unknown-field"),
     ],
 )
@@ -780,6 +783,7 @@ ENDPOINTS = [
     ("/tasks/{task_id}", "delete", "204", None, {"404"}),
     ("/tasks/{task_id}/execute", "post", "202", "Run", {"404", "409"}),
     ("/tasks/{task_id}/schedule", "post", "200", "Task", {"400", "404"}),
+    ("/tasks/{task_id}/schedule", "delete", "200", "Task", {"404"}),
     ("/tasks/{task_id}/runs", "get", "200", "[Run]", {"400", "404"}),
     ("/tasks/{task_id}/runs/{run_id}", "get", "200", "Run", {"404"}),
 ]
@@ -850,3 +854,87 @@ async def test_openapi_documents_the_next_cursor_header(client: Client) -> None:
     listing = (await openapi(client))["paths"]["/tasks"]["get"]["responses"]["200"]
 
     assert "X-Next-Cursor" in listing["headers"]
+
+
+# recurring schedules and DELETE /tasks/{id}/schedule
+
+
+async def test_schedule_on_cron_shows_the_next_five_runs_in_utc(client: Client) -> None:
+    await create_task(client)
+
+    response = await client.post(
+        "/tasks/t1/schedule", json={"cron": "0 9 * * *", "timezone": "Europe/Berlin"}
+    )
+
+    assert response.status_code == 200
+    task = response.json()
+    assert task["schedule"] == {
+        "cron": "0 9 * * *",
+        "timezone": "Europe/Berlin",
+        "every": None,
+        "start": None,
+        "end": None,
+    }
+    runs = [parse_utc(moment) for moment in task["next_runs"]]
+    assert len(runs) == 5 and runs == sorted(runs) and runs[0] > utcnow()
+    assert all(run.minute == 0 and run.hour in (7, 8) for run in runs)  # 09:00 in Berlin
+    assert task["scheduled_at"] == task["next_runs"][0]
+
+
+async def test_schedule_every_is_anchored_at_its_start(client: Client) -> None:
+    await create_task(client)
+
+    response = await client.post(
+        "/tasks/t1/schedule", json={"every": 3600, "start": "2030-01-01T00:00:00Z"}
+    )
+
+    assert response.status_code == 200
+    assert response.json()["next_runs"] == [f"2030-01-01T0{h}:00:00Z" for h in range(5)]
+
+
+async def test_a_schedule_that_never_fires_is_refused(client: Client) -> None:
+    await create_task(client)
+    async with state_unchanged(client):
+        response = await client.post(
+            "/tasks/t1/schedule", json={"cron": "* * * * *", "end": "2001-01-01T00:00:00Z"}
+        )
+
+    assert_problem(response, 400, "never")
+
+
+@pytest.mark.parametrize(
+    ("body", "mentioned"),
+    [
+        pytest.param({"cron": "not a cron"}, "cron", id="bad-cron"),
+        pytest.param({"cron": "* * * * *", "timezone": "Nowhere/Land"}, "timezone", id="bad-tz"),
+        pytest.param({"cron": "* * * * *", "every": 60}, "exactly one", id="cron-and-every"),
+        pytest.param({"every": 0}, "every", id="zero-interval"),
+    ],
+)
+async def test_a_bad_recurrence_is_400_and_changes_nothing(
+    client: Client, body: Json, mentioned: str
+) -> None:
+    await create_task(client)
+    async with state_unchanged(client):
+        response = await client.post("/tasks/t1/schedule", json=body)
+
+    assert_problem(response, 400, mentioned)
+
+
+async def test_unschedule_clears_the_schedule(client: Client) -> None:
+    await create_task(client)
+    await client.post("/tasks/t1/schedule", json={"every": 60})
+
+    response = await client.delete("/tasks/t1/schedule")
+
+    assert response.status_code == 200
+    task = response.json()
+    assert (task["scheduled_at"], task["schedule"], task["next_runs"]) == (None, None, [])
+    assert (await get_task(client, "t1")) == task
+
+
+async def test_unschedule_an_unknown_task_is_404(client: Client) -> None:
+    async with state_unchanged(client):
+        response = await client.delete("/tasks/missing/schedule")
+
+    assert_problem(response, 404, "missing")

@@ -28,6 +28,7 @@ PROTECTED = [
     ("DELETE", "/tasks/{task_id}", "/tasks/t1"),
     ("POST", "/tasks/{task_id}/execute", "/tasks/t1/execute"),
     ("POST", "/tasks/{task_id}/schedule", "/tasks/t1/schedule"),
+    ("DELETE", "/tasks/{task_id}/schedule", "/tasks/t1/schedule"),
     ("GET", "/tasks/{task_id}/runs", "/tasks/t1/runs"),
     ("GET", "/tasks/{task_id}/runs/{run_id}", "/tasks/t1/runs/r1"),
     # "schema" as a task id: only the real /schema routes are open.
@@ -66,7 +67,7 @@ def requests_for(method: str, url: str) -> dict[str, Any]:
         return {"json": TASK}
     if method == "PUT":
         return {"json": {"name": "renamed"}}
-    if url.endswith("/schedule"):
+    if method == "POST" and url.endswith("/schedule"):
         return {"json": {"at": "2030-01-01T00:00:00Z"}}
     return {}
 

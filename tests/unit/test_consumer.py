@@ -16,7 +16,7 @@ from app.consumer import Consumer
 from app.domain import Run, RunStatus, Task, TaskStatus, utcnow
 from app.ports import Dispatch
 from app.scheduler import Scheduler
-from app.schemas import TaskCreate
+from app.schemas import ScheduleRequest, TaskCreate
 from app.service import TaskService
 from tests.conftest import eventually
 
@@ -196,7 +196,7 @@ async def test_a_time_set_while_running_becomes_due_when_the_run_ends(
     async with consuming(store, broker):
         await submit(store, broker, "a", f"touch {started}; sleep 0.3")
         await eventually(started.exists)
-        await TaskService(store).schedule("a", at)
+        await TaskService(store).schedule("a", ScheduleRequest(at=at))
         task = await finished(store, "a")
     assert task.status == TaskStatus.COMPLETED and task.scheduled_at == at
     before = at.timestamp() - 1

@@ -1,0 +1,98 @@
+"""Recurring schedules through the real processes and the CLI."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import signal
+from datetime import datetime, timedelta
+from typing import Any
+
+import anyio
+import httpx
+import pytest
+import redis.asyncio as redis
+
+from tests.conftest import eventually
+from tests.e2e.harness import cli, running, service_env
+
+pytestmark = pytest.mark.e2e
+
+
+async def finished_runs(http: httpx.AsyncClient, task_id: str) -> list[dict[str, Any]]:
+    runs = (await http.get(f"/tasks/{task_id}/runs", params={"limit": 100})).json()
+    return [r for r in reversed(runs) if r["status"] in ("completed", "failed")]
+
+
+async def test_a_seconds_cron_fires_on_each_second_until_unscheduled(
+    prefix: str, servers: redis.Redis
+) -> None:
+    async with running(["serve"], service_env(prefix)) as service:
+        assert service.api_url is not None
+        url = service.api_url
+        await cli(url, "create", "--id", "tick", "--name", "tick", "--command", "date +%s.%N")
+        scheduled = json.loads(
+            await cli(url, "schedule", "--id", "tick", "--cron", "* * * * * *", "--json")
+        )
+        assert scheduled["schedule"]["cron"] == "* * * * * *"
+        assert len(scheduled["next_runs"]) == 5
+        async with httpx.AsyncClient(base_url=url) as http:
+
+            async def three_runs() -> bool:
+                return len(await finished_runs(http, "tick")) >= 3
+
+            await eventually(three_runs, within=10, every=0.1)
+            await cli(url, "unschedule", "--id", "tick")
+            runs = await finished_runs(http, "tick")
+            # Whatever was already queued finishes; then nothing more fires.
+            await anyio.sleep(2.5)
+            after = await finished_runs(http, "tick")
+        assert await service.stop(signal.SIGTERM) == 0
+
+    starts = [datetime.fromisoformat(r["started_at"]) for r in runs]
+    print("cron * * * * * * started at", [s.strftime("%S.%f")[:-3] for s in starts])
+    assert all(r["status"] == "completed" for r in runs)
+    for start in starts:
+        # Each run starts just after a whole second (its fire time), never before it.
+        assert start.microsecond < 500_000
+    assert all(b - a >= timedelta(milliseconds=500) for a, b in itertools.pairwise(starts))
+    assert len(after) <= len(runs) + 1, "runs went on after unschedule"
+
+
+async def test_every_runs_at_its_interval_and_missed_fires_coalesce(
+    prefix: str, servers: redis.Redis
+) -> None:
+    env = service_env(prefix)
+    async with running(["serve", "--roles", "api,consumer"], env, name="api") as api:
+        assert api.api_url is not None
+        url = api.api_url
+        await cli(url, "create", "--id", "beat", "--name", "beat", "--command", "true")
+        async with httpx.AsyncClient(base_url=url) as http:
+            async with running(["serve", "--roles", "scheduler"], env, name="scheduler") as first:
+                await cli(url, "schedule", "--id", "beat", "--every", "1")
+
+                async def two_runs() -> bool:
+                    return len(await finished_runs(http, "beat")) >= 2
+
+                await eventually(two_runs, within=10, every=0.1)
+                assert await first.stop(signal.SIGTERM) == 0
+            before_outage = len(await finished_runs(http, "beat"))
+            # No scheduler for 3.5 s: three or four fire times pass unserved.
+            await anyio.sleep(3.5)
+            assert len(await finished_runs(http, "beat")) == before_outage
+            async with running(["serve", "--roles", "scheduler"], env, name="scheduler"):
+                restarted = anyio.current_time()
+
+                async def one_more() -> bool:
+                    return len(await finished_runs(http, "beat")) >= before_outage + 1
+
+                await eventually(one_more, within=10, every=0.05)
+                caught_up = anyio.current_time() - restarted
+                # Less than an interval later, the missed fires have not produced more runs.
+                await anyio.sleep(0.6)
+                after_restart = len(await finished_runs(http, "beat"))
+    print(
+        f"every 1 s: {before_outage} runs before a 3.5 s scheduler outage, "
+        f"{after_restart - before_outage} right after it (caught up in {caught_up:.2f} s)"
+    )
+    assert after_restart - before_outage == 1, "missed fires coalesce into one run"
