@@ -191,13 +191,9 @@ class Consumer:
 
     async def _finish(self, task: Task, run: Run, outcome: Outcome) -> None:
         def plan(task: Task) -> TaskChange:
-            finished_task, finished_run = finish_run(task, run, outcome, self._clock())
+            finished_task, runs = finish_run(task, run, outcome, self._clock())
             return TaskChange(
-                task.id,
-                task.revision,
-                finished_task,
-                runs=[finished_run],
-                schedule=_next_due(finished_task),
+                task.id, task.revision, finished_task, runs, schedule=_next_due(finished_task)
             )
 
         try:
@@ -238,7 +234,10 @@ class Consumer:
 
 
 def _next_due(task: Task) -> ScheduleChange:
-    """After a run its lease entry goes; a time set while it ran becomes due instead."""
+    """After a run its lease entry goes: a retry, or the next scheduled time (set while it
+    ran, or by its recurrence), becomes due instead."""
+    if task.retry_at is not None:
+        return DueAt(timestamp(task.retry_at))
     if task.scheduled_at is not None:
         return DueAt(timestamp(task.scheduled_at))
     return UNSCHEDULE

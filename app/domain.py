@@ -8,8 +8,10 @@ actor can never overwrite a newer state.
 from __future__ import annotations
 
 import os
+import random
 import secrets
 import time
+from collections.abc import Sequence
 from datetime import UTC, datetime, timedelta
 from enum import StrEnum
 from typing import Annotated
@@ -154,6 +156,9 @@ class Task(msgspec.Struct, kw_only=True):
     env: dict[str, str] = {}
     cwd: str | None = None
     timeout: float | None = None
+    max_attempts: int = 1
+    retry_backoff: float = 10.0
+    success_exit_codes: list[int] = msgspec.field(default_factory=lambda: [0])
     status: TaskStatus = TaskStatus.CREATED
     created_at: datetime
     updated_at: datetime
@@ -162,6 +167,7 @@ class Task(msgspec.Struct, kw_only=True):
     next_runs: list[datetime] = []
     last_run: RunSummary | None = None
     active_run: ActiveRun | None = None
+    retry_at: datetime | None = None
     revision: int = 0
 
 
@@ -194,9 +200,8 @@ class Outcome(msgspec.Struct, kw_only=True):
     timed_out: bool = False
     error: str | None = None
 
-    @property
-    def succeeded(self) -> bool:
-        return self.exit_code == 0 and not self.timed_out and self.error is None
+    def succeeded(self, success_exit_codes: Sequence[int] = (0,)) -> bool:
+        return self.exit_code in success_exit_codes and not self.timed_out and self.error is None
 
 
 def utcnow() -> datetime:
@@ -269,18 +274,31 @@ def start_run(task: Task, run: Run, worker: str, now: datetime) -> tuple[Task, R
     if task.active_run.run_id != run.run_id or run.status != RunStatus.QUEUED:
         raise InvalidTransition(f"run {run.run_id!r} is not the queued run of {task.id!r}")
     started = msgspec.structs.replace(run, status=RunStatus.RUNNING, started_at=now, worker=worker)
-    return _advance(task, now, status=TaskStatus.RUNNING), started
+    return _advance(task, now, status=TaskStatus.RUNNING, retry_at=None), started
 
 
-def finish_run(task: Task, run: Run, outcome: Outcome, now: datetime) -> tuple[Task, Run]:
-    """Record a run's outcome; the exit code decides ``completed`` or ``failed``."""
+def retry_delay(task: Task, attempt: int) -> float:
+    """Seconds before the attempt after ``attempt``: exponential, with equal jitter so that
+    tasks failing together do not retry together."""
+    ceiling = task.retry_backoff * 2 ** (attempt - 1)
+    return ceiling / 2 + random.uniform(0, ceiling / 2)
+
+
+def finish_run(task: Task, run: Run, outcome: Outcome, now: datetime) -> tuple[Task, list[Run]]:
+    """Record a run's outcome: ``completed`` when the exit code is one of the task's
+    success codes; otherwise the next attempt is queued after a backoff while attempts
+    are left (the task stays ``pending``, ``retry_at`` says when), else ``failed``.
+
+    Returns the task and the runs to write (the finished one, and a queued retry if any).
+    """
     if (
         task.status != TaskStatus.RUNNING
         or task.active_run is None
         or task.active_run.run_id != run.run_id
     ):
         raise InvalidTransition(f"run {run.run_id!r} is not the running run of {task.id!r}")
-    run_status = RunStatus.COMPLETED if outcome.succeeded else RunStatus.FAILED
+    succeeded = outcome.succeeded(task.success_exit_codes)
+    run_status = RunStatus.COMPLETED if succeeded else RunStatus.FAILED
     finished = msgspec.structs.replace(
         run,
         status=run_status,
@@ -300,8 +318,14 @@ def finish_run(task: Task, run: Run, outcome: Outcome, now: datetime) -> tuple[T
         duration=outcome.duration,
         finished_at=now,
     )
-    task_status = TaskStatus.COMPLETED if outcome.succeeded else TaskStatus.FAILED
-    return _advance(task, now, status=task_status, last_run=summary, active_run=None), finished
+    if not succeeded and run.attempt < task.max_attempts:
+        pending, retry = _pending_with_new_run(task, run.attempt + 1, now)
+        retry_at = now + timedelta(seconds=retry_delay(task, run.attempt))
+        waiting = msgspec.structs.replace(pending, last_run=summary, retry_at=retry_at)
+        return waiting, [finished, retry]
+    task_status = TaskStatus.COMPLETED if succeeded else TaskStatus.FAILED
+    done = _advance(task, now, status=task_status, last_run=summary, active_run=None)
+    return done, [finished]
 
 
 def requeue_run(task: Task, run: Run, reason: str, now: datetime) -> tuple[Task, Run, Run]:

@@ -58,6 +58,19 @@ Timeout = Annotated[
         extra_json_schema={"extra": {"exclusiveMinimum": 0}},
     ),
 ]
+MaxAttempts = Annotated[
+    int, msgspec.Meta(ge=1, le=100, description="Runs before a failing task is `failed`")
+]
+RetryBackoff = Annotated[
+    float,
+    msgspec.Meta(
+        ge=0, le=86400, description="Seconds before the 2nd attempt; doubles each time, jittered"
+    ),
+]
+SuccessExitCodes = Annotated[
+    list[Annotated[int, msgspec.Meta(ge=0, le=255)]],
+    msgspec.Meta(min_length=1, max_length=256, description="Exit codes that count as success"),
+]
 Moment = Annotated[datetime, msgspec.Meta(tz=True, description="RFC 3339 with a UTC offset")]
 
 
@@ -83,6 +96,9 @@ class TaskCreate(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     env: Env = {}
     cwd: Cwd | None = None
     timeout: Timeout | None = None
+    max_attempts: MaxAttempts = 1
+    retry_backoff: RetryBackoff = 10.0
+    success_exit_codes: SuccessExitCodes = msgspec.field(default_factory=lambda: [0])
     scheduled_at: Moment | None = None
 
     def __post_init__(self) -> None:
@@ -102,6 +118,9 @@ class TaskUpdate(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     env: Env | UnsetType = UNSET
     cwd: Cwd | UnsetType | None = UNSET
     timeout: Timeout | UnsetType | None = UNSET
+    max_attempts: MaxAttempts | UnsetType = UNSET
+    retry_backoff: RetryBackoff | UnsetType = UNSET
+    success_exit_codes: SuccessExitCodes | UnsetType = UNSET
 
     def __post_init__(self) -> None:
         _check_program(

@@ -188,6 +188,21 @@ def _program_options(function: Callable[P, Awaitable[T]]) -> Callable[P, Awaitab
             click.option("--env", multiple=True, help="NAME=VALUE for the command (repeatable)."),
             click.option("--cwd", help="Working directory of the command."),
             click.option("--timeout", type=float, help="Seconds before the command is killed."),
+            click.option(
+                "--max-attempts", type=int, help="Runs before a failing task is failed (1-100)."
+            ),
+            click.option(
+                "--retry-backoff",
+                type=float,
+                help="Seconds before the 2nd attempt; doubles each time, with jitter.",
+            ),
+            click.option(
+                "--success-exit-code",
+                "success_exit_codes",
+                type=int,
+                multiple=True,
+                help="An exit code that counts as success (repeatable; default 0).",
+            ),
         ]
     ):
         function = option(function)
@@ -201,6 +216,9 @@ def _program_body(
     env: Sequence[str],
     cwd: str | None,
     timeout: float | None,
+    max_attempts: int | None,
+    retry_backoff: float | None,
+    success_exit_codes: Sequence[int],
 ) -> dict[str, Any]:
     body: dict[str, Any] = {
         "description": description,
@@ -209,6 +227,9 @@ def _program_body(
         "env": _env_pairs(env) or None,
         "cwd": cwd,
         "timeout": timeout,
+        "max_attempts": max_attempts,
+        "retry_backoff": retry_backoff,
+        "success_exit_codes": list(success_exit_codes) or None,
     }
     return {k: v for k, v in body.items() if v is not None}
 
@@ -421,6 +442,8 @@ def _task_details(task: dict[str, Any]) -> str:
         ("recurrence", _recurrence(task.get("schedule"))),
         ("next runs", ", ".join(task.get("next_runs") or []) or "-"),
         ("timeout", task.get("timeout") or "-"),
+        ("attempts", f"{task['max_attempts']} (backoff {task['retry_backoff']:g} s)"),
+        ("retry at", task.get("retry_at") or "-"),
         ("cwd", task.get("cwd") or "-"),
         ("env", ", ".join(f"{k}={v}" for k, v in _env_of(task).items()) or "-"),
         ("last run", _last_run(task)),

@@ -42,7 +42,7 @@ def finish_active_run(served: Served) -> Callable[[str], Awaitable[None]]:
         await store.commit(TaskChange(task_id, task.revision, running_task, runs=[running]))
         outcome = Outcome(exit_code=0, duration=0.01, output="hello\n", truncated=False)
         done_task, done = finish_run(running_task, running, outcome, utcnow())
-        await store.commit(TaskChange(task_id, running_task.revision, done_task, runs=[done]))
+        await store.commit(TaskChange(task_id, running_task.revision, done_task, runs=done))
 
     return finish
 
@@ -164,6 +164,10 @@ async def test_create_answers_201_with_the_full_task(client: Client) -> None:
         "updated_at": task["created_at"],
         "scheduled_at": None,
         "last_run": None,
+        "max_attempts": 1,
+        "retry_backoff": 10.0,
+        "success_exit_codes": [0],
+        "retry_at": None,
         "schedule": None,
         "next_runs": [],
         "active_run": None,

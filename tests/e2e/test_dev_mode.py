@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import signal
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 
 import httpx
 import pytest
@@ -114,3 +115,39 @@ async def test_every_client_command_through_the_cli(prefix: str) -> None:
         assert "deleted c1" in await cli(url, "delete", "--id", "c1")
         assert "no tasks" in await cli(url, "list")
         await cli(url, "delete", "--id", "c1", expect_code=1)
+
+
+async def test_failed_runs_are_retried_with_a_growing_backoff(prefix: str, tmp_path: Path) -> None:
+    marker = tmp_path / "failed-once"
+    async with running(["dev", "--port", "0"], service_env(prefix)) as service:
+        assert service.api_url is not None
+        url = service.api_url
+        await cli(
+            url, "create", "--id", "flaky", "--name", "flaky", "--max-attempts", "3",
+            "--retry-backoff", "0.4", "--command", "exit 1",
+        )  # fmt: skip
+        await cli(
+            url, "create", "--id", "heals", "--name", "heals", "--max-attempts", "3",
+            "--command", f"if [ -e {marker} ]; then echo ok; else touch {marker}; exit 1; fi",
+            "--retry-backoff", "0.1",
+        )  # fmt: skip
+        await cli(url, "execute", "--id", "flaky")
+        await cli(url, "execute", "--id", "heals")
+        async with httpx.AsyncClient(base_url=url) as http:
+            flaky = await wait_for_task(http, "flaky", {"completed", "failed"})
+            heals = await wait_for_task(http, "heals", {"completed", "failed"})
+            flaky_runs = list(reversed((await http.get("/tasks/flaky/runs")).json()))
+            heals_runs = list(reversed((await http.get("/tasks/heals/runs")).json()))
+    assert flaky["status"] == "failed" and flaky["last_run"]["attempt"] == 3
+    assert [(r["attempt"], r["status"], r["exit_code"]) for r in flaky_runs] == [
+        (1, "failed", 1),
+        (2, "failed", 1),
+        (3, "failed", 1),
+    ]
+    starts = [datetime.fromisoformat(r["started_at"]) for r in flaky_runs]
+    ends = [datetime.fromisoformat(r["finished_at"]) for r in flaky_runs]
+    gaps = [(start - end).total_seconds() for end, start in zip(ends, starts[1:], strict=False)]
+    print(f"retry gaps with a 0.4 s backoff: {[round(g, 3) for g in gaps]}")
+    assert gaps[0] >= 0.2 and gaps[1] >= 0.4, "half the doubled backoff at least"
+    assert heals["status"] == "completed"
+    assert [(r["attempt"], r["status"]) for r in heals_runs] == [(1, "failed"), (2, "completed")]

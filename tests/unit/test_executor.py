@@ -110,7 +110,7 @@ async def test_shell_exit_code_and_merged_output() -> None:
     assert not outcome.truncated
     assert not outcome.timed_out
     assert outcome.error is None
-    assert not outcome.succeeded
+    assert not outcome.succeeded()
 
 
 async def test_success() -> None:
@@ -118,7 +118,7 @@ async def test_success() -> None:
     assert outcome.exit_code == 0
     assert outcome.output == "hello\n"
     assert outcome.error is None
-    assert outcome.succeeded
+    assert outcome.succeeded()
     assert outcome.duration >= 0
 
 
@@ -141,7 +141,7 @@ async def test_killed_by_a_signal() -> None:
     assert outcome.error is not None
     assert "SIGKILL" in outcome.error
     assert not outcome.timed_out
-    assert not outcome.succeeded
+    assert not outcome.succeeded()
 
 
 # --- environment and working directory ------------------------------------------------
@@ -201,7 +201,7 @@ async def test_could_not_start(argv: list[str], cwd: str | None) -> None:
     assert outcome.error is not None
     assert outcome.error.startswith("could not start")
     assert outcome.output == ""
-    assert not outcome.succeeded
+    assert not outcome.succeeded()
 
 
 # --- the output cap -------------------------------------------------------------------
@@ -323,7 +323,7 @@ async def test_timeout_stops_the_whole_group(tmp_path: Path) -> None:
     elapsed = time.monotonic() - started
     assert outcome.timed_out
     assert outcome.error == "timed out after 0.5 s"
-    assert not outcome.succeeded
+    assert not outcome.succeeded()
     assert 0.5 <= elapsed < 3
     pids = await read_pids(pids_file, 3)
     assert still_running(pids) == []
