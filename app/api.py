@@ -235,6 +235,26 @@ class TaskController(Controller):
     async def unschedule_task(self, task_id: FromPath[str], service: Service) -> Task:
         return await service.unschedule(task_id)
 
+    @post(
+        "/{task_id:str}/pause",
+        summary="Pause a task's schedule",
+        description="No scheduled fires until resumed; running it by hand still works.",
+        status_code=HTTP_200_OK,
+        raises=[NotFoundException, ConflictException, NotAuthorizedException],
+    )
+    async def pause_task(self, task_id: FromPath[str], service: Service) -> Task:
+        return await service.pause(task_id)
+
+    @post(
+        "/{task_id:str}/resume",
+        summary="Resume a paused schedule",
+        description="A recurrence goes on from now: fires missed while paused are skipped.",
+        status_code=HTTP_200_OK,
+        raises=[NotFoundException, ConflictException, NotAuthorizedException],
+    )
+    async def resume_task(self, task_id: FromPath[str], service: Service) -> Task:
+        return await service.resume(task_id)
+
     @get(
         "/{task_id:str}/runs",
         summary="List a task's runs, newest first",

@@ -23,6 +23,7 @@ from app.domain import (
     Run,
     RunStatus,
     Task,
+    due_after_run,
     finish_run,
     requeue_run,
     start_run,
@@ -234,10 +235,6 @@ class Consumer:
 
 
 def _next_due(task: Task) -> ScheduleChange:
-    """After a run its lease entry goes: a retry, or the next scheduled time (set while it
-    ran, or by its recurrence), becomes due instead."""
-    if task.retry_at is not None:
-        return DueAt(timestamp(task.retry_at))
-    if task.scheduled_at is not None:
-        return DueAt(timestamp(task.scheduled_at))
-    return UNSCHEDULE
+    """After a run its lease entry goes; what is due next takes its place."""
+    due = due_after_run(task)
+    return UNSCHEDULE if due is None else DueAt(timestamp(due))

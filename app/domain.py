@@ -165,6 +165,7 @@ class Task(msgspec.Struct, kw_only=True):
     scheduled_at: datetime | None = None
     schedule: Recurrence | None = None
     next_runs: list[datetime] = []
+    paused: bool = False
     last_run: RunSummary | None = None
     active_run: ActiveRun | None = None
     retry_at: datetime | None = None
@@ -375,7 +376,7 @@ def lose_run(task: Task, run: Run, now: datetime) -> tuple[Task, list[Run]]:
 
 def reschedule(task: Task, at: datetime, now: datetime) -> Task:
     """Run once at ``at`` (replacing any recurrence)."""
-    return _advance(task, now, scheduled_at=at, schedule=None, next_runs=[at])
+    return _advance(task, now, scheduled_at=at, schedule=None, next_runs=[at], paused=False)
 
 
 def recur(task: Task, recurrence: Recurrence, now: datetime) -> Task:
@@ -386,9 +387,36 @@ def recur(task: Task, recurrence: Recurrence, now: datetime) -> Task:
     return _advance(task, now, scheduled_at=upcoming[0], schedule=recurrence, next_runs=upcoming)
 
 
+def due_after_run(task: Task) -> datetime | None:
+    """When the task is due next once a run of it ended: its retry, or its next scheduled
+    time (unless paused), or never."""
+    if task.retry_at is not None:
+        return task.retry_at
+    if task.scheduled_at is not None and not task.paused:
+        return task.scheduled_at
+    return None
+
+
+def pause(task: Task, now: datetime) -> Task:
+    """Stop scheduled fires until ``resume``; running it by hand still works."""
+    if task.scheduled_at is None:
+        raise InvalidTransition(f"task {task.id!r} has no schedule to pause")
+    return _advance(task, now, paused=True)
+
+
+def resume(task: Task, now: datetime) -> Task:
+    """Fire on schedule again: a recurrence goes on from now (fires missed while paused
+    are skipped); a one-shot time that passed meanwhile fires at once."""
+    if not task.paused:
+        raise InvalidTransition(f"task {task.id!r} is not paused")
+    if task.schedule is not None:
+        return msgspec.structs.replace(recur(task, task.schedule, now), paused=False)
+    return _advance(task, now, paused=False)
+
+
 def unschedule(task: Task, now: datetime) -> Task:
     """No more scheduled runs (a run already queued or running is not affected)."""
-    return _advance(task, now, scheduled_at=None, schedule=None, next_runs=[])
+    return _advance(task, now, scheduled_at=None, schedule=None, next_runs=[], paused=False)
 
 
 def touch(task: Task, now: datetime, **changes: object) -> Task:

@@ -25,6 +25,7 @@ from app.domain import (
     Run,
     Task,
     TaskStatus,
+    due_after_run,
     fire_schedule,
     lose_run,
     timestamp,
@@ -72,7 +73,7 @@ def plan_dispatch(
         extended = touch(task, utcnow())
         lease = DueAt(extend_lease_to)
         return _Plan(change=TaskChange(task.id, task.revision, extended, schedule=lease))
-    if task.status in ACTIVE_STATUSES or task.scheduled_at is None:
+    if task.status in ACTIVE_STATUSES or task.scheduled_at is None or task.paused:
         return _Plan()  # a stale entry
     due = timestamp(task.scheduled_at)
     if due > now:
@@ -90,12 +91,9 @@ def _recover_lost_run(task: Task, run: Run) -> _Plan:
     recovered, runs = lose_run(task, run, now)
     log.warning("run %s/%s was lost (%s)", task.id, run.run_id, runs[0].error)
     if recovered.active_run is None:
-        # Out of attempts: failed. A time set meanwhile becomes due, as after any run.
-        schedule = (
-            UNSCHEDULE
-            if recovered.scheduled_at is None
-            else DueAt(timestamp(recovered.scheduled_at))
-        )
+        # Out of attempts: failed. What is due next becomes due, as after any run.
+        due = due_after_run(recovered)
+        schedule = UNSCHEDULE if due is None else DueAt(timestamp(due))
         return _Plan(change=TaskChange(task.id, task.revision, recovered, runs, schedule))
     fresh = recovered.active_run
     return _Plan(

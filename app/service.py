@@ -22,9 +22,11 @@ from app.domain import (
     TaskNotFound,
     TaskStatus,
     new_task_id,
+    pause,
     queue_run,
     recur,
     reschedule,
+    resume,
     timestamp,
     touch,
     unschedule,
@@ -189,6 +191,29 @@ class TaskService:
                 # Its entry belongs to the active run (dispatch or lease): leave it.
                 return TaskChange(task_id, task.revision, idle)
             return TaskChange(task_id, task.revision, idle, schedule=UNSCHEDULE)
+
+        return _new_task(await transact(self._store, task_id, plan))
+
+    async def pause(self, task_id: str) -> Task:
+        """Stop the task's scheduled fires until ``resume``."""
+
+        def plan(task: Task) -> TaskChange:
+            paused = pause(task, self._clock())
+            if task.status in ACTIVE_STATUSES:
+                return TaskChange(task_id, task.revision, paused)
+            return TaskChange(task_id, task.revision, paused, schedule=UNSCHEDULE)
+
+        return _new_task(await transact(self._store, task_id, plan))
+
+    async def resume(self, task_id: str) -> Task:
+        """Fire the task on its schedule again."""
+
+        def plan(task: Task) -> TaskChange:
+            resumed = resume(task, self._clock())
+            if task.status in ACTIVE_STATUSES or resumed.scheduled_at is None:
+                return TaskChange(task_id, task.revision, resumed)
+            due = DueAt(timestamp(resumed.scheduled_at))
+            return TaskChange(task_id, task.revision, resumed, schedule=due)
 
         return _new_task(await transact(self._store, task_id, plan))
 

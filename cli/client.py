@@ -72,6 +72,10 @@ class ApiClient:
     async def schedule_task(self, task_id: str, body: dict[str, Any]) -> Any:
         return (await self.request("POST", f"/tasks/{task_id}/schedule", json=body)).json()
 
+    async def post_action(self, task_id: str, action: str) -> Any:
+        """``POST /tasks/{id}/{action}`` (pause, resume)."""
+        return (await self.request("POST", f"/tasks/{task_id}/{action}")).json()
+
     async def unschedule_task(self, task_id: str) -> Any:
         return (await self.request("DELETE", f"/tasks/{task_id}/schedule")).json()
 

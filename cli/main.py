@@ -355,6 +355,22 @@ async def schedule(
 @cli.command()
 @click.option("--id", "task_id", required=True)
 @_client_command
+async def pause(client: ApiClient, task_id: str, as_json: bool) -> None:
+    """Pause a task's schedule (running it by hand still works)."""
+    _emit(await client.post_action(task_id, "pause"), as_json, _task_details)
+
+
+@cli.command()
+@click.option("--id", "task_id", required=True)
+@_client_command
+async def resume(client: ApiClient, task_id: str, as_json: bool) -> None:
+    """Resume a paused schedule (fires missed meanwhile are skipped)."""
+    _emit(await client.post_action(task_id, "resume"), as_json, _task_details)
+
+
+@cli.command()
+@click.option("--id", "task_id", required=True)
+@_client_command
 async def unschedule(client: ApiClient, task_id: str, as_json: bool) -> None:
     """Drop a task's schedule (a run already queued or running goes on)."""
     _emit(await client.unschedule_task(task_id), as_json, _task_details)
@@ -441,6 +457,7 @@ def _task_details(task: dict[str, Any]) -> str:
         ("scheduled at", task.get("scheduled_at") or "-"),
         ("recurrence", _recurrence(task.get("schedule"))),
         ("next runs", ", ".join(task.get("next_runs") or []) or "-"),
+        ("paused", "yes" if task.get("paused") else "no"),
         ("timeout", task.get("timeout") or "-"),
         ("attempts", f"{task['max_attempts']} (backoff {task['retry_backoff']:g} s)"),
         ("retry at", task.get("retry_at") or "-"),

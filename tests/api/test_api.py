@@ -167,6 +167,7 @@ async def test_create_answers_201_with_the_full_task(client: Client) -> None:
         "max_attempts": 1,
         "retry_backoff": 10.0,
         "success_exit_codes": [0],
+        "paused": False,
         "retry_at": None,
         "schedule": None,
         "next_runs": [],
@@ -788,6 +789,8 @@ ENDPOINTS = [
     ("/tasks/{task_id}/execute", "post", "202", "Run", {"404", "409"}),
     ("/tasks/{task_id}/schedule", "post", "200", "Task", {"400", "404"}),
     ("/tasks/{task_id}/schedule", "delete", "200", "Task", {"404"}),
+    ("/tasks/{task_id}/pause", "post", "200", "Task", {"404", "409"}),
+    ("/tasks/{task_id}/resume", "post", "200", "Task", {"404", "409"}),
     ("/tasks/{task_id}/runs", "get", "200", "[Run]", {"400", "404"}),
     ("/tasks/{task_id}/runs/{run_id}", "get", "200", "Run", {"404"}),
 ]
@@ -942,3 +945,33 @@ async def test_unschedule_an_unknown_task_is_404(client: Client) -> None:
         response = await client.delete("/tasks/missing/schedule")
 
     assert_problem(response, 404, "missing")
+
+
+async def test_pause_stops_scheduled_fires_and_resume_goes_on_from_now(client: Client) -> None:
+    await create_task(client)
+    scheduled = (await client.post("/tasks/t1/schedule", json={"every": 3600})).json()
+
+    paused = await client.post("/tasks/t1/pause")
+    assert paused.status_code == 200
+    assert paused.json()["paused"] is True
+    assert paused.json()["schedule"] == scheduled["schedule"]
+
+    resumed = await client.post("/tasks/t1/resume")
+    assert resumed.status_code == 200
+    task = resumed.json()
+    assert task["paused"] is False
+    assert task["next_runs"][0] >= scheduled["next_runs"][0]
+
+
+@pytest.mark.parametrize(
+    ("action", "mentioned"),
+    [("pause", "no schedule to pause"), ("resume", "not paused")],
+)
+async def test_pause_and_resume_out_of_turn_are_409(
+    client: Client, action: str, mentioned: str
+) -> None:
+    await create_task(client)
+    async with state_unchanged(client):
+        response = await client.post(f"/tasks/t1/{action}")
+
+    assert_problem(response, 409, mentioned)
