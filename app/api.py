@@ -236,6 +236,18 @@ class TaskController(Controller):
         return await service.unschedule(task_id)
 
     @post(
+        "/{task_id:str}/cancel",
+        summary="Cancel a task's active run",
+        description="A queued run never starts; a running command is stopped wherever it "
+        "runs (SIGTERM to its process group, SIGKILL after a grace period) and the run and "
+        "the task end `cancelled`. A recurrence goes on with its next fire time.",
+        status_code=HTTP_202_ACCEPTED,
+        raises=[NotFoundException, ConflictException, NotAuthorizedException],
+    )
+    async def cancel_task(self, task_id: FromPath[str], service: Service) -> Task:
+        return await service.cancel(task_id)
+
+    @post(
         "/{task_id:str}/pause",
         summary="Pause a task's schedule",
         description="No scheduled fires until resumed; running it by hand still works.",

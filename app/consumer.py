@@ -11,6 +11,7 @@ of the same queued run.
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Awaitable, Callable
 from datetime import datetime
 
@@ -18,11 +19,13 @@ import anyio
 from anyio.abc import TaskStatus as StartedStatus
 
 from app.domain import (
+    CANCELLED_REASON,
     DomainError,
     Outcome,
     Run,
     RunStatus,
     Task,
+    cancel_running,
     due_after_run,
     finish_run,
     requeue_run,
@@ -32,7 +35,7 @@ from app.domain import (
     worker_name,
 )
 from app.executor import inherited_environment, run_command
-from app.outages import until_available
+from app.outages import Backoff, until_available
 from app.ports import (
     UNSCHEDULE,
     Broker,
@@ -50,6 +53,7 @@ from app.stopping import cancel_after, cancel_when_set
 log = logging.getLogger(__name__)
 
 SHUTDOWN_BOOKKEEPING_SECONDS = 10.0
+EARLY_CANCEL_SECONDS = 60.0
 RENEW_RETRY_SECONDS = 0.5
 
 
@@ -83,7 +87,11 @@ class Consumer:
         self._output_limit = output_limit
         self._shutdown_grace = shutdown_grace
         self._lease_seconds = lease_seconds
-        self._running: set[str] = set()
+        # Running commands by task id, each under a scope that a cancel notice cancels.
+        self._running: dict[str, anyio.CancelScope] = {}
+        # Cancel notices that arrived before their run was registered here (a race
+        # between the start being recorded and the notice): task id -> when.
+        self._early_cancels: dict[str, float] = {}
         self._worker = worker or worker_name()
         self._clock = clock
         self._environment = inherited_environment()
@@ -99,6 +107,7 @@ class Consumer:
                 with anyio.CancelScope() as intake:
                     timers.start_soon(cancel_when_set, stopping, intake)
                     timers.start_soon(self._renew_leases)
+                    await timers.start(self._watch_cancels)
                     async with self._broker.consume(prefetch=self._concurrency) as deliveries:
                         task_status.started()
                         async for delivery in deliveries:
@@ -144,24 +153,79 @@ class Consumer:
             await _settle(delivery.ack)
             return
         await _settle(delivery.ack)
-        self._running.add(task.id)
+        stop = anyio.CancelScope()
+        self._running[task.id] = stop
+        if task.cancel_requested or self._early_cancels.pop(task.id, None) is not None:
+            stop.cancel()
+        started = time.monotonic()
+        outcome: Outcome | None = None
         try:
-            outcome = await run_command(
-                ["sh", "-c", task.command] if task.command is not None else task.args or [],
-                env=self._environment | task.env,
-                cwd=task.cwd,
-                time_limit=task.timeout,
-                output_limit=self._output_limit,
-            )
+            with stop:
+                outcome = await run_command(
+                    ["sh", "-c", task.command] if task.command is not None else task.args or [],
+                    env=self._environment | task.env,
+                    cwd=task.cwd,
+                    time_limit=task.timeout,
+                    output_limit=self._output_limit,
+                )
         except anyio.get_cancelled_exc_class():
             with anyio.move_on_after(SHUTDOWN_BOOKKEEPING_SECONDS, shield=True):
                 await until_available(lambda: self._give_back(run), "requeue a run")
             raise
         finally:
-            self._running.discard(task.id)
+            del self._running[task.id]
         # The result matters more than the wait: without it the lease would run out and
         # the command would run again.
-        await until_available(lambda: self._finish(task, run, outcome), "record a result")
+        if outcome is None:  # stopped by a cancel notice
+            stopped = Outcome(
+                exit_code=None,
+                duration=time.monotonic() - started,
+                output="",
+                truncated=False,
+                error=CANCELLED_REASON,
+            )
+            await until_available(lambda: self._cancelled(task, run, stopped), "record a cancel")
+        else:
+            finished = outcome
+            await until_available(lambda: self._finish(task, run, finished), "record a result")
+
+    async def _watch_cancels(
+        self, *, task_status: StartedStatus[None] = anyio.TASK_STATUS_IGNORED
+    ) -> None:
+        """Stop running commands whose task was cancelled, whichever process asked."""
+        backoff = Backoff()
+        while True:
+            try:
+                async with self._store.cancel_notices() as notices:
+                    task_status.started()
+                    task_status = anyio.TASK_STATUS_IGNORED
+                    backoff.reset()
+                    async for task_id in notices:
+                        self._stop(task_id)
+            except StoreUnavailable as exc:
+                await backoff.wait("cannot watch for cancels", exc)
+
+    def _stop(self, task_id: str) -> None:
+        scope = self._running.get(task_id)
+        if scope is not None:
+            log.info("stopping %s: cancelled", task_id)
+            scope.cancel()
+            return
+        now = time.monotonic()
+        self._early_cancels = {
+            t: at for t, at in self._early_cancels.items() if now - at < EARLY_CANCEL_SECONDS
+        }
+        self._early_cancels[task_id] = now
+
+    async def _cancelled(self, task: Task, run: Run, outcome: Outcome) -> None:
+        def plan(task: Task) -> TaskChange:
+            cancelled, closed = cancel_running(task, run, outcome, self._clock())
+            return TaskChange(task.id, task.revision, cancelled, [closed], _next_due(cancelled))
+
+        try:
+            await transact(self._store, run.task_id, plan, known=task)
+        except DomainError as exc:
+            log.warning("cancel of %s/%s not recorded: %s", run.task_id, run.run_id, exc)
 
     async def _renew_leases(self) -> None:
         """Keep the leases of the running runs ahead of now, so no scheduler takes them

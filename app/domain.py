@@ -166,6 +166,7 @@ class Task(msgspec.Struct, kw_only=True):
     schedule: Recurrence | None = None
     next_runs: list[datetime] = []
     paused: bool = False
+    cancel_requested: bool = False
     last_run: RunSummary | None = None
     active_run: ActiveRun | None = None
     retry_at: datetime | None = None
@@ -322,11 +323,74 @@ def finish_run(task: Task, run: Run, outcome: Outcome, now: datetime) -> tuple[T
     if not succeeded and run.attempt < task.max_attempts:
         pending, retry = _pending_with_new_run(task, run.attempt + 1, now)
         retry_at = now + timedelta(seconds=retry_delay(task, run.attempt))
-        waiting = msgspec.structs.replace(pending, last_run=summary, retry_at=retry_at)
+        waiting = msgspec.structs.replace(
+            pending, last_run=summary, retry_at=retry_at, cancel_requested=False
+        )
         return waiting, [finished, retry]
     task_status = TaskStatus.COMPLETED if succeeded else TaskStatus.FAILED
-    done = _advance(task, now, status=task_status, last_run=summary, active_run=None)
+    done = _advance(
+        task, now, status=task_status, last_run=summary, active_run=None, cancel_requested=False
+    )
     return done, [finished]
+
+
+CANCELLED_REASON = "cancelled"
+
+
+def cancel_queued(task: Task, run: Run, now: datetime) -> tuple[Task, Run]:
+    """Cancel a pending task: its queued run never starts."""
+    if task.status != TaskStatus.PENDING or task.active_run is None:
+        raise InvalidTransition(f"task {task.id!r} is {task.status}, not pending")
+    return _close_cancelled(task, run, now)
+
+
+def request_cancel(task: Task, now: datetime) -> Task:
+    """Ask the consumer running the task to stop it (it records the cancellation)."""
+    if task.status != TaskStatus.RUNNING:
+        raise InvalidTransition(f"task {task.id!r} is {task.status}, not running")
+    return _advance(task, now, cancel_requested=True)
+
+
+def cancel_running(task: Task, run: Run, outcome: Outcome, now: datetime) -> tuple[Task, Run]:
+    """Record a running run stopped on request, with what it printed until then."""
+    if (
+        task.status != TaskStatus.RUNNING
+        or task.active_run is None
+        or task.active_run.run_id != run.run_id
+    ):
+        raise InvalidTransition(f"run {run.run_id!r} is not the running run of {task.id!r}")
+    stopped = msgspec.structs.replace(
+        run,
+        exit_code=outcome.exit_code,
+        duration=outcome.duration,
+        output=outcome.output,
+        truncated=outcome.truncated,
+    )
+    return _close_cancelled(task, stopped, now)
+
+
+def _close_cancelled(task: Task, run: Run, now: datetime) -> tuple[Task, Run]:
+    closed = msgspec.structs.replace(
+        run, status=RunStatus.CANCELLED, finished_at=now, error=CANCELLED_REASON
+    )
+    summary = RunSummary(
+        run_id=run.run_id,
+        attempt=run.attempt,
+        status=RunStatus.CANCELLED,
+        exit_code=closed.exit_code,
+        duration=closed.duration,
+        finished_at=now,
+    )
+    cancelled = _advance(
+        task,
+        now,
+        status=TaskStatus.CANCELLED,
+        active_run=None,
+        last_run=summary,
+        retry_at=None,
+        cancel_requested=False,
+    )
+    return cancelled, closed
 
 
 def requeue_run(task: Task, run: Run, reason: str, now: datetime) -> tuple[Task, Run, Run]:
@@ -357,6 +421,9 @@ def lose_run(task: Task, run: Run, now: datetime) -> tuple[Task, list[Run]]:
         or task.active_run.run_id != run.run_id
     ):
         raise InvalidTransition(f"run {run.run_id!r} is not the running run of {task.id!r}")
+    if task.cancel_requested:
+        cancelled, closed = _close_cancelled(task, run, now)
+        return cancelled, [closed]
     reason = f"lost: worker {run.worker} stopped renewing its lease"
     lost = msgspec.structs.replace(run, status=RunStatus.FAILED, finished_at=now, error=reason)
     if run.attempt < LOST_RUN_LIMIT:

@@ -136,6 +136,14 @@ class Store(Protocol):
         """
         ...
 
+    async def announce_cancel(self, task_id: str) -> None:
+        """Tell every consumer, in any process, to stop the task's running command."""
+        ...
+
+    def cancel_notices(self) -> AbstractAsyncContextManager[AsyncIterator[str]]:
+        """The ids of tasks whose running command must stop, announced from now on."""
+        ...
+
     async def wait_for_due(self, *, max_wait: float) -> None:
         """Return when the earliest entry of ``scheduled_tasks`` is due, when one may have
         been added earlier than that (in any process), or after ``max_wait`` seconds."""

@@ -15,16 +15,20 @@ from datetime import UTC, datetime
 from app.domain import (
     ACTIVE_STATUSES,
     DomainError,
+    InvalidTransition,
     RevisionConflict,
     Run,
     RunNotFound,
     Task,
     TaskNotFound,
     TaskStatus,
+    cancel_queued,
+    due_after_run,
     new_task_id,
     pause,
     queue_run,
     recur,
+    request_cancel,
     reschedule,
     resume,
     timestamp,
@@ -145,7 +149,36 @@ class TaskService:
         return _new_task(await transact(self._store, task_id, plan))
 
     async def delete(self, task_id: str) -> None:
+        """Delete the task and its runs; a command still running is stopped first."""
         await transact(self._store, task_id, lambda task: TaskChange(task_id, task.revision, None))
+        await self._store.announce_cancel(task_id)
+
+    async def cancel(self, task_id: str) -> Task:
+        """Cancel the task's active run: a queued one never starts, a running command is
+        stopped wherever it runs (its consumer records the cancellation)."""
+        for _ in range(MAX_COMMIT_ATTEMPTS):
+            task = await self.get(task_id)
+            now = self._clock()
+            if task.status == TaskStatus.RUNNING:
+                change = TaskChange(task_id, task.revision, request_cancel(task, now))
+            else:
+                if task.status != TaskStatus.PENDING or task.active_run is None:
+                    raise InvalidTransition(f"task {task_id!r} is {task.status}: nothing to cancel")
+                run = await self._store.get_run(task_id, task.active_run.run_id)
+                if run is None:
+                    continue  # its run is being rewritten: look again
+                cancelled, closed = cancel_queued(task, run, now)
+                due = due_after_run(cancelled)
+                schedule = UNSCHEDULE if due is None else DueAt(timestamp(due))
+                change = TaskChange(task_id, task.revision, cancelled, [closed], schedule)
+            try:
+                await self._store.commit(change)
+            except RevisionConflict:
+                continue
+            if task.status == TaskStatus.RUNNING:
+                await self._store.announce_cancel(task_id)
+            return _new_task(change)
+        raise StoreContention(f"task {task_id!r} kept changing; try again")
 
     async def execute(self, task_id: str) -> Run:
         """Queue a run now; refused while the task is already pending or running."""

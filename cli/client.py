@@ -73,7 +73,7 @@ class ApiClient:
         return (await self.request("POST", f"/tasks/{task_id}/schedule", json=body)).json()
 
     async def post_action(self, task_id: str, action: str) -> Any:
-        """``POST /tasks/{id}/{action}`` (pause, resume)."""
+        """``POST /tasks/{id}/{action}`` (cancel, pause, resume)."""
         return (await self.request("POST", f"/tasks/{task_id}/{action}")).json()
 
     async def unschedule_task(self, task_id: str) -> Any:

@@ -355,6 +355,14 @@ async def schedule(
 @cli.command()
 @click.option("--id", "task_id", required=True)
 @_client_command
+async def cancel(client: ApiClient, task_id: str, as_json: bool) -> None:
+    """Cancel a task's queued or running run (stopped wherever it runs)."""
+    _emit(await client.post_action(task_id, "cancel"), as_json, _task_details)
+
+
+@cli.command()
+@click.option("--id", "task_id", required=True)
+@_client_command
 async def pause(client: ApiClient, task_id: str, as_json: bool) -> None:
     """Pause a task's schedule (running it by hand still works)."""
     _emit(await client.post_action(task_id, "pause"), as_json, _task_details)

@@ -8,13 +8,16 @@ atomic on a single event loop.
 from __future__ import annotations
 
 import bisect
+import contextlib
 import math
 import time
-from collections.abc import Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Sequence
+from contextlib import asynccontextmanager
 
 import anyio
 import anyio.lowlevel
 import msgspec
+from anyio.streams.memory import MemoryObjectSendStream
 
 from app.domain import RevisionConflict, Run, Task, TaskAlreadyExists, TaskStatus
 from app.ports import Claim, DueAt, Keep, TaskChange, Unschedule
@@ -35,6 +38,7 @@ class MemoryStore:
         self._due: dict[str, float] = {}
         self._claims: dict[str, str] = {}
         self._wakeup = anyio.Event()
+        self._cancel_listeners: list[MemoryObjectSendStream[str]] = []
 
     async def ping(self) -> None:
         await anyio.lowlevel.checkpoint()
@@ -157,6 +161,23 @@ class MemoryStore:
         for task_id in task_ids:
             if task_id in self._due:
                 self._due[task_id] = until
+
+    async def announce_cancel(self, task_id: str) -> None:
+        await anyio.lowlevel.checkpoint()
+        for listener in self._cancel_listeners:
+            with contextlib.suppress(anyio.WouldBlock, anyio.BrokenResourceError):
+                listener.send_nowait(task_id)
+
+    @asynccontextmanager
+    async def cancel_notices(self) -> AsyncGenerator[AsyncIterator[str]]:
+        send, receive = anyio.create_memory_object_stream[str](max_buffer_size=1000)
+        self._cancel_listeners.append(send)
+        try:
+            yield receive
+        finally:
+            self._cancel_listeners.remove(send)
+            send.close()
+            receive.close()
 
     async def wait_for_due(self, *, max_wait: float) -> None:
         earliest = min(self._due.values(), default=math.inf)

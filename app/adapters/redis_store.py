@@ -22,7 +22,7 @@ import contextlib
 import functools
 import math
 import time
-from collections.abc import AsyncGenerator, Callable, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
 from types import CoroutineType
 from typing import Any, ParamSpec, TypeVar, cast
@@ -189,6 +189,7 @@ class RedisStore:
         self._due_key = f"{prefix}scheduled_tasks"
         self._claims_key = f"{prefix}claims"
         self._wake_channel = f"{prefix}wake"
+        self._cancel_channel = f"{prefix}cancel"
         self._commit = client.register_script(_COMMIT)
         self._claim_due = client.register_script(_CLAIM_DUE)
         self._release_claims = client.register_script(_RELEASE_CLAIMS)
@@ -323,6 +324,23 @@ class RedisStore:
         if task_ids:
             await self._redis.zadd(self._due_key, dict.fromkeys(task_ids, until), xx=True)
 
+    @_translate_errors
+    async def announce_cancel(self, task_id: str) -> None:
+        await self._redis.publish(self._cancel_channel, task_id)  # pyright: ignore[reportUnknownMemberType]
+
+    @asynccontextmanager
+    async def cancel_notices(self) -> AsyncGenerator[AsyncIterator[str]]:
+        pubsub = self._redis.pubsub()  # pyright: ignore[reportUnknownMemberType]
+        try:
+            try:
+                await pubsub.subscribe(self._cancel_channel)
+            except _UNAVAILABLE as exc:
+                raise StoreUnavailable(f"Redis: {exc}") from exc
+            yield _notices(pubsub)
+        finally:
+            with anyio.move_on_after(1, shield=True), contextlib.suppress(*_UNAVAILABLE):
+                await pubsub.aclose()
+
     async def wait_for_due(self, *, max_wait: float) -> None:
         try:
             await self._wait_for_due(max_wait)
@@ -362,6 +380,21 @@ class RedisStore:
         if self._pubsub is not None:
             await self._pubsub.aclose()
         await self._redis.aclose()
+
+
+async def _notices(pubsub: PubSub) -> AsyncGenerator[str]:
+    """The payloads published on a subscribed channel; ``StoreUnavailable`` if it drops."""
+    while True:
+        try:
+            message = cast(
+                dict[str, Any] | None,
+                await pubsub.get_message(ignore_subscribe_messages=True, timeout=None),
+            )
+        except _UNAVAILABLE as exc:
+            raise StoreUnavailable(f"Redis: {exc}") from exc
+        if message is not None:
+            data = message["data"]
+            yield data.decode() if isinstance(data, bytes) else str(data)
 
 
 def _raise_for(change: TaskChange, result: object) -> None:

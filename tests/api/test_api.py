@@ -168,6 +168,7 @@ async def test_create_answers_201_with_the_full_task(client: Client) -> None:
         "retry_backoff": 10.0,
         "success_exit_codes": [0],
         "paused": False,
+        "cancel_requested": False,
         "retry_at": None,
         "schedule": None,
         "next_runs": [],
@@ -789,6 +790,7 @@ ENDPOINTS = [
     ("/tasks/{task_id}/execute", "post", "202", "Run", {"404", "409"}),
     ("/tasks/{task_id}/schedule", "post", "200", "Task", {"400", "404"}),
     ("/tasks/{task_id}/schedule", "delete", "200", "Task", {"404"}),
+    ("/tasks/{task_id}/cancel", "post", "202", "Task", {"404", "409"}),
     ("/tasks/{task_id}/pause", "post", "200", "Task", {"404", "409"}),
     ("/tasks/{task_id}/resume", "post", "200", "Task", {"404", "409"}),
     ("/tasks/{task_id}/runs", "get", "200", "[Run]", {"400", "404"}),
@@ -975,3 +977,24 @@ async def test_pause_and_resume_out_of_turn_are_409(
         response = await client.post(f"/tasks/t1/{action}")
 
     assert_problem(response, 409, mentioned)
+
+
+async def test_cancel_of_a_pending_task_closes_its_queued_run(client: Client) -> None:
+    await create_task(client)
+    queued = await execute(client, "t1")
+
+    response = await client.post("/tasks/t1/cancel")
+
+    assert response.status_code == 202
+    task = response.json()
+    assert task["status"] == "cancelled" and task["active_run"] is None
+    run = (await client.get(f"/tasks/t1/runs/{queued['run_id']}")).json()
+    assert (run["status"], run["error"]) == ("cancelled", "cancelled")
+
+
+async def test_cancel_with_nothing_active_is_409(client: Client) -> None:
+    await create_task(client)
+    async with state_unchanged(client):
+        response = await client.post("/tasks/t1/cancel")
+
+    assert_problem(response, 409, "nothing to cancel")

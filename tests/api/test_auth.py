@@ -29,6 +29,7 @@ PROTECTED = [
     ("POST", "/tasks/{task_id}/execute", "/tasks/t1/execute"),
     ("POST", "/tasks/{task_id}/schedule", "/tasks/t1/schedule"),
     ("DELETE", "/tasks/{task_id}/schedule", "/tasks/t1/schedule"),
+    ("POST", "/tasks/{task_id}/cancel", "/tasks/t1/cancel"),
     ("POST", "/tasks/{task_id}/pause", "/tasks/t1/pause"),
     ("POST", "/tasks/{task_id}/resume", "/tasks/t1/resume"),
     ("GET", "/tasks/{task_id}/runs", "/tasks/t1/runs"),

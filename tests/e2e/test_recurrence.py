@@ -5,7 +5,7 @@ from __future__ import annotations
 import itertools
 import json
 import signal
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import anyio
@@ -14,7 +14,7 @@ import pytest
 import redis.asyncio as redis
 
 from tests.conftest import eventually
-from tests.e2e.harness import cli, running, service_env
+from tests.e2e.harness import cli, running, service_env, wait_for_task
 
 pytestmark = pytest.mark.e2e
 
@@ -76,26 +76,31 @@ async def test_every_runs_at_its_interval_and_missed_fires_coalesce(
 
                 await eventually(two_runs, within=10, every=0.1)
                 assert await first.stop(signal.SIGTERM) == 0
+            # A run dispatched just before the stop may still be finishing.
+            await wait_for_task(http, "beat", {"completed", "failed"})
             before_outage = len(await finished_runs(http, "beat"))
             # No scheduler for 3.5 s: three or four fire times pass unserved.
             await anyio.sleep(3.5)
             assert len(await finished_runs(http, "beat")) == before_outage
             async with running(["serve", "--roles", "scheduler"], env, name="scheduler"):
-                restarted = anyio.current_time()
+                restarted = datetime.now(UTC)
 
                 async def one_more() -> bool:
-                    return len(await finished_runs(http, "beat")) >= before_outage + 1
+                    return len(await finished_runs(http, "beat")) > before_outage
 
                 await eventually(one_more, within=10, every=0.05)
-                caught_up = anyio.current_time() - restarted
-                # Less than an interval later, the missed fires have not produced more runs.
-                await anyio.sleep(0.6)
-                after_restart = len(await finished_runs(http, "beat"))
+                await anyio.sleep(1.2)
+                runs = await finished_runs(http, "beat")
+    started = [datetime.fromisoformat(r["started_at"]) for r in runs[before_outage:]]
+    within_an_interval = [s for s in started if s < restarted + timedelta(seconds=1)]
     print(
-        f"every 1 s: {before_outage} runs before a 3.5 s scheduler outage, "
-        f"{after_restart - before_outage} right after it (caught up in {caught_up:.2f} s)"
+        f"every 1 s: {before_outage} runs before a 3.5 s scheduler outage; "
+        f"{len(within_an_interval)} in the interval after it"
     )
-    assert after_restart - before_outage == 1, "missed fires coalesce into one run"
+    # Without coalescing, the three or more missed fires would all run at once; with it,
+    # one run catches up, and at most one regular fire falls in the same interval.
+    assert 1 <= len(within_an_interval) <= 2
+    assert started[0] - restarted < timedelta(seconds=1)
 
 
 async def test_pause_holds_the_schedule_and_resume_picks_it_up(prefix: str) -> None:

@@ -221,3 +221,19 @@ async def test_the_lease_of_a_running_command_is_renewed_until_it_ends(
     assert task.status == TaskStatus.COMPLETED
     # The run is over: its lease entry is gone.
     assert await store.claim_due(now=time.time() + 3600, limit=10, lease=30, token="t") == []
+
+
+async def test_a_cancel_stops_the_running_command_and_records_it(
+    store: MemoryStore, broker: MemoryBroker, tmp_path: Path
+) -> None:
+    started = tmp_path / "started"
+    async with consuming(store, broker):
+        run = await submit(store, broker, "a", f"touch {started}; sleep 60")
+        await eventually(started.exists)
+        requested = await TaskService(store).cancel("a")
+        assert requested.status == TaskStatus.RUNNING and requested.cancel_requested
+        with anyio.fail_after(2):
+            task = await finished(store, "a")
+    assert task.status == TaskStatus.CANCELLED and not task.cancel_requested
+    cancelled = await store.get_run("a", run.run_id)
+    assert cancelled is not None and cancelled.status == RunStatus.CANCELLED
