@@ -87,10 +87,10 @@ class Consumer:
         self._output_limit = output_limit
         self._shutdown_grace = shutdown_grace
         self._lease_seconds = lease_seconds
-        # Running commands by task id, each under a scope that a cancel notice cancels.
-        self._running: dict[str, anyio.CancelScope] = {}
+        # Running commands: task id -> (run id, the scope a cancel notice cancels).
+        self._running: dict[str, tuple[str, anyio.CancelScope]] = {}
         # Cancel notices that arrived before their run was registered here (a race
-        # between the start being recorded and the notice): task id -> when.
+        # between the start being recorded and the notice): run id -> when.
         self._early_cancels: dict[str, float] = {}
         self._worker = worker or worker_name()
         self._clock = clock
@@ -154,8 +154,8 @@ class Consumer:
             return
         await _settle(delivery.ack)
         stop = anyio.CancelScope()
-        self._running[task.id] = stop
-        if task.cancel_requested or self._early_cancels.pop(task.id, None) is not None:
+        self._running[task.id] = (run.run_id, stop)
+        if task.cancel_requested or self._early_cancels.pop(run.run_id, None) is not None:
             stop.cancel()
         started = time.monotonic()
         outcome: Outcome | None = None
@@ -200,22 +200,22 @@ class Consumer:
                     task_status.started()
                     task_status = anyio.TASK_STATUS_IGNORED
                     backoff.reset()
-                    async for task_id in notices:
-                        self._stop(task_id)
+                    async for run_id in notices:
+                        self._stop(run_id)
             except StoreUnavailable as exc:
                 await backoff.wait("cannot watch for cancels", exc)
 
-    def _stop(self, task_id: str) -> None:
-        scope = self._running.get(task_id)
-        if scope is not None:
-            log.info("stopping %s: cancelled", task_id)
-            scope.cancel()
-            return
+    def _stop(self, run_id: str) -> None:
+        for task_id, (running_id, scope) in self._running.items():
+            if running_id == run_id:
+                log.info("stopping %s/%s: cancelled", task_id, run_id)
+                scope.cancel()
+                return
         now = time.monotonic()
         self._early_cancels = {
-            t: at for t, at in self._early_cancels.items() if now - at < EARLY_CANCEL_SECONDS
+            r: at for r, at in self._early_cancels.items() if now - at < EARLY_CANCEL_SECONDS
         }
-        self._early_cancels[task_id] = now
+        self._early_cancels[run_id] = now
 
     async def _cancelled(self, task: Task, run: Run, outcome: Outcome) -> None:
         def plan(task: Task) -> TaskChange:

@@ -136,12 +136,12 @@ class Store(Protocol):
         """
         ...
 
-    async def announce_cancel(self, task_id: str) -> None:
-        """Tell every consumer, in any process, to stop the task's running command."""
+    async def announce_cancel(self, run_id: str) -> None:
+        """Tell every consumer, in any process, to stop the command of this run."""
         ...
 
     def cancel_notices(self) -> AbstractAsyncContextManager[AsyncIterator[str]]:
-        """The ids of tasks whose running command must stop, announced from now on."""
+        """The ids of runs whose command must stop, announced from now on."""
         ...
 
     async def wait_for_due(self, *, max_wait: float) -> None:

@@ -150,8 +150,16 @@ class TaskService:
 
     async def delete(self, task_id: str) -> None:
         """Delete the task and its runs; a command still running is stopped first."""
-        await transact(self._store, task_id, lambda task: TaskChange(task_id, task.revision, None))
-        await self._store.announce_cancel(task_id)
+        deleted: list[Task] = []
+
+        def plan(task: Task) -> TaskChange:
+            deleted[:] = [task]
+            return TaskChange(task_id, task.revision, None)
+
+        await transact(self._store, task_id, plan)
+        active = deleted[0].active_run
+        if active is not None:
+            await self._store.announce_cancel(active.run_id)
 
     async def cancel(self, task_id: str) -> Task:
         """Cancel the task's active run: a queued one never starts, a running command is
@@ -175,8 +183,8 @@ class TaskService:
                 await self._store.commit(change)
             except RevisionConflict:
                 continue
-            if task.status == TaskStatus.RUNNING:
-                await self._store.announce_cancel(task_id)
+            if task.status == TaskStatus.RUNNING and task.active_run is not None:
+                await self._store.announce_cancel(task.active_run.run_id)
             return _new_task(change)
         raise StoreContention(f"task {task_id!r} kept changing; try again")
 

@@ -162,11 +162,11 @@ class MemoryStore:
             if task_id in self._due:
                 self._due[task_id] = until
 
-    async def announce_cancel(self, task_id: str) -> None:
+    async def announce_cancel(self, run_id: str) -> None:
         await anyio.lowlevel.checkpoint()
         for listener in self._cancel_listeners:
             with contextlib.suppress(anyio.WouldBlock, anyio.BrokenResourceError):
-                listener.send_nowait(task_id)
+                listener.send_nowait(run_id)
 
     @asynccontextmanager
     async def cancel_notices(self) -> AsyncGenerator[AsyncIterator[str]]:

@@ -325,8 +325,8 @@ class RedisStore:
             await self._redis.zadd(self._due_key, dict.fromkeys(task_ids, until), xx=True)
 
     @_translate_errors
-    async def announce_cancel(self, task_id: str) -> None:
-        await self._redis.publish(self._cancel_channel, task_id)  # pyright: ignore[reportUnknownMemberType]
+    async def announce_cancel(self, run_id: str) -> None:
+        await self._redis.publish(self._cancel_channel, run_id)  # pyright: ignore[reportUnknownMemberType]
 
     @asynccontextmanager
     async def cancel_notices(self) -> AsyncGenerator[AsyncIterator[str]]:
