@@ -286,6 +286,28 @@ def retry_delay(task: Task, attempt: int) -> float:
     return ceiling / 2 + random.uniform(0, ceiling / 2)
 
 
+def _require_running(task: Task, run: Run) -> None:
+    if (
+        task.status != TaskStatus.RUNNING
+        or task.active_run is None
+        or task.active_run.run_id != run.run_id
+    ):
+        raise InvalidTransition(f"run {run.run_id!r} is not the running run of {task.id!r}")
+
+
+def _summary_of(run: Run) -> RunSummary:
+    """The ``last_run`` of a task, from its run that just ended."""
+    assert run.finished_at is not None
+    return RunSummary(
+        run_id=run.run_id,
+        attempt=run.attempt,
+        status=run.status,
+        exit_code=run.exit_code,
+        duration=run.duration,
+        finished_at=run.finished_at,
+    )
+
+
 def finish_run(task: Task, run: Run, outcome: Outcome, now: datetime) -> tuple[Task, list[Run]]:
     """Record a run's outcome: ``completed`` when the exit code is one of the task's
     success codes; otherwise the next attempt is queued after a backoff while attempts
@@ -293,12 +315,7 @@ def finish_run(task: Task, run: Run, outcome: Outcome, now: datetime) -> tuple[T
 
     Returns the task and the runs to write (the finished one, and a queued retry if any).
     """
-    if (
-        task.status != TaskStatus.RUNNING
-        or task.active_run is None
-        or task.active_run.run_id != run.run_id
-    ):
-        raise InvalidTransition(f"run {run.run_id!r} is not the running run of {task.id!r}")
+    _require_running(task, run)
     succeeded = outcome.succeeded(task.success_exit_codes)
     run_status = RunStatus.COMPLETED if succeeded else RunStatus.FAILED
     finished = msgspec.structs.replace(
@@ -312,14 +329,7 @@ def finish_run(task: Task, run: Run, outcome: Outcome, now: datetime) -> tuple[T
         timed_out=outcome.timed_out,
         error=outcome.error,
     )
-    summary = RunSummary(
-        run_id=run.run_id,
-        attempt=run.attempt,
-        status=run_status,
-        exit_code=outcome.exit_code,
-        duration=outcome.duration,
-        finished_at=now,
-    )
+    summary = _summary_of(finished)
     if not succeeded and run.attempt < task.max_attempts:
         pending, retry = _pending_with_new_run(task, run.attempt + 1, now)
         retry_at = now + timedelta(seconds=retry_delay(task, run.attempt))
@@ -353,12 +363,7 @@ def request_cancel(task: Task, now: datetime) -> Task:
 
 def cancel_running(task: Task, run: Run, outcome: Outcome, now: datetime) -> tuple[Task, Run]:
     """Record a running run stopped on request, with what it printed until then."""
-    if (
-        task.status != TaskStatus.RUNNING
-        or task.active_run is None
-        or task.active_run.run_id != run.run_id
-    ):
-        raise InvalidTransition(f"run {run.run_id!r} is not the running run of {task.id!r}")
+    _require_running(task, run)
     stopped = msgspec.structs.replace(
         run,
         exit_code=outcome.exit_code,
@@ -373,14 +378,7 @@ def _close_cancelled(task: Task, run: Run, now: datetime) -> tuple[Task, Run]:
     closed = msgspec.structs.replace(
         run, status=RunStatus.CANCELLED, finished_at=now, error=CANCELLED_REASON
     )
-    summary = RunSummary(
-        run_id=run.run_id,
-        attempt=run.attempt,
-        status=RunStatus.CANCELLED,
-        exit_code=closed.exit_code,
-        duration=closed.duration,
-        finished_at=now,
-    )
+    summary = _summary_of(closed)
     cancelled = _advance(
         task,
         now,
@@ -415,12 +413,7 @@ def lose_run(task: Task, run: Run, now: datetime) -> tuple[Task, list[Run]]:
 
     Returns the task and the runs to write (the lost one, and the new queued one if any).
     """
-    if (
-        task.status != TaskStatus.RUNNING
-        or task.active_run is None
-        or task.active_run.run_id != run.run_id
-    ):
-        raise InvalidTransition(f"run {run.run_id!r} is not the running run of {task.id!r}")
+    _require_running(task, run)
     if task.cancel_requested:
         cancelled, closed = _close_cancelled(task, run, now)
         return cancelled, [closed]
@@ -429,14 +422,7 @@ def lose_run(task: Task, run: Run, now: datetime) -> tuple[Task, list[Run]]:
     if run.attempt < LOST_RUN_LIMIT:
         pending, fresh = _pending_with_new_run(task, run.attempt + 1, now)
         return pending, [lost, fresh]
-    summary = RunSummary(
-        run_id=run.run_id,
-        attempt=run.attempt,
-        status=RunStatus.FAILED,
-        exit_code=None,
-        duration=None,
-        finished_at=now,
-    )
+    summary = _summary_of(lost)
     failed = _advance(task, now, status=TaskStatus.FAILED, last_run=summary, active_run=None)
     return failed, [lost]
 
