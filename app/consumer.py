@@ -37,7 +37,6 @@ from app.domain import (
 from app.executor import inherited_environment, run_command
 from app.outages import Backoff, until_available
 from app.ports import (
-    UNSCHEDULE,
     Broker,
     BrokerUnavailable,
     Delivery,
@@ -46,6 +45,7 @@ from app.ports import (
     Store,
     StoreUnavailable,
     TaskChange,
+    due_at,
 )
 from app.service import transact
 from app.stopping import cancel_after, cancel_when_set
@@ -219,8 +219,8 @@ class Consumer:
 
     async def _cancelled(self, task: Task, run: Run, outcome: Outcome) -> None:
         def plan(task: Task) -> TaskChange:
-            cancelled, closed = cancel_running(task, run, outcome, self._clock())
-            return TaskChange(task.id, task.revision, cancelled, [closed], _next_due(cancelled))
+            cancelled, runs = cancel_running(task, run, outcome, self._clock())
+            return TaskChange(task.id, task.revision, cancelled, runs, _next_due(cancelled))
 
         try:
             await transact(self._store, run.task_id, plan, known=task)
@@ -300,5 +300,4 @@ class Consumer:
 
 def _next_due(task: Task) -> ScheduleChange:
     """After a run its lease entry goes; what is due next takes its place."""
-    due = due_after_run(task)
-    return UNSCHEDULE if due is None else DueAt(timestamp(due))
+    return due_at(due_after_run(task))

@@ -44,9 +44,30 @@ class RunStatus(StrEnum):
     COMPLETED = "completed"
     FAILED = "failed"
     CANCELLED = "cancelled"
+    SKIPPED = "skipped"
+    """A fire that did not run: missed by more than the grace time (``misfire: skip``) or
+    due while the previous run was still running (``overlap: forbid``)."""
 
 
-FINISHED_RUN_STATUSES = frozenset({RunStatus.COMPLETED, RunStatus.FAILED, RunStatus.CANCELLED})
+FINISHED_RUN_STATUSES = frozenset(
+    {RunStatus.COMPLETED, RunStatus.FAILED, RunStatus.CANCELLED, RunStatus.SKIPPED}
+)
+
+
+class MisfirePolicy(StrEnum):
+    """What a recurring task does with fires missed by more than its grace time
+    (the scheduler was down): run once for all of them, or skip them."""
+
+    COALESCE = "coalesce"
+    SKIP = "skip"
+
+
+class OverlapPolicy(StrEnum):
+    """What a fire that comes while the task's previous run is still running does:
+    run once right after that run ends, or skip (recorded as a skipped run)."""
+
+    QUEUE = "queue"
+    FORBID = "forbid"
 
 
 class DomainError(Exception):
@@ -159,6 +180,9 @@ class Task(msgspec.Struct, kw_only=True):
     max_attempts: int = 1
     retry_backoff: float = 10.0
     success_exit_codes: list[int] = msgspec.field(default_factory=lambda: [0])
+    misfire: MisfirePolicy = MisfirePolicy.COALESCE
+    misfire_grace: float = 60.0
+    overlap: OverlapPolicy = OverlapPolicy.QUEUE
     status: TaskStatus = TaskStatus.CREATED
     created_at: datetime
     updated_at: datetime
@@ -262,11 +286,60 @@ def fire_schedule(task: Task, now: datetime) -> tuple[Task, Run]:
 
     A one-shot time is consumed; a recurrence moves on to its next fire time after
     ``now``, so fires missed while nothing ran (downtime) give one run, not one each.
+    A recurring task with ``misfire: skip`` whose fire is later than its grace time
+    runs nothing: the returned run is ``skipped`` and the task waits for its next fire.
     """
-    queued, run = queue_run(task, now)
+    assert task.scheduled_at is not None
     upcoming = [] if task.schedule is None else next_fires(task.schedule, now, NEXT_RUNS_SHOWN)
     scheduled_at = upcoming[0] if upcoming else None
+    late = (now - task.scheduled_at).total_seconds()
+    skips = task.misfire == MisfirePolicy.SKIP and late > task.misfire_grace
+    if task.schedule is not None and skips:
+        reason = (
+            f"misfire: the fire due at {_iso(task.scheduled_at)} came {late:.0f} s late "
+            f"(grace {task.misfire_grace:g} s); it and any later missed fires were skipped"
+        )
+        skipped = _skipped_run(task, task.scheduled_at, reason, now)
+        return _advance(task, now, scheduled_at=scheduled_at, next_runs=upcoming), skipped
+    queued, run = queue_run(task, now)
     return msgspec.structs.replace(queued, scheduled_at=scheduled_at, next_runs=upcoming), run
+
+
+def _skipped_run(task: Task, due: datetime, reason: str, now: datetime) -> Run:
+    return Run(
+        run_id=new_run_id(),
+        task_id=task.id,
+        attempt=1,
+        status=RunStatus.SKIPPED,
+        queued_at=due,
+        finished_at=now,
+        error=reason,
+    )
+
+
+def _iso(moment: datetime) -> str:
+    return moment.astimezone(UTC).isoformat().replace("+00:00", "Z")
+
+
+def _end_overlap(task: Task, ended: Run, now: datetime) -> tuple[Task, list[Run]]:
+    """Settle a fire that came due while ``ended`` ran, now that the task is idle again.
+
+    ``overlap: queue`` runs it now (it is not a misfire: the scheduler was not late);
+    ``overlap: forbid`` skips it, records a skipped run and waits for the next fire.
+    """
+    due = task.scheduled_at
+    if due is None or due > now or task.paused:
+        return task, []
+    if task.overlap == OverlapPolicy.QUEUE:
+        upcoming = [now, *(fire for fire in task.next_runs if fire > now)]
+        return msgspec.structs.replace(task, scheduled_at=now, next_runs=upcoming), []
+    upcoming = [] if task.schedule is None else next_fires(task.schedule, now, NEXT_RUNS_SHOWN)
+    reason = f"overlap: due at {_iso(due)} while run {ended.run_id} had not ended"
+    skipped = _skipped_run(task, due, reason, now)
+    waiting = msgspec.structs.replace(
+        task, scheduled_at=upcoming[0] if upcoming else None, next_runs=upcoming
+    )
+    return waiting, [skipped]
 
 
 def start_run(task: Task, run: Run, worker: str, now: datetime) -> tuple[Task, Run]:
@@ -341,13 +414,14 @@ def finish_run(task: Task, run: Run, outcome: Outcome, now: datetime) -> tuple[T
     done = _advance(
         task, now, status=task_status, last_run=summary, active_run=None, cancel_requested=False
     )
-    return done, [finished]
+    idle, skipped = _end_overlap(done, finished, now)
+    return idle, [finished, *skipped]
 
 
 CANCELLED_REASON = "cancelled"
 
 
-def cancel_queued(task: Task, run: Run, now: datetime) -> tuple[Task, Run]:
+def cancel_queued(task: Task, run: Run, now: datetime) -> tuple[Task, list[Run]]:
     """Cancel a pending task: its queued run never starts."""
     if task.status != TaskStatus.PENDING or task.active_run is None:
         raise InvalidTransition(f"task {task.id!r} is {task.status}, not pending")
@@ -361,7 +435,7 @@ def request_cancel(task: Task, now: datetime) -> Task:
     return _advance(task, now, cancel_requested=True)
 
 
-def cancel_running(task: Task, run: Run, outcome: Outcome, now: datetime) -> tuple[Task, Run]:
+def cancel_running(task: Task, run: Run, outcome: Outcome, now: datetime) -> tuple[Task, list[Run]]:
     """Record a running run stopped on request, with what it printed until then."""
     _require_running(task, run)
     stopped = msgspec.structs.replace(
@@ -374,7 +448,9 @@ def cancel_running(task: Task, run: Run, outcome: Outcome, now: datetime) -> tup
     return _close_cancelled(task, stopped, now)
 
 
-def _close_cancelled(task: Task, run: Run, now: datetime) -> tuple[Task, Run]:
+def _close_cancelled(task: Task, run: Run, now: datetime) -> tuple[Task, list[Run]]:
+    """Close ``run`` as cancelled; returns the task and the runs to write (the closed one,
+    then a skipped fire if one came due meanwhile under ``overlap: forbid``)."""
     closed = msgspec.structs.replace(
         run, status=RunStatus.CANCELLED, finished_at=now, error=CANCELLED_REASON
     )
@@ -388,7 +464,8 @@ def _close_cancelled(task: Task, run: Run, now: datetime) -> tuple[Task, Run]:
         retry_at=None,
         cancel_requested=False,
     )
-    return cancelled, closed
+    idle, skipped = _end_overlap(cancelled, closed, now)
+    return idle, [closed, *skipped]
 
 
 def requeue_run(task: Task, run: Run, reason: str, now: datetime) -> tuple[Task, Run, Run]:
@@ -415,8 +492,7 @@ def lose_run(task: Task, run: Run, now: datetime) -> tuple[Task, list[Run]]:
     """
     _require_running(task, run)
     if task.cancel_requested:
-        cancelled, closed = _close_cancelled(task, run, now)
-        return cancelled, [closed]
+        return _close_cancelled(task, run, now)
     reason = f"lost: worker {run.worker} stopped renewing its lease"
     lost = msgspec.structs.replace(run, status=RunStatus.FAILED, finished_at=now, error=reason)
     if run.attempt < LOST_RUN_LIMIT:
@@ -424,7 +500,8 @@ def lose_run(task: Task, run: Run, now: datetime) -> tuple[Task, list[Run]]:
         return pending, [lost, fresh]
     summary = _summary_of(lost)
     failed = _advance(task, now, status=TaskStatus.FAILED, last_run=summary, active_run=None)
-    return failed, [lost]
+    idle, skipped = _end_overlap(failed, lost, now)
+    return idle, [lost, *skipped]
 
 
 def reschedule(task: Task, at: datetime, now: datetime) -> Task:

@@ -10,11 +10,12 @@ from __future__ import annotations
 from collections.abc import AsyncIterator, Sequence
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass, field
+from datetime import datetime
 from typing import Literal, Protocol
 
 import msgspec
 
-from app.domain import Run, Task, TaskStatus
+from app.domain import Run, Task, TaskStatus, timestamp
 
 
 class StoreUnavailable(Exception):
@@ -42,6 +43,11 @@ class DueAt(msgspec.Struct, frozen=True):
 KEEP = Keep()
 UNSCHEDULE = Unschedule()
 ScheduleChange = Keep | Unschedule | DueAt
+
+
+def due_at(moment: datetime | None) -> ScheduleChange:
+    """The ``scheduled_tasks`` entry of a task next due at ``moment`` (none for ``None``)."""
+    return UNSCHEDULE if moment is None else DueAt(timestamp(moment))
 
 
 @dataclass(frozen=True, slots=True)

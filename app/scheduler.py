@@ -23,6 +23,7 @@ from anyio.abc import TaskStatus as StartedStatus
 from app.domain import (
     ACTIVE_STATUSES,
     Run,
+    RunStatus,
     Task,
     TaskStatus,
     due_after_run,
@@ -34,7 +35,7 @@ from app.domain import (
     worker_name,
 )
 from app.outages import OUTAGES, Backoff
-from app.ports import UNSCHEDULE, Broker, Dispatch, DueAt, Store, TaskChange
+from app.ports import Broker, Dispatch, DueAt, Store, TaskChange, due_at
 from app.stopping import cancel_when_set
 
 log = logging.getLogger(__name__)
@@ -79,9 +80,12 @@ def plan_dispatch(
     if due > now:
         repaired = touch(task, utcnow())
         return _Plan(change=TaskChange(task.id, task.revision, repaired, schedule=DueAt(due)))
-    pending, run = fire_schedule(task, utcnow())
+    fired, run = fire_schedule(task, utcnow())
+    if run.status == RunStatus.SKIPPED:  # a misfire the task's policy skips
+        change = TaskChange(task.id, task.revision, fired, [run], due_at(fired.scheduled_at))
+        return _Plan(change=change)
     return _Plan(
-        change=TaskChange(task.id, task.revision, pending, runs=[run]),
+        change=TaskChange(task.id, task.revision, fired, runs=[run]),
         dispatch=Dispatch(task_id=task.id, run_id=run.run_id, attempt=run.attempt),
     )
 
@@ -92,8 +96,7 @@ def _recover_lost_run(task: Task, run: Run) -> _Plan:
     log.warning("run %s/%s was lost (%s)", task.id, run.run_id, runs[0].error)
     if recovered.active_run is None:
         # Out of attempts: failed. What is due next becomes due, as after any run.
-        due = due_after_run(recovered)
-        schedule = UNSCHEDULE if due is None else DueAt(timestamp(due))
+        schedule = due_at(due_after_run(recovered))
         return _Plan(change=TaskChange(task.id, task.revision, recovered, runs, schedule))
     fresh = recovered.active_run
     return _Plan(

@@ -14,7 +14,13 @@ import msgspec
 from cronsim import CronSim, CronSimError
 from msgspec import UNSET, UnsetType
 
-from app.domain import MAX_COMMAND_BYTES, TASK_ID_PATTERN, Recurrence
+from app.domain import (
+    MAX_COMMAND_BYTES,
+    TASK_ID_PATTERN,
+    MisfirePolicy,
+    OverlapPolicy,
+    Recurrence,
+)
 
 TaskIdField = Annotated[
     str, msgspec.Meta(pattern=TASK_ID_PATTERN, description="Letters, digits, '.', '_', '-'")
@@ -71,6 +77,24 @@ SuccessExitCodes = Annotated[
     list[Annotated[int, msgspec.Meta(ge=0, le=255)]],
     msgspec.Meta(min_length=1, max_length=256, description="Exit codes that count as success"),
 ]
+Misfire = Annotated[
+    MisfirePolicy,
+    msgspec.Meta(
+        description="Fires of a recurrence missed by more than `misfire_grace` (downtime): "
+        "`coalesce` runs once for all of them, `skip` records a skipped run instead"
+    ),
+]
+MisfireGrace = Annotated[
+    float,
+    msgspec.Meta(ge=0, le=366 * 86400, description="Seconds a fire may be late and still run"),
+]
+Overlap = Annotated[
+    OverlapPolicy,
+    msgspec.Meta(
+        description="A fire due while the previous run has not ended: `queue` runs it right "
+        "after that run, `forbid` skips it and records a skipped run"
+    ),
+]
 Moment = Annotated[datetime, msgspec.Meta(tz=True, description="RFC 3339 with a UTC offset")]
 
 
@@ -99,6 +123,9 @@ class TaskCreate(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     max_attempts: MaxAttempts = 1
     retry_backoff: RetryBackoff = 10.0
     success_exit_codes: SuccessExitCodes = msgspec.field(default_factory=lambda: [0])
+    misfire: Misfire = MisfirePolicy.COALESCE
+    misfire_grace: MisfireGrace = 60.0
+    overlap: Overlap = OverlapPolicy.QUEUE
     scheduled_at: Moment | None = None
 
     def __post_init__(self) -> None:
@@ -121,6 +148,9 @@ class TaskUpdate(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     max_attempts: MaxAttempts | UnsetType = UNSET
     retry_backoff: RetryBackoff | UnsetType = UNSET
     success_exit_codes: SuccessExitCodes | UnsetType = UNSET
+    misfire: Misfire | UnsetType = UNSET
+    misfire_grace: MisfireGrace | UnsetType = UNSET
+    overlap: Overlap | UnsetType = UNSET
 
     def __post_init__(self) -> None:
         _check_program(

@@ -36,7 +36,7 @@ from app.domain import (
     unschedule,
     utcnow,
 )
-from app.ports import KEEP, UNSCHEDULE, DueAt, Store, TaskChange
+from app.ports import KEEP, UNSCHEDULE, DueAt, Store, TaskChange, due_at
 from app.schemas import ScheduleRequest, TaskCreate, TaskUpdate
 
 MAX_COMMIT_ATTEMPTS = 50
@@ -114,6 +114,9 @@ class TaskService:
             max_attempts=spec.max_attempts,
             retry_backoff=spec.retry_backoff,
             success_exit_codes=spec.success_exit_codes,
+            misfire=spec.misfire,
+            misfire_grace=spec.misfire_grace,
+            overlap=spec.overlap,
             created_at=now,
             updated_at=now,
             scheduled_at=scheduled_at,
@@ -175,10 +178,9 @@ class TaskService:
                 run = await self._store.get_run(task_id, task.active_run.run_id)
                 if run is None:
                     continue  # its run is being rewritten: look again
-                cancelled, closed = cancel_queued(task, run, now)
-                due = due_after_run(cancelled)
-                schedule = UNSCHEDULE if due is None else DueAt(timestamp(due))
-                change = TaskChange(task_id, task.revision, cancelled, [closed], schedule)
+                cancelled, runs = cancel_queued(task, run, now)
+                schedule = due_at(due_after_run(cancelled))
+                change = TaskChange(task_id, task.revision, cancelled, runs, schedule)
             try:
                 await self._store.commit(change)
             except RevisionConflict:

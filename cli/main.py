@@ -203,6 +203,23 @@ def _program_options(function: Callable[P, Awaitable[T]]) -> Callable[P, Awaitab
                 multiple=True,
                 help="An exit code that counts as success (repeatable; default 0).",
             ),
+            click.option(
+                "--misfire",
+                type=click.Choice(["coalesce", "skip"]),
+                help="Recurring fires missed by more than the grace time: run once "
+                "(coalesce, the default) or skip them.",
+            ),
+            click.option(
+                "--misfire-grace",
+                type=float,
+                help="Seconds a fire may be late and still run (default 60).",
+            ),
+            click.option(
+                "--overlap",
+                type=click.Choice(["queue", "forbid"]),
+                help="A fire due while the previous run has not ended: run it right after "
+                "(queue, the default) or skip it (forbid).",
+            ),
         ]
     ):
         function = option(function)
@@ -219,6 +236,9 @@ def _program_body(
     max_attempts: int | None,
     retry_backoff: float | None,
     success_exit_codes: Sequence[int],
+    misfire: str | None,
+    misfire_grace: float | None,
+    overlap: str | None,
 ) -> dict[str, Any]:
     body: dict[str, Any] = {
         "description": description,
@@ -230,6 +250,9 @@ def _program_body(
         "max_attempts": max_attempts,
         "retry_backoff": retry_backoff,
         "success_exit_codes": list(success_exit_codes) or None,
+        "misfire": misfire,
+        "misfire_grace": misfire_grace,
+        "overlap": overlap,
     }
     return {k: v for k, v in body.items() if v is not None}
 
@@ -466,6 +489,8 @@ def _task_details(task: dict[str, Any]) -> str:
         ("recurrence", _recurrence(task.get("schedule"))),
         ("next runs", ", ".join(task.get("next_runs") or []) or "-"),
         ("paused", "yes" if task.get("paused") else "no"),
+        ("misfire", f"{task['misfire']} (grace {task['misfire_grace']:g} s)"),
+        ("overlap", task["overlap"]),
         ("timeout", task.get("timeout") or "-"),
         ("attempts", f"{task['max_attempts']} (backoff {task['retry_backoff']:g} s)"),
         ("retry at", task.get("retry_at") or "-"),

@@ -167,6 +167,9 @@ async def test_create_answers_201_with_the_full_task(client: Client) -> None:
         "max_attempts": 1,
         "retry_backoff": 10.0,
         "success_exit_codes": [0],
+        "misfire": "coalesce",
+        "misfire_grace": 60.0,
+        "overlap": "queue",
         "paused": False,
         "cancel_requested": False,
         "retry_at": None,
@@ -435,6 +438,17 @@ async def test_update_changes_given_fields_and_keeps_the_rest(client: Client) ->
     assert await get_task(client, "t1") == updated
 
 
+async def test_update_sets_the_misfire_and_overlap_policies(client: Client) -> None:
+    await create_task(client, misfire="skip", misfire_grace=5)
+
+    response = await client.put("/tasks/t1", json={"misfire_grace": 120, "overlap": "forbid"})
+
+    assert response.status_code == 200
+    policies = {k: response.json()[k] for k in ("misfire", "misfire_grace", "overlap")}
+    assert policies == {"misfire": "skip", "misfire_grace": 120.0, "overlap": "forbid"}
+    assert await get_task(client, "t1") == response.json()
+
+
 async def test_update_increments_the_revision_each_time(client: Client) -> None:
     await create_task(client)
 
@@ -492,6 +506,9 @@ async def test_update_an_unknown_task_is_404(client: Client) -> None:
         pytest.param({"timeout": -1}, ["(timeout)"], id="negative-timeout"),
         pytest.param({"cwd": ""}, ["(cwd)"], id="empty-cwd"),
         pytest.param({"env": {"1A": "x"}}, ["env"], id="env-bad-name"),
+        pytest.param({"misfire": "later"}, ["(misfire)"], id="bad-misfire"),
+        pytest.param({"misfire_grace": -1}, ["(misfire_grace)"], id="negative-grace"),
+        pytest.param({"overlap": "allow"}, ["(overlap)"], id="overlap-allow"),
         pytest.param({"id": "other"}, ["unknown field `id`"], id="id"),
         pytest.param({"status": "completed"}, ["unknown field `status`"], id="status"),
         pytest.param(

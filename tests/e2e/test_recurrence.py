@@ -125,3 +125,94 @@ async def test_pause_holds_the_schedule_and_resume_picks_it_up(prefix: str) -> N
             await eventually(lambda: runs_at_least(during + 1), within=5, every=0.05)
     # A run queued just before the pause may still finish; no fire happens while paused.
     assert during <= at_pause + 1
+
+
+async def test_misfires_beyond_the_grace_time_are_skipped_and_recorded(
+    prefix: str, servers: redis.Redis
+) -> None:
+    env = service_env(prefix)
+    async with running(["serve", "--roles", "api,consumer"], env, name="api") as api:
+        assert api.api_url is not None
+        url = api.api_url
+        await cli(
+            url,
+            *("create", "--id", "strict", "--name", "strict", "--command", "true"),
+            *("--misfire", "skip", "--misfire-grace", "0.5"),
+        )
+        async with httpx.AsyncClient(base_url=url) as http:
+            async with running(["serve", "--roles", "scheduler"], env, name="scheduler") as first:
+                await cli(url, "schedule", "--id", "strict", "--every", "1")
+
+                async def one_run() -> bool:
+                    return len(await finished_runs(http, "strict")) >= 1
+
+                await eventually(one_run, within=10, every=0.1)
+                assert await first.stop(signal.SIGTERM) == 0
+            await wait_for_task(http, "strict", {"completed", "failed"})
+            await anyio.sleep(3.5)  # three fire times pass with no scheduler
+            async with running(["serve", "--roles", "scheduler"], env, name="scheduler"):
+                restarted = datetime.now(UTC)
+
+                async def skipped_then_ran() -> bool:
+                    runs = (await http.get("/tasks/strict/runs")).json()
+                    return any(r["status"] == "skipped" for r in runs) and runs[0]["status"] in (
+                        "completed",
+                        "failed",
+                    )
+
+                await eventually(skipped_then_ran, within=10, every=0.05)
+                runs = (await http.get("/tasks/strict/runs")).json()
+                shown = await cli(url, "runs", "--id", "strict")
+    skipped = [r for r in runs if r["status"] == "skipped"]
+    print("misfire skip after a 3.5 s scheduler outage:", [r["error"] for r in skipped])
+    assert len(skipped) == 1, "one record stands for all the fires missed in one outage"
+    assert "misfire" in skipped[0]["error"] and skipped[0]["started_at"] is None
+    assert datetime.fromisoformat(skipped[0]["queued_at"]) < restarted - timedelta(seconds=2)
+    assert "skipped" in shown
+    # The next run is the next regular fire after the restart, not a catch-up.
+    resumed = datetime.fromisoformat(runs[0]["started_at"])
+    assert resumed > datetime.fromisoformat(skipped[0]["finished_at"])
+    assert resumed - restarted < timedelta(seconds=2)
+
+
+@pytest.mark.parametrize("overlap", ["queue", "forbid"])
+async def test_a_fire_during_a_run_follows_the_overlap_policy(
+    prefix: str, servers: redis.Redis, overlap: str
+) -> None:
+    async with running(["serve"], service_env(prefix)) as service:
+        assert service.api_url is not None
+        url = service.api_url
+        # Runs take 1.5 s and fire every second: every run overlaps the next fire.
+        await cli(
+            url,
+            *("create", "--id", "slow", "--name", "slow", "--command", "sleep 1.5"),
+            *("--overlap", overlap),
+        )
+        await cli(url, "schedule", "--id", "slow", "--every", "1")
+        async with httpx.AsyncClient(base_url=url) as http:
+
+            async def two_runs() -> bool:
+                return len(await finished_runs(http, "slow")) >= 2
+
+            await eventually(two_runs, within=15, every=0.1)
+            await cli(url, "unschedule", "--id", "slow")
+            history = list(reversed((await http.get("/tasks/slow/runs")).json()))
+        assert await service.stop(signal.SIGTERM) == 0
+    ran = [r for r in history if r["status"] == "completed"]
+    skipped = [r for r in history if r["status"] == "skipped"]
+    print(f"overlap {overlap}: {[r['status'] for r in history]}")
+    for previous, following in itertools.pairwise(ran):
+        # Never two runs of one task at once.
+        assert following["started_at"] >= previous["finished_at"]
+    if overlap == "queue":
+        assert skipped == []
+        # The fire that came during a run starts as soon as that run ends.
+        gap = datetime.fromisoformat(ran[1]["started_at"]) - datetime.fromisoformat(
+            ran[0]["finished_at"]
+        )
+        assert gap < timedelta(seconds=0.5)
+    else:
+        assert skipped, "a fire during a run must leave a skipped run"
+        assert all("overlap" in r["error"] for r in skipped)
+        assert history[1]["status"] == "skipped"
+        assert history[1]["error"].endswith(f"{ran[0]['run_id']} had not ended")
