@@ -75,6 +75,24 @@ class Claim:
     task: Task | None
 
 
+@dataclass(frozen=True, slots=True)
+class OutputChunk:
+    """Bytes a running command printed, starting at byte ``offset`` of its output."""
+
+    offset: int
+    data: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class OutputPage:
+    """What ``Store.read_output`` found: chunks in order, the cursor to read on from,
+    and whether the run's end has been recorded (no chunk comes after it)."""
+
+    chunks: Sequence[OutputChunk]
+    cursor: str
+    ended: bool
+
+
 class Store(Protocol):
     """Where tasks, their runs and their schedule live.
 
@@ -154,6 +172,37 @@ class Store(Protocol):
         """Return when the earliest entry of ``scheduled_tasks`` is due, when one may have
         been added earlier than that (in any process), or after ``max_wait`` seconds."""
         ...
+
+    async def append_output(self, run_id: str, chunk: OutputChunk, *, keep: int) -> None:
+        """Add output of a running command to its run's live output.
+
+        Chunks come in offset order; one that starts before the end of the newest chunk
+        kept is a resend and is ignored, as is anything after the run's end. The live
+        output keeps the newest ``keep`` bytes, dropping whole chunks from the oldest
+        (the newest chunk always stays), and expires ``LIVE_OUTPUT_TTL`` after the last
+        write if nobody records the run's end.
+        """
+        ...
+
+    async def read_output(self, run_id: str, *, cursor: str | None, wait: float) -> OutputPage:
+        """The live output of a run after ``cursor``.
+
+        ``cursor=None`` starts following: it returns at once, with every chunk kept, and
+        from then on the commit that ends the run marks the end in its live output
+        (``ended``), even if the command never printed anything. Read the run itself
+        after that first call: a run that ended before it gets no end mark.
+
+        With a cursor (opaque: only ever one a previous page returned), it returns up to
+        a page of newer chunks, waiting up to ``wait`` seconds for some when there are
+        none. Stop at ``ended``: nothing comes after it.
+        """
+        ...
+
+
+LIVE_OUTPUT_TTL = 3600
+"""Seconds a run's live output outlives its last write when its end is never recorded."""
+ENDED_OUTPUT_TTL = 60
+"""Seconds a run's live output stays once its end is recorded (followers read the end)."""
 
 
 DELIVERY_LIMIT = 5

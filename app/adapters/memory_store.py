@@ -9,21 +9,61 @@ from __future__ import annotations
 
 import bisect
 import contextlib
+import itertools
 import math
 import time
-from collections.abc import AsyncGenerator, AsyncIterator, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Iterable, Sequence
 from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from typing import Literal
 
 import anyio
 import anyio.lowlevel
 import msgspec
 from anyio.streams.memory import MemoryObjectSendStream
 
-from app.domain import RevisionConflict, Run, Task, TaskAlreadyExists, TaskStatus
-from app.ports import Claim, DueAt, Keep, TaskChange, Unschedule
+from app.domain import (
+    FINISHED_RUN_STATUSES,
+    RevisionConflict,
+    Run,
+    Task,
+    TaskAlreadyExists,
+    TaskStatus,
+)
+from app.ports import (
+    ENDED_OUTPUT_TTL,
+    LIVE_OUTPUT_TTL,
+    Claim,
+    DueAt,
+    Keep,
+    OutputChunk,
+    OutputPage,
+    TaskChange,
+    Unschedule,
+)
 
 _task_decoder = msgspec.json.Decoder(Task)
 _run_decoder = msgspec.json.Decoder(Run)
+
+_READ_PAGE_SIZE = 100
+"""Entries one ``read_output`` with a cursor returns at most (as Redis does)."""
+
+_Mark = Literal["follow", "end"]
+_OutputEntry = tuple[int, OutputChunk | _Mark]
+
+
+@dataclass(slots=True)
+class _LiveOutput:
+    """A run's live output, shaped like its Redis stream: entries with increasing ids,
+    each a chunk or a mark. A follow mark stands in for output when a follower starts
+    before there is any; the end mark, once recorded, is the newest entry for good."""
+
+    entries: list[_OutputEntry] = field(default_factory=list[_OutputEntry])
+    expires_at: float = math.inf
+
+    @property
+    def ended(self) -> bool:
+        return bool(self.entries) and self.entries[-1][1] == "end"
 
 
 class MemoryStore:
@@ -39,6 +79,9 @@ class MemoryStore:
         self._claims: dict[str, str] = {}
         self._wakeup = anyio.Event()
         self._cancel_listeners: list[MemoryObjectSendStream[str]] = []
+        self._outputs: dict[str, _LiveOutput] = {}
+        self._output_ids = itertools.count(1)
+        self._output_added = anyio.Event()
 
     async def ping(self) -> None:
         await anyio.lowlevel.checkpoint()
@@ -82,6 +125,7 @@ class MemoryStore:
             runs[run.run_id] = msgspec.json.encode(run)
         for old in sorted(runs)[: max(0, len(runs) - self._run_history)]:
             del runs[old]
+        self._end_outputs(run.run_id for run in change.runs if run.status in FINISHED_RUN_STATUSES)
         self._apply_schedule(task_id, change.schedule)
 
     async def commit_each(self, changes: Sequence[TaskChange]) -> list[bool]:
@@ -162,6 +206,74 @@ class MemoryStore:
             if task_id in self._due:
                 self._due[task_id] = until
 
+    async def append_output(self, run_id: str, chunk: OutputChunk, *, keep: int) -> None:
+        await anyio.lowlevel.checkpoint()
+        now = time.monotonic()
+        self._forget_expired_outputs(now)
+        output = self._outputs.setdefault(run_id, _LiveOutput())
+        newest = output.entries[-1][1] if output.entries else None
+        if newest == "end":
+            return  # the run ended: its live output is final
+        if isinstance(newest, OutputChunk) and chunk.offset < newest.offset + len(newest.data):
+            return  # these bytes are kept already: a resent chunk
+        self._add_output_entry(output, chunk)
+        stop = chunk.offset + len(chunk.data)
+        newest_index = len(output.entries) - 1
+        first_kept = next(
+            index
+            for index, (_, entry) in enumerate(output.entries)
+            if index == newest_index
+            or (isinstance(entry, OutputChunk) and stop - entry.offset <= keep)
+        )
+        del output.entries[:first_kept]
+        output.expires_at = now + LIVE_OUTPUT_TTL
+
+    async def read_output(self, run_id: str, *, cursor: str | None, wait: float) -> OutputPage:
+        await anyio.lowlevel.checkpoint()
+        now = time.monotonic()
+        self._forget_expired_outputs(now)
+        if cursor is None:
+            output = self._outputs.setdefault(run_id, _LiveOutput())
+            if not output.ended:
+                if not output.entries:
+                    self._add_output_entry(output, "follow")
+                output.expires_at = now + LIVE_OUTPUT_TTL
+            return _output_page(output.entries, cursor="0")
+        newer = self._output_after(run_id, int(cursor))
+        with anyio.move_on_after(wait):
+            while not newer:
+                await self._output_added.wait()
+                newer = self._output_after(run_id, int(cursor))
+        return _output_page(newer, cursor=cursor)
+
+    def _output_after(self, run_id: str, after: int) -> list[_OutputEntry]:
+        """Up to a page of the run's live output entries after the id ``after``."""
+        output = self._outputs.get(run_id)
+        if output is None or output.expires_at <= time.monotonic():
+            return []
+        start = bisect.bisect_right(output.entries, after, key=lambda entry: entry[0])
+        return output.entries[start : start + _READ_PAGE_SIZE]
+
+    def _end_outputs(self, run_ids: Iterable[str]) -> None:
+        """Record the end of these runs in their live output, where there is one."""
+        now = time.monotonic()
+        self._forget_expired_outputs(now)
+        for run_id in run_ids:
+            output = self._outputs.get(run_id)
+            if output is not None and not output.ended:
+                self._add_output_entry(output, "end")
+                output.expires_at = now + ENDED_OUTPUT_TTL
+
+    def _add_output_entry(self, output: _LiveOutput, entry: OutputChunk | _Mark) -> None:
+        output.entries.append((next(self._output_ids), entry))
+        self._output_added.set()
+        self._output_added = anyio.Event()
+
+    def _forget_expired_outputs(self, now: float) -> None:
+        expired = [run_id for run_id, output in self._outputs.items() if output.expires_at <= now]
+        for run_id in expired:
+            del self._outputs[run_id]
+
     async def announce_cancel(self, run_id: str) -> None:
         await anyio.lowlevel.checkpoint()
         for listener in self._cancel_listeners:
@@ -188,6 +300,18 @@ class MemoryStore:
         wakeup = self._wakeup
         with anyio.move_on_after(delay):
             await wakeup.wait()
+
+
+def _output_page(entries: Iterable[_OutputEntry], *, cursor: str) -> OutputPage:
+    """The page of ``entries`` read after ``cursor``: its chunks, up to an end mark."""
+    chunks: list[OutputChunk] = []
+    for entry_id, entry in entries:
+        cursor = str(entry_id)
+        if entry == "end":
+            return OutputPage(chunks, cursor, ended=True)
+        if isinstance(entry, OutputChunk):
+            chunks.append(entry)
+    return OutputPage(chunks, cursor, ended=False)
 
 
 def _discard_sorted(ids: list[str], task_id: str) -> None:

@@ -11,6 +11,13 @@ Redis Cluster slot, which the scripts need because they derive some key names):
 - ``claims``            hash, id -> token of the scheduler holding the entry
 - ``runs:{id}``         hash, run id -> run document (run ids sort by creation time)
 - ``wake``              pub/sub channel: an entry earlier than every other was added
+- ``output:{run id}``   stream, a run's live output: data entries ``o`` (byte offset in
+                        the whole output, decimal) and ``d`` (the bytes), oldest dropped
+                        beyond the bytes to keep; a follow mark ``f`` standing in for
+                        output when a follower starts before there is any; once the run
+                        ends, an end mark ``e``, always the newest entry: nothing is
+                        added after it. Expires ``LIVE_OUTPUT_TTL`` after the last write,
+                        ``ENDED_OUTPUT_TTL`` after the end mark.
 
 Every script is idempotent so that redis-py's retry can resend it safely: a commit
 whose stored document already equals the new one reports success.
@@ -22,7 +29,7 @@ import contextlib
 import functools
 import math
 import time
-from collections.abc import AsyncGenerator, AsyncIterator, Callable, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Iterable, Sequence
 from contextlib import asynccontextmanager
 from types import CoroutineType
 from typing import Any, ParamSpec, TypeVar, cast
@@ -36,14 +43,42 @@ from redis.backoff import ExponentialBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from app.domain import RevisionConflict, Run, Task, TaskAlreadyExists, TaskStatus
-from app.ports import Claim, DueAt, Keep, StoreUnavailable, TaskChange, Unschedule
+from app.domain import (
+    FINISHED_RUN_STATUSES,
+    RevisionConflict,
+    Run,
+    Task,
+    TaskAlreadyExists,
+    TaskStatus,
+)
+from app.ports import (
+    ENDED_OUTPUT_TTL,
+    LIVE_OUTPUT_TTL,
+    Claim,
+    DueAt,
+    Keep,
+    OutputChunk,
+    OutputPage,
+    StoreUnavailable,
+    TaskChange,
+    Unschedule,
+)
 
-_COMMIT = """
+_NEWEST_FIELDS = """
+-- The fields of a stream's newest entry, {} when there is none.
+local function newest_fields(key)
+  local newest = redis.call('XREVRANGE', key, '+', '-', 'COUNT', 1)[1]
+  return newest and newest[2] or {}
+end
+"""
+
+_COMMIT = (
+    _NEWEST_FIELDS
+    + """
 local task_key, tasks_key, due_key = KEYS[1], KEYS[2], KEYS[3]
 local claims_key, runs_key = KEYS[4], KEYS[5]
 local prefix, id, expected, doc, new_status = ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5]
-local mode, score, history = ARGV[6], ARGV[7], tonumber(ARGV[8])
+local mode, score, history, ended_ttl = ARGV[6], ARGV[7], tonumber(ARGV[8]), ARGV[9]
 
 local current = redis.call('GET', task_key)
 if current and current == doc then
@@ -79,9 +114,18 @@ if old_status ~= new_status then
   redis.call('ZADD', prefix .. 'status:' .. new_status, 0, id)
 end
 
-if #ARGV > 8 then
-  for i = 9, #ARGV, 2 do
-    redis.call('HSET', runs_key, ARGV[i], ARGV[i + 1])
+if #ARGV > 9 then
+  for i = 10, #ARGV, 3 do
+    local run_id, ended = ARGV[i], ARGV[i + 1]
+    redis.call('HSET', runs_key, run_id, ARGV[i + 2])
+    if ended == '1' then  -- end the run's live output, if someone follows or it printed
+      local output_key = prefix .. 'output:' .. run_id
+      local newest = newest_fields(output_key)[1]
+      if newest and newest ~= 'e' then
+        redis.call('XADD', output_key, '*', 'e', '1')
+        redis.call('EXPIRE', output_key, ended_ttl)
+      end
+    end
   end
   local count = redis.call('HLEN', runs_key)
   if count > history then
@@ -106,6 +150,7 @@ elseif mode == 'at' then
 end
 return 'ok'
 """
+)
 
 _CLAIM_DUE = """
 local due_key, claims_key = KEYS[1], KEYS[2]
@@ -152,6 +197,47 @@ for i = 1, math.min(#run_ids, tonumber(ARGV[1])) do newest[i] = run_ids[i] end
 return redis.call('HMGET', KEYS[1], unpack(newest))
 """
 
+_APPEND_OUTPUT = (
+    _NEWEST_FIELDS
+    + """
+local key = KEYS[1]
+local offset, data, keep, ttl = tonumber(ARGV[1]), ARGV[2], tonumber(ARGV[3]), ARGV[4]
+local newest = newest_fields(key)
+if newest[1] == 'e' then return 0 end  -- the run ended: its live output is final
+if newest[1] == 'o' and offset < tonumber(newest[2]) + #newest[4] then
+  return 0  -- these bytes are kept already: a resent chunk
+end
+local id = redis.call('XADD', key, '*', 'o', ARGV[1], 'd', data)
+local stop = offset + #data
+while true do
+  local head = redis.call('XRANGE', key, '-', '+', 'COUNT', 1)[1]
+  if head[1] == id then break end
+  local fields = head[2]
+  if fields[1] == 'o' and stop - tonumber(fields[2]) <= keep then break end
+  redis.call('XDEL', key, head[1])
+end
+redis.call('EXPIRE', key, ttl)
+return 1
+"""
+)
+
+_START_FOLLOWING = (
+    _NEWEST_FIELDS
+    + """
+local key, ttl = KEYS[1], ARGV[1]
+if newest_fields(key)[1] ~= 'e' then
+  if redis.call('EXISTS', key) == 0 then
+    redis.call('XADD', key, '*', 'f', '1')
+  end
+  redis.call('EXPIRE', key, ttl)
+end
+return redis.call('XRANGE', key, '-', '+')
+"""
+)
+
+_READ_PAGE_SIZE = 100
+"""Entries one ``read_output`` with a cursor returns at most."""
+
 _task_decoder = msgspec.json.Decoder(Task)
 _run_decoder = msgspec.json.Decoder(Run)
 _encoder = msgspec.json.Encoder()
@@ -195,6 +281,8 @@ class RedisStore:
         self._release_claims = client.register_script(_RELEASE_CLAIMS)
         self._list_tasks = client.register_script(_LIST_TASKS)
         self._list_runs = client.register_script(_LIST_RUNS)
+        self._append_output = client.register_script(_APPEND_OUTPUT)
+        self._start_following = client.register_script(_START_FOLLOWING)
         self._pubsub: PubSub | None = None
 
     def task_key(self, task_id: str) -> str:
@@ -205,6 +293,9 @@ class RedisStore:
 
     def status_key(self, status: TaskStatus) -> str:
         return f"{self._prefix}status:{status}"
+
+    def output_key(self, run_id: str) -> str:
+        return f"{self._prefix}output:{run_id}"
 
     @_translate_errors
     async def ping(self) -> None:
@@ -270,9 +361,11 @@ class RedisStore:
             mode,
             score,
             self._run_history,
+            ENDED_OUTPUT_TTL,
         ]
         for run in change.runs:
-            args += [run.run_id, _encoder.encode(run)]
+            ended = 1 if run.status in FINISHED_RUN_STATUSES else 0
+            args += [run.run_id, ended, _encoder.encode(run)]
         return args
 
     @_translate_errors
@@ -323,6 +416,38 @@ class RedisStore:
     async def extend_leases(self, task_ids: Sequence[str], *, until: float) -> None:
         if task_ids:
             await self._redis.zadd(self._due_key, dict.fromkeys(task_ids, until), xx=True)
+
+    @_translate_errors
+    async def append_output(self, run_id: str, chunk: OutputChunk, *, keep: int) -> None:
+        await self._append_output(
+            keys=[self.output_key(run_id)],
+            args=[chunk.offset, chunk.data, keep, LIVE_OUTPUT_TTL],
+        )
+
+    @_translate_errors
+    async def read_output(self, run_id: str, *, cursor: str | None, wait: float) -> OutputPage:
+        key = self.output_key(run_id)
+        if cursor is None:
+            entries = cast(
+                list[tuple[bytes, list[bytes]]],
+                await self._start_following(keys=[key], args=[LIVE_OUTPUT_TTL]),
+            )
+            return _output_page(
+                (
+                    (entry_id, dict(zip(flat[::2], flat[1::2], strict=True)))
+                    for entry_id, flat in entries
+                ),
+                cursor="0-0",
+            )
+        streams = cast(
+            list[tuple[bytes, list[tuple[bytes, dict[bytes, bytes]]]]],
+            await self._redis.xread(
+                {key: cursor},
+                count=_READ_PAGE_SIZE,
+                block=max(1, round(wait * 1000)) if wait > 0 else None,
+            ),
+        )
+        return _output_page(streams[0][1] if streams else [], cursor=cursor)
 
     @_translate_errors
     async def announce_cancel(self, run_id: str) -> None:
@@ -395,6 +520,18 @@ async def _notices(pubsub: PubSub) -> AsyncGenerator[str]:
         if message is not None:
             data = message["data"]
             yield data.decode() if isinstance(data, bytes) else str(data)
+
+
+def _output_page(entries: Iterable[tuple[bytes, dict[bytes, bytes]]], *, cursor: str) -> OutputPage:
+    """The page of stream ``entries`` read after ``cursor``: its chunks, up to an end mark."""
+    chunks: list[OutputChunk] = []
+    for entry_id, fields in entries:
+        cursor = entry_id.decode()
+        if b"e" in fields:
+            return OutputPage(chunks, cursor, ended=True)
+        if b"o" in fields:
+            chunks.append(OutputChunk(int(fields[b"o"]), fields[b"d"]))
+    return OutputPage(chunks, cursor, ended=False)
 
 
 def _raise_for(change: TaskChange, result: object) -> None:
