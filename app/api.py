@@ -13,7 +13,8 @@ from __future__ import annotations
 import hashlib
 import hmac
 import logging
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import AsyncGenerator, Awaitable, Callable, Sequence
+from contextlib import aclosing
 from typing import Annotated, Any, cast
 
 import anyio
@@ -48,7 +49,7 @@ from litestar.openapi import OpenAPIConfig, ResponseSpec
 from litestar.openapi.plugins import SwaggerRenderPlugin
 from litestar.openapi.spec import Components, SecurityRequirement, SecurityScheme
 from litestar.params import FromPath, FromQuery, JSONBody, Parameter
-from litestar.response import Redirect
+from litestar.response import Redirect, ServerSentEvent, ServerSentEventMessage
 from litestar.status_codes import (
     HTTP_200_OK,
     HTTP_202_ACCEPTED,
@@ -69,6 +70,7 @@ from app.domain import (
     TaskNotFound,
     TaskStatus,
 )
+from app.live_output import KEEPALIVE_SECONDS, KeepAlive, OutputEnd, OutputEvent, OutputText
 from app.ports import StoreUnavailable
 from app.schemas import ScheduleRequest, TaskCreate, TaskUpdate
 from app.service import InvalidCursor, StoreContention, TaskService
@@ -288,6 +290,50 @@ class TaskController(Controller):
     async def get_run(self, task_id: FromPath[str], run_id: FromPath[str], service: Service) -> Run:
         return await service.run(task_id, run_id)
 
+    @get(
+        "/{task_id:str}/runs/{run_id:str}/output",
+        summary="A run's output as Server-Sent Events, live while it runs",
+        description='`output` events carry `{"text": ...}` in the order printed; an `end` '
+        "event carries the run as recorded (without its output, already sent; `null` if it "
+        "was deleted) and closes the stream. Without `follow`, the stream closes after what "
+        "there is now (the newest output kept) unless the run already ended. A comment line "
+        f"comes every {KEEPALIVE_SECONDS:g} s while the run is quiet.",
+        raises=[NotFoundException, NotAuthorizedException],
+        media_type="text/event-stream",
+    )
+    async def run_output(
+        self,
+        task_id: FromPath[str],
+        run_id: FromPath[str],
+        service: Service,
+        follow: Annotated[
+            bool, Parameter(description="Stream until the run ends", required=False)
+        ] = False,
+    ) -> ServerSentEvent:
+        events = await service.output(task_id, run_id, follow=follow)
+        return ServerSentEvent(_server_sent(events))
+
+
+async def _server_sent(
+    events: AsyncGenerator[OutputEvent],
+) -> AsyncGenerator[ServerSentEventMessage]:
+    async with aclosing(events):
+        async for event in events:
+            match event:
+                case OutputText(text=text):
+                    yield ServerSentEventMessage(event="output", data=_json({"text": text}))
+                case KeepAlive():
+                    yield ServerSentEventMessage(comment="keepalive")
+                case OutputEnd(run=run):
+                    ended = None if run is None else msgspec.to_builtins(run)
+                    if ended is not None:
+                        del ended["output"]
+                    yield ServerSentEventMessage(event="end", data=_json(ended))
+
+
+def _json(value: object) -> str:
+    return msgspec.json.encode(value).decode()
+
 
 def _health_handler(checks: dict[str, Check]) -> Callable[[], Awaitable[Response[Health]]]:
     @get(
@@ -353,6 +399,15 @@ def _domain_error(_: Request[Any, Any, Any], exc: Exception) -> Response[dict[st
     return _problem(status, str(exc))
 
 
+def _http_error(_: Request[Any, Any, Any], exc: HTTPException) -> Response[dict[str, object]]:
+    """Litestar's own errors (401, 404 of an unknown route, 405, 413 ...), always as JSON,
+    also on routes whose success is another media type (the output event stream)."""
+    extra = {"extra": exc.extra} if exc.extra else {}
+    response = _problem(exc.status_code, exc.detail, **extra)
+    response.headers.update(exc.headers or {})
+    return response
+
+
 def _validation_error(
     request: Request[Any, Any, Any], exc: ValidationException
 ) -> Response[dict[str, object]]:
@@ -399,6 +454,7 @@ def create_app(
             DomainError: _domain_error,
             StoreContention: _domain_error,
             StoreUnavailable: _domain_error,
+            HTTPException: _http_error,
             ValidationException: _validation_error,
         },
         openapi_config=OpenAPIConfig(

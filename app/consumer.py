@@ -34,7 +34,8 @@ from app.domain import (
     utcnow,
     worker_name,
 )
-from app.executor import inherited_environment, run_command
+from app.executor import CappedOutput, inherited_environment, run_command
+from app.live_output import OutputRelay
 from app.outages import Backoff, until_available
 from app.ports import (
     Broker,
@@ -158,30 +159,37 @@ class Consumer:
         if task.cancel_requested or self._early_cancels.pop(run.run_id, None) is not None:
             stop.cancel()
         started = time.monotonic()
+        relay = OutputRelay(self._store, run.run_id, keep=self._output_limit)
+        output = CappedOutput(self._output_limit, listener=relay.append)
         outcome: Outcome | None = None
         try:
             with stop:
-                outcome = await run_command(
-                    ["sh", "-c", task.command] if task.command is not None else task.args or [],
-                    env=self._environment | task.env,
-                    cwd=task.cwd,
-                    time_limit=task.timeout,
-                    output_limit=self._output_limit,
-                )
+                async with anyio.create_task_group() as live:
+                    live.start_soon(relay.forward)
+                    outcome = await run_command(
+                        ["sh", "-c", task.command] if task.command is not None else task.args or [],
+                        env=self._environment | task.env,
+                        cwd=task.cwd,
+                        time_limit=task.timeout,
+                        output=output,
+                    )
+                    live.cancel_scope.cancel()
         except anyio.get_cancelled_exc_class():
             with anyio.move_on_after(SHUTDOWN_BOOKKEEPING_SECONDS, shield=True):
                 await until_available(lambda: self._give_back(run), "requeue a run")
             raise
         finally:
             del self._running[task.id]
+        with anyio.move_on_after(SHUTDOWN_BOOKKEEPING_SECONDS):
+            await relay.finish()
         # The result matters more than the wait: without it the lease would run out and
         # the command would run again.
         if outcome is None:  # stopped by a cancel notice
             stopped = Outcome(
                 exit_code=None,
                 duration=time.monotonic() - started,
-                output="",
-                truncated=False,
+                output=output.text(),
+                truncated=output.truncated,
                 error=CANCELLED_REASON,
             )
             await until_available(lambda: self._cancelled(task, run, stopped), "record a cancel")

@@ -12,7 +12,7 @@ import os
 import signal
 import subprocess
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 import anyio
 from anyio.abc import ByteReceiveStream, Process
@@ -36,9 +36,13 @@ _KILL_SETTLE = 1.0
 
 
 class CappedOutput:
-    """Keeps the first and the last bytes of a stream, at most ``limit`` in all."""
+    """Keeps the first and the last bytes of a stream, at most ``limit`` in all.
 
-    def __init__(self, limit: int) -> None:
+    ``listener``, if given, sees every chunk as it arrives (live output).
+    """
+
+    def __init__(self, limit: int, *, listener: Callable[[bytes], None] | None = None) -> None:
+        self._listener = listener
         self._head_limit = limit // 2
         self._tail_limit = limit - self._head_limit
         self._head = bytearray()
@@ -47,6 +51,8 @@ class CappedOutput:
         self.complete = anyio.Event()
 
     def append(self, chunk: bytes) -> None:
+        if self._listener is not None:
+            self._listener(chunk)
         self.total += len(chunk)
         room = self._head_limit - len(self._head)
         if room > 0:
@@ -83,12 +89,14 @@ async def run_command(
     env: Mapping[str, str],
     cwd: str | None,
     time_limit: float | None,
-    output_limit: int,
+    output: CappedOutput,
     kill_grace: float = 5.0,
 ) -> Outcome:
-    """Run ``argv`` to the end (or ``timeout``) and report its exit code and output.
+    """Run ``argv`` to the end (or ``time_limit``) and report its exit code and output.
 
-    When the caller is cancelled the process group is stopped before this returns.
+    Output is collected into ``output``, which the caller keeps: when the caller is
+    cancelled, the process group is stopped before this returns, and ``output`` holds
+    what the command printed until then.
     """
     started = time.monotonic()
     try:
@@ -103,7 +111,6 @@ async def run_command(
             error=f"could not start the command: {exc}",
         )
 
-    output = CappedOutput(output_limit)
     timed_out = False
     try:
         async with anyio.create_task_group() as tg:

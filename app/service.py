@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import base64
 import binascii
-from collections.abc import Callable
+from collections.abc import AsyncGenerator, Callable
 from datetime import UTC, datetime
 
 from app.domain import (
@@ -36,6 +36,7 @@ from app.domain import (
     unschedule,
     utcnow,
 )
+from app.live_output import OutputEvent, follow_output
 from app.ports import KEEP, UNSCHEDULE, DueAt, Store, TaskChange, due_at
 from app.schemas import ScheduleRequest, TaskCreate, TaskUpdate
 
@@ -273,6 +274,18 @@ class TaskService:
             await self.get(task_id)
             raise RunNotFound(task_id, run_id)
         return run
+
+    async def output(
+        self, task_id: str, run_id: str, *, follow: bool
+    ) -> AsyncGenerator[OutputEvent]:
+        """A run's output: what there is now, and with ``follow`` what it prints until
+        it ends (see ``app.live_output``). Raises before the first event when there is
+        no such task or run."""
+        try:
+            return await follow_output(self._store, task_id, run_id, follow=follow)
+        except RunNotFound:
+            await self.get(task_id)
+            raise
 
 
 def _new_task(change: TaskChange) -> Task:

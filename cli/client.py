@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncGenerator
+import json
+from collections.abc import AsyncGenerator, AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any, cast
 
@@ -85,6 +86,41 @@ class ApiClient:
 
     async def get_run(self, task_id: str, run_id: str) -> Any:
         return (await self.request("GET", f"/tasks/{task_id}/runs/{run_id}")).json()
+
+    async def run_output(
+        self, task_id: str, run_id: str, *, follow: bool
+    ) -> AsyncGenerator[tuple[str, Any]]:
+        """The events of ``GET .../output`` as (event, decoded data), as they arrive."""
+        path = f"/tasks/{task_id}/runs/{run_id}/output"
+        params = {"follow": "true"} if follow else {}
+        try:
+            async with self._http.stream("GET", path, params=params) as response:
+                if response.is_error:
+                    await response.aread()
+                    raise ApiError(_error_detail(response), response.status_code)
+                async for event, data in _server_sent_events(response.aiter_lines()):
+                    yield event, json.loads(data)
+        except httpx.HTTPError as exc:
+            raise ApiError(f"the output stream from {self._http.base_url} broke: {exc}") from exc
+
+
+async def _server_sent_events(lines: AsyncIterator[str]) -> AsyncGenerator[tuple[str, str]]:
+    """(event, data) of each event in a ``text/event-stream``; comments are skipped."""
+    event, data = "message", list[str]()
+    async for line in lines:
+        if not line:
+            if data:
+                yield event, "\n".join(data)
+            event, data = "message", []
+        elif line.startswith(":"):
+            continue
+        else:
+            field, _, value = line.partition(":")
+            value = value.removeprefix(" ")
+            if field == "event":
+                event = value
+            elif field == "data":
+                data.append(value)
 
 
 def _error_detail(response: httpx.Response) -> str:

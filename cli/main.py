@@ -19,6 +19,7 @@ P = ParamSpec("P")
 T = TypeVar("T")
 
 BACKENDS = ("asyncio", "trio")
+RUNS_SEARCHED = 20  # runs `logs` looks through for the newest one that ran
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -424,18 +425,52 @@ async def runs(
 
 @cli.command()
 @click.option("--id", "task_id", required=True)
-@click.option("--run", "run_id", help="Which run (default: the newest).")
+@click.option("--run", "run_id", help="Which run (default: the active run, else the newest).")
+@click.option("--follow", "-f", is_flag=True, help="Stream the output live until the run ends.")
 @_client_command
-async def logs(client: ApiClient, task_id: str, run_id: str | None, as_json: bool) -> None:
-    """Print the output of a run."""
-    if run_id is None:
-        newest = await client.list_runs(task_id, limit=1)
-        if not newest:
-            raise click.ClickException(f"task {task_id!r} has no runs yet")
-        run = newest[0]
-    else:
-        run = await client.get_run(task_id, run_id)
-    _emit(run, as_json, lambda r: r["output"].rstrip("\n"))
+async def logs(
+    client: ApiClient, task_id: str, run_id: str | None, follow: bool, as_json: bool
+) -> None:
+    """Print the output of a run; with --follow, as it is printed, until the run ends."""
+    run_id = run_id or await _current_run_id(client, task_id)
+    if as_json and not follow:
+        _emit(await client.get_run(task_id, run_id), as_json, str)
+        return
+    ended: dict[str, Any] | None = None
+    last = "\n"
+    async for event, data in client.run_output(task_id, run_id, follow=follow):
+        if as_json:
+            click.echo(json.dumps({"event": event, "data": data}))
+        elif event == "output" and data["text"]:
+            last = data["text"]
+            sys.stdout.write(last)
+            sys.stdout.flush()
+        if event == "end":
+            ended = data or {}
+            break
+    if not as_json and not last.endswith("\n"):
+        click.echo()
+    if follow and ended is None:
+        raise click.ClickException(f"the output stream of run {run_id} ended before the run")
+    if follow and not as_json:
+        if not ended:
+            click.echo(f"run {run_id} was deleted", err=True)
+        else:
+            exit_code = "-" if ended["exit_code"] is None else ended["exit_code"]
+            note = f": {ended['error']}" if ended.get("error") else ""
+            click.echo(f"run {run_id} {ended['status']} (exit {exit_code}){note}", err=True)
+
+
+async def _current_run_id(client: ApiClient, task_id: str) -> str:
+    """The task's active run (queued or running), else its newest that ran."""
+    active = (await client.get_task(task_id)).get("active_run")
+    if active:
+        return cast(str, active["run_id"])
+    newest = await client.list_runs(task_id, limit=RUNS_SEARCHED)
+    if not newest:
+        raise click.ClickException(f"task {task_id!r} has no runs yet")
+    ran = [run for run in newest if run["status"] != "skipped"] or newest
+    return cast(str, ran[0]["run_id"])
 
 
 # --------------------------------------------------------------------------- formatting

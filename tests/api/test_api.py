@@ -812,6 +812,7 @@ ENDPOINTS = [
     ("/tasks/{task_id}/resume", "post", "200", "Task", {"404", "409"}),
     ("/tasks/{task_id}/runs", "get", "200", "[Run]", {"400", "404"}),
     ("/tasks/{task_id}/runs/{run_id}", "get", "200", "Run", {"404"}),
+    ("/tasks/{task_id}/runs/{run_id}/output", "get", "200", "text/event-stream", {"400", "404"}),
 ]
 
 
@@ -835,6 +836,8 @@ async def test_openapi_documents_each_operation_with_its_responses(
     content = responses[success].get("content")
     if body is None:
         assert content is None
+    elif "/" in body:  # a media type: a stream, not a JSON document
+        assert set(content) == {body}
     else:
         assert schema_name(content["application/json"]["schema"]) == body
 

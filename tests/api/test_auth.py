@@ -34,6 +34,7 @@ PROTECTED = [
     ("POST", "/tasks/{task_id}/resume", "/tasks/t1/resume"),
     ("GET", "/tasks/{task_id}/runs", "/tasks/t1/runs"),
     ("GET", "/tasks/{task_id}/runs/{run_id}", "/tasks/t1/runs/r1"),
+    ("GET", "/tasks/{task_id}/runs/{run_id}/output", "/tasks/t1/runs/r1/output?follow=true"),
     # "schema" as a task id: only the real /schema routes are open.
     ("GET", "/tasks/{task_id}", "/tasks/schema"),
 ]

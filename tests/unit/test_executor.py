@@ -38,7 +38,7 @@ async def shell(
             env=inherited_environment(),
             cwd=cwd,
             time_limit=time_limit,
-            output_limit=output_limit,
+            output=CappedOutput(output_limit),
             kill_grace=kill_grace,
         )
 
@@ -129,7 +129,7 @@ async def test_args_run_without_a_shell() -> None:
             env=inherited_environment(),
             cwd=None,
             time_limit=None,
-            output_limit=LIMIT,
+            output=CappedOutput(LIMIT),
         )
     assert outcome.exit_code == 0
     assert outcome.output == "a b|$HOME|*|"
@@ -159,7 +159,7 @@ async def test_env_is_the_whole_environment() -> None:
             env={"GREETING": "hello there", "PATH": os.environ["PATH"]},
             cwd=None,
             time_limit=None,
-            output_limit=LIMIT,
+            output=CappedOutput(LIMIT),
         )
     assert outcome.output == "hello there unset"
 
@@ -195,7 +195,7 @@ async def test_commands_do_not_see_server_secrets(monkeypatch: pytest.MonkeyPatc
 async def test_could_not_start(argv: list[str], cwd: str | None) -> None:
     with anyio.fail_after(WAIT):
         outcome = await run_command(
-            argv, env=inherited_environment(), cwd=cwd, time_limit=None, output_limit=LIMIT
+            argv, env=inherited_environment(), cwd=cwd, time_limit=None, output=CappedOutput(LIMIT)
         )
     assert outcome.exit_code is None
     assert outcome.error is not None
@@ -373,7 +373,7 @@ async def test_cancelling_the_caller_stops_the_group_first(tmp_path: Path) -> No
                     env=inherited_environment(),
                     cwd=None,
                     time_limit=None,
-                    output_limit=LIMIT,
+                    output=CappedOutput(LIMIT),
                     kill_grace=2.0,
                 )
             )
@@ -406,3 +406,33 @@ async def test_cancel_just_after_the_start_leaves_nothing_behind(tmp_path: Path)
                 pids += await read_pids(pids_file, 2, poll=0)
                 tg.cancel_scope.cancel()
         assert still_running(pids) == []
+
+
+async def test_output_reaches_the_listener_while_the_command_runs_and_survives_a_cancel() -> None:
+    seen: list[bytes] = []
+    first_line = anyio.Event()
+
+    def listen(chunk: bytes) -> None:
+        seen.append(chunk)
+        first_line.set()
+
+    output = CappedOutput(LIMIT, listener=listen)
+    with anyio.fail_after(WAIT):
+        async with anyio.create_task_group() as tg:
+
+            async def run() -> None:
+                await run_command(
+                    ["sh", "-c", "echo started; exec sleep 60"],
+                    env=inherited_environment(),
+                    cwd=None,
+                    time_limit=None,
+                    output=output,
+                )
+
+            tg.start_soon(run)
+            # The line arrives while the command still runs (it sleeps for a minute) ...
+            await first_line.wait()
+            tg.cancel_scope.cancel()
+    # ... and what it printed before the cancel is still there for the run record.
+    assert b"".join(seen) == b"started\n"
+    assert output.text() == "started\n"

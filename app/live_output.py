@@ -1,0 +1,173 @@
+"""Live output: a running command's output, forwarded while it runs and followed by readers.
+
+The consumer side (``OutputRelay``) batches what the command prints and appends it to the
+run's live output in the store, at most every ``FLUSH_SECONDS``; a command that ends
+within the first interval never touches the store, so short runs cost nothing extra.
+The reader side (``follow_output``) reads the live output with a cursor until the
+commit that ends the run marks its end, then finishes with the run as recorded.
+
+The live output keeps the newest ``TASKQ_OUTPUT_LIMIT`` bytes; the run record keeps the
+head and the tail. Live output is a view, never the record: losing part of it (a store
+outage, a reader that fell behind the trimming) shows as a gap notice, not as wrong data.
+"""
+
+from __future__ import annotations
+
+import codecs
+import logging
+from collections.abc import AsyncGenerator
+from dataclasses import dataclass
+
+import anyio
+
+from app.domain import FINISHED_RUN_STATUSES, Run, RunNotFound
+from app.ports import OutputChunk, OutputPage, Store, StoreUnavailable
+
+log = logging.getLogger(__name__)
+
+FLUSH_SECONDS = 0.25
+FLUSH_BYTES = 64 * 1024
+KEEPALIVE_SECONDS = 10.0
+
+
+class OutputRelay:
+    """Forwards one run's output to its live output in the store, in batches."""
+
+    def __init__(self, store: Store, run_id: str, *, keep: int) -> None:
+        self._store = store
+        self._run_id = run_id
+        self._keep = keep
+        self._pending = bytearray()
+        self._offset = 0  # where ``_pending`` starts in the command's whole output
+        self._full = anyio.Event()
+        self._in_use = False
+
+    def append(self, chunk: bytes) -> None:
+        """Take a chunk the command printed (the executor's output listener)."""
+        self._pending += chunk
+        self._trim()
+        if len(self._pending) >= FLUSH_BYTES:
+            self._full.set()
+
+    async def forward(self) -> None:
+        """Write batches until cancelled (when the command ends)."""
+        while True:
+            with anyio.move_on_after(FLUSH_SECONDS):
+                await self._full.wait()
+            self._full = anyio.Event()
+            await self._flush()
+
+    async def finish(self) -> None:
+        """Write what is left, if the live output is in use: a follower then has all of
+        it before the commit that ends the run marks the end."""
+        if self._in_use:
+            await self._flush()
+
+    async def _flush(self) -> None:
+        if not self._pending:
+            return
+        chunk = OutputChunk(self._offset, bytes(self._pending))
+        self._pending.clear()
+        self._offset += len(chunk.data)
+        try:
+            await self._store.append_output(self._run_id, chunk, keep=self._keep)
+        except StoreUnavailable as exc:
+            # Keep it for the next try; followers see a gap if it has to be trimmed.
+            log.debug("live output of %s not written: %s", self._run_id, exc)
+            self._pending[:0] = chunk.data
+            self._offset = chunk.offset
+            self._trim()
+        else:
+            self._in_use = True
+
+    def _trim(self) -> None:
+        excess = len(self._pending) - self._keep
+        if excess > 0:
+            del self._pending[:excess]
+            self._offset += excess
+
+
+@dataclass(frozen=True, slots=True)
+class OutputText:
+    """Output of the run, decoded as UTF-8 (invalid bytes replaced)."""
+
+    text: str
+
+
+@dataclass(frozen=True, slots=True)
+class OutputEnd:
+    """The run ended: as recorded (``None`` if it was deleted meanwhile)."""
+
+    run: Run | None
+
+
+@dataclass(frozen=True, slots=True)
+class KeepAlive:
+    """Nothing new for a while; the run goes on."""
+
+
+OutputEvent = OutputText | OutputEnd | KeepAlive
+
+
+async def follow_output(
+    store: Store, task_id: str, run_id: str, *, follow: bool
+) -> AsyncGenerator[OutputEvent]:
+    """The output of a run: what there is now, and with ``follow`` what comes until the
+    run ends. Raises ``RunNotFound`` (before anything is read) when there is no such run.
+    """
+    if await store.get_run(task_id, run_id) is None:
+        raise RunNotFound(task_id, run_id)  # before following leaves anything in the store
+    page = await store.read_output(run_id, cursor=None, wait=0)
+    # Read again now that we follow: a run that ends from here on gets an end mark.
+    run = await store.get_run(task_id, run_id)
+    if run is None:
+        raise RunNotFound(task_id, run_id)
+    return _events(store, run, page, follow=follow)
+
+
+async def _events(
+    store: Store, run: Run, page: OutputPage, *, follow: bool
+) -> AsyncGenerator[OutputEvent]:
+    if run.status in FINISHED_RUN_STATUSES:
+        # Ended before we started following: the record has everything there is.
+        yield OutputText(run.output)
+        yield OutputEnd(run)
+        return
+    decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+    expected = 0
+    received = False
+    while True:
+        for chunk in page.chunks:
+            if chunk.offset > expected:
+                yield OutputText(
+                    decoder.decode(b"", final=True)
+                    + f"\n[... {chunk.offset - expected} bytes of output not kept ...]\n"
+                )
+                decoder.reset()
+            skip = max(0, expected - chunk.offset)  # overlap with what was already shown
+            text = decoder.decode(chunk.data[skip:])
+            expected = max(expected, chunk.offset + len(chunk.data))
+            received = True
+            if text:
+                yield OutputText(text)
+        if not page.ended:
+            if not follow:
+                return
+            page = await store.read_output(run.run_id, cursor=page.cursor, wait=KEEPALIVE_SECONDS)
+            if page.chunks or page.ended:
+                continue
+            # Quiet for a while: make sure the run still goes on (its live output may
+            # have expired, or the run may have been deleted).
+            current = await store.get_run(run.task_id, run.run_id)
+            if current is not None and current.status not in FINISHED_RUN_STATUSES:
+                yield KeepAlive()
+                continue
+        final = await store.get_run(run.task_id, run.run_id)
+        rest = decoder.decode(b"", final=True)
+        if not received and final is not None:
+            # The command ended before its first batch was forwarded.
+            rest += final.output
+        if rest:
+            yield OutputText(rest)
+        yield OutputEnd(final)
+        return
