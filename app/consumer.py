@@ -96,6 +96,7 @@ class Consumer:
         self._worker = worker or worker_name()
         self._clock = clock
         self._environment = inherited_environment()
+        self._relay = OutputRelay(store, keep=output_limit)
 
     async def run(
         self, stopping: anyio.Event, *, task_status: StartedStatus[None] = anyio.TASK_STATUS_IGNORED
@@ -108,6 +109,7 @@ class Consumer:
                 with anyio.CancelScope() as intake:
                     timers.start_soon(cancel_when_set, stopping, intake)
                     timers.start_soon(self._renew_leases)
+                    timers.start_soon(self._relay.forward)
                     await timers.start(self._watch_cancels)
                     async with self._broker.consume(prefetch=self._concurrency) as deliveries:
                         task_status.started()
@@ -159,29 +161,27 @@ class Consumer:
         if task.cancel_requested or self._early_cancels.pop(run.run_id, None) is not None:
             stop.cancel()
         started = time.monotonic()
-        relay = OutputRelay(self._store, run.run_id, keep=self._output_limit)
-        output = CappedOutput(self._output_limit, listener=relay.append)
+        live = self._relay.open(run.run_id)
+        output = CappedOutput(self._output_limit, listener=live.append)
         outcome: Outcome | None = None
         try:
             with stop:
-                async with anyio.create_task_group() as live:
-                    live.start_soon(relay.forward)
-                    outcome = await run_command(
-                        ["sh", "-c", task.command] if task.command is not None else task.args or [],
-                        env=self._environment | task.env,
-                        cwd=task.cwd,
-                        time_limit=task.timeout,
-                        output=output,
-                    )
-                    live.cancel_scope.cancel()
+                outcome = await run_command(
+                    ["sh", "-c", task.command] if task.command is not None else task.args or [],
+                    env=self._environment | task.env,
+                    cwd=task.cwd,
+                    time_limit=task.timeout,
+                    output=output,
+                )
         except anyio.get_cancelled_exc_class():
             with anyio.move_on_after(SHUTDOWN_BOOKKEEPING_SECONDS, shield=True):
                 await until_available(lambda: self._give_back(run), "requeue a run")
             raise
         finally:
             del self._running[task.id]
+            self._relay.close(live)
         with anyio.move_on_after(SHUTDOWN_BOOKKEEPING_SECONDS):
-            await relay.finish()
+            await live.finish()
         # The result matters more than the wait: without it the lease would run out and
         # the command would run again.
         if outcome is None:  # stopped by a cancel notice

@@ -1,8 +1,9 @@
 """Live output: a running command's output, forwarded while it runs and followed by readers.
 
-The consumer side (``OutputRelay``) batches what the command prints and appends it to the
-run's live output in the store, at most every ``FLUSH_SECONDS``; a command that ends
-within the first interval never touches the store, so short runs cost nothing extra.
+The consumer side (``OutputRelay``) batches what its commands print and appends it to
+each run's live output in the store, at most every ``FLUSH_SECONDS``; a command that
+ends within its first interval never touches the store, so short runs cost nothing
+extra (not even a task of their own).
 The reader side (``follow_output``) reads the live output with a cursor until the
 commit that ends the run marks its end, then finishes with the run as recorded.
 
@@ -15,7 +16,8 @@ from __future__ import annotations
 
 import codecs
 import logging
-from collections.abc import AsyncGenerator
+import time
+from collections.abc import AsyncGenerator, Callable
 from dataclasses import dataclass
 
 import anyio
@@ -31,15 +33,55 @@ KEEPALIVE_SECONDS = 10.0
 
 
 class OutputRelay:
-    """Forwards one run's output to its live output in the store, in batches."""
+    """Forwards the output of a consumer's running commands to their live output in the
+    store: one task for all of them, flushing each run's batch every ``FLUSH_SECONDS``
+    (sooner at ``FLUSH_BYTES``) once the run has been going for that long."""
 
-    def __init__(self, store: Store, run_id: str, *, keep: int) -> None:
+    def __init__(self, store: Store, *, keep: int) -> None:
         self._store = store
-        self._run_id = run_id
         self._keep = keep
+        self._outputs: dict[str, RunOutput] = {}
+        self._full = anyio.Event()
+
+    def open(self, run_id: str) -> RunOutput:
+        """Start forwarding the output of a run that starts now."""
+        output = RunOutput(self._store, run_id, keep=self._keep, on_full=self._wake)
+        self._outputs[run_id] = output
+        return output
+
+    def close(self, output: RunOutput) -> None:
+        """Stop forwarding on the relay's schedule (the command ended)."""
+        self._outputs.pop(output.run_id, None)
+
+    async def forward(self) -> None:
+        """Flush what is due, until cancelled."""
+        while True:
+            with anyio.move_on_after(FLUSH_SECONDS):
+                await self._full.wait()
+            self._full = anyio.Event()
+            now = time.monotonic()
+            for output in list(self._outputs.values()):
+                if output.due(now):
+                    await output.flush()
+
+    def _wake(self) -> None:
+        self._full.set()
+
+
+class RunOutput:
+    """The output of one running command, on its way to the run's live output."""
+
+    def __init__(
+        self, store: Store, run_id: str, *, keep: int, on_full: Callable[[], None]
+    ) -> None:
+        self.run_id = run_id
+        self._store = store
+        self._keep = keep
+        self._on_full = on_full
+        self._opened = time.monotonic()
         self._pending = bytearray()
         self._offset = 0  # where ``_pending`` starts in the command's whole output
-        self._full = anyio.Event()
+        self._flushing: anyio.Lock | None = None  # made at the first flush: most runs have none
         self._in_use = False
 
     def append(self, chunk: bytes) -> None:
@@ -47,38 +89,40 @@ class OutputRelay:
         self._pending += chunk
         self._trim()
         if len(self._pending) >= FLUSH_BYTES:
-            self._full.set()
+            self._on_full()
 
-    async def forward(self) -> None:
-        """Write batches until cancelled (when the command ends)."""
-        while True:
-            with anyio.move_on_after(FLUSH_SECONDS):
-                await self._full.wait()
-            self._full = anyio.Event()
-            await self._flush()
+    def due(self, now: float) -> bool:
+        """Whether the pending batch should go now."""
+        return bool(self._pending) and (
+            now - self._opened >= FLUSH_SECONDS or len(self._pending) >= FLUSH_BYTES
+        )
 
     async def finish(self) -> None:
         """Write what is left, if the live output is in use: a follower then has all of
         it before the commit that ends the run marks the end."""
         if self._in_use:
-            await self._flush()
+            await self.flush()
 
-    async def _flush(self) -> None:
-        if not self._pending:
-            return
-        chunk = OutputChunk(self._offset, bytes(self._pending))
-        self._pending.clear()
-        self._offset += len(chunk.data)
-        try:
-            await self._store.append_output(self._run_id, chunk, keep=self._keep)
-        except StoreUnavailable as exc:
-            # Keep it for the next try; followers see a gap if it has to be trimmed.
-            log.debug("live output of %s not written: %s", self._run_id, exc)
-            self._pending[:0] = chunk.data
-            self._offset = chunk.offset
-            self._trim()
-        else:
-            self._in_use = True
+    async def flush(self) -> None:
+        """Write the pending batch (one flush at a time, so chunks reach the store in order)."""
+        if self._flushing is None:
+            self._flushing = anyio.Lock()
+        async with self._flushing:
+            if not self._pending:
+                return
+            chunk = OutputChunk(self._offset, bytes(self._pending))
+            self._pending.clear()
+            self._offset += len(chunk.data)
+            try:
+                await self._store.append_output(self.run_id, chunk, keep=self._keep)
+            except StoreUnavailable as exc:
+                # Keep it for the next try; followers see a gap if it has to be trimmed.
+                log.debug("live output of %s not written: %s", self.run_id, exc)
+                self._pending[:0] = chunk.data
+                self._offset = chunk.offset
+                self._trim()
+            else:
+                self._in_use = True
 
     def _trim(self) -> None:
         excess = len(self._pending) - self._keep

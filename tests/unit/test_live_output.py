@@ -155,9 +155,14 @@ async def test_an_unknown_run_or_task_is_refused_before_anything_is_streamed(
 async def test_the_relay_writes_nothing_for_a_command_that_ends_within_one_interval(
     store: MemoryStore,
 ) -> None:
-    relay = OutputRelay(store, "r1", keep=1000)
-    relay.append(b"tiny")
-    await relay.finish()  # the run ends before the first interval
+    relay = OutputRelay(store, keep=1000)
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(relay.forward)
+        live = relay.open("r1")
+        live.append(b"tiny")
+        relay.close(live)  # the run ends before its first interval
+        await live.finish()
+        tg.cancel_scope.cancel()
     page = await store.read_output("r1", cursor=None, wait=0)
     assert list(page.chunks) == []
 
@@ -165,22 +170,24 @@ async def test_the_relay_writes_nothing_for_a_command_that_ends_within_one_inter
 async def test_the_relay_forwards_in_batches_and_keeps_the_newest_bytes_in_order(
     store: MemoryStore,
 ) -> None:
-    relay = OutputRelay(store, "r2", keep=10)
+    relay = OutputRelay(store, keep=10)
     first: list[OutputChunk] = []
+    live = relay.open("r2")
     async with anyio.create_task_group() as tg:
         tg.start_soon(relay.forward)
-        relay.append(b"0123456789")
-        relay.append(b"abcde")  # more than `keep` before the first batch: the oldest go
+        live.append(b"0123456789")
+        live.append(b"abcde")  # more than `keep` before the first batch: the oldest go
 
         async def forwarded() -> bool:
             first[:] = (await store.read_output("r2", cursor=None, wait=0)).chunks
             return bool(first)
 
         await eventually(forwarded, within=FLUSH_SECONDS * 20, every=FLUSH_SECONDS / 5)
-        relay.append(b"XY")
+        live.append(b"XY")
+        relay.close(live)
         tg.cancel_scope.cancel()
     assert first == [OutputChunk(5, b"56789abcde")]
-    await relay.finish()  # in use now: the rest goes out before the run's end is recorded
+    await live.finish()  # in use now: the rest goes out before the run's end is recorded
     page = await store.read_output("r2", cursor=None, wait=0)
     # The store keeps at most `keep` bytes too, dropping whole chunks from the oldest.
     assert list(page.chunks) == [OutputChunk(15, b"XY")]
