@@ -19,6 +19,7 @@ P = ParamSpec("P")
 T = TypeVar("T")
 
 BACKENDS = ("asyncio", "trio")
+NOTE_WIDTH = 60  # characters of a run's error shown in the runs table
 RUNS_SEARCHED = 20  # runs `logs` looks through for the newest one that ran
 
 
@@ -566,10 +567,16 @@ def _run_table(runs: list[dict[str, Any]]) -> str:
             "-" if r["duration"] is None else f"{r['duration']:.3f}s",
             _short_time(r.get("started_at")),
             r.get("worker") or "-",
+            _shorten(r.get("error") or "", NOTE_WIDTH),
         ]
         for r in runs
     ]
-    return _table(rows, ["RUN", "ATTEMPT", "STATUS", "EXIT", "DURATION", "STARTED", "WORKER"])
+    headers = ["RUN", "ATTEMPT", "STATUS", "EXIT", "DURATION", "STARTED", "WORKER", "NOTE"]
+    return _table(rows, headers)
+
+
+def _shorten(text: str, width: int) -> str:
+    return text if len(text) <= width else text[: width - 1] + "…"
 
 
 def _run_details(run: dict[str, Any]) -> str:

@@ -168,7 +168,7 @@ async def test_misfires_beyond_the_grace_time_are_skipped_and_recorded(
     assert len(skipped) == 1, "one record stands for all the fires missed in one outage"
     assert "misfire" in skipped[0]["error"] and skipped[0]["started_at"] is None
     assert datetime.fromisoformat(skipped[0]["queued_at"]) < restarted - timedelta(seconds=2)
-    assert "skipped" in shown
+    assert "skipped" in shown and "misfire: the fire due at" in shown
     # The next run is the next regular fire after the restart, not a catch-up.
     resumed = datetime.fromisoformat(runs[0]["started_at"])
     assert resumed > datetime.fromisoformat(skipped[0]["finished_at"])
