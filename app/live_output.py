@@ -159,24 +159,31 @@ async def follow_output(
     """The output of a run: what there is now, and with ``follow`` what comes until the
     run ends. Raises ``RunNotFound`` (before anything is read) when there is no such run.
     """
-    if await store.get_run(task_id, run_id) is None:
-        raise RunNotFound(task_id, run_id)  # before following leaves anything in the store
+    run = await store.get_run(task_id, run_id)
+    if run is None:
+        raise RunNotFound(task_id, run_id)
+    if run.status in FINISHED_RUN_STATUSES:
+        return _recorded(run)  # nothing to follow: leave nothing behind in the store
     page = await store.read_output(run_id, cursor=None, wait=0)
     # Read again now that we follow: a run that ends from here on gets an end mark.
     run = await store.get_run(task_id, run_id)
     if run is None:
         raise RunNotFound(task_id, run_id)
+    if run.status in FINISHED_RUN_STATUSES:
+        return _recorded(run)
     return _events(store, run, page, follow=follow)
+
+
+async def _recorded(run: Run) -> AsyncGenerator[OutputEvent]:
+    """A run that ended: its record has everything there is."""
+    if run.output:
+        yield OutputText(run.output)
+    yield OutputEnd(run)
 
 
 async def _events(
     store: Store, run: Run, page: OutputPage, *, follow: bool
 ) -> AsyncGenerator[OutputEvent]:
-    if run.status in FINISHED_RUN_STATUSES:
-        # Ended before we started following: the record has everything there is.
-        yield OutputText(run.output)
-        yield OutputEnd(run)
-        return
     decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
     expected = 0
     received = False

@@ -74,9 +74,12 @@ async def test_logs_follow_prints_lines_while_the_command_still_runs(
                 errors = b"".join([chunk async for chunk in follower.stderr])
                 assert await follower.wait() == 0
             task = await wait_for_task(http, "live", {"failed"})
+            # Reading an ended run's output again comes from its record.
+            assert await cli(url, "logs", "--id", "live") == "first\nsecond\n"
         assert await service.stop(signal.SIGTERM) == 0
     assert bytes(seen) == b"first\nsecond\n"
     assert f"run {run_id} failed (exit 4)".encode() in errors
     assert task["last_run"]["exit_code"] == 4
-    # Once the run ended its live output only lingers for late followers, then expires.
+    # Once the run ended its live output only lingers for late followers, then expires
+    # (reading the ended run did not renew it).
     assert 0 < await servers.ttl(f"{prefix}output:{run_id}") <= 60
