@@ -5,6 +5,8 @@ from __future__ import annotations
 import itertools
 import json
 import signal
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -22,6 +24,31 @@ pytestmark = pytest.mark.e2e
 async def finished_runs(http: httpx.AsyncClient, task_id: str) -> list[dict[str, Any]]:
     runs = (await http.get(f"/tasks/{task_id}/runs", params={"limit": 100})).json()
     return [r for r in reversed(runs) if r["status"] in ("completed", "failed")]
+
+
+@asynccontextmanager
+async def scheduler_outage(
+    env: dict[str, str], http: httpx.AsyncClient, task_id: str, *, runs_first: int
+) -> AsyncIterator[tuple[int, datetime]]:
+    """Schedule ``task_id`` every second with a scheduler running until it has
+    ``runs_first`` finished runs, stop that scheduler for 3.5 s (three or four fire
+    times pass unserved), then run a fresh one for the block. Yields the number of
+    finished runs before the outage and when the fresh scheduler started."""
+    async with running(["serve", "--roles", "scheduler"], env, name="scheduler") as first:
+        await cli(str(http.base_url), "schedule", "--id", task_id, "--every", "1")
+
+        async def enough_runs() -> bool:
+            return len(await finished_runs(http, task_id)) >= runs_first
+
+        await eventually(enough_runs, within=10, every=0.1)
+        assert await first.stop(signal.SIGTERM) == 0
+    # A run dispatched just before the stop may still be finishing.
+    await wait_for_task(http, task_id, {"completed", "failed"})
+    before_outage = len(await finished_runs(http, task_id))
+    await anyio.sleep(3.5)
+    assert len(await finished_runs(http, task_id)) == before_outage
+    async with running(["serve", "--roles", "scheduler"], env, name="scheduler"):
+        yield before_outage, datetime.now(UTC)
 
 
 async def test_a_seconds_cron_fires_on_each_second_until_unscheduled(
@@ -67,30 +94,17 @@ async def test_every_runs_at_its_interval_and_missed_fires_coalesce(
         assert api.api_url is not None
         url = api.api_url
         await cli(url, "create", "--id", "beat", "--name", "beat", "--command", "true")
-        async with httpx.AsyncClient(base_url=url) as http:
-            async with running(["serve", "--roles", "scheduler"], env, name="scheduler") as first:
-                await cli(url, "schedule", "--id", "beat", "--every", "1")
+        async with (
+            httpx.AsyncClient(base_url=url) as http,
+            scheduler_outage(env, http, "beat", runs_first=2) as (before_outage, restarted),
+        ):
 
-                async def two_runs() -> bool:
-                    return len(await finished_runs(http, "beat")) >= 2
+            async def one_more() -> bool:
+                return len(await finished_runs(http, "beat")) > before_outage
 
-                await eventually(two_runs, within=10, every=0.1)
-                assert await first.stop(signal.SIGTERM) == 0
-            # A run dispatched just before the stop may still be finishing.
-            await wait_for_task(http, "beat", {"completed", "failed"})
-            before_outage = len(await finished_runs(http, "beat"))
-            # No scheduler for 3.5 s: three or four fire times pass unserved.
-            await anyio.sleep(3.5)
-            assert len(await finished_runs(http, "beat")) == before_outage
-            async with running(["serve", "--roles", "scheduler"], env, name="scheduler"):
-                restarted = datetime.now(UTC)
-
-                async def one_more() -> bool:
-                    return len(await finished_runs(http, "beat")) > before_outage
-
-                await eventually(one_more, within=10, every=0.05)
-                await anyio.sleep(1.2)
-                runs = await finished_runs(http, "beat")
+            await eventually(one_more, within=10, every=0.05)
+            await anyio.sleep(1.2)
+            runs = await finished_runs(http, "beat")
     started = [datetime.fromisoformat(r["started_at"]) for r in runs[before_outage:]]
     within_an_interval = [s for s in started if s < restarted + timedelta(seconds=1)]
     print(
@@ -139,30 +153,19 @@ async def test_misfires_beyond_the_grace_time_are_skipped_and_recorded(
             *("create", "--id", "strict", "--name", "strict", "--command", "true"),
             *("--misfire", "skip", "--misfire-grace", "0.5"),
         )
-        async with httpx.AsyncClient(base_url=url) as http:
-            async with running(["serve", "--roles", "scheduler"], env, name="scheduler") as first:
-                await cli(url, "schedule", "--id", "strict", "--every", "1")
+        async with (
+            httpx.AsyncClient(base_url=url) as http,
+            scheduler_outage(env, http, "strict", runs_first=1) as (_, restarted),
+        ):
 
-                async def one_run() -> bool:
-                    return len(await finished_runs(http, "strict")) >= 1
-
-                await eventually(one_run, within=10, every=0.1)
-                assert await first.stop(signal.SIGTERM) == 0
-            await wait_for_task(http, "strict", {"completed", "failed"})
-            await anyio.sleep(3.5)  # three fire times pass with no scheduler
-            async with running(["serve", "--roles", "scheduler"], env, name="scheduler"):
-                restarted = datetime.now(UTC)
-
-                async def skipped_then_ran() -> bool:
-                    runs = (await http.get("/tasks/strict/runs")).json()
-                    return any(r["status"] == "skipped" for r in runs) and runs[0]["status"] in (
-                        "completed",
-                        "failed",
-                    )
-
-                await eventually(skipped_then_ran, within=10, every=0.05)
+            async def skipped_then_ran() -> bool:
                 runs = (await http.get("/tasks/strict/runs")).json()
-                shown = await cli(url, "runs", "--id", "strict")
+                ran = runs[0]["status"] in ("completed", "failed")
+                return ran and any(r["status"] == "skipped" for r in runs)
+
+            await eventually(skipped_then_ran, within=10, every=0.05)
+            runs = (await http.get("/tasks/strict/runs")).json()
+            shown = await cli(url, "runs", "--id", "strict")
     skipped = [r for r in runs if r["status"] == "skipped"]
     print("misfire skip after a 3.5 s scheduler outage:", [r["error"] for r in skipped])
     assert len(skipped) == 1, "one record stands for all the fires missed in one outage"
