@@ -110,6 +110,7 @@ class RunOutput:
         async with self._flushing:
             if not self._pending:
                 return
+            self._trim(to=self._keep)
             chunk = OutputChunk(self._offset, bytes(self._pending))
             self._pending.clear()
             self._offset += len(chunk.data)
@@ -120,13 +121,16 @@ class RunOutput:
                 log.debug("live output of %s not written: %s", self.run_id, exc)
                 self._pending[:0] = chunk.data
                 self._offset = chunk.offset
-                self._trim()
+                self._trim(to=self._keep)
             else:
                 self._in_use = True
 
-    def _trim(self) -> None:
-        excess = len(self._pending) - self._keep
-        if excess > 0:
+    def _trim(self, *, to: int | None = None) -> None:
+        """Drop the oldest pending bytes beyond ``keep``: lazily while appending (at twice
+        ``keep``, so that a fast writer costs amortised O(1) per byte), exactly with ``to``."""
+        limit = 2 * self._keep if to is None else to
+        if len(self._pending) > limit:
+            excess = len(self._pending) - self._keep
             del self._pending[:excess]
             self._offset += excess
 
