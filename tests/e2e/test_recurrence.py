@@ -151,7 +151,7 @@ async def test_misfires_beyond_the_grace_time_are_skipped_and_recorded(
         await cli(
             url,
             *("create", "--id", "strict", "--name", "strict", "--command", "true"),
-            *("--misfire", "skip", "--misfire-grace", "0.5"),
+            *("--misfire", "skip", "--misfire-grace", "1.5"),
         )
         async with (
             httpx.AsyncClient(base_url=url) as http,
