@@ -275,6 +275,14 @@ class Broker(Protocol):
         """
         ...
 
+    def consume_dead_letters(
+        self, *, prefetch: int
+    ) -> AbstractAsyncContextManager[AsyncIterator[Delivery]]:
+        """Deliveries from the dead-letter queue: messages a consumer rejected, or that
+        went back to the queue more than ``DELIVERY_LIMIT`` times. As ``consume``, but
+        there is no delivery limit here, and ``dead_letter`` drops a message."""
+        ...
+
 
 Role = Literal["api", "scheduler", "consumer"]
 ALL_ROLES: tuple[Role, ...] = ("api", "scheduler", "consumer")

@@ -21,7 +21,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Generator, Sequence
-from contextlib import asynccontextmanager, contextmanager, suppress
+from contextlib import AbstractAsyncContextManager, asynccontextmanager, contextmanager, suppress
 from dataclasses import dataclass
 from typing import Any, cast
 
@@ -242,8 +242,9 @@ class _Deliveries:
     """The async iterator ``AmqpBroker.consume`` yields: it consumes again on a fresh
     channel whenever the current one is lost (connection lost, queue deleted)."""
 
-    def __init__(self, broker: AmqpBroker, prefetch: int) -> None:
+    def __init__(self, broker: AmqpBroker, queue: str, prefetch: int) -> None:
         self._broker = broker
+        self._queue = queue
         self._prefetch = prefetch
         self._consumer: _Consumer | None = None
         self._receive: MemoryObjectReceiveStream[AmqpDelivery] | None = None
@@ -284,7 +285,7 @@ class _Deliveries:
                     closing = cast("asyncio.Future[Any]", channel.closing)  # pyright: ignore[reportUnknownMemberType]
                     closing.add_done_callback(consumer.on_channel_closed)
                     channel.on_consumer_cancel_callbacks.add(consumer.on_cancelled)
-                    await channel.basic_consume(self._broker.queue_name, consumer.on_message)
+                    await channel.basic_consume(self._queue, consumer.on_message)
             except (*_UNAVAILABLE_ERRORS, TimeoutError) as exc:
                 log.warning("cannot consume yet (%r); retrying in %.1f s", exc, delay)
                 await anyio.sleep(delay)
@@ -476,11 +477,21 @@ class AmqpBroker:
             ) from failures[0]
         return confirmed
 
+    def consume(self, *, prefetch: int) -> AbstractAsyncContextManager[AsyncIterator[Delivery]]:
+        return self._consuming(self.queue_name, prefetch)
+
+    def consume_dead_letters(
+        self, *, prefetch: int
+    ) -> AbstractAsyncContextManager[AsyncIterator[Delivery]]:
+        return self._consuming(self.dead_letter_queue, prefetch)
+
     @asynccontextmanager
-    async def consume(self, *, prefetch: int) -> AsyncGenerator[AsyncIterator[Delivery], None]:
+    async def _consuming(
+        self, queue: str, prefetch: int
+    ) -> AsyncGenerator[AsyncIterator[Delivery], None]:
         if prefetch < 1:
             raise ValueError(f"prefetch must be at least 1, not {prefetch}")
-        deliveries = _Deliveries(self, prefetch)
+        deliveries = _Deliveries(self, queue, prefetch)
         try:
             await deliveries.start()
             yield deliveries

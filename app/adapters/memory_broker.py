@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from collections import deque
 from collections.abc import AsyncGenerator, AsyncIterator, Sequence
-from contextlib import asynccontextmanager
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
 
 import anyio
 import anyio.lowlevel
@@ -29,11 +29,48 @@ class _Message:
         return self.returns > 0
 
 
+class _Queue:
+    """Messages in order; a message given back goes to the head. With ``dead_letters``,
+    one given back more than ``DELIVERY_LIMIT`` times goes there instead (a quorum
+    queue); without, there is no limit (the classic dead-letter queue)."""
+
+    def __init__(self, dead_letters: _Queue | None = None) -> None:
+        self.messages: deque[_Message] = deque()
+        self.dead_letters = dead_letters
+        self._arrived = anyio.Event()
+
+    def put(self, messages: Sequence[_Message]) -> None:
+        self.messages.extend(messages)
+        self._notify()
+
+    def give_back(self, messages: Sequence[_Message]) -> None:
+        for message in reversed(messages):
+            message.returns += 1
+            if self.dead_letters is not None and message.returns > DELIVERY_LIMIT:
+                self.dead_letters.put([_Message(message.body)])
+            else:
+                self.messages.appendleft(message)
+        self._notify()
+
+    def reject(self, message: _Message) -> None:
+        """Dead-letter it (dropped where there is no dead-letter queue, as in RabbitMQ)."""
+        if self.dead_letters is not None:
+            self.dead_letters.put([_Message(message.body)])
+
+    async def take(self) -> _Message:
+        while not self.messages:
+            await self._arrived.wait()
+        return self.messages.popleft()
+
+    def _notify(self) -> None:
+        self._arrived.set()
+        self._arrived = anyio.Event()
+
+
 class MemoryDelivery:
     """Implements ``Delivery`` for ``MemoryBroker``."""
 
-    def __init__(self, broker: MemoryBroker, message: _Message, consumer: _Consumer) -> None:
-        self._broker = broker
+    def __init__(self, message: _Message, consumer: _Consumer) -> None:
         self._message = message
         self._consumer = consumer
         self._dispatch = decode_dispatch(message.body)
@@ -57,12 +94,12 @@ class MemoryDelivery:
     async def requeue(self) -> None:
         await anyio.lowlevel.checkpoint()
         if self._settle():
-            self._broker.return_to_queue([self._message])
+            self._consumer.queue.give_back([self._message])
 
     async def dead_letter(self) -> None:
         await anyio.lowlevel.checkpoint()
         if self._settle():
-            self._broker.dead_letters.append(self._message.body)
+            self._consumer.queue.reject(self._message)
 
     def _settle(self) -> bool:
         if self._message not in self._consumer.unsettled:
@@ -75,9 +112,9 @@ class MemoryDelivery:
 class _Consumer:
     """The deliveries of one ``consume``: an iterator that survives a cancelled wait."""
 
-    def __init__(self, broker: MemoryBroker, prefetch: int) -> None:
+    def __init__(self, queue: _Queue, prefetch: int) -> None:
+        self.queue = queue
         self.unsettled: list[_Message] = []
-        self._broker = broker
         self._prefetch = prefetch
         self._changed = anyio.Event()
 
@@ -91,60 +128,62 @@ class _Consumer:
     async def __anext__(self) -> Delivery:
         while len(self.unsettled) >= self._prefetch:
             await self._changed.wait()
-        message = await self._broker.take()
+        message = await self.queue.take()
         self.unsettled.append(message)
-        return MemoryDelivery(self._broker, message, self)
+        return MemoryDelivery(message, self)
 
 
 class MemoryBroker:
-    """Implements ``Broker`` with an in-process queue and a dead-letter list."""
+    """Implements ``Broker`` with an in-process queue and a dead-letter queue."""
 
     def __init__(self) -> None:
-        self.queue: deque[_Message] = deque()
-        self.dead_letters: list[bytes] = []
-        self._arrived = anyio.Event()
+        self._dead = _Queue()
+        self._queue = _Queue(dead_letters=self._dead)
+
+    @property
+    def queue(self) -> Sequence[bytes]:
+        """The bodies waiting in the queue (a copy)."""
+        return [message.body for message in self._queue.messages]
+
+    @property
+    def dead_letters(self) -> Sequence[bytes]:
+        """The bodies waiting in the dead-letter queue (a copy)."""
+        return [message.body for message in self._dead.messages]
+
+    def take_dead_letters(self) -> list[bytes]:
+        """Remove and return what waits in the dead-letter queue (for tests)."""
+        bodies = list(self.dead_letters)
+        self._dead.messages.clear()
+        return bodies
 
     async def ping(self) -> None:
         await anyio.lowlevel.checkpoint()
 
     async def publish(self, messages: Sequence[Dispatch]) -> list[Dispatch]:
         await anyio.lowlevel.checkpoint()
-        self.queue.extend(_Message(msgspec.json.encode(m)) for m in messages)
-        self._notify()
+        self._queue.put([_Message(msgspec.json.encode(m)) for m in messages])
         return list(messages)
 
     def publish_raw(self, body: bytes) -> None:
         """Put an arbitrary body on the queue (to test poison messages)."""
-        self.queue.append(_Message(body))
-        self._notify()
+        self._queue.put([_Message(body)])
 
-    def return_to_queue(self, messages: Sequence[_Message]) -> None:
-        """Give messages back (to the head, in order); past the delivery limit a message
-        is dead-lettered instead, as a quorum queue does."""
-        for message in reversed(messages):
-            message.returns += 1
-            if message.returns > DELIVERY_LIMIT:
-                self.dead_letters.append(message.body)
-            else:
-                self.queue.appendleft(message)
-        self._notify()
+    def consume(self, *, prefetch: int) -> AbstractAsyncContextManager[AsyncIterator[Delivery]]:
+        return _consuming(self._queue, prefetch)
 
-    async def take(self) -> _Message:
-        while not self.queue:
-            await self._arrived.wait()
-        return self.queue.popleft()
+    def consume_dead_letters(
+        self, *, prefetch: int
+    ) -> AbstractAsyncContextManager[AsyncIterator[Delivery]]:
+        return _consuming(self._dead, prefetch)
 
-    def _notify(self) -> None:
-        self._arrived.set()
-        self._arrived = anyio.Event()
 
-    @asynccontextmanager
-    async def consume(self, *, prefetch: int) -> AsyncGenerator[AsyncIterator[Delivery]]:
-        if prefetch < 1:
-            raise ValueError(f"prefetch must be at least 1, not {prefetch}")
-        consumer = _Consumer(self, prefetch)
-        try:
-            yield consumer
-        finally:
-            unsettled, consumer.unsettled = consumer.unsettled, []
-            self.return_to_queue(unsettled)
+@asynccontextmanager
+async def _consuming(queue: _Queue, prefetch: int) -> AsyncGenerator[AsyncIterator[Delivery]]:
+    if prefetch < 1:
+        raise ValueError(f"prefetch must be at least 1, not {prefetch}")
+    consumer = _Consumer(queue, prefetch)
+    try:
+        yield consumer
+    finally:
+        unsettled, consumer.unsettled = consumer.unsettled, []
+        queue.give_back(unsettled)

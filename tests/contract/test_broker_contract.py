@@ -74,9 +74,7 @@ async def publish_raw(broker: Broker, body: bytes) -> None:
 async def dead_letters(broker: Broker) -> list[bytes]:
     """Take the bodies now in the dead-letter queue, whatever the adapter."""
     if isinstance(broker, MemoryBroker):
-        bodies = list(broker.dead_letters)
-        broker.dead_letters.clear()
-        return bodies
+        return broker.take_dead_letters()
     assert isinstance(broker, AmqpBroker)
     bodies = []
     async with amqp_channel() as channel:
@@ -257,6 +255,28 @@ async def test_delivery_limit_dead_letters_a_message_requeued_forever(broker: Br
     assert deliveries_seen == DELIVERY_LIMIT + 1
     [body] = await wait_for_dead_letters(broker, 1)
     assert body == b'{"task_id":"task-0","run_id":"run-0","attempt":1}'
+
+
+async def test_dead_letters_are_consumed_from_their_own_queue(broker: Broker) -> None:
+    messages = dispatches(2)
+    with anyio.fail_after(WAIT):
+        await broker.publish(messages)
+    async with broker.consume(prefetch=2) as deliveries:
+        for delivery in await receive(deliveries, 2):
+            await delivery.dead_letter()
+    async with broker.consume_dead_letters(prefetch=2) as dead:
+        first, second = await receive(dead, 2)
+        assert [first.dispatch, second.dispatch] == messages
+        await first.ack()
+        # Leaving `second` unsettled gives it back to the dead-letter queue.
+    async with broker.consume_dead_letters(prefetch=2) as dead:
+        [again] = await receive(dead, 1)
+        assert again.dispatch == messages[1]
+        await again.dead_letter()  # from the dead-letter queue: dropped
+        await assert_nothing_arrives(dead)
+    async with broker.consume(prefetch=1) as deliveries:
+        await assert_nothing_arrives(deliveries)
+    assert await dead_letters(broker) == []
 
 
 async def test_undecodable_body_has_no_dispatch(broker: Broker) -> None:

@@ -41,7 +41,7 @@ class Clock:
 
 
 def queued(broker: MemoryBroker) -> list[Dispatch]:
-    return [msgspec.json.decode(m.body, type=Dispatch) for m in broker.queue]
+    return [msgspec.json.decode(body, type=Dispatch) for body in broker.queue]
 
 
 async def new_task(store: MemoryStore, task_id: str, at: datetime | None = None) -> Task:
