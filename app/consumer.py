@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from datetime import datetime
 
 import anyio
@@ -36,10 +36,9 @@ from app.domain import (
 )
 from app.executor import CappedOutput, inherited_environment, run_command
 from app.live_output import OutputRelay
-from app.outages import Backoff, until_available
+from app.outages import Backoff, settle, until_available
 from app.ports import (
     Broker,
-    BrokerUnavailable,
     Delivery,
     DueAt,
     ScheduleChange,
@@ -56,15 +55,6 @@ log = logging.getLogger(__name__)
 SHUTDOWN_BOOKKEEPING_SECONDS = 10.0
 EARLY_CANCEL_SECONDS = 60.0
 RENEW_RETRY_SECONDS = 0.5
-
-
-async def _settle(settle: Callable[[], Awaitable[None]]) -> None:
-    """Settle a delivery; if the broker went away meanwhile, RabbitMQ has requeued the
-    message, and its redelivery finds the run no longer queued and is skipped."""
-    try:
-        await settle()
-    except BrokerUnavailable as exc:
-        log.warning("could not settle a delivery (%s); its redelivery will be skipped", exc)
 
 
 class Consumer:
@@ -134,7 +124,7 @@ class Consumer:
         dispatch = delivery.dispatch
         if dispatch is None:
             log.error("dead-lettering a message whose body is not a dispatch")
-            await _settle(delivery.dead_letter)
+            await settle(delivery.dead_letter)
             return
         # While the store is out of reach the delivery stays unsettled here, and the
         # prefetch limit stops more from arriving.
@@ -144,7 +134,7 @@ class Consumer:
         )
         if found_task is None or found_run is None or found_run.status != RunStatus.QUEUED:
             log.info("skipping %s/%s: not a queued run", dispatch.task_id, dispatch.run_id)
-            await _settle(delivery.ack)
+            await settle(delivery.ack)
             return
         queued_task, queued_run = found_task, found_run
         try:
@@ -153,9 +143,9 @@ class Consumer:
             )
         except DomainError as exc:
             log.info("skipping %s/%s: %s", dispatch.task_id, dispatch.run_id, exc)
-            await _settle(delivery.ack)
+            await settle(delivery.ack)
             return
-        await _settle(delivery.ack)
+        await settle(delivery.ack)
         stop = anyio.CancelScope()
         self._running[task.id] = (run.run_id, stop)
         if task.cancel_requested or self._early_cancels.pop(run.run_id, None) is not None:

@@ -214,6 +214,8 @@ class Run(msgspec.Struct, kw_only=True):
     timed_out: bool = False
     error: str | None = None
     worker: str | None = None
+    dead_letters: int = 0
+    """Times the broker gave up on this run's dispatch message (see ``dead_lettered``)."""
 
 
 class Outcome(msgspec.Struct, kw_only=True):
@@ -402,20 +404,63 @@ def finish_run(task: Task, run: Run, outcome: Outcome, now: datetime) -> tuple[T
         timed_out=outcome.timed_out,
         error=outcome.error,
     )
-    summary = _summary_of(finished)
-    if not succeeded and run.attempt < task.max_attempts:
-        pending, retry = _pending_with_new_run(task, run.attempt + 1, now)
-        retry_at = now + timedelta(seconds=retry_delay(task, run.attempt))
+    return _after_attempt(task, finished, succeeded, now)
+
+
+def _after_attempt(
+    task: Task, ended: Run, succeeded: bool, now: datetime
+) -> tuple[Task, list[Run]]:
+    """The task once the attempt ``ended``: a failed one with attempts left queues the
+    next attempt after a backoff (the task stays ``pending``, ``retry_at`` says when);
+    otherwise the task is ``completed`` or ``failed``.
+
+    Returns the task and the runs to write (the ended one, then a queued retry or a
+    skipped fire).
+    """
+    summary = _summary_of(ended)
+    if not succeeded and ended.attempt < task.max_attempts:
+        pending, retry = _pending_with_new_run(task, ended.attempt + 1, now)
+        retry_at = now + timedelta(seconds=retry_delay(task, ended.attempt))
         waiting = msgspec.structs.replace(
             pending, last_run=summary, retry_at=retry_at, cancel_requested=False
         )
-        return waiting, [finished, retry]
+        return waiting, [ended, retry]
     task_status = TaskStatus.COMPLETED if succeeded else TaskStatus.FAILED
     done = _advance(
         task, now, status=task_status, last_run=summary, active_run=None, cancel_requested=False
     )
-    idle, skipped = _end_overlap(done, finished, now)
-    return idle, [finished, *skipped]
+    idle, skipped = _end_overlap(done, ended, now)
+    return idle, [ended, *skipped]
+
+
+DEAD_LETTER_LIMIT = 3
+"""Times the dispatch of one queued run may be dead-lettered (and sent again) before the
+run fails: consumers that keep stopping before they start it should not fail a task at
+once, consumers that can never start it should not loop for ever."""
+DEAD_LETTERED_REASON = (
+    f"dead-lettered {DEAD_LETTER_LIMIT} times: its dispatch message kept going back to the "
+    "queue without the run starting (consumers stopped or died before starting it)"
+)
+
+
+def dead_lettered(task: Task, run: Run, now: datetime) -> tuple[Task, list[Run]]:
+    """The broker gave up on the dispatch message of a queued run. The run counts it and
+    stays queued, to be dispatched again; at ``DEAD_LETTER_LIMIT`` it fails, and the task
+    goes on as after any failed attempt (``active_run`` then is no longer ``run``)."""
+    if (
+        task.status != TaskStatus.PENDING
+        or task.active_run is None
+        or task.active_run.run_id != run.run_id
+        or run.status != RunStatus.QUEUED
+    ):
+        raise InvalidTransition(f"run {run.run_id!r} is not the queued run of {task.id!r}")
+    counted = msgspec.structs.replace(run, dead_letters=run.dead_letters + 1)
+    if counted.dead_letters < DEAD_LETTER_LIMIT:
+        return _advance(task, now), [counted]
+    failed = msgspec.structs.replace(
+        counted, status=RunStatus.FAILED, finished_at=now, error=DEAD_LETTERED_REASON
+    )
+    return _after_attempt(task, failed, False, now)
 
 
 CANCELLED_REASON = "cancelled"

@@ -44,3 +44,13 @@ async def until_available(operation: Callable[[], Awaitable[T]], what: str) -> T
             return await operation()
         except OUTAGES as exc:
             await backoff.wait(f"cannot {what}", exc)
+
+
+async def settle(settling: Callable[[], Awaitable[None]]) -> None:
+    """Settle a delivery (``delivery.ack`` ...); if the broker went away meanwhile,
+    RabbitMQ has requeued the message, and its redelivery finds the run no longer queued
+    and is skipped."""
+    try:
+        await settling()
+    except BrokerUnavailable as exc:
+        log.warning("could not settle a delivery (%s); its redelivery will be skipped", exc)

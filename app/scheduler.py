@@ -6,6 +6,11 @@ in any process), leases a batch of due entries atomically, moves each task to
 then removes the entries. A scheduler that dies anywhere in between leaves leased
 entries that become due again when the lease ends, so nothing due is lost; the
 queued run is reused, so a due time still produces one run.
+
+It also consumes the dead-letter queue: a dispatch the broker gave up on (it went back
+to the queue more than ``DELIVERY_LIMIT`` times without its run starting) is sent again
+a lease period later, and after ``DEAD_LETTER_LIMIT`` times its run fails, so the task
+retries or fails instead of waiting in ``pending`` for ever.
 """
 
 from __future__ import annotations
@@ -22,10 +27,13 @@ from anyio.abc import TaskStatus as StartedStatus
 
 from app.domain import (
     ACTIVE_STATUSES,
+    DEAD_LETTER_LIMIT,
+    DomainError,
     Run,
     RunStatus,
     Task,
     TaskStatus,
+    dead_lettered,
     due_after_run,
     fire_schedule,
     lose_run,
@@ -34,8 +42,17 @@ from app.domain import (
     utcnow,
     worker_name,
 )
-from app.outages import OUTAGES, Backoff
-from app.ports import Broker, Dispatch, DueAt, Store, TaskChange, due_at
+from app.outages import OUTAGES, Backoff, settle, until_available
+from app.ports import (
+    Broker,
+    Delivery,
+    Dispatch,
+    DueAt,
+    Store,
+    TaskChange,
+    due_at,
+)
+from app.service import transact
 from app.stopping import cancel_when_set
 
 log = logging.getLogger(__name__)
@@ -44,6 +61,7 @@ log = logging.getLogger(__name__)
 # notification was lost with a dropped connection.
 RESYNC_SECONDS = 5.0
 MAX_REPLANS = 20
+DEAD_LETTER_PREFETCH = 10
 
 
 @dataclass(frozen=True, slots=True)
@@ -133,6 +151,7 @@ class Scheduler:
             tg.start_soon(cancel_when_set, stopping, tg.cancel_scope)
             await self._store.ping()
             await self._broker.ping()
+            await tg.start(self.reap_dead_letters)
             task_status.started()
             backoff = Backoff()
             while True:
@@ -194,6 +213,56 @@ class Scheduler:
         finished += [d.task_id for d in confirmed]
         await self._store.release_claims(token=self._token, task_ids=finished)
         return len(claims)
+
+    async def reap_dead_letters(
+        self, *, task_status: StartedStatus[None] = anyio.TASK_STATUS_IGNORED
+    ) -> None:
+        """Send again, later, the dispatch messages the broker gave up on, and fail their
+        run once that happened ``DEAD_LETTER_LIMIT`` times: no task waits in ``pending``
+        for a message that will never come. Started once consuming; runs until cancelled."""
+        async with self._broker.consume_dead_letters(prefetch=DEAD_LETTER_PREFETCH) as dead:
+            task_status.started()
+            async for delivery in dead:
+                await self._reap(delivery)
+
+    async def _reap(self, delivery: Delivery) -> None:
+        dispatch = delivery.dispatch
+        if dispatch is None:
+            # A consumer rejected it as not a dispatch: nobody can act on it.
+            log.error("dropping a dead-lettered message that is not a dispatch")
+        else:
+            await until_available(lambda: self._dead_lettered(dispatch), "record a dead letter")
+        await settle(delivery.ack)
+
+    async def _dead_lettered(self, dispatch: Dispatch) -> None:
+        task, run = await self._store.get_task_and_run(dispatch.task_id, dispatch.run_id)
+        if task is None or run is None or run.status != RunStatus.QUEUED:
+            return  # the run started or ended through another message, or is gone
+        queued = run
+
+        def plan(task: Task) -> TaskChange:
+            changed, runs = dead_lettered(task, queued, utcnow())
+            if changed.active_run is not None and changed.active_run.run_id == queued.run_id:
+                # Sent again a lease period later, as if its claim had run out.
+                again = DueAt(self._clock() + self._lease)
+                return TaskChange(task.id, task.revision, changed, runs, again)
+            next_due = due_at(due_after_run(changed))
+            return TaskChange(task.id, task.revision, changed, runs, next_due)
+
+        try:
+            change = await transact(self._store, task.id, plan, known=task)
+        except DomainError as exc:
+            log.info("dead letter for %s/%s: %s", dispatch.task_id, dispatch.run_id, exc)
+            return
+        counted = change.runs[0]
+        log.warning(
+            "the dispatch of run %s/%s was dead-lettered (%d of %d times): %s",
+            dispatch.task_id,
+            dispatch.run_id,
+            counted.dead_letters,
+            DEAD_LETTER_LIMIT,
+            "the run failed" if counted.status == RunStatus.FAILED else "sending it again later",
+        )
 
     async def _running_run(self, task: Task) -> Run | None:
         """The run of a running task (claimed only when its lease ran out: rare)."""

@@ -593,6 +593,7 @@ async def test_execute_answers_202_with_the_queued_run(client: Client) -> None:
         "timed_out": False,
         "error": None,
         "worker": None,
+        "dead_letters": 0,
     }
     assert run["run_id"]
     task = await get_task(client, "t1")

@@ -16,12 +16,17 @@ import httpx
 import pytest
 import redis.asyncio as redis
 from aiormq.abc import AbstractChannel
+from pamqp import commands as spec
 
 from app.adapters.amqp_broker import ROUTING_KEY, AmqpLayout
+from app.domain import DEAD_LETTER_LIMIT, DEAD_LETTERED_REASON
+from app.ports import DELIVERY_LIMIT
 from tests.conftest import AMQP_URL, eventually
 from tests.e2e.harness import running, service_env, wait_for_task
 
 pytestmark = pytest.mark.e2e
+
+WAIT_SECONDS = 20
 
 
 async def test_a_run_lost_with_its_killed_consumer_is_run_again_elsewhere(
@@ -196,3 +201,43 @@ async def test_sigterm_lets_short_commands_finish_and_requeues_long_ones(
     done, interrupted = long_runs
     assert interrupted["status"] == "cancelled" and interrupted["error"] == "worker shut down"
     assert done["output"] == "long done\n"
+
+
+async def test_a_dispatch_the_broker_gives_up_on_is_sent_again_then_fails_its_run(
+    prefix: str, servers: redis.Redis
+) -> None:
+    layout = AmqpLayout.for_prefix(prefix)
+    # A short lease: a dead-lettered dispatch is sent again one lease period later.
+    env = service_env(prefix, TASKQ_LEASE_SECONDS="1")
+    # No consumer role: the test plays consumers that give the message back without ever
+    # starting its run, until RabbitMQ's delivery limit dead-letters it; three times.
+    async with running(["serve", "--roles", "api,scheduler"], env, name="api+scheduler") as api:
+        assert api.api_url is not None
+        async with httpx.AsyncClient(base_url=api.api_url) as http:
+            body = {"id": "stuck", "name": "stuck", "command": "true"}
+            assert (await http.post("/tasks", json=body)).status_code == 201
+            run_id = (await http.post("/tasks/stuck/execute")).json()["run_id"]
+            returned = 0
+            async with aiormq.connect(AMQP_URL) as connection:
+                channel = await connection.channel()
+                with anyio.fail_after(WAIT_SECONDS):
+                    while returned < DEAD_LETTER_LIMIT * (DELIVERY_LIMIT + 1):
+                        message = await channel.basic_get(layout.queue, no_ack=False)
+                        if isinstance(message.delivery, spec.Basic.GetEmpty):
+                            await anyio.sleep(0.02)  # not (yet) sent again
+                            continue
+                        assert message.delivery_tag is not None
+                        await channel.basic_reject(message.delivery_tag, requeue=True)
+                        returned += 1
+            task = await wait_for_task(http, "stuck", {"failed"})
+            run = (await http.get(f"/tasks/stuck/runs/{run_id}")).json()
+        assert await api.stop(signal.SIGTERM) == 0
+    print(f"given back {returned} times; the run: {run['error']}")
+    assert run["status"] == "failed" and run["error"] == DEAD_LETTERED_REASON
+    assert run["dead_letters"] == DEAD_LETTER_LIMIT
+    assert task["last_run"]["run_id"] == run_id
+    # The scheduler took every dead letter off the dead-letter queue.
+    async with aiormq.connect(AMQP_URL) as connection:
+        channel = await connection.channel()
+        left = await channel.basic_get(layout.dead_letter_queue, no_ack=True)
+    assert isinstance(left.delivery, spec.Basic.GetEmpty)

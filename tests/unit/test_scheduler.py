@@ -12,6 +12,8 @@ import msgspec
 from app.adapters.memory_broker import MemoryBroker
 from app.adapters.memory_store import MemoryStore
 from app.domain import (
+    DEAD_LETTER_LIMIT,
+    DEAD_LETTERED_REASON,
     LOST_RUN_LIMIT,
     Run,
     RunStatus,
@@ -22,10 +24,11 @@ from app.domain import (
     timestamp,
     utcnow,
 )
-from app.ports import Dispatch, DueAt, TaskChange
+from app.ports import DELIVERY_LIMIT, Dispatch, DueAt, TaskChange
 from app.scheduler import Scheduler, plan_dispatch
 from app.schemas import TaskCreate
 from app.service import TaskService
+from tests.conftest import eventually
 
 LEASE = 30.0
 
@@ -292,3 +295,66 @@ async def test_right_after_a_store_outage_expired_leases_are_extended_not_taken(
     assert [
         c.task_id for c in await store.claim_due(now=now + LEASE, limit=10, lease=1, token="t")
     ] == ["a"]
+
+
+async def churn(broker: MemoryBroker) -> None:
+    """Consumers take the one message and stop before starting its run, until the broker
+    gives up on it."""
+    for _ in range(DELIVERY_LIMIT + 1):
+        async with broker.consume(prefetch=1) as deliveries:
+            await anext(deliveries)
+    assert len(broker.dead_letters) == 1 and not broker.queue
+
+
+async def test_a_dead_lettered_dispatch_is_sent_again_then_its_run_fails(
+    store: MemoryStore, broker: MemoryBroker
+) -> None:
+    service = TaskService(store)
+    await service.create(TaskCreate(id="t", name="t", command="true", max_attempts=2))
+    first = await service.execute("t")
+    clock = Clock()
+    scheduler = Scheduler(store, broker, lease_seconds=LEASE, clock=clock)
+    assert await scheduler.dispatch_due() == 1
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(scheduler.reap_dead_letters)
+        for round_ in range(1, DEAD_LETTER_LIMIT + 1):
+            await churn(broker)
+            await eventually(lambda: not broker.dead_letters)
+            run = await store.get_run("t", first.run_id)
+            assert run is not None and run.dead_letters == round_
+            if round_ < DEAD_LETTER_LIMIT:
+                assert run.status == RunStatus.QUEUED
+                # Sent again one lease period later, not at once.
+                assert await scheduler.dispatch_due() == 0
+                clock.now += LEASE
+                assert await scheduler.dispatch_due() == 1
+                assert queued(broker) == [Dispatch(task_id="t", run_id=first.run_id, attempt=1)]
+        tg.cancel_scope.cancel()
+    failed = await store.get_run("t", first.run_id)
+    assert failed is not None
+    assert failed.status == RunStatus.FAILED and failed.error == DEAD_LETTERED_REASON
+    task = await store.get_task("t")
+    # The task goes on as after any failed attempt: here, its second attempt.
+    assert task is not None and task.status == TaskStatus.PENDING
+    assert task.active_run is not None and task.active_run.attempt == 2
+    assert task.retry_at is not None
+
+
+async def test_a_dead_letter_for_a_run_that_moved_on_changes_nothing(
+    store: MemoryStore, broker: MemoryBroker
+) -> None:
+    service = TaskService(store)
+    await service.create(TaskCreate(id="t", name="t", command="true"))
+    first = await service.execute("t")
+    await service.cancel("t")
+    before = await store.get_task("t")
+    broker.publish_raw(msgspec.json.encode(Dispatch(task_id="t", run_id=first.run_id, attempt=1)))
+    broker.publish_raw(b"not a dispatch")
+    async with broker.consume(prefetch=2) as deliveries:
+        for delivery in [await anext(deliveries), await anext(deliveries)]:
+            await delivery.dead_letter()
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(Scheduler(store, broker, lease_seconds=30).reap_dead_letters)
+        await eventually(lambda: not broker.dead_letters)
+        tg.cancel_scope.cancel()
+    assert await store.get_task("t") == before
