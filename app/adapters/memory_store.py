@@ -255,9 +255,11 @@ class MemoryStore:
         return output.entries[start : start + _READ_PAGE_SIZE]
 
     def _end_outputs(self, run_ids: Iterable[str]) -> None:
-        """Record the end of these runs in their live output, where there is one."""
+        """Record the end of these runs in their live output, where there is one.
+
+        On every commit, so it leaves expired outputs to ``append_output`` and
+        ``read_output``, the only ways one comes to exist."""
         now = time.monotonic()
-        self._forget_expired_outputs(now)
         for run_id in run_ids:
             output = self._outputs.get(run_id)
             if output is not None and not output.ended:
