@@ -100,8 +100,13 @@ async def run_service(settings: Settings, *, on_ready: Callable[[str], None] | N
                 settings.redis_url, prefix=settings.key_prefix, run_history=settings.run_history
             )
         )
+        # The api role only pings the broker (for /health): it may start while it is down.
         broker = await stack.enter_async_context(
-            open_broker(settings.amqp_url, prefix=settings.key_prefix)
+            open_broker(
+                settings.amqp_url,
+                prefix=settings.key_prefix,
+                require_connection=roles != ("api",),
+            )
         )
         async with anyio.create_task_group() as process:
             process.start_soon(_stop_on_signal, stopping, process.cancel_scope, settings)

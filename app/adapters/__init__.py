@@ -30,8 +30,11 @@ async def open_store(
 
 
 @asynccontextmanager
-async def open_broker(url: str, *, prefix: str = "") -> AsyncGenerator[Broker]:
-    """A connected ``Broker`` for ``url``, closed on exit."""
+async def open_broker(
+    url: str, *, prefix: str = "", require_connection: bool = True
+) -> AsyncGenerator[Broker]:
+    """A connected ``Broker`` for ``url``, closed on exit; without ``require_connection``,
+    it opens even while the broker is down, connecting in the background."""
     scheme = urlsplit(url).scheme
     if scheme == "memory":
         from app.adapters.memory_broker import MemoryBroker
@@ -40,7 +43,9 @@ async def open_broker(url: str, *, prefix: str = "") -> AsyncGenerator[Broker]:
     elif scheme in ("amqp", "amqps"):
         from app.adapters.amqp_broker import open_amqp_broker
 
-        async with open_amqp_broker(url, prefix=prefix) as broker:
+        async with open_amqp_broker(
+            url, prefix=prefix, require_connection=require_connection
+        ) as broker:
             yield broker
     else:
         raise ConfigError(f"AMQP_URL must start with amqp://, amqps:// or memory://: {url!r}")

@@ -335,6 +335,8 @@ class AmqpBroker:
         self._link_changed = anyio.Event()
         self._control_lock = anyio.Lock()
         self._window = anyio.Semaphore(PUBLISH_WINDOW)
+        # Why the last attempt to connect failed, while there is no connection.
+        self._connect_error: BrokerUnavailable | None = None
 
     @property
     def exchange(self) -> str:
@@ -361,24 +363,27 @@ class AmqpBroker:
         self._set_link(await self._connect())
 
     async def keep_connected(self) -> None:
-        """Reconnect whenever the connection is lost, with backoff, until cancelled."""
+        """Connect whenever there is no connection (lost, or not made yet by
+        ``connect()``), with backoff, until cancelled."""
         link = self._link
-        assert link is not None, "connect() first"
         while True:
-            await link.closed.wait()
-            self._set_link(None)
-            log.warning("lost the connection to %s; reconnecting", self._where)
+            if link is not None:
+                await link.closed.wait()
+                self._set_link(None)
+                log.warning("lost the connection to %s; reconnecting", self._where)
             delay = _RETRY_FIRST
             while True:
                 try:
                     link = await self._connect()
                     break
                 except BrokerUnavailable as exc:
+                    self._connect_error = exc
                     log.warning("%s; retrying in %.1f s", exc, delay)
                     await anyio.sleep(delay)
                     delay = min(2 * delay, _RETRY_MAX)
+            self._connect_error = None
             self._set_link(link)
-            log.warning("reconnected to %s", self._where)
+            log.warning("connected to %s", self._where)
 
     async def _connect(self) -> _Link:
         with (
@@ -407,7 +412,11 @@ class AmqpBroker:
     def _current(self, what: str) -> _Link:
         link = self._link
         if link is None or not link.usable:
-            raise BrokerUnavailable(f"{what}: not connected to {self._where} (reconnecting)")
+            error = self._connect_error
+            why = "" if error is None else f"; the last attempt: {error}"
+            raise BrokerUnavailable(
+                f"{what}: not connected to {self._where} (reconnecting{why})"
+            ) from error
         return link
 
     async def connected(self) -> AbstractConnection:
@@ -514,14 +523,19 @@ def _with_heartbeat(url: str) -> str:
 
 
 @asynccontextmanager
-async def open_amqp_broker(url: str, *, prefix: str) -> AsyncGenerator[AmqpBroker, None]:
+async def open_amqp_broker(
+    url: str, *, prefix: str, require_connection: bool = True
+) -> AsyncGenerator[AmqpBroker, None]:
     """A connected ``AmqpBroker`` for ``url`` with its layout declared, closed on exit.
 
     The first connection must succeed (a wrong URL fails at once); later losses are
-    healed in the background.
+    healed in the background. Without ``require_connection``, the first connection too
+    is made in the background: the broker opens while RabbitMQ is down, and raises
+    ``BrokerUnavailable`` (naming why) until it is up.
     """
     broker = AmqpBroker(_with_heartbeat(url), AmqpLayout.for_prefix(prefix))
-    await broker.connect()
+    if require_connection:
+        await broker.connect()
     async with anyio.create_task_group() as tg:
         tg.start_soon(broker.keep_connected)
         try:
