@@ -39,7 +39,7 @@ import msgspec
 import redis.asyncio as redis
 from redis.asyncio.client import PubSub
 from redis.asyncio.retry import Retry
-from redis.backoff import ExponentialBackoff
+from redis.backoff import ExponentialBackoff, NoBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
@@ -269,6 +269,7 @@ class RedisStore:
 
     def __init__(self, client: redis.Redis, *, prefix: str, run_history: int) -> None:
         self._redis = client
+        self._probe = _probe_client(client)
         self._prefix = prefix
         self._run_history = run_history
         self._tasks_key = f"{prefix}tasks"
@@ -299,7 +300,7 @@ class RedisStore:
 
     @_translate_errors
     async def ping(self) -> None:
-        await self._redis.ping()  # pyright: ignore[reportUnknownMemberType]
+        await self._probe.ping()  # pyright: ignore[reportUnknownMemberType]
 
     @_translate_errors
     async def get_task(self, task_id: str) -> Task | None:
@@ -504,6 +505,7 @@ class RedisStore:
     async def aclose(self) -> None:
         if self._pubsub is not None:
             await self._pubsub.aclose()
+        await self._probe.aclose()
         await self._redis.aclose()
 
 
@@ -539,6 +541,17 @@ def _raise_for(change: TaskChange, result: object) -> None:
         raise TaskAlreadyExists(change.task_id)
     if result == b"conflict":
         raise RevisionConflict(change.task_id)
+
+
+def _probe_client(client: redis.Redis) -> redis.Redis:
+    """A client to ``client``'s server that tries a command once more at once (a pooled
+    connection may have been closed by a restart) but does not wait out an outage: a
+    ping then reports a refused connection at once, not after the retries."""
+    pool = client.connection_pool
+    options: dict[str, Any] = {**pool.connection_kwargs, "retry": Retry(NoBackoff(), retries=1)}
+    return redis.Redis(
+        connection_pool=redis.ConnectionPool(connection_class=pool.connection_class, **options)
+    )
 
 
 @asynccontextmanager
