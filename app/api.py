@@ -3,9 +3,10 @@
 No store or broker code lives here; controllers get the service through ``Provide``.
 
 With API tokens configured, every route needs ``Authorization: Bearer <token>`` except
-``GET /health`` (orchestrators probe it without credentials) and the OpenAPI UI and
-document under ``/schema`` with the ``/swagger/index.html`` redirect (they describe the
-API, not its data). Those routes opt out through ``opt={EXCLUDE_FROM_AUTH: True}``.
+``GET``/``HEAD /health`` (orchestrators and load balancers probe it without credentials)
+and the OpenAPI UI and document under ``/schema`` with the ``/swagger/index.html``
+redirect (they describe the API, not its data). Those routes opt out through
+``opt={EXCLUDE_FROM_AUTH: True}``.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from litestar import (
     Router,
     delete,
     get,
+    head,
     post,
     put,
 )
@@ -40,6 +42,7 @@ from litestar.exceptions import (
     NotFoundException,
     ValidationException,
 )
+from litestar.handlers import BaseRouteHandler
 from litestar.middleware import (
     AbstractAuthenticationMiddleware,
     AuthenticationResult,
@@ -56,9 +59,11 @@ from litestar.status_codes import (
     HTTP_400_BAD_REQUEST,
     HTTP_404_NOT_FOUND,
     HTTP_409_CONFLICT,
+    HTTP_500_INTERNAL_SERVER_ERROR,
     HTTP_503_SERVICE_UNAVAILABLE,
 )
 
+from app.body_deadline import DEFAULT_BODY_SECONDS, BodyDeadline
 from app.domain import (
     DomainError,
     InvalidSchedule,
@@ -71,6 +76,7 @@ from app.domain import (
     TaskStatus,
 )
 from app.live_output import KEEPALIVE_SECONDS, KeepAlive, OutputEnd, OutputEvent, OutputText
+from app.outages import DependencyDown, OutageGate, probe
 from app.ports import StoreUnavailable
 from app.schemas import ScheduleRequest, TaskCreate, TaskUpdate
 from app.service import InvalidCursor, StoreContention, TaskService
@@ -79,7 +85,12 @@ log = logging.getLogger(__name__)
 
 MAX_BODY_BYTES = 1_048_576
 MAX_PAGE = 1000
-HEALTH_CHECK_SECONDS = 2.0
+# Orchestrators probe /health with a timeout of about a second: each check gets less.
+HEALTH_CHECK_SECONDS = 0.8
+# While the store is known down, how often a request may probe whether it is back.
+STORE_PROBE_SECONDS = 1.0
+# What a 503 asks a client to wait when nothing better is known.
+RETRY_AFTER_SECONDS = 1
 SCHEMA_PATH = "/schema"
 # Route ``opt`` key of the routes that answer without a token.
 EXCLUDE_FROM_AUTH = "exclude_from_auth"
@@ -335,38 +346,54 @@ def _json(value: object) -> str:
     return msgspec.json.encode(value).decode()
 
 
-def _health_handler(checks: dict[str, Check]) -> Callable[[], Awaitable[Response[Health]]]:
-    @get(
-        "/health",
-        summary="Health of the service and its dependencies",
-        tags=["health"],
-        opt={EXCLUDE_FROM_AUTH: True},
-        responses={
-            HTTP_503_SERVICE_UNAVAILABLE: ResponseSpec(
-                data_container=Health, description="A dependency is down"
-            )
-        },
-    )
-    async def health() -> Response[Health]:
+def _health_handlers(checks: dict[str, Check]) -> list[Callable[[], Awaitable[Any]]]:
+    """``GET /health`` and ``HEAD /health``: the same checks, the same status code."""
+
+    async def check_all() -> Health:
         results: dict[str, DependencyCheck] = {}
 
         async def run_check(name: str, check: Check) -> None:
-            try:
-                with anyio.fail_after(HEALTH_CHECK_SECONDS):
-                    await check()
-            except Exception as exc:
-                results[name] = DependencyCheck("down", f"{type(exc).__name__}: {exc}")
-            else:
-                results[name] = DependencyCheck("up")
+            outage = await probe(check, within=HEALTH_CHECK_SECONDS)
+            results[name] = (
+                DependencyCheck("up") if outage is None else DependencyCheck("down", outage)
+            )
 
         async with anyio.create_task_group() as tg:
             for name, check in checks.items():
                 tg.start_soon(run_check, name, check)
         healthy = all(r.status == "up" for r in results.values())
-        body = Health("ok" if healthy else "unavailable", dict(sorted(results.items())))
-        return Response(body, status_code=HTTP_200_OK if healthy else HTTP_503_SERVICE_UNAVAILABLE)
+        return Health("ok" if healthy else "unavailable", dict(sorted(results.items())))
 
-    return health  # type: ignore[return-value]
+    def status_of(health: Health) -> dict[str, Any]:
+        if health.status == "ok":
+            return {"status_code": HTTP_200_OK}
+        return {"status_code": HTTP_503_SERVICE_UNAVAILABLE, "headers": _retry_after()}
+
+    down = ResponseSpec(data_container=Health, description="A dependency is down")
+    common: dict[str, Any] = {"tags": ["health"], "opt": {EXCLUDE_FROM_AUTH: True}}
+
+    @get(
+        "/health",
+        summary="Health of the service and its dependencies",
+        responses={HTTP_503_SERVICE_UNAVAILABLE: down},
+        **common,
+    )
+    async def health() -> Response[Health]:
+        checked = await check_all()
+        return Response(checked, **status_of(checked))
+
+    @head(
+        "/health",
+        summary="Health as a status code alone (for load balancers)",
+        responses={
+            HTTP_503_SERVICE_UNAVAILABLE: ResponseSpec(None, description="A dependency is down")
+        },
+        **common,
+    )
+    async def health_status() -> Response[None]:
+        return Response(None, **status_of(await check_all()))
+
+    return [health, health_status]  # type: ignore[list-item]
 
 
 @get("/swagger/index.html", include_in_schema=False, opt={EXCLUDE_FROM_AUTH: True})
@@ -394,9 +421,42 @@ def _problem(status_code: int, detail: str, **extra: object) -> Response[dict[st
     )
 
 
+def _retry_after(seconds: int = RETRY_AFTER_SECONDS) -> dict[str, str]:
+    return {"Retry-After": str(seconds)}
+
+
 def _domain_error(_: Request[Any, Any, Any], exc: Exception) -> Response[dict[str, object]]:
     status = next(code for kind, code in _STATUS_OF if isinstance(exc, kind))
-    return _problem(status, str(exc))
+    response = _problem(status, str(exc))
+    if status == HTTP_503_SERVICE_UNAVAILABLE:
+        response.headers.update(_retry_after())
+    return response
+
+
+def _unexpected_error(
+    request: Request[Any, Any, Any], exc: Exception
+) -> Response[dict[str, object]]:
+    """A bug: logged with its traceback, answered without a word about the internals."""
+    log.error("%s %s failed unexpectedly", request.method, request.url.path, exc_info=exc)
+    return _problem(HTTP_500_INTERNAL_SERVER_ERROR, "Internal Server Error")
+
+
+def _store_outage_handlers(gate: OutageGate) -> dict[type[Exception], Any]:
+    """While the store is known down, ``gate`` refuses requests at once (see
+    ``OutageGate``); every 503 says when to try again."""
+
+    def store_unavailable(
+        request: Request[Any, Any, Any], exc: StoreUnavailable
+    ) -> Response[dict[str, object]]:
+        gate.trip(exc)
+        return _domain_error(request, exc)
+
+    def known_down(_: Request[Any, Any, Any], exc: DependencyDown) -> Response[dict[str, object]]:
+        response = _problem(HTTP_503_SERVICE_UNAVAILABLE, f"The store is unavailable: {exc}")
+        response.headers.update(_retry_after(exc.retry_after))
+        return response
+
+    return {StoreUnavailable: store_unavailable, DependencyDown: known_down}
 
 
 def _http_error(_: Request[Any, Any, Any], exc: HTTPException) -> Response[dict[str, object]]:
@@ -404,6 +464,8 @@ def _http_error(_: Request[Any, Any, Any], exc: HTTPException) -> Response[dict[
     also on routes whose success is another media type (the output event stream)."""
     extra = {"extra": exc.extra} if exc.extra else {}
     response = _problem(exc.status_code, exc.detail, **extra)
+    if exc.status_code == HTTP_503_SERVICE_UNAVAILABLE:
+        response.headers.update(_retry_after())
     response.headers.update(exc.headers or {})
     return response
 
@@ -429,13 +491,24 @@ def create_app(
     *,
     checks: dict[str, Check],
     tokens: Sequence[str] = (),
+    body_seconds: float = DEFAULT_BODY_SECONDS,
     debug: bool = False,
 ) -> Litestar:
-    """The Litestar application around ``service``; ``checks`` feed ``GET /health``.
+    """The Litestar application around ``service``; ``checks`` feed ``/health``, and the
+    ``store`` check also tells when the store is back after an outage.
 
     With ``tokens``, requests need one of them as a bearer token (see the module docstring);
-    without, the API is open.
+    without, the API is open. A request body must arrive within ``body_seconds``.
     """
+    store_gate = OutageGate(
+        checks["store"], probe_every=STORE_PROBE_SECONDS, probe_budget=HEALTH_CHECK_SECONDS
+    )
+
+    async def admit_while_store_down(
+        _: ASGIConnection[Any, Any, Any, Any], __: BaseRouteHandler
+    ) -> None:
+        await store_gate.admit()
+
     # The document declares the scheme only where the server enforces it.
     security: list[SecurityRequirement] = [{BEARER_SCHEME: []}] if tokens else []
     bearer = SecurityScheme(
@@ -444,18 +517,24 @@ def create_app(
     auth = DefineMiddleware(BearerTokenAuth, tokens=tokens, exclude_from_auth_key=EXCLUDE_FROM_AUTH)
     return Litestar(
         route_handlers=[
-            Router("/", route_handlers=[TaskController], security=security),
-            _health_handler(checks),
+            Router(
+                "/",
+                route_handlers=[TaskController],
+                security=security,
+                guards=[admit_while_store_down],
+            ),
+            *_health_handlers(checks),
             swagger_redirect,
         ],
-        middleware=[auth] if tokens else [],
+        middleware=[BodyDeadline(body_seconds), *([auth] if tokens else [])],
         dependencies={"service": Provide(lambda: service, use_cache=True, sync_to_thread=False)},
         exception_handlers={
             DomainError: _domain_error,
             StoreContention: _domain_error,
-            StoreUnavailable: _domain_error,
+            **_store_outage_handlers(store_gate),
             HTTPException: _http_error,
             ValidationException: _validation_error,
+            Exception: _unexpected_error,
         },
         openapi_config=OpenAPIConfig(
             title="taskq",

@@ -33,6 +33,7 @@ class Settings:
     run_history: int = 100
     lease_seconds: float = 30.0
     shutdown_grace: float = 30.0
+    request_timeout: float = 10.0
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
@@ -60,6 +61,7 @@ class Settings:
             "TASKQ_RUN_HISTORY": ("run_history", int, 1),
             "TASKQ_LEASE_SECONDS": ("lease_seconds", float, 1),
             "TASKQ_SHUTDOWN_GRACE": ("shutdown_grace", float, 0),
+            "TASKQ_REQUEST_TIMEOUT": ("request_timeout", float, 0.1),
         }
         for name, (attribute, kind, minimum) in numbers.items():
             if (raw := env.get(name)) is not None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Awaitable, Callable
 from typing import TypeVar
 
@@ -54,3 +55,86 @@ async def settle(settling: Callable[[], Awaitable[None]]) -> None:
         await settling()
     except BrokerUnavailable as exc:
         log.warning("could not settle a delivery (%s); its redelivery will be skipped", exc)
+
+
+def describe(error: BaseException) -> str:
+    """``error`` for a person: its message, named by its root cause (what the system
+    said, such as ``ConnectionRefusedError``) rather than by the wrappers around it."""
+    cause = error
+    while (inner := cause.__cause__ or cause.__context__) is not None:
+        cause = inner
+    return f"{type(cause).__name__}: {error}"
+
+
+async def probe(check: Callable[[], Awaitable[None]], *, within: float) -> str | None:
+    """Run ``check`` for at most ``within`` seconds: ``None`` if it succeeded, else
+    what went wrong (``describe``), or that it did not answer in time."""
+    try:
+        with anyio.move_on_after(within) as deadline:
+            await check()
+    except Exception as exc:
+        return describe(exc)
+    return f"no answer within {within:g} s" if deadline.cancelled_caught else None
+
+
+class DependencyDown(Exception):
+    """Refused without trying: the dependency is known to be down (``OutageGate``)."""
+
+    def __init__(self, outage: str, *, retry_after: int) -> None:
+        super().__init__(outage)
+        self.retry_after = retry_after
+
+
+class OutageGate:
+    """Fails fast while a dependency is known to be down, instead of every caller
+    waiting out the client's retries on its own.
+
+    ``trip`` (an operation found the dependency out of reach) closes the gate; while it
+    is closed, ``admit`` raises ``DependencyDown`` at once, except that one caller every
+    ``probe_every`` seconds probes the dependency (``check``, within ``probe_budget``)
+    and, if it answers, opens the gate for everyone.
+    """
+
+    def __init__(
+        self,
+        check: Callable[[], Awaitable[None]],
+        *,
+        probe_every: float = 1.0,
+        probe_budget: float = 0.5,
+    ) -> None:
+        self._check = check
+        self._probe_every = probe_every
+        self._probe_budget = probe_budget
+        self._outage: str | None = None
+        self._next_probe = 0.0
+        self._probing = False
+
+    @property
+    def retry_after(self) -> int:
+        """Whole seconds until the gate may open again (at least 1)."""
+        return max(1, math.ceil(self._next_probe - anyio.current_time()))
+
+    def trip(self, error: BaseException) -> None:
+        """``error`` says the dependency is out of reach: close the gate until a probe
+        finds it back."""
+        if self._outage is None:
+            self._next_probe = anyio.current_time() + self._probe_every
+        self._outage = describe(error)
+
+    async def admit(self) -> None:
+        """Return unless the dependency is known to be down and a probe, if one is due,
+        does not find it back."""
+        if self._outage is None:
+            return
+        if not self._probing and anyio.current_time() >= self._next_probe:
+            self._probing = True
+            try:
+                outage = await probe(self._check, within=self._probe_budget)
+            finally:
+                self._probing = False
+            if outage is None:
+                self._outage = None
+                return
+            self._outage = outage
+            self._next_probe = anyio.current_time() + self._probe_every
+        raise DependencyDown(self._outage, retry_after=self.retry_after)

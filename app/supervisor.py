@@ -119,6 +119,7 @@ async def run_service(settings: Settings, *, on_ready: Callable[[str], None] | N
                         TaskService(store),
                         checks={"store": store.ping, "broker": broker.ping},
                         tokens=settings.api_tokens,
+                        body_seconds=settings.request_timeout,
                     )
                     serve = partial(
                         serve_http, app, host=settings.host, port=settings.port, stopping=stopping

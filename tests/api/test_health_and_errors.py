@@ -1,0 +1,83 @@
+"""``HEAD /health`` for load balancers, and what a request that hits a bug gets.
+
+Apps built here around a memory store (under asyncio and trio); the faulty store is a
+memory store with one operation broken, the way a bug in an adapter would break it.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+
+import httpx
+import pytest
+
+from app.adapters.memory_store import MemoryStore
+from app.api import create_app
+from app.domain import Task
+from app.ports import BrokerUnavailable, Store
+from app.service import TaskService
+
+pytestmark = pytest.mark.parametrize("anyio_backend", ["asyncio", "trio"])
+
+SECRET = "password=hunter2 in an internal message"
+
+
+class BrokenStore(MemoryStore):
+    """A store whose reads fail the way a bug fails: with an unexpected exception."""
+
+    async def get_task(self, task_id: str) -> Task | None:
+        raise KeyError(SECRET)
+
+
+async def answers() -> None:
+    pass
+
+
+async def refuses() -> None:
+    raise BrokerUnavailable("cannot connect to amqp://127.0.0.1:1/: ConnectionRefusedError()")
+
+
+@asynccontextmanager
+async def client_of(
+    store: Store, *, broker_check: Callable[[], Awaitable[None]] = answers
+) -> AsyncIterator[httpx.AsyncClient]:
+    app = create_app(TaskService(store), checks={"store": store.ping, "broker": broker_check})
+    transport = httpx.ASGITransport(app=app)  # pyright: ignore[reportArgumentType]
+    async with httpx.AsyncClient(transport=transport, base_url="http://taskq.test") as client:
+        yield client
+
+
+async def test_head_health_answers_like_get_without_a_body() -> None:
+    async with client_of(MemoryStore(run_history=10)) as client:
+        head = await client.head("/health")
+    assert (head.status_code, head.content) == (200, b"")
+
+
+async def test_head_health_is_503_with_retry_after_when_a_dependency_is_down() -> None:
+    async with client_of(MemoryStore(run_history=10), broker_check=refuses) as client:
+        get = await client.get("/health")
+        head = await client.head("/health")
+    assert get.status_code == 503
+    assert get.json()["checks"]["broker"]["detail"].startswith("BrokerUnavailable: ")
+    assert (head.status_code, head.content) == (503, b"")
+    assert head.headers["Retry-After"] == get.headers["Retry-After"]
+
+
+async def test_an_unexpected_error_is_logged_with_its_traceback_and_answered_500(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    with caplog.at_level(logging.ERROR, logger="app.api"):
+        async with client_of(BrokenStore(run_history=10)) as client:
+            response = await client.get("/tasks/t1")
+
+    assert response.status_code == 500
+    assert response.headers["content-type"] == "application/json"
+    assert response.json() == {"status_code": 500, "detail": "Internal Server Error"}
+    assert SECRET not in response.text
+    [record] = [r for r in caplog.records if r.name == "app.api"]
+    assert "GET /tasks/t1" in record.getMessage()
+    assert record.exc_info is not None
+    assert record.exc_info[0] is KeyError
+    assert "in get_task" in caplog.text  # the traceback, down to the failing frame
