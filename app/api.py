@@ -386,7 +386,8 @@ def _health_handlers(checks: dict[str, Check]) -> list[Callable[[], Awaitable[An
         "/health",
         summary="Health as a status code alone (for load balancers)",
         responses={
-            HTTP_503_SERVICE_UNAVAILABLE: ResponseSpec(None, description="A dependency is down")
+            HTTP_200_OK: ResponseSpec(None, description="Every dependency is up"),
+            HTTP_503_SERVICE_UNAVAILABLE: ResponseSpec(None, description="A dependency is down"),
         },
         **common,
     )

@@ -549,8 +549,8 @@ def _probe_client(client: redis.Redis) -> redis.Redis:
     ping then reports a refused connection at once, not after the retries."""
     pool = client.connection_pool
     options: dict[str, Any] = {**pool.connection_kwargs, "retry": Retry(NoBackoff(), retries=1)}
-    return redis.Redis(
-        connection_pool=redis.ConnectionPool(connection_class=pool.connection_class, **options)
+    return redis.Redis.from_pool(
+        redis.ConnectionPool(connection_class=pool.connection_class, **options)
     )
 
 

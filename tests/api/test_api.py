@@ -800,6 +800,7 @@ async def openapi(client: Client) -> Json:
 ENDPOINTS = [
     # path, method, success status, response schema ("[X]": array of X), error statuses
     ("/health", "get", "200", "Health", {"503"}),
+    ("/health", "head", "200", None, {"503"}),
     ("/tasks", "post", "201", "Task", {"400", "409"}),
     ("/tasks", "get", "200", "[Task]", {"400"}),
     ("/tasks/{task_id}", "get", "200", "Task", {"404"}),

@@ -192,7 +192,8 @@ async def test_openapi_lists_exactly_health_and_the_protected_operations(client:
 
     documented = {(method.upper(), path) for path, ops in paths.items() for method in ops}
 
-    assert documented == {("GET", "/health")} | {(m, path) for m, path, _ in PROTECTED}
+    health = {("GET", "/health"), ("HEAD", "/health")}
+    assert documented == health | {(m, path) for m, path, _ in PROTECTED}
 
 
 @pytest.mark.parametrize(("method", "documented", "url"), PROTECTED[:-1], ids=PROTECTED_IDS[:-1])
