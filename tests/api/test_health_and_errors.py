@@ -1,7 +1,9 @@
-"""``HEAD /health`` for load balancers, and what a request that hits a bug gets.
+"""``HEAD /health`` for load balancers, what a request gets while the store is down,
+and what a request that hits a bug gets.
 
-Apps built here around a memory store (under asyncio and trio); the faulty store is a
-memory store with one operation broken, the way a bug in an adapter would break it.
+Apps built here around a memory store (under asyncio and trio); the faulty stores are
+memory stores with one operation broken, the way an outage or a bug in an adapter would
+break it. (tests/e2e/test_outages.py does the same with a real Redis, really killed.)
 """
 
 from __future__ import annotations
@@ -16,8 +18,9 @@ import pytest
 from app.adapters.memory_store import MemoryStore
 from app.api import create_app
 from app.domain import Task
-from app.ports import BrokerUnavailable, Store
+from app.ports import BrokerUnavailable, Store, StoreUnavailable
 from app.service import TaskService
+from tests.conftest import eventually
 
 pytestmark = pytest.mark.parametrize("anyio_backend", ["asyncio", "trio"])
 
@@ -29,6 +32,24 @@ class BrokenStore(MemoryStore):
 
     async def get_task(self, task_id: str) -> Task | None:
         raise KeyError(SECRET)
+
+
+class UnreachableStore(MemoryStore):
+    """A store whose reads and pings fail while ``down`` is set, as Redis's do in an
+    outage; ``reads`` counts the reads attempted."""
+
+    down = False
+    reads = 0
+
+    async def get_task(self, task_id: str) -> Task | None:
+        self.reads += 1
+        if self.down:
+            raise StoreUnavailable("Redis: Error 111 connecting to 127.0.0.1:6379.")
+        return await super().get_task(task_id)
+
+    async def ping(self) -> None:
+        if self.down:
+            raise StoreUnavailable("Redis: Error 111 connecting to 127.0.0.1:6379.")
 
 
 async def answers() -> None:
@@ -81,3 +102,28 @@ async def test_an_unexpected_error_is_logged_with_its_traceback_and_answered_500
     assert record.exc_info is not None
     assert record.exc_info[0] is KeyError
     assert "in get_task" in caplog.text  # the traceback, down to the failing frame
+
+
+async def test_while_the_store_is_known_down_requests_get_503_without_trying_it() -> None:
+    store = UnreachableStore(run_history=10)
+    async with client_of(store) as client:
+        created = await client.post("/tasks", json={"id": "t1", "name": "n", "command": "true"})
+        assert created.status_code == 201
+        store.down = True
+
+        found_down = await client.get("/tasks/t1")
+        reads = store.reads
+        refused = [await client.get("/tasks/t1") for _ in range(5)]
+        assert store.reads == reads  # refused at once, not tried
+
+        store.down = False
+
+        async def served_again() -> bool:
+            return (await client.get("/tasks/t1")).status_code == 200
+
+        await eventually(served_again, within=3, every=0.05)
+
+    for response in [found_down, *refused]:
+        assert response.status_code == 503
+        assert int(response.headers["Retry-After"]) >= 1
+        assert "Error 111" in response.json()["detail"]

@@ -164,9 +164,7 @@ async def forward(port: int, to_host: str, to_port: int, *, task_status: TaskSta
             tg.start_soon(pipe, client, upstream, tg)
             tg.start_soon(pipe, upstream, client, tg)
 
-    async with await anyio.create_tcp_listener(
-        local_host="127.0.0.1", local_port=port
-    ) as listener:
+    async with await anyio.create_tcp_listener(local_host="127.0.0.1", local_port=port) as listener:
         task_status.started()
         await listener.serve(relay)
 
