@@ -90,9 +90,10 @@ class OutageGate:
     waiting out the client's retries on its own.
 
     ``trip`` (an operation found the dependency out of reach) closes the gate; while it
-    is closed, ``admit`` raises ``DependencyDown`` at once, except that one caller every
-    ``probe_every`` seconds probes the dependency (``check``, within ``probe_budget``)
-    and, if it answers, opens the gate for everyone.
+    is closed, ``admit`` raises ``DependencyDown`` at once, except that every
+    ``probe_every`` seconds the dependency is probed (``check``, within
+    ``probe_budget``): callers arriving meanwhile wait for that probe's verdict, and if
+    the dependency answers, the gate opens for everyone.
     """
 
     def __init__(
@@ -107,7 +108,7 @@ class OutageGate:
         self._probe_budget = probe_budget
         self._outage: str | None = None
         self._next_probe = 0.0
-        self._probing = False
+        self._probed: anyio.Event | None = None  # set once the probe in flight is done
 
     @property
     def retry_after(self) -> int:
@@ -122,19 +123,27 @@ class OutageGate:
         self._outage = describe(error)
 
     async def admit(self) -> None:
-        """Return unless the dependency is known to be down and a probe, if one is due,
-        does not find it back."""
+        """Return unless the dependency is known to be down and the probe, if one is due
+        or in flight, does not find it back."""
         if self._outage is None:
             return
-        if not self._probing and anyio.current_time() >= self._next_probe:
-            self._probing = True
-            try:
-                outage = await probe(self._check, within=self._probe_budget)
-            finally:
-                self._probing = False
-            if outage is None:
-                self._outage = None
-                return
-            self._outage = outage
+        if self._probed is not None:
+            await self._probed.wait()
+        elif anyio.current_time() >= self._next_probe:
+            await self._probe()
+        self._refuse_while_down()
+
+    def _refuse_while_down(self) -> None:
+        if self._outage is not None:
+            raise DependencyDown(self._outage, retry_after=self.retry_after)
+
+    async def _probe(self) -> None:
+        probed = self._probed = anyio.Event()
+        try:
+            outage = await probe(self._check, within=self._probe_budget)
+        finally:
+            self._probed = None
+            probed.set()
+        self._outage = outage
+        if outage is not None:
             self._next_probe = anyio.current_time() + self._probe_every
-        raise DependencyDown(self._outage, retry_after=self.retry_after)
