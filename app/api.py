@@ -496,7 +496,7 @@ def create_app(
     debug: bool = False,
 ) -> Litestar:
     """The Litestar application around ``service``; ``checks`` feed ``/health``, and the
-    ``store`` check also tells when the store is back after an outage.
+    ``store`` check also tells when the store is down or back (see ``OutageGate``).
 
     With ``tokens``, requests need one of them as a bearer token (see the module docstring);
     without, the API is open. A request body must arrive within ``body_seconds``.
@@ -524,7 +524,7 @@ def create_app(
                 security=security,
                 guards=[admit_while_store_down],
             ),
-            *_health_handlers(checks),
+            *_health_handlers({**checks, "store": store_gate.check_now}),
             swagger_redirect,
         ],
         middleware=[BodyDeadline(body_seconds), *([auth] if tokens else [])],

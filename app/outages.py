@@ -93,7 +93,8 @@ class OutageGate:
     is closed, ``admit`` raises ``DependencyDown`` at once, except that every
     ``probe_every`` seconds the dependency is probed (``check``, within
     ``probe_budget``): callers arriving meanwhile wait for that probe's verdict, and if
-    the dependency answers, the gate opens for everyone.
+    the dependency answers, the gate opens for everyone. A health check run through
+    ``check_now`` moves the gate too, so that it never disagrees with ``/health``.
     """
 
     def __init__(
@@ -121,6 +122,15 @@ class OutageGate:
         if self._outage is None:
             self._next_probe = anyio.current_time() + self._probe_every
         self._outage = describe(error)
+
+    async def check_now(self) -> None:
+        """Run the check now, raising what it raises; the gate follows its verdict."""
+        try:
+            await self._check()
+        except Exception as exc:
+            self.trip(exc)
+            raise
+        self._outage = None
 
     async def admit(self) -> None:
         """Return unless the dependency is known to be down and the probe, if one is due

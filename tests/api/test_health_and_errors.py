@@ -134,3 +134,21 @@ async def test_while_the_store_is_known_down_requests_get_503_without_trying_it(
         assert int(response.headers["Retry-After"]) >= 1
         assert "Error 111" in response.json()["detail"]
     assert statuses == [200] * 10
+
+
+async def test_health_and_the_outage_gate_agree_on_whether_the_store_is_down() -> None:
+    store = UnreachableStore(run_history=10)
+    async with client_of(store) as client:
+        created = await client.post("/tasks", json={"id": "t1", "name": "n", "command": "true"})
+        assert created.status_code == 201
+        store.down = True
+        assert (await client.get("/health")).status_code == 503
+        refused = await client.get("/tasks/t1")
+        assert store.reads == 0  # /health found the store down: not tried
+
+        store.down = False
+        assert (await client.get("/health")).status_code == 200
+        served = await client.get("/tasks/t1")  # at once, not after Retry-After
+
+    assert refused.status_code == 503
+    assert served.status_code == 200
