@@ -86,7 +86,7 @@ log = logging.getLogger(__name__)
 MAX_BODY_BYTES = 1_048_576
 MAX_PAGE = 1000
 # Orchestrators probe /health with a timeout of about a second: each check gets less.
-HEALTH_CHECK_SECONDS = 0.8
+HEALTH_CHECK_SECONDS = 0.5
 # While the store is known down, how often a request may probe whether it is back.
 STORE_PROBE_SECONDS = 1.0
 # What a 503 asks a client to wait when nothing better is known.
