@@ -105,12 +105,16 @@ async def test_an_unexpected_error_is_logged_with_its_traceback_and_answered_500
     assert "in get_task" in caplog.text  # the traceback, down to the failing frame
 
 
+async def create_then_lose_the_store(client: httpx.AsyncClient, store: UnreachableStore) -> None:
+    created = await client.post("/tasks", json={"id": "t1", "name": "n", "command": "true"})
+    assert created.status_code == 201
+    store.down = True
+
+
 async def test_while_the_store_is_known_down_requests_get_503_without_trying_it() -> None:
     store = UnreachableStore(run_history=10)
     async with client_of(store) as client:
-        created = await client.post("/tasks", json={"id": "t1", "name": "n", "command": "true"})
-        assert created.status_code == 201
-        store.down = True
+        await create_then_lose_the_store(client, store)
 
         found_down = await client.get("/tasks/t1")
         reads = store.reads
@@ -139,9 +143,7 @@ async def test_while_the_store_is_known_down_requests_get_503_without_trying_it(
 async def test_health_and_the_outage_gate_agree_on_whether_the_store_is_down() -> None:
     store = UnreachableStore(run_history=10)
     async with client_of(store) as client:
-        created = await client.post("/tasks", json={"id": "t1", "name": "n", "command": "true"})
-        assert created.status_code == 201
-        store.down = True
+        await create_then_lose_the_store(client, store)
         assert (await client.get("/health")).status_code == 503
         refused = await client.get("/tasks/t1")
         assert store.reads == 0  # /health found the store down: not tried
