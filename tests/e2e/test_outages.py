@@ -181,11 +181,18 @@ async def test_the_api_role_starts_and_serves_tasks_while_rabbitmq_is_down(
         health, took = await timed(http.build_request("GET", "/health"), http)
         assert health.status_code == 503, health.text
         assert took < AT_ONCE
-        broker = health.json()["checks"]["broker"]
-        assert broker["status"] == "down"
-        assert "ConnectionRefusedError" in broker["detail"], broker
-        assert f"127.0.0.1:{broker_port}" in broker["detail"], broker
+        assert health.json()["checks"]["broker"]["status"] == "down"
         assert health.json()["checks"]["store"]["status"] == "up"
+        broker: dict[str, str] = {}
+
+        async def says_why() -> bool:  # once the first attempt to connect has failed
+            nonlocal broker
+            broker = (await http.get("/health")).json()["checks"]["broker"]
+            return "ConnectionRefusedError" in broker["detail"]
+
+        await eventually(says_why, within=5, every=0.05)
+        assert f"127.0.0.1:{broker_port}" in broker["detail"], broker
+        print(f"broker check while RabbitMQ refuses ({took * 1000:.0f} ms): {broker['detail']}")
 
         task = {"id": "t1", "name": "first", "command": "true"}
         assert (await http.post("/tasks", json=task)).status_code == 201
