@@ -2,7 +2,8 @@
 
 Tests that need Redis or RabbitMQ use the real servers (``TASKQ_TEST_REDIS_URL`` /
 ``TASKQ_TEST_AMQP_URL``, defaulting to the local ones) under a key prefix and queue
-names unique to the test, and remove what they created.
+names unique to the test, and remove what they created. When nothing answers there, the
+session starts throwaway servers of its own (``tests/e2e/servers.py``) and uses them.
 """
 
 from __future__ import annotations
@@ -10,13 +11,48 @@ from __future__ import annotations
 import os
 import uuid
 from collections.abc import Awaitable, Callable
+from pathlib import Path
 
 import anyio
 import pytest
 import redis.asyncio as redis
 
-REDIS_URL = os.environ.get("TASKQ_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
-AMQP_URL = os.environ.get("TASKQ_TEST_AMQP_URL", "amqp://guest:guest@127.0.0.1:5672/")
+CONFIGURED_REDIS_URL = os.environ.get("TASKQ_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
+CONFIGURED_AMQP_URL = os.environ.get("TASKQ_TEST_AMQP_URL", "amqp://guest:guest@127.0.0.1:5672/")
+REDIS_URL = CONFIGURED_REDIS_URL
+AMQP_URL = CONFIGURED_AMQP_URL
+"""The servers the tests use: set by ``pytest_configure``, before test modules are imported.
+A conftest.py may be imported before it: read them there when a fixture runs."""
+
+SERVERLESS_TESTS = Path(__file__).parent / "unit"
+"""Tests that need neither server: a run of only these starts none."""
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """Point the tests at throwaway servers when nothing answers at the configured URLs."""
+    global REDIS_URL, AMQP_URL
+    if config.option.help or config.option.collectonly or not _needs_servers(config):
+        return
+    # Imported here: it imports this module (for ``eventually``).
+    from tests.e2e.servers import ServerUrls, session_servers
+
+    configured = ServerUrls(CONFIGURED_REDIS_URL, CONFIGURED_AMQP_URL)
+    REDIS_URL, AMQP_URL = session_servers(config, configured)
+
+
+def _needs_servers(config: pytest.Config) -> bool:
+    start = config.invocation_params.dir
+    paths = ((start / arg.partition("::")[0]).resolve() for arg in config.args)
+    return not all(path.is_relative_to(SERVERLESS_TESTS) for path in paths)
+
+
+def pytest_report_header(config: pytest.Config) -> list[str]:
+    """Say which throwaway servers the tests use, if any."""
+    return [
+        f"nothing answered at {configured}: throwaway server at {url}, started for this run"
+        for configured, url in ((CONFIGURED_REDIS_URL, REDIS_URL), (CONFIGURED_AMQP_URL, AMQP_URL))
+        if url != configured
+    ]
 
 
 # (store adapter, event loop): the memory store on both backends, Redis on asyncio (its client

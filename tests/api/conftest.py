@@ -14,11 +14,12 @@ from typing import NamedTuple
 import httpx
 import pytest
 
+import tests.conftest
 from app.adapters import open_broker, open_store
 from app.api import create_app
 from app.ports import Store
 from app.service import TaskService
-from tests.conftest import REDIS_URL, STORE_CASES, delete_keys
+from tests.conftest import STORE_CASES, delete_keys
 
 MEMORY_URL = "memory://"
 
@@ -71,7 +72,7 @@ async def served(
     adapter_and_backend: tuple[str, str], prefix: str, api_tokens: Sequence[str]
 ) -> AsyncIterator[Served]:
     adapter = adapter_and_backend[0]
-    store_url = MEMORY_URL if adapter == "memory" else REDIS_URL
+    store_url = MEMORY_URL if adapter == "memory" else tests.conftest.REDIS_URL
     try:
         async with serve_api(store_url, prefix=prefix, tokens=api_tokens) as served:
             served.client.event_hooks = {"response": [refuse_server_errors]}

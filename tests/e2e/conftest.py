@@ -5,18 +5,19 @@ from collections.abc import AsyncGenerator
 import pytest
 import redis.asyncio as redis
 
+import tests.conftest
 from app.adapters.amqp_broker import delete_amqp_layout
-from tests.conftest import AMQP_URL, REDIS_URL, delete_keys
+from tests.conftest import delete_keys
 
 
 @pytest.fixture
 async def servers(prefix: str) -> AsyncGenerator[redis.Redis]:
     """A Redis client for looking at what the processes stored; afterwards, every
     Redis key and AMQP entity under the test's prefix is removed."""
-    client = redis.Redis.from_url(REDIS_URL, decode_responses=True)
+    client = redis.Redis.from_url(tests.conftest.REDIS_URL, decode_responses=True)
     try:
         yield client
     finally:
         await client.aclose()
         await delete_keys(prefix)
-        await delete_amqp_layout(AMQP_URL, prefix=prefix)
+        await delete_amqp_layout(tests.conftest.AMQP_URL, prefix=prefix)

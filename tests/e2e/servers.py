@@ -1,4 +1,4 @@
-"""Throwaway Redis and RabbitMQ servers, started for one test and always removed.
+"""Throwaway Redis and RabbitMQ servers, started for one test (or a session), always removed.
 
 Fault tests restart these instead of the shared servers (Redis on 6379, RabbitMQ on
 5672), which other tests keep using and which are never touched here:
@@ -6,9 +6,11 @@ Fault tests restart these instead of the shared servers (Redis on 6379, RabbitMQ
 - ``throwaway_redis``: a ``redis-server`` child process on a free port with its own data
   folder (AOF with ``appendfsync always`` by default), which a test may ``kill()``,
   ``stop()`` and ``start()`` again on the same port and folder;
-- ``throwaway_rabbitmq``: a separate RabbitMQ node (its own node name, AMQP and
-  distribution ports, data, logs, Erlang cookie, an empty plugin list), whose ``rabbit``
-  application a test may ``stop_app()`` and ``start_app()``.
+- ``throwaway_rabbitmq``: a separate RabbitMQ node (its own node name, AMQP,
+  distribution and epmd ports, data, logs, Erlang cookie, an empty plugin list), whose ``rabbit``
+  application a test may ``stop_app()`` and ``start_app()``;
+- ``session_servers``: the servers every test uses, when nothing answers at the configured
+  URLs: a throwaway Redis and RabbitMQ node started for the whole pytest session.
 
 Clean-up runs whatever happens (errors, cancellation, a failed start): shielded from
 cancellation and bounded in time, it stops the server, SIGKILLs what is left of it and
@@ -23,15 +25,20 @@ import shutil
 import signal
 import socket
 import subprocess
+import tempfile
 import uuid
 from collections.abc import AsyncGenerator, Mapping, Sequence
-from contextlib import asynccontextmanager
+from contextlib import AsyncExitStack, ExitStack, asynccontextmanager
 from pathlib import Path
+from typing import NamedTuple
+from urllib.parse import urlsplit
 
 import aiormq
 import anyio
+import pytest
 import redis.asyncio as redis
 from anyio.abc import Process
+from anyio.from_thread import start_blocking_portal
 
 from tests.conftest import eventually
 
@@ -228,11 +235,13 @@ async def throwaway_redis(
 class RabbitNode:
     """A RabbitMQ node of its own, a child process of the test."""
 
-    def __init__(self, base: Path, *, name: str, port: int, dist_port: int) -> None:
+    def __init__(self, base: Path, *, name: str, port: int, dist_port: int, epmd_port: int) -> None:
         self.base = base
         self.name = name
         self.port = port
         self.dist_port = dist_port
+        self.epmd_port = epmd_port
+        """Of an epmd of its own, which the node starts and ``close`` stops."""
         self.log = base / "server.log"
         self.pid_file = base / f"{name}.pid"
         self.process: Process | None = None
@@ -272,6 +281,7 @@ class RabbitNode:
                 "RABBITMQ_ADVANCED_CONFIG_FILE": str(self.base / "advanced.config"),
                 "RABBITMQ_CONF_ENV_FILE": str(self.base / "rabbitmq-env.conf"),
                 "ERL_EPMD_ADDRESS": "127.0.0.1",
+                "ERL_EPMD_PORT": str(self.epmd_port),
                 "RABBITMQ_SERVER_ADDITIONAL_ERL_ARGS": (
                     "-kernel inet_dist_use_interface {127,0,0,1}"
                 ),
@@ -366,34 +376,155 @@ class RabbitNode:
             return False
         return f"RABBITMQ_NODENAME={self.name}".encode() in environ.split(b"\0")
 
+    def _processes(self) -> list[int]:
+        """Every live process of this node: its VM, the VM's helpers, its epmd."""
+        pids = (int(entry.name) for entry in Path("/proc").iterdir() if entry.name.isdigit())
+        return [pid for pid in pids if pid != os.getpid() and self._is_ours(pid)]
+
     async def close(self) -> None:
-        """Stop the node, SIGKILL whatever is left of it, delete its data (shielded, bounded)."""
+        """Stop the node, SIGKILL whatever is left of it (its epmd too), delete its data
+        (shielded, bounded)."""
         with anyio.CancelScope(shield=True):
-            # Read before stopping: a stopped node removes its pid file.
-            beam = self.beam or self._beam_pid()
             if self.running:
                 with anyio.move_on_after(CLEANUP_SECONDS), contextlib.suppress(RuntimeError):
                     await self.ctl("stop", within=CLEANUP_SECONDS)
-            if beam is not None and self._is_ours(beam):
+            leftovers = self._processes()
+            for pid in leftovers:
                 with contextlib.suppress(ProcessLookupError):
-                    os.kill(beam, signal.SIGKILL)
+                    os.kill(pid, signal.SIGKILL)
             if self.process is not None:
                 await _reap(self.process, within=5)
-            if beam is not None:
-                with contextlib.suppress(TimeoutError):
-                    await eventually(lambda: not process_alive(beam), within=5, every=0.05)
+            with contextlib.suppress(TimeoutError):
+                await eventually(
+                    lambda: not any(map(process_alive, leftovers)), within=5, every=0.05
+                )
             shutil.rmtree(self.base, ignore_errors=True)
 
 
 @asynccontextmanager
 async def throwaway_rabbitmq(tmp_path: Path) -> AsyncGenerator[RabbitNode]:
     """A RabbitMQ node of its own (name, ports, data), removed on exit whatever happens."""
-    port, dist_port = free_ports(2)
+    port, dist_port, epmd_port = free_ports(3)
     name = f"taskq-{uuid.uuid4().hex[:10]}@localhost"
-    node = RabbitNode(tmp_path / f"rabbitmq-{port}", name=name, port=port, dist_port=dist_port)
+    node = RabbitNode(
+        tmp_path / f"rabbitmq-{port}",
+        name=name,
+        port=port,
+        dist_port=dist_port,
+        epmd_port=epmd_port,
+    )
     try:
         await node.start()
         print(f"RabbitMQ node {name} on port {port} ready in {node.started_in:.1f} s")
         yield node
     finally:
         await node.close()
+
+
+# --- The servers of a test session -------------------------------------------------------
+
+PROBE_SECONDS = 0.2
+"""How long a configured server may take to accept a connection before it counts as absent."""
+DEFAULT_PORTS = {"redis": 6379, "rediss": 6380, "amqp": 5672, "amqps": 5671}
+INSTALL_HINT = (
+    "install them (`apt-get install redis-server rabbitmq-server`) so that the tests start"
+    " throwaway servers, or start the servers (`docker compose up -d`), or point"
+    " TASKQ_TEST_REDIS_URL / TASKQ_TEST_AMQP_URL at running ones"
+)
+
+
+class ServerUrls(NamedTuple):
+    """Where the tests find Redis and RabbitMQ."""
+
+    redis: str
+    amqp: str
+
+
+def answers(url: str, *, within: float = PROBE_SECONDS) -> bool:
+    """Whether something accepts TCP connections at ``url``'s host and port."""
+    parts = urlsplit(url)
+    if parts.hostname is None or parts.scheme not in DEFAULT_PORTS:
+        return True  # a socket path or another scheme: the tests will say what they find
+    address = (parts.hostname, parts.port or DEFAULT_PORTS[parts.scheme])
+    try:
+        with socket.create_connection(address, timeout=within):
+            return True
+    except OSError:
+        return False
+
+
+def missing_programs(*, redis_server: bool, rabbitmq: bool) -> list[str]:
+    """What starting the servers asked for needs and cannot find."""
+    rabbitmq_server = RABBITMQ_BIN / "rabbitmq-server"
+    missing = {
+        "redis-server": redis_server and shutil.which("redis-server") is None,
+        f"{rabbitmq_server} (or set TASKQ_TEST_RABBITMQ_BIN)": (
+            rabbitmq and not os.access(rabbitmq_server, os.X_OK)
+        ),
+        "erl (Erlang, which runs RabbitMQ)": rabbitmq and shutil.which("erl") is None,
+    }
+    return [program for program, absent in missing.items() if absent]
+
+
+@asynccontextmanager
+async def throwaway_servers(
+    base: Path, *, redis_server: bool, rabbitmq: bool
+) -> AsyncGenerator[tuple[RedisServer | None, RabbitNode | None]]:
+    """The throwaway servers asked for, started concurrently, removed on exit."""
+    async with AsyncExitStack() as stack:
+        redis_started: list[RedisServer] = []
+        rabbitmq_started: list[RabbitNode] = []
+
+        async def start_redis() -> None:
+            server = throwaway_redis(base, appendonly=False)  # the shared one has no AOF either
+            redis_started.append(await stack.enter_async_context(server))
+
+        async def start_rabbitmq() -> None:
+            rabbitmq_started.append(await stack.enter_async_context(throwaway_rabbitmq(base)))
+
+        async with anyio.create_task_group() as group:
+            if redis_server:
+                group.start_soon(start_redis)
+            if rabbitmq:
+                group.start_soon(start_rabbitmq)
+        yield next(iter(redis_started), None), next(iter(rabbitmq_started), None)
+
+
+def session_servers(config: pytest.Config, configured: ServerUrls) -> ServerUrls:
+    """The URLs a test session uses: ``configured`` where a server answers; otherwise a
+    throwaway server's, started now and removed when pytest ends.
+
+    Without the programs to start one, pytest stops at once with one line saying what to
+    install or start.
+    """
+    need_redis, need_rabbitmq = not answers(configured.redis), not answers(configured.amqp)
+    if not (need_redis or need_rabbitmq):
+        return configured
+    absent = [
+        url for url, need in zip(configured, (need_redis, need_rabbitmq), strict=True) if need
+    ]
+    nothing_at = f"nothing answers at {' nor '.join(absent)}"
+    missing = missing_programs(redis_server=need_redis, rabbitmq=need_rabbitmq)
+    if missing:
+        pytest.exit(
+            f"{nothing_at}, and {', '.join(missing)} cannot be found: {INSTALL_HINT}",
+            returncode=pytest.ExitCode.USAGE_ERROR,
+        )
+    with ExitStack() as stack:
+        base = Path(tempfile.mkdtemp(prefix="taskq-test-servers-"))
+        stack.callback(shutil.rmtree, base, ignore_errors=True)
+        portal = stack.enter_context(start_blocking_portal())
+        servers = throwaway_servers(base, redis_server=need_redis, rabbitmq=need_rabbitmq)
+        try:
+            redis_server, rabbit_node = stack.enter_context(
+                portal.wrap_async_context_manager(servers)
+            )
+        except Exception as exc:
+            errors = exc.exceptions if isinstance(exc, ExceptionGroup) else [exc]
+            reasons = "\n".join(str(error) for error in errors)
+            pytest.exit(f"{nothing_at}, and starting a throwaway server failed:\n{reasons}")
+        config.add_cleanup(stack.pop_all().close)
+    return ServerUrls(
+        redis=configured.redis if redis_server is None else redis_server.url,
+        amqp=configured.amqp if rabbit_node is None else rabbit_node.url,
+    )
