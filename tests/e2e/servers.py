@@ -7,8 +7,8 @@ Fault tests restart these instead of the shared servers (Redis on 6379, RabbitMQ
   folder (AOF with ``appendfsync always`` by default), which a test may ``kill()``,
   ``stop()`` and ``start()`` again on the same port and folder;
 - ``throwaway_rabbitmq``: a separate RabbitMQ node (its own node name, AMQP,
-  distribution and epmd ports, data, logs, Erlang cookie, an empty plugin list), whose ``rabbit``
-  application a test may ``stop_app()`` and ``start_app()``;
+  distribution and epmd ports, data, logs, Erlang cookie, an empty plugin list), whose
+  ``rabbit`` application a test may ``stop_app()`` and ``start_app()``;
 - ``session_servers``: the servers every test uses, when nothing answers at the configured
   URLs: a throwaway Redis and RabbitMQ node started for the whole pytest session.
 
@@ -379,7 +379,7 @@ class RabbitNode:
     def _processes(self) -> list[int]:
         """Every live process of this node: its VM, the VM's helpers, its epmd."""
         pids = (int(entry.name) for entry in Path("/proc").iterdir() if entry.name.isdigit())
-        return [pid for pid in pids if pid != os.getpid() and self._is_ours(pid)]
+        return [pid for pid in pids if self._is_ours(pid)]
 
     async def close(self) -> None:
         """Stop the node, SIGKILL whatever is left of it (its epmd too), delete its data
