@@ -12,17 +12,23 @@ import os
 import uuid
 from collections.abc import Awaitable, Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import anyio
 import pytest
 import redis.asyncio as redis
 
+if TYPE_CHECKING:
+    from tests.e2e.servers import RabbitNode
+
 CONFIGURED_REDIS_URL = os.environ.get("TASKQ_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
 CONFIGURED_AMQP_URL = os.environ.get("TASKQ_TEST_AMQP_URL", "amqp://guest:guest@127.0.0.1:5672/")
 REDIS_URL = CONFIGURED_REDIS_URL
 AMQP_URL = CONFIGURED_AMQP_URL
-"""The servers the tests use: set by ``pytest_configure``, before test modules are imported.
-A conftest.py may be imported before it: read them there when a fixture runs."""
+RABBITMQ_NODE: RabbitNode | None = None
+"""The servers the tests use (and the throwaway RabbitMQ node, if any, for ``rabbitmqctl``):
+set by ``pytest_configure``, before test modules are imported. A conftest.py may be
+imported before it: read them there when a fixture runs."""
 
 SERVERLESS_TESTS = Path(__file__).parent / "unit"
 """Tests that need neither server: a run of only these starts none."""
@@ -30,14 +36,14 @@ SERVERLESS_TESTS = Path(__file__).parent / "unit"
 
 def pytest_configure(config: pytest.Config) -> None:
     """Point the tests at throwaway servers when nothing answers at the configured URLs."""
-    global REDIS_URL, AMQP_URL
+    global REDIS_URL, AMQP_URL, RABBITMQ_NODE
     if config.option.help or config.option.collectonly or not _needs_servers(config):
         return
     # Imported here: it imports this module (for ``eventually``).
-    from tests.e2e.servers import ServerUrls, session_servers
+    from tests.e2e.servers import session_servers
 
-    configured = ServerUrls(CONFIGURED_REDIS_URL, CONFIGURED_AMQP_URL)
-    REDIS_URL, AMQP_URL = session_servers(config, configured)
+    servers = session_servers(config, CONFIGURED_REDIS_URL, CONFIGURED_AMQP_URL)
+    REDIS_URL, AMQP_URL, RABBITMQ_NODE = servers
 
 
 def _needs_servers(config: pytest.Config) -> bool:

@@ -433,11 +433,13 @@ INSTALL_HINT = (
 )
 
 
-class ServerUrls(NamedTuple):
-    """Where the tests find Redis and RabbitMQ."""
+class SessionServers(NamedTuple):
+    """Where a test session finds Redis and RabbitMQ."""
 
-    redis: str
-    amqp: str
+    redis_url: str
+    amqp_url: str
+    rabbitmq_node: RabbitNode | None = None
+    """The session's throwaway RabbitMQ node, if it started one (``rabbitmqctl`` must name it)."""
 
 
 def answers(url: str, *, within: float = PROBE_SECONDS) -> bool:
@@ -490,19 +492,17 @@ async def throwaway_servers(
         yield next(iter(redis_started), None), next(iter(rabbitmq_started), None)
 
 
-def session_servers(config: pytest.Config, configured: ServerUrls) -> ServerUrls:
-    """The URLs a test session uses: ``configured`` where a server answers; otherwise a
-    throwaway server's, started now and removed when pytest ends.
+def session_servers(config: pytest.Config, redis_url: str, amqp_url: str) -> SessionServers:
+    """The servers a test session uses: those at the URLs given where they answer; otherwise
+    throwaway ones, started now and removed when pytest ends.
 
     Without the programs to start one, pytest stops at once with one line saying what to
     install or start.
     """
-    need_redis, need_rabbitmq = not answers(configured.redis), not answers(configured.amqp)
+    need_redis, need_rabbitmq = not answers(redis_url), not answers(amqp_url)
     if not (need_redis or need_rabbitmq):
-        return configured
-    absent = [
-        url for url, need in zip(configured, (need_redis, need_rabbitmq), strict=True) if need
-    ]
+        return SessionServers(redis_url, amqp_url)
+    absent = [url for url, need in ((redis_url, need_redis), (amqp_url, need_rabbitmq)) if need]
     nothing_at = f"nothing answers at {' nor '.join(absent)}"
     missing = missing_programs(redis_server=need_redis, rabbitmq=need_rabbitmq)
     if missing:
@@ -524,7 +524,8 @@ def session_servers(config: pytest.Config, configured: ServerUrls) -> ServerUrls
             reasons = "\n".join(str(error) for error in errors)
             pytest.exit(f"{nothing_at}, and starting a throwaway server failed:\n{reasons}")
         config.add_cleanup(stack.pop_all().close)
-    return ServerUrls(
-        redis=configured.redis if redis_server is None else redis_server.url,
-        amqp=configured.amqp if rabbit_node is None else rabbit_node.url,
+    return SessionServers(
+        redis_url if redis_server is None else redis_server.url,
+        amqp_url if rabbit_node is None else rabbit_node.url,
+        rabbit_node,
     )

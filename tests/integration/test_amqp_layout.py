@@ -23,7 +23,7 @@ from app.adapters.amqp_broker import (
     open_amqp_broker,
 )
 from app.ports import Delivery, Dispatch
-from tests.conftest import AMQP_URL, eventually
+from tests.conftest import AMQP_URL, RABBITMQ_NODE, eventually
 from tests.contract.test_broker_contract import (
     WAIT,
     amqp_channel,
@@ -48,6 +48,8 @@ async def broker(prefix: str) -> AsyncGenerator[AmqpBroker, None]:
 
 
 async def rabbitmqctl(*args: str) -> str:
+    if RABBITMQ_NODE is not None:  # the test session's own node
+        return await RABBITMQ_NODE.ctl("--quiet", *args)
     with anyio.fail_after(60):
         result = await anyio.run_process(["rabbitmqctl", "--quiet", *args])
     return result.stdout.decode()
