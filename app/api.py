@@ -74,12 +74,14 @@ from app.domain import (
     TaskAlreadyExists,
     TaskNotFound,
     TaskStatus,
+    TaskView,
 )
 from app.live_output import KEEPALIVE_SECONDS, KeepAlive, OutputEnd, OutputEvent, OutputText
 from app.outages import DependencyDown, OutageGate, probe
 from app.ports import StoreUnavailable
 from app.schemas import ScheduleRequest, TaskCreate, TaskUpdate
-from app.service import InvalidCursor, StoreContention, TaskService
+from app.service import InvalidCursor, TaskService
+from app.transactions import StoreContention
 
 log = logging.getLogger(__name__)
 
@@ -119,6 +121,11 @@ class Health(msgspec.Struct):
 
     status: str
     checks: dict[str, DependencyCheck]
+
+
+def _shown(task: Task) -> TaskView:
+    """The task as the API answers with it: without the workers' own bookkeeping."""
+    return TaskView(**{name: getattr(task, name) for name in TaskView.__struct_fields__})
 
 
 Check = Callable[[], Awaitable[None]]
@@ -164,8 +171,8 @@ class TaskController(Controller):
         summary="Create a task",
         raises=[ValidationException, ConflictException, NotAuthorizedException],
     )
-    async def create_task(self, data: JSONBody[TaskCreate], service: Service) -> Task:
-        return await service.create(data)
+    async def create_task(self, data: JSONBody[TaskCreate], service: Service) -> TaskView:
+        return _shown(await service.create(data))
 
     @get(
         "/",
@@ -188,14 +195,14 @@ class TaskController(Controller):
         status: FromQuery[TaskStatus | None] = None,
         limit: Annotated[int, Parameter(ge=1, le=MAX_PAGE)] = 100,
         cursor: Annotated[str | None, Parameter(max_length=1024)] = None,
-    ) -> Response[list[Task]]:
+    ) -> Response[list[TaskView]]:
         tasks, next_cursor = await service.list(status=status, limit=limit, cursor=cursor)
         headers = {} if next_cursor is None else {"X-Next-Cursor": next_cursor}
-        return Response(tasks, headers=headers)
+        return Response([_shown(task) for task in tasks], headers=headers)
 
     @get("/{task_id:str}", summary="Get a task", raises=[NotFoundException, NotAuthorizedException])
-    async def get_task(self, task_id: FromPath[str], service: Service) -> Task:
-        return await service.get(task_id)
+    async def get_task(self, task_id: FromPath[str], service: Service) -> TaskView:
+        return _shown(await service.get(task_id))
 
     @put(
         "/{task_id:str}",
@@ -205,8 +212,8 @@ class TaskController(Controller):
     )
     async def update_task(
         self, task_id: FromPath[str], data: JSONBody[TaskUpdate], service: Service
-    ) -> Task:
-        return await service.update(task_id, data)
+    ) -> TaskView:
+        return _shown(await service.update(task_id, data))
 
     @delete(
         "/{task_id:str}",
@@ -235,8 +242,8 @@ class TaskController(Controller):
     )
     async def schedule_task(
         self, task_id: FromPath[str], data: JSONBody[ScheduleRequest], service: Service
-    ) -> Task:
-        return await service.schedule(task_id, data)
+    ) -> TaskView:
+        return _shown(await service.schedule(task_id, data))
 
     @delete(
         "/{task_id:str}/schedule",
@@ -245,8 +252,8 @@ class TaskController(Controller):
         status_code=HTTP_200_OK,
         raises=[NotFoundException, NotAuthorizedException],
     )
-    async def unschedule_task(self, task_id: FromPath[str], service: Service) -> Task:
-        return await service.unschedule(task_id)
+    async def unschedule_task(self, task_id: FromPath[str], service: Service) -> TaskView:
+        return _shown(await service.unschedule(task_id))
 
     @post(
         "/{task_id:str}/cancel",
@@ -257,8 +264,8 @@ class TaskController(Controller):
         status_code=HTTP_202_ACCEPTED,
         raises=[NotFoundException, ConflictException, NotAuthorizedException],
     )
-    async def cancel_task(self, task_id: FromPath[str], service: Service) -> Task:
-        return await service.cancel(task_id)
+    async def cancel_task(self, task_id: FromPath[str], service: Service) -> TaskView:
+        return _shown(await service.cancel(task_id))
 
     @post(
         "/{task_id:str}/pause",
@@ -267,8 +274,8 @@ class TaskController(Controller):
         status_code=HTTP_200_OK,
         raises=[NotFoundException, ConflictException, NotAuthorizedException],
     )
-    async def pause_task(self, task_id: FromPath[str], service: Service) -> Task:
-        return await service.pause(task_id)
+    async def pause_task(self, task_id: FromPath[str], service: Service) -> TaskView:
+        return _shown(await service.pause(task_id))
 
     @post(
         "/{task_id:str}/resume",
@@ -277,8 +284,8 @@ class TaskController(Controller):
         status_code=HTTP_200_OK,
         raises=[NotFoundException, ConflictException, NotAuthorizedException],
     )
-    async def resume_task(self, task_id: FromPath[str], service: Service) -> Task:
-        return await service.resume(task_id)
+    async def resume_task(self, task_id: FromPath[str], service: Service) -> TaskView:
+        return _shown(await service.resume(task_id))
 
     @get(
         "/{task_id:str}/runs",

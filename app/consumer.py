@@ -12,49 +12,83 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable
-from datetime import datetime
+from collections.abc import Callable, Generator
+from contextlib import contextmanager
+from datetime import datetime, timedelta
 
 import anyio
 from anyio.abc import TaskStatus as StartedStatus
 
 from app.domain import (
     CANCELLED_REASON,
+    ENTROPY,
     DomainError,
+    Entropy,
     Outcome,
     Run,
     RunStatus,
     Task,
+    Transition,
     cancel_running,
-    due_after_run,
     finish_run,
     requeue_run,
     start_run,
-    timestamp,
     utcnow,
     worker_name,
 )
 from app.executor import CappedOutput, inherited_environment, run_command
 from app.live_output import OutputRelay
 from app.outages import Backoff, settle, until_available
-from app.ports import (
-    Broker,
-    Delivery,
-    DueAt,
-    ScheduleChange,
-    Store,
-    StoreUnavailable,
-    TaskChange,
-    due_at,
-)
-from app.service import transact
+from app.ports import Broker, Delivery, Store, StoreUnavailable
 from app.stopping import cancel_after, cancel_when_set
+from app.transactions import transact
 
 log = logging.getLogger(__name__)
 
 SHUTDOWN_BOOKKEEPING_SECONDS = 10.0
 EARLY_CANCEL_SECONDS = 60.0
 RENEW_RETRY_SECONDS = 0.5
+
+
+class RunningCommands:
+    """The commands this consumer runs, by task, and the cancel notices they answer to.
+
+    A notice can come before its run is registered here (the start was recorded but the
+    command not started yet): it is remembered for ``EARLY_CANCEL_SECONDS`` and stops
+    the command as soon as it is registered.
+    """
+
+    def __init__(self) -> None:
+        self._running: dict[str, tuple[str, anyio.CancelScope]] = {}
+        self._early_cancels: dict[str, float] = {}  # run id -> when the notice came
+
+    def task_ids(self) -> list[str]:
+        return sorted(self._running)
+
+    @contextmanager
+    def register(self, task: Task, run: Run) -> Generator[anyio.CancelScope]:
+        """The scope to run ``run``'s command in: a cancel notice for it cancels it."""
+        stop = anyio.CancelScope()
+        self._running[task.id] = (run.run_id, stop)
+        if task.cancel_requested or self._early_cancels.pop(run.run_id, None) is not None:
+            stop.cancel()
+        try:
+            yield stop
+        finally:
+            del self._running[task.id]
+
+    def stop(self, run_id: str) -> None:
+        """Stop the command of ``run_id``, now or as soon as it is registered."""
+        for task_id, (running_id, scope) in self._running.items():
+            if running_id == run_id:
+                log.info("stopping %s/%s: cancelled", task_id, run_id)
+                scope.cancel()
+                return
+        now = time.monotonic()
+        self._early_cancels = {
+            r: at for r, at in self._early_cancels.items() if now - at < EARLY_CANCEL_SECONDS
+        }
+        self._early_cancels[run_id] = now
 
 
 class Consumer:
@@ -71,20 +105,18 @@ class Consumer:
         lease_seconds: float,
         worker: str | None = None,
         clock: Callable[[], datetime] = utcnow,
+        entropy: Entropy = ENTROPY,
     ) -> None:
         self._store = store
         self._broker = broker
         self._concurrency = concurrency
         self._output_limit = output_limit
         self._shutdown_grace = shutdown_grace
-        self._lease_seconds = lease_seconds
-        # Running commands: task id -> (run id, the scope a cancel notice cancels).
-        self._running: dict[str, tuple[str, anyio.CancelScope]] = {}
-        # Cancel notices that arrived before their run was registered here (a race
-        # between the start being recorded and the notice): run id -> when.
-        self._early_cancels: dict[str, float] = {}
+        self._lease = timedelta(seconds=lease_seconds)
+        self._commands = RunningCommands()
         self._worker = worker or worker_name()
         self._clock = clock
+        self._entropy = entropy
         self._environment = inherited_environment()
         self._relay = OutputRelay(store, keep=output_limit)
 
@@ -116,46 +148,52 @@ class Consumer:
 
     async def _handle(self, delivery: Delivery, slot: anyio.Semaphore) -> None:
         try:
-            await self._process(delivery)
+            started = await self._claim(delivery)
+            if started is not None:
+                task, run = started
+                outcome, cancelled = await self._execute(task, run)
+                await self._record(task, run, outcome, cancelled=cancelled)
         finally:
             slot.release()
 
-    async def _process(self, delivery: Delivery) -> None:
+    async def _claim(self, delivery: Delivery) -> tuple[Task, Run] | None:
+        """Record the delivered run as started by this worker and acknowledge the delivery;
+        ``None`` (delivery settled) when there is nothing to run."""
         dispatch = delivery.dispatch
         if dispatch is None:
             log.error("dead-lettering a message whose body is not a dispatch")
             await settle(delivery.dead_letter)
-            return
+            return None
         # While the store is out of reach the delivery stays unsettled here, and the
         # prefetch limit stops more from arriving.
-        found_task, found_run = await until_available(
+        task, run = await until_available(
             lambda: self._store.get_task_and_run(dispatch.task_id, dispatch.run_id),
             "read a dispatched run",
         )
-        if found_task is None or found_run is None or found_run.status != RunStatus.QUEUED:
+        started = None
+        if task is None or run is None or run.status != RunStatus.QUEUED:
             log.info("skipping %s/%s: not a queued run", dispatch.task_id, dispatch.run_id)
-            await settle(delivery.ack)
-            return
-        queued_task, queued_run = found_task, found_run
-        try:
-            task, run = await until_available(
-                lambda: self._start(queued_task, queued_run), "record a start"
-            )
-        except DomainError as exc:
-            log.info("skipping %s/%s: %s", dispatch.task_id, dispatch.run_id, exc)
-            await settle(delivery.ack)
-            return
+        else:
+            queued_task, queued_run = task, run
+            try:
+                started = await until_available(
+                    lambda: self._start(queued_task, queued_run), "record a start"
+                )
+            except DomainError as exc:
+                log.info("skipping %s/%s: %s", dispatch.task_id, dispatch.run_id, exc)
         await settle(delivery.ack)
-        stop = anyio.CancelScope()
-        self._running[task.id] = (run.run_id, stop)
-        if task.cancel_requested or self._early_cancels.pop(run.run_id, None) is not None:
-            stop.cancel()
+        return started
+
+    async def _execute(self, task: Task, run: Run) -> tuple[Outcome, bool]:
+        """Run the task's command, relaying its output live; return what it produced and
+        whether a cancel notice stopped it. Cancelled (shutdown), it gives the run back
+        to the queue first."""
         started = time.monotonic()
         live = self._relay.open(run.run_id)
         output = CappedOutput(self._output_limit, listener=live.append)
         outcome: Outcome | None = None
         try:
-            with stop:
+            with self._commands.register(task, run) as stop, stop:
                 outcome = await run_command(
                     ["sh", "-c", task.command] if task.command is not None else task.args or [],
                     env=self._environment | task.env,
@@ -168,24 +206,45 @@ class Consumer:
                 await until_available(lambda: self._give_back(run), "requeue a run")
             raise
         finally:
-            del self._running[task.id]
             self._relay.close(live)
         with anyio.move_on_after(SHUTDOWN_BOOKKEEPING_SECONDS):
             await live.finish()
-        # The result matters more than the wait: without it the lease would run out and
-        # the command would run again.
-        if outcome is None:  # stopped by a cancel notice
-            stopped = Outcome(
-                exit_code=None,
-                duration=time.monotonic() - started,
-                output=output.text(),
-                truncated=output.truncated,
-                error=CANCELLED_REASON,
+        if outcome is not None:
+            return outcome, False
+        stopped = Outcome(
+            exit_code=None,
+            duration=time.monotonic() - started,
+            output=output.text(),
+            truncated=output.truncated,
+            error=CANCELLED_REASON,
+        )
+        return stopped, True
+
+    async def _record(self, task: Task, run: Run, outcome: Outcome, *, cancelled: bool) -> None:
+        """Record how the run ended. The result matters more than the wait: without it
+        the lease would run out and the command would run again."""
+        now = self._clock
+
+        def plan(current: Task) -> Transition:
+            if cancelled:
+                return cancel_running(current, run, outcome, now(), entropy=self._entropy)
+            return finish_run(current, run, outcome, now(), entropy=self._entropy)
+
+        try:
+            recorded = await until_available(
+                lambda: transact(self._store, run.task_id, plan, known=task), "record a result"
             )
-            await until_available(lambda: self._cancelled(task, run, stopped), "record a cancel")
-        else:
-            finished = outcome
-            await until_available(lambda: self._finish(task, run, finished), "record a result")
+        except DomainError as exc:
+            log.warning("result of %s/%s not recorded: %s", run.task_id, run.run_id, exc)
+            return
+        log.debug(
+            "%s/%s %s (exit %s, %.3fs)",
+            run.task_id,
+            run.run_id,
+            recorded.task.status,
+            outcome.exit_code,
+            outcome.duration,
+        )
 
     async def _watch_cancels(
         self, *, task_status: StartedStatus[None] = anyio.TASK_STATUS_IGNORED
@@ -199,94 +258,40 @@ class Consumer:
                     task_status = anyio.TASK_STATUS_IGNORED
                     backoff.reset()
                     async for run_id in notices:
-                        self._stop(run_id)
+                        self._commands.stop(run_id)
             except StoreUnavailable as exc:
                 await backoff.wait("cannot watch for cancels", exc)
-
-    def _stop(self, run_id: str) -> None:
-        for task_id, (running_id, scope) in self._running.items():
-            if running_id == run_id:
-                log.info("stopping %s/%s: cancelled", task_id, run_id)
-                scope.cancel()
-                return
-        now = time.monotonic()
-        self._early_cancels = {
-            r: at for r, at in self._early_cancels.items() if now - at < EARLY_CANCEL_SECONDS
-        }
-        self._early_cancels[run_id] = now
-
-    async def _cancelled(self, task: Task, run: Run, outcome: Outcome) -> None:
-        def plan(task: Task) -> TaskChange:
-            cancelled, runs = cancel_running(task, run, outcome, self._clock())
-            return TaskChange(task.id, task.revision, cancelled, runs, _next_due(cancelled))
-
-        try:
-            await transact(self._store, run.task_id, plan, known=task)
-        except DomainError as exc:
-            log.warning("cancel of %s/%s not recorded: %s", run.task_id, run.run_id, exc)
 
     async def _renew_leases(self) -> None:
         """Keep the leases of the running runs ahead of now, so no scheduler takes them
         for lost; a worker that dies stops renewing and its runs are recovered."""
-        pause = self._lease_seconds / 3
+        pause = self._lease.total_seconds() / 3
         while True:
             await anyio.sleep(pause)
-            pause = self._lease_seconds / 3
-            if self._running:
-                until = timestamp(self._clock()) + self._lease_seconds
+            pause = self._lease.total_seconds() / 3
+            if running := self._commands.task_ids():
+                until = (self._clock() + self._lease).timestamp()
                 try:
-                    await self._store.extend_leases(sorted(self._running), until=until)
+                    await self._store.extend_leases(running, until=until)
                 except StoreUnavailable as exc:
                     # Renew as soon as the store is back, before any lease runs out.
                     log.warning("cannot renew run leases: %s", exc)
                     pause = min(pause, RENEW_RETRY_SECONDS)
 
     async def _start(self, task: Task, run: Run) -> tuple[Task, Run]:
-        def plan(task: Task) -> TaskChange:
+        def plan(current: Task) -> Transition:
             now = self._clock()
-            new_task, new_run = start_run(task, run, self._worker, now)
-            lease = DueAt(timestamp(now) + self._lease_seconds)
-            return TaskChange(task.id, task.revision, new_task, runs=[new_run], schedule=lease)
+            return start_run(current, run, self._worker, now, lease_until=now + self._lease)
 
-        change = await transact(self._store, run.task_id, plan, known=task)
-        assert change.task is not None
-        return change.task, change.runs[0]
-
-    async def _finish(self, task: Task, run: Run, outcome: Outcome) -> None:
-        def plan(task: Task) -> TaskChange:
-            finished_task, runs = finish_run(task, run, outcome, self._clock())
-            return TaskChange(
-                task.id, task.revision, finished_task, runs, schedule=_next_due(finished_task)
-            )
-
-        try:
-            change = await transact(self._store, run.task_id, plan, known=task)
-        except DomainError as exc:
-            log.warning("result of %s/%s not recorded: %s", run.task_id, run.run_id, exc)
-            return
-        assert change.task is not None
-        log.debug(
-            "%s/%s %s (exit %s, %.3fs)",
-            run.task_id,
-            run.run_id,
-            change.task.status,
-            outcome.exit_code,
-            outcome.duration,
-        )
+        started = await transact(self._store, run.task_id, plan, known=task)
+        return started.task, started.run
 
     async def _give_back(self, run: Run) -> None:
         """Close a run this worker could not finish and queue the task again."""
 
-        def plan(task: Task) -> TaskChange:
-            now = self._clock()
-            pending, closed, fresh = requeue_run(task, run, "worker shut down", now)
-            return TaskChange(
-                task.id,
-                task.revision,
-                pending,
-                runs=[closed, fresh],
-                schedule=DueAt(timestamp(now)),
-            )
+        def plan(task: Task) -> Transition:
+            reason = "worker shut down"
+            return requeue_run(task, run, reason, self._clock(), entropy=self._entropy)
 
         try:
             await transact(self._store, run.task_id, plan)
@@ -294,8 +299,3 @@ class Consumer:
             log.warning("could not requeue %s/%s: %s", run.task_id, run.run_id, exc)
         else:
             log.info("requeued %s after shutdown interrupted run %s", run.task_id, run.run_id)
-
-
-def _next_due(task: Task) -> ScheduleChange:
-    """After a run its lease entry goes; what is due next takes its place."""
-    return due_at(due_after_run(task))

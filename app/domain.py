@@ -1,17 +1,19 @@
 """The task model and its lifecycle: pure data and pure transitions, no I/O.
 
-Every state change is a function from the current document to the next one; the
-store persists it with a compare-and-set on ``revision`` so that a late or duplicate
-actor can never overwrite a newer state.
+Every state change is a function from the current document to a ``Transition``: the
+next document, the runs to write and the task's entry in ``scheduled_tasks``, whole, so
+that each rule lives here and callers only commit it. The store persists it with a
+compare-and-set on ``revision``, so that a late or duplicate actor can never overwrite
+a newer state. Time comes in as ``now`` and chance (ids, jitter) from an ``Entropy``:
+given those, a transition is deterministic.
 """
 
 from __future__ import annotations
 
 import os
 import random
-import secrets
-import time
 from collections.abc import Sequence
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from enum import StrEnum
 from typing import Annotated
@@ -166,8 +168,8 @@ def next_fires(recurrence: Recurrence, after: datetime, count: int) -> list[date
 _TICK = timedelta(microseconds=1)
 
 
-class Task(msgspec.Struct, kw_only=True):
-    """A task as stored in Redis (``task:{id}``) and returned by the API."""
+class TaskView(msgspec.Struct, kw_only=True):
+    """A task as the API shows it: everything stored but the workers' own bookkeeping."""
 
     id: str
     name: str
@@ -190,11 +192,18 @@ class Task(msgspec.Struct, kw_only=True):
     schedule: Recurrence | None = None
     next_runs: list[datetime] = []
     paused: bool = False
-    cancel_requested: bool = False
     last_run: RunSummary | None = None
     active_run: ActiveRun | None = None
     retry_at: datetime | None = None
     revision: int = 0
+
+
+class Task(TaskView, kw_only=True):
+    """A task as stored in Redis (``task:{id}``)."""
+
+    cancel_requested: bool = False
+    """A cancel was asked for while it ran: its consumer stops the command. Internal: the
+    API does not show it."""
 
 
 class Run(msgspec.Struct, kw_only=True):
@@ -233,6 +242,7 @@ class Outcome(msgspec.Struct, kw_only=True):
 
 
 def utcnow() -> datetime:
+    """The wall clock, in UTC: the default ``clock`` of every role."""
     return datetime.now(UTC)
 
 
@@ -241,57 +251,217 @@ def timestamp(moment: datetime) -> float:
     return moment.timestamp()
 
 
-def new_task_id() -> str:
-    return f"task-{secrets.token_hex(8)}"
-
-
-_last_run_micros = 0
-
-
-def new_run_id() -> str:
-    """A run id that sorts in creation order: microseconds (strictly increasing within a
-    process), then randomness so that ids from different processes never collide."""
-    global _last_run_micros
-    _last_run_micros = max(time.time_ns() // 1000, _last_run_micros + 1)
-    return f"{_last_run_micros:014x}-{secrets.token_hex(4)}"
-
-
 def worker_name() -> str:
     return f"{os.uname().nodename}:{os.getpid()}"
+
+
+class Entropy:
+    """Where the domain's chance comes from: ids and retry jitter.
+
+    Transitions take one (the shared ``ENTROPY`` by default), so that given their
+    inputs and a seeded ``Entropy`` they are deterministic.
+    """
+
+    def __init__(self, rng: random.Random | None = None) -> None:
+        self._rng = rng or random.SystemRandom()
+        self._last_micros = 0
+
+    def task_id(self) -> str:
+        return f"task-{self._rng.getrandbits(64):016x}"
+
+    def run_id(self, now: datetime) -> str:
+        """A run id that sorts in creation order: the microsecond of ``now`` (strictly
+        increasing for one ``Entropy``), then randomness so that ids drawn in different
+        processes never collide."""
+        micros = max((now - _EPOCH) // _TICK, self._last_micros + 1)
+        self._last_micros = micros
+        return f"{micros:014x}-{self._rng.getrandbits(32):08x}"
+
+    def jitter(self) -> float:
+        """A fraction in [0, 1]."""
+        return self._rng.random()
+
+
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+ENTROPY = Entropy()
+
+
+class Keep(msgspec.Struct, frozen=True):
+    """Leave the task's entry in ``scheduled_tasks`` as it is."""
+
+
+class Unschedule(msgspec.Struct, frozen=True):
+    """Remove the task's entry from ``scheduled_tasks``."""
+
+
+class DueAt(msgspec.Struct, frozen=True):
+    """Set the task's entry in ``scheduled_tasks`` to ``when`` (unix seconds)."""
+
+    when: float
+
+
+KEEP = Keep()
+UNSCHEDULE = Unschedule()
+ScheduleChange = Keep | Unschedule | DueAt
+
+
+def due_at(moment: datetime | None) -> ScheduleChange:
+    """The ``scheduled_tasks`` entry of a task next due at ``moment`` (none for ``None``)."""
+    return UNSCHEDULE if moment is None else DueAt(timestamp(moment))
+
+
+@dataclass(frozen=True, slots=True)
+class Transition:
+    """One step of a task's life, whole: what the store commits at once or not at all.
+
+    ``before`` is the document it was computed from (``None``: a new task), ``after``
+    the next one (``None``: the task is deleted), ``runs`` the run records to write and
+    ``schedule`` what becomes of the task's entry in ``scheduled_tasks``: its next due
+    time, or while a run is active, that run's dispatch claim or lease.
+    """
+
+    before: Task | None
+    after: Task | None
+    runs: tuple[Run, ...] = ()
+    schedule: ScheduleChange = KEEP
+
+    @property
+    def task_id(self) -> str:
+        task = self.after or self.before
+        assert task is not None
+        return task.id
+
+    @property
+    def task(self) -> Task:
+        """The next document (a deletion has none)."""
+        assert self.after is not None
+        return self.after
+
+    @property
+    def run(self) -> Run:
+        """The first run written."""
+        return self.runs[0]
+
+
+def _step(
+    before: Task | None, after: Task, runs: Sequence[Run] = (), schedule: ScheduleChange = KEEP
+) -> Transition:
+    return Transition(before=before, after=_settled(after), runs=tuple(runs), schedule=schedule)
+
+
+def waits_for_one_shot(task: Task) -> bool:
+    """Whether a run of the task is coming at a one-shot time and none is active."""
+    return (
+        task.active_run is None
+        and task.schedule is None
+        and task.scheduled_at is not None
+        and not task.paused
+    )
+
+
+def _settled(task: Task) -> Task:
+    """``task`` with the status its state implies when no run is active: ``pending``
+    while it waits for a one-shot time (a run is coming); once it stops waiting, what
+    its last run left (``created`` if none). A recurring task keeps its status between
+    fires."""
+    if task.active_run is not None:
+        return task
+    if waits_for_one_shot(task):
+        return msgspec.structs.replace(task, status=TaskStatus.PENDING)
+    if task.status == TaskStatus.PENDING:
+        return msgspec.structs.replace(task, status=_last_outcome(task))
+    return task
+
+
+def _last_outcome(task: Task) -> TaskStatus:
+    outcomes = {
+        RunStatus.COMPLETED: TaskStatus.COMPLETED,
+        RunStatus.FAILED: TaskStatus.FAILED,
+        RunStatus.CANCELLED: TaskStatus.CANCELLED,
+    }
+    last = task.last_run
+    return TaskStatus.CREATED if last is None else outcomes.get(last.status, TaskStatus.CREATED)
+
+
+def _entry_unless_busy(task: Task, after: Task) -> ScheduleChange:
+    """The entry of a task whose schedule changed: its next due time, unless a run is
+    active: the entry is then that run's (dispatch claim or lease), and what is due next
+    becomes due when the run ends."""
+    if task.active_run is not None:
+        return KEEP
+    return due_at(None if after.paused else after.scheduled_at)
+
+
+def _entry_after_run(task: Task) -> ScheduleChange:
+    """After a run its lease entry goes; what is due next takes its place: its retry,
+    or its next scheduled time (unless paused), or nothing."""
+    if task.retry_at is not None:
+        return due_at(task.retry_at)
+    return due_at(None if task.paused else task.scheduled_at)
 
 
 def _advance(task: Task, now: datetime, **changes: object) -> Task:
     return msgspec.structs.replace(task, updated_at=now, revision=task.revision + 1, **changes)
 
 
-def _pending_with_new_run(task: Task, attempt: int, now: datetime) -> tuple[Task, Run]:
+def create(task: Task) -> Transition:
+    """A new task: it waits for its ``scheduled_at`` when it has one."""
+    return _step(None, task, schedule=due_at(task.scheduled_at))
+
+
+def delete(task: Task) -> Transition:
+    """The task goes, with its runs and its entry."""
+    return Transition(before=task, after=None, schedule=UNSCHEDULE)
+
+
+def touch(task: Task, now: datetime, **changes: object) -> Transition:
+    """Any other change to the document (an update from the API)."""
+    return _step(task, _advance(task, now, **changes))
+
+
+def _pending_with_new_run(
+    task: Task, attempt: int, now: datetime, entropy: Entropy, **changes: object
+) -> tuple[Task, Run]:
     run = Run(
-        run_id=new_run_id(),
+        run_id=entropy.run_id(now),
         task_id=task.id,
         attempt=attempt,
         status=RunStatus.QUEUED,
         queued_at=now,
     )
     active = ActiveRun(run_id=run.run_id, attempt=run.attempt)
-    return _advance(task, now, status=TaskStatus.PENDING, active_run=active), run
+    pending = _advance(task, now, status=TaskStatus.PENDING, active_run=active, **changes)
+    return pending, run
 
 
-def queue_run(task: Task, now: datetime) -> tuple[Task, Run]:
-    """Put an idle task in ``pending`` with a new queued run."""
-    if task.status in ACTIVE_STATUSES:
+def _require_idle(task: Task) -> None:
+    if task.active_run is not None:
         raise InvalidTransition(f"task {task.id!r} is already {task.status}")
-    return _pending_with_new_run(task, 1, now)
 
 
-def fire_schedule(task: Task, now: datetime) -> tuple[Task, Run]:
+def queue_run(task: Task, now: datetime, *, entropy: Entropy = ENTROPY) -> Transition:
+    """Run the task now: ``pending`` with a new queued run, due at once. Refused while a
+    run is active. A one-shot time the task waits for is consumed: this is that run,
+    brought forward."""
+    _require_idle(task)
+    consumed: dict[str, object] = {}
+    if waits_for_one_shot(task):
+        consumed = {"scheduled_at": None, "next_runs": []}
+    pending, run = _pending_with_new_run(task, 1, now, entropy, **consumed)
+    return _step(task, pending, [run], DueAt(timestamp(now)))
+
+
+def fire_schedule(task: Task, now: datetime, *, entropy: Entropy = ENTROPY) -> Transition:
     """Queue the run a due ``scheduled_at`` asks for.
 
     A one-shot time is consumed; a recurrence moves on to its next fire time after
     ``now``, so fires missed while nothing ran (downtime) give one run, not one each.
     A recurring task with ``misfire: skip`` whose fire is later than its grace time
-    runs nothing: the returned run is ``skipped`` and the task waits for its next fire.
+    runs nothing: the run written is ``skipped`` and the task waits for its next fire.
+    The queued run's entry stays the scheduler's claim until its dispatch is confirmed.
     """
     assert task.scheduled_at is not None
+    _require_idle(task)
     upcoming = [] if task.schedule is None else next_fires(task.schedule, now, NEXT_RUNS_SHOWN)
     scheduled_at = upcoming[0] if upcoming else None
     late = (now - task.scheduled_at).total_seconds()
@@ -301,15 +471,30 @@ def fire_schedule(task: Task, now: datetime) -> tuple[Task, Run]:
             f"misfire: the fire due at {_iso(task.scheduled_at)} came {late:.0f} s late "
             f"(grace {task.misfire_grace:g} s); it and any later missed fires were skipped"
         )
-        skipped = _skipped_run(task, task.scheduled_at, reason, now)
-        return _advance(task, now, scheduled_at=scheduled_at, next_runs=upcoming), skipped
-    queued, run = queue_run(task, now)
-    return msgspec.structs.replace(queued, scheduled_at=scheduled_at, next_runs=upcoming), run
+        skipped = _skipped_run(task, task.scheduled_at, reason, now, entropy)
+        waiting = _advance(task, now, scheduled_at=scheduled_at, next_runs=upcoming)
+        return _step(task, waiting, [skipped], due_at(scheduled_at))
+    pending, run = _pending_with_new_run(
+        task, 1, now, entropy, scheduled_at=scheduled_at, next_runs=upcoming
+    )
+    return _step(task, pending, [run])
 
 
-def _skipped_run(task: Task, due: datetime, reason: str, now: datetime) -> Run:
+def restore_entry(task: Task, now: datetime) -> Transition:
+    """Put back the entry of an idle task claimed before its time, at that time."""
+    assert task.scheduled_at is not None
+    return _step(task, _advance(task, now), schedule=DueAt(timestamp(task.scheduled_at)))
+
+
+def extend_lease(task: Task, now: datetime, until: datetime) -> Transition:
+    """Move a running task's lease entry to ``until`` (its consumer could not renew it
+    while the store was out of reach)."""
+    return _step(task, _advance(task, now), schedule=DueAt(timestamp(until)))
+
+
+def _skipped_run(task: Task, due: datetime, reason: str, now: datetime, entropy: Entropy) -> Run:
     return Run(
-        run_id=new_run_id(),
+        run_id=entropy.run_id(now),
         task_id=task.id,
         attempt=1,
         status=RunStatus.SKIPPED,
@@ -323,7 +508,7 @@ def _iso(moment: datetime) -> str:
     return moment.astimezone(UTC).isoformat().replace("+00:00", "Z")
 
 
-def _end_overlap(task: Task, ended: Run, now: datetime) -> tuple[Task, list[Run]]:
+def _end_overlap(task: Task, ended: Run, now: datetime, entropy: Entropy) -> tuple[Task, list[Run]]:
     """Settle a fire that came due while ``ended`` ran, now that the task is idle again.
 
     ``overlap: queue`` runs it now (it is not a misfire: the scheduler was not late);
@@ -337,28 +522,38 @@ def _end_overlap(task: Task, ended: Run, now: datetime) -> tuple[Task, list[Run]
         return msgspec.structs.replace(task, scheduled_at=now, next_runs=upcoming), []
     upcoming = [] if task.schedule is None else next_fires(task.schedule, now, NEXT_RUNS_SHOWN)
     reason = f"overlap: due at {_iso(due)} while run {ended.run_id} had not ended"
-    skipped = _skipped_run(task, due, reason, now)
+    skipped = _skipped_run(task, due, reason, now, entropy)
     waiting = msgspec.structs.replace(
         task, scheduled_at=upcoming[0] if upcoming else None, next_runs=upcoming
     )
     return waiting, [skipped]
 
 
-def start_run(task: Task, run: Run, worker: str, now: datetime) -> tuple[Task, Run]:
-    """A worker takes a queued run."""
+def _ended(task: Task, after: Task, runs: Sequence[Run]) -> Transition:
+    """A transition that ends a run: the run's entry gives way to what is due next."""
+    return _step(task, after, runs, _entry_after_run(after))
+
+
+def start_run(
+    task: Task, run: Run, worker: str, now: datetime, *, lease_until: datetime
+) -> Transition:
+    """A worker takes a queued run; the task's entry becomes the run's lease, which the
+    worker renews while the command runs."""
     if task.status != TaskStatus.PENDING or task.active_run is None:
         raise InvalidTransition(f"task {task.id!r} is {task.status}, not pending")
     if task.active_run.run_id != run.run_id or run.status != RunStatus.QUEUED:
         raise InvalidTransition(f"run {run.run_id!r} is not the queued run of {task.id!r}")
     started = msgspec.structs.replace(run, status=RunStatus.RUNNING, started_at=now, worker=worker)
-    return _advance(task, now, status=TaskStatus.RUNNING, retry_at=None), started
+    running = _advance(task, now, status=TaskStatus.RUNNING, retry_at=None)
+    return _step(task, running, [started], DueAt(timestamp(lease_until)))
 
 
-def retry_delay(task: Task, attempt: int) -> float:
-    """Seconds before the attempt after ``attempt``: exponential, with equal jitter so that
-    tasks failing together do not retry together."""
-    ceiling = task.retry_backoff * 2 ** (attempt - 1)
-    return ceiling / 2 + random.uniform(0, ceiling / 2)
+def retry_delay(task: Task, attempt: int, entropy: Entropy = ENTROPY) -> float:
+    """Seconds before the attempt after ``attempt``: exponential from ``retry_backoff``,
+    which is a floor; jitter adds up to half of it again, so that tasks failing together
+    do not retry together."""
+    floor = task.retry_backoff * 2 ** (attempt - 1)
+    return floor + floor / 2 * entropy.jitter()
 
 
 def _require_running(task: Task, run: Run) -> None:
@@ -383,12 +578,14 @@ def _summary_of(run: Run) -> RunSummary:
     )
 
 
-def finish_run(task: Task, run: Run, outcome: Outcome, now: datetime) -> tuple[Task, list[Run]]:
+def finish_run(
+    task: Task, run: Run, outcome: Outcome, now: datetime, *, entropy: Entropy = ENTROPY
+) -> Transition:
     """Record a run's outcome: ``completed`` when the exit code is one of the task's
     success codes; otherwise the next attempt is queued after a backoff while attempts
     are left (the task stays ``pending``, ``retry_at`` says when), else ``failed``.
 
-    Returns the task and the runs to write (the finished one, and a queued retry if any).
+    Writes the finished run, and a queued retry if any.
     """
     _require_running(task, run)
     succeeded = outcome.succeeded(task.success_exit_codes)
@@ -404,11 +601,11 @@ def finish_run(task: Task, run: Run, outcome: Outcome, now: datetime) -> tuple[T
         timed_out=outcome.timed_out,
         error=outcome.error,
     )
-    return _after_attempt(task, finished, succeeded, now)
+    return _ended(task, *_after_attempt(task, finished, succeeded, now, entropy))
 
 
 def _after_attempt(
-    task: Task, ended: Run, succeeded: bool, now: datetime
+    task: Task, ended: Run, succeeded: bool, now: datetime, entropy: Entropy
 ) -> tuple[Task, list[Run]]:
     """The task once the attempt ``ended``: a failed one with attempts left queues the
     next attempt after a backoff (the task stays ``pending``, ``retry_at`` says when);
@@ -419,17 +616,22 @@ def _after_attempt(
     """
     summary = _summary_of(ended)
     if not succeeded and ended.attempt < task.max_attempts:
-        pending, retry = _pending_with_new_run(task, ended.attempt + 1, now)
-        retry_at = now + timedelta(seconds=retry_delay(task, ended.attempt))
-        waiting = msgspec.structs.replace(
-            pending, last_run=summary, retry_at=retry_at, cancel_requested=False
+        retry_at = now + timedelta(seconds=retry_delay(task, ended.attempt, entropy))
+        waiting, retry = _pending_with_new_run(
+            task,
+            ended.attempt + 1,
+            now,
+            entropy,
+            last_run=summary,
+            retry_at=retry_at,
+            cancel_requested=False,
         )
         return waiting, [ended, retry]
     task_status = TaskStatus.COMPLETED if succeeded else TaskStatus.FAILED
     done = _advance(
         task, now, status=task_status, last_run=summary, active_run=None, cancel_requested=False
     )
-    idle, skipped = _end_overlap(done, ended, now)
+    idle, skipped = _end_overlap(done, ended, now, entropy)
     return idle, [ended, *skipped]
 
 
@@ -443,10 +645,7 @@ DEAD_LETTERED_REASON = (
 )
 
 
-def dead_lettered(task: Task, run: Run, now: datetime) -> tuple[Task, list[Run]]:
-    """The broker gave up on the dispatch message of a queued run. The run counts it and
-    stays queued, to be dispatched again; at ``DEAD_LETTER_LIMIT`` it fails, and the task
-    goes on as after any failed attempt (``active_run`` then is no longer ``run``)."""
+def _require_queued(task: Task, run: Run) -> None:
     if (
         task.status != TaskStatus.PENDING
         or task.active_run is None
@@ -454,33 +653,63 @@ def dead_lettered(task: Task, run: Run, now: datetime) -> tuple[Task, list[Run]]
         or run.status != RunStatus.QUEUED
     ):
         raise InvalidTransition(f"run {run.run_id!r} is not the queued run of {task.id!r}")
+
+
+def dead_lettered(
+    task: Task, run: Run, now: datetime, *, resend_at: datetime, entropy: Entropy = ENTROPY
+) -> Transition:
+    """The broker gave up on the dispatch message of a queued run. The run counts it and
+    stays queued, to be dispatched again at ``resend_at``; at ``DEAD_LETTER_LIMIT`` it
+    fails, and the task goes on as after any failed attempt (``active_run`` then is no
+    longer ``run``)."""
+    _require_queued(task, run)
     counted = msgspec.structs.replace(run, dead_letters=run.dead_letters + 1)
     if counted.dead_letters < DEAD_LETTER_LIMIT:
-        return _advance(task, now), [counted]
+        return _step(task, _advance(task, now), [counted], DueAt(timestamp(resend_at)))
     failed = msgspec.structs.replace(
         counted, status=RunStatus.FAILED, finished_at=now, error=DEAD_LETTERED_REASON
     )
-    return _after_attempt(task, failed, False, now)
+    return _ended(task, *_after_attempt(task, failed, False, now, entropy))
 
 
 CANCELLED_REASON = "cancelled"
 
 
-def cancel_queued(task: Task, run: Run, now: datetime) -> tuple[Task, list[Run]]:
-    """Cancel a pending task: its queued run never starts."""
-    if task.status != TaskStatus.PENDING or task.active_run is None:
-        raise InvalidTransition(f"task {task.id!r} is {task.status}, not pending")
-    return _close_cancelled(task, run, now)
+def cancel(
+    task: Task, active: Run | None, now: datetime, *, entropy: Entropy = ENTROPY
+) -> Transition:
+    """Stop what is coming for the task: a running command (its consumer stops it and
+    records the cancellation), a queued run (it never starts), or a one-shot time the
+    task waits for (nothing runs at it). ``active`` is the task's active run, if any."""
+    if task.status == TaskStatus.RUNNING:
+        return request_cancel(task, now)
+    if task.active_run is not None:
+        assert active is not None, "the active run is read with the task"
+        return cancel_queued(task, active, now, entropy=entropy)
+    if waits_for_one_shot(task):
+        cancelled = _advance(
+            task, now, status=TaskStatus.CANCELLED, scheduled_at=None, next_runs=[]
+        )
+        return _step(task, cancelled, schedule=UNSCHEDULE)
+    raise InvalidTransition(f"task {task.id!r} is {task.status}: nothing to cancel")
 
 
-def request_cancel(task: Task, now: datetime) -> Task:
+def cancel_queued(task: Task, run: Run, now: datetime, *, entropy: Entropy = ENTROPY) -> Transition:
+    """Cancel a pending task's queued run: it never starts."""
+    _require_queued(task, run)
+    return _ended(task, *_close_cancelled(task, run, now, entropy))
+
+
+def request_cancel(task: Task, now: datetime) -> Transition:
     """Ask the consumer running the task to stop it (it records the cancellation)."""
     if task.status != TaskStatus.RUNNING:
         raise InvalidTransition(f"task {task.id!r} is {task.status}, not running")
-    return _advance(task, now, cancel_requested=True)
+    return _step(task, _advance(task, now, cancel_requested=True))
 
 
-def cancel_running(task: Task, run: Run, outcome: Outcome, now: datetime) -> tuple[Task, list[Run]]:
+def cancel_running(
+    task: Task, run: Run, outcome: Outcome, now: datetime, *, entropy: Entropy = ENTROPY
+) -> Transition:
     """Record a running run stopped on request, with what it printed until then."""
     _require_running(task, run)
     stopped = msgspec.structs.replace(
@@ -490,10 +719,12 @@ def cancel_running(task: Task, run: Run, outcome: Outcome, now: datetime) -> tup
         output=outcome.output,
         truncated=outcome.truncated,
     )
-    return _close_cancelled(task, stopped, now)
+    return _ended(task, *_close_cancelled(task, stopped, now, entropy))
 
 
-def _close_cancelled(task: Task, run: Run, now: datetime) -> tuple[Task, list[Run]]:
+def _close_cancelled(
+    task: Task, run: Run, now: datetime, entropy: Entropy
+) -> tuple[Task, list[Run]]:
     """Close ``run`` as cancelled; returns the task and the runs to write (the closed one,
     then a skipped fire if one came due meanwhile under ``overlap: forbid``)."""
     closed = msgspec.structs.replace(
@@ -509,91 +740,99 @@ def _close_cancelled(task: Task, run: Run, now: datetime) -> tuple[Task, list[Ru
         retry_at=None,
         cancel_requested=False,
     )
-    idle, skipped = _end_overlap(cancelled, closed, now)
+    idle, skipped = _end_overlap(cancelled, closed, now, entropy)
     return idle, [closed, *skipped]
 
 
-def requeue_run(task: Task, run: Run, reason: str, now: datetime) -> tuple[Task, Run, Run]:
-    """Give back a run this worker could not finish (shutdown): close it, queue a fresh one.
-
-    Returns the task, the closed run and the new queued run.
-    """
+def requeue_run(
+    task: Task, run: Run, reason: str, now: datetime, *, entropy: Entropy = ENTROPY
+) -> Transition:
+    """Give back a run this worker could not finish (shutdown): close it and queue a
+    fresh one, due at once. Writes the closed run, then the new queued one."""
     if task.active_run is None or task.active_run.run_id != run.run_id:
         raise InvalidTransition(f"run {run.run_id!r} is not the active run of {task.id!r}")
     closed = msgspec.structs.replace(run, status=RunStatus.CANCELLED, finished_at=now, error=reason)
-    pending, fresh = _pending_with_new_run(task, run.attempt, now)
-    return pending, closed, fresh
+    pending, fresh = _pending_with_new_run(task, run.attempt, now, entropy)
+    return _step(task, pending, [closed, fresh], DueAt(timestamp(now)))
 
 
 LOST_RUN_LIMIT = 3
 """Attempts a task gets when its runs keep being lost (their worker dies mid-run)."""
 
 
-def lose_run(task: Task, run: Run, now: datetime) -> tuple[Task, list[Run]]:
+def lose_run(task: Task, run: Run, now: datetime, *, entropy: Entropy = ENTROPY) -> Transition:
     """A run whose worker stopped renewing its lease: close it as failed, then queue the
     next attempt, or fail the task once ``LOST_RUN_LIMIT`` attempts were made.
 
-    Returns the task and the runs to write (the lost one, and the new queued one if any).
+    Writes the lost run, and the new queued one if any. A new queued run keeps the entry
+    (the scheduler's claim) until its dispatch is confirmed.
     """
     _require_running(task, run)
     if task.cancel_requested:
-        return _close_cancelled(task, run, now)
+        return _ended(task, *_close_cancelled(task, run, now, entropy))
     reason = f"lost: worker {run.worker} stopped renewing its lease"
     lost = msgspec.structs.replace(run, status=RunStatus.FAILED, finished_at=now, error=reason)
     if run.attempt < LOST_RUN_LIMIT:
-        pending, fresh = _pending_with_new_run(task, run.attempt + 1, now)
-        return pending, [lost, fresh]
+        pending, fresh = _pending_with_new_run(task, run.attempt + 1, now, entropy)
+        return _step(task, pending, [lost, fresh])
     summary = _summary_of(lost)
     failed = _advance(task, now, status=TaskStatus.FAILED, last_run=summary, active_run=None)
-    idle, skipped = _end_overlap(failed, lost, now)
-    return idle, [lost, *skipped]
+    idle, skipped = _end_overlap(failed, lost, now, entropy)
+    return _ended(task, idle, [lost, *skipped])
 
 
-def reschedule(task: Task, at: datetime, now: datetime) -> Task:
-    """Run once at ``at`` (replacing any recurrence)."""
-    return _advance(task, now, scheduled_at=at, schedule=None, next_runs=[at], paused=False)
+def reschedule(task: Task, at: datetime, now: datetime) -> Transition:
+    """Run once at ``at`` (replacing any recurrence): the task is ``pending`` until then."""
+    scheduled = _advance(task, now, scheduled_at=at, schedule=None, next_runs=[at], paused=False)
+    return _step(task, scheduled, schedule=_entry_unless_busy(task, scheduled))
 
 
-def recur(task: Task, recurrence: Recurrence, now: datetime) -> Task:
+def recur(task: Task, recurrence: Recurrence, now: datetime) -> Transition:
     """Run on ``recurrence`` from now on; raises ``InvalidSchedule`` if it never fires."""
     upcoming = next_fires(recurrence, now, NEXT_RUNS_SHOWN)
     if not upcoming:
         raise InvalidSchedule("the schedule never fires after now (is `end` in the past?)")
-    return _advance(task, now, scheduled_at=upcoming[0], schedule=recurrence, next_runs=upcoming)
+    recurring = _advance(
+        task, now, scheduled_at=upcoming[0], schedule=recurrence, next_runs=upcoming, paused=False
+    )
+    return _step(task, recurring, schedule=_entry_unless_busy(task, recurring))
 
 
-def due_after_run(task: Task) -> datetime | None:
-    """When the task is due next once a run of it ended: its retry, or its next scheduled
-    time (unless paused), or never."""
-    if task.retry_at is not None:
-        return task.retry_at
-    if task.scheduled_at is not None and not task.paused:
-        return task.scheduled_at
-    return None
-
-
-def pause(task: Task, now: datetime) -> Task:
+def pause(task: Task, now: datetime) -> Transition:
     """Stop scheduled fires until ``resume``; running it by hand still works."""
     if task.scheduled_at is None:
         raise InvalidTransition(f"task {task.id!r} has no schedule to pause")
-    return _advance(task, now, paused=True)
+    paused = _advance(task, now, paused=True)
+    return _step(task, paused, schedule=_entry_unless_busy(task, paused))
 
 
-def resume(task: Task, now: datetime) -> Task:
+def resume(task: Task, now: datetime) -> Transition:
     """Fire on schedule again: a recurrence goes on from now (fires missed while paused
     are skipped); a one-shot time that passed meanwhile fires at once."""
     if not task.paused:
         raise InvalidTransition(f"task {task.id!r} is not paused")
     if task.schedule is not None:
-        return msgspec.structs.replace(recur(task, task.schedule, now), paused=False)
-    return _advance(task, now, paused=False)
+        upcoming = next_fires(task.schedule, now, NEXT_RUNS_SHOWN)
+        if not upcoming:
+            raise InvalidSchedule("the schedule never fires after now (is `end` in the past?)")
+        resumed = _advance(task, now, scheduled_at=upcoming[0], next_runs=upcoming, paused=False)
+    else:
+        resumed = _advance(task, now, paused=False)
+    return _step(task, resumed, schedule=_entry_unless_busy(task, resumed))
 
 
-def unschedule(task: Task, now: datetime) -> Task:
+def unschedule(task: Task, now: datetime) -> Transition:
     """No more scheduled runs (a run already queued or running is not affected)."""
-    return _advance(task, now, scheduled_at=None, schedule=None, next_runs=[], paused=False)
+    idle = _advance(task, now, scheduled_at=None, schedule=None, next_runs=[], paused=False)
+    return _step(task, idle, schedule=_entry_unless_busy(task, idle))
 
 
-def touch(task: Task, now: datetime, **changes: object) -> Task:
-    """Any other change to the document (an update from the API)."""
-    return _advance(task, now, **changes)
+def set_aside(task: Task, problem: str, now: datetime, *, entropy: Entropy = ENTROPY) -> Transition:
+    """Unschedule a task whose schedule cannot be planned (a recurrence the calendar
+    cannot compute, say), writing a skipped run whose ``error`` says why, so a user sees
+    it. A run already active goes on under its own entry."""
+    due = task.scheduled_at or now
+    reason = f"unscheduled: its next fire could not be planned ({problem})"
+    skipped = _skipped_run(task, due, reason, now, entropy)
+    idle = _advance(task, now, scheduled_at=None, schedule=None, next_runs=[], paused=False)
+    return _step(task, idle, [skipped], _entry_unless_busy(task, idle))

@@ -10,12 +10,17 @@ from __future__ import annotations
 from collections.abc import AsyncIterator, Sequence
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass, field
-from datetime import datetime
 from typing import Literal, Protocol
 
 import msgspec
 
-from app.domain import Run, Task, TaskStatus, timestamp
+# The schedule-entry vocabulary is the domain's; adapters and tests reach it here too.
+from app.domain import KEEP as KEEP
+from app.domain import UNSCHEDULE as UNSCHEDULE
+from app.domain import DueAt as DueAt
+from app.domain import Keep as Keep
+from app.domain import Run, ScheduleChange, Task, TaskStatus, Transition
+from app.domain import Unschedule as Unschedule
 
 
 class StoreUnavailable(Exception):
@@ -24,30 +29,6 @@ class StoreUnavailable(Exception):
 
 class BrokerUnavailable(Exception):
     """The broker cannot be reached right now; the operation may be retried later."""
-
-
-class Keep(msgspec.Struct, frozen=True):
-    """Leave the task's entry in ``scheduled_tasks`` as it is."""
-
-
-class Unschedule(msgspec.Struct, frozen=True):
-    """Remove the task's entry from ``scheduled_tasks``."""
-
-
-class DueAt(msgspec.Struct, frozen=True):
-    """Set the task's entry in ``scheduled_tasks`` to ``when`` (unix seconds)."""
-
-    when: float
-
-
-KEEP = Keep()
-UNSCHEDULE = Unschedule()
-ScheduleChange = Keep | Unschedule | DueAt
-
-
-def due_at(moment: datetime | None) -> ScheduleChange:
-    """The ``scheduled_tasks`` entry of a task next due at ``moment`` (none for ``None``)."""
-    return UNSCHEDULE if moment is None else DueAt(timestamp(moment))
 
 
 @dataclass(frozen=True, slots=True)
@@ -65,6 +46,19 @@ class TaskChange:
     task: Task | None
     runs: Sequence[Run] = ()
     schedule: ScheduleChange = field(default=KEEP)
+
+    @classmethod
+    def of(cls, transition: Transition) -> TaskChange:
+        """The change that commits ``transition``, checked against the revision it was
+        computed from."""
+        before = transition.before
+        return cls(
+            task_id=transition.task_id,
+            expected_revision=None if before is None else before.revision,
+            task=transition.after,
+            runs=transition.runs,
+            schedule=transition.schedule,
+        )
 
 
 @dataclass(frozen=True, slots=True)

@@ -16,44 +16,38 @@ retries or fails instead of waiting in ``pending`` for ever.
 from __future__ import annotations
 
 import logging
-import math
 import secrets
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
 
 import anyio
 from anyio.abc import TaskStatus as StartedStatus
 
 from app.domain import (
-    ACTIVE_STATUSES,
     DEAD_LETTER_LIMIT,
+    ENTROPY,
     DomainError,
+    Entropy,
     Run,
     RunStatus,
     Task,
     TaskStatus,
+    Transition,
     dead_lettered,
-    due_after_run,
+    extend_lease,
     fire_schedule,
     lose_run,
+    restore_entry,
+    set_aside,
     timestamp,
-    touch,
     utcnow,
     worker_name,
 )
 from app.outages import OUTAGES, Backoff, settle, until_available
-from app.ports import (
-    Broker,
-    Delivery,
-    Dispatch,
-    DueAt,
-    Store,
-    TaskChange,
-    due_at,
-)
-from app.service import transact
+from app.ports import Broker, Delivery, Dispatch, Store, TaskChange
 from app.stopping import cancel_when_set
+from app.transactions import transact
 
 log = logging.getLogger(__name__)
 
@@ -66,14 +60,27 @@ DEAD_LETTER_PREFETCH = 10
 
 @dataclass(frozen=True, slots=True)
 class _Plan:
-    """What dispatching one claimed task takes: a change to commit first, and/or a message."""
+    """What dispatching one claimed task takes: a transition to commit first, and/or a
+    message. ``keep_claim`` leaves the entry leased (planned again when the lease ends)."""
 
-    change: TaskChange | None = None
+    change: Transition | None = None
     dispatch: Dispatch | None = None
+    keep_claim: bool = False
+
+
+def _dispatch_of(run: Transition) -> Dispatch:
+    """The message for the queued run ``run`` wrote last."""
+    queued = run.runs[-1]
+    return Dispatch(task_id=queued.task_id, run_id=queued.run_id, attempt=queued.attempt)
 
 
 def plan_dispatch(
-    task: Task, now: float, running: Run | None = None, *, extend_lease_to: float | None = None
+    task: Task,
+    now: datetime,
+    running: Run | None = None,
+    *,
+    extend_lease_to: datetime | None = None,
+    entropy: Entropy = ENTROPY,
 ) -> _Plan:
     """Decide what a claimed entry of ``scheduled_tasks`` means for its task now.
 
@@ -87,40 +94,36 @@ def plan_dispatch(
     if task.status == TaskStatus.RUNNING and running is not None:
         # A running task's entry is its run's lease: due means nobody renewed it ...
         if extend_lease_to is None:
-            return _recover_lost_run(task, running)
+            return _recover_lost_run(task, running, now, entropy)
         # ... unless the store was just out of reach for everyone, consumers included.
-        extended = touch(task, utcnow())
-        lease = DueAt(extend_lease_to)
-        return _Plan(change=TaskChange(task.id, task.revision, extended, schedule=lease))
-    if task.status in ACTIVE_STATUSES or task.scheduled_at is None or task.paused:
+        return _Plan(change=extend_lease(task, now, extend_lease_to))
+    if task.active_run is not None or task.scheduled_at is None or task.paused:
         return _Plan()  # a stale entry
-    due = timestamp(task.scheduled_at)
-    if due > now:
-        repaired = touch(task, utcnow())
-        return _Plan(change=TaskChange(task.id, task.revision, repaired, schedule=DueAt(due)))
-    fired, run = fire_schedule(task, utcnow())
-    if run.status == RunStatus.SKIPPED:  # a misfire the task's policy skips
-        change = TaskChange(task.id, task.revision, fired, [run], due_at(fired.scheduled_at))
-        return _Plan(change=change)
-    return _Plan(
-        change=TaskChange(task.id, task.revision, fired, runs=[run]),
-        dispatch=Dispatch(task_id=task.id, run_id=run.run_id, attempt=run.attempt),
-    )
+    if task.scheduled_at > now:
+        return _Plan(change=restore_entry(task, now))
+    fired = fire_schedule(task, now, entropy=entropy)
+    if fired.task.active_run is None:  # a misfire the task's policy skips
+        return _Plan(change=fired)
+    return _Plan(change=fired, dispatch=_dispatch_of(fired))
 
 
-def _recover_lost_run(task: Task, run: Run) -> _Plan:
-    now = utcnow()
-    recovered, runs = lose_run(task, run, now)
-    log.warning("run %s/%s was lost (%s)", task.id, run.run_id, runs[0].error)
-    if recovered.active_run is None:
-        # Out of attempts: failed. What is due next becomes due, as after any run.
-        schedule = due_at(due_after_run(recovered))
-        return _Plan(change=TaskChange(task.id, task.revision, recovered, runs, schedule))
-    fresh = recovered.active_run
-    return _Plan(
-        change=TaskChange(task.id, task.revision, recovered, runs),
-        dispatch=Dispatch(task_id=task.id, run_id=fresh.run_id, attempt=fresh.attempt),
-    )
+def _recover_lost_run(task: Task, run: Run, now: datetime, entropy: Entropy) -> _Plan:
+    recovered = lose_run(task, run, now, entropy=entropy)
+    log.warning("run %s/%s was lost (%s)", task.id, run.run_id, recovered.run.error)
+    if recovered.task.active_run is None:  # out of attempts: failed
+        return _Plan(change=recovered)
+    return _Plan(change=recovered, dispatch=_dispatch_of(recovered))
+
+
+def _set_aside(task: Task, problem: Exception, now: datetime, entropy: Entropy) -> _Plan:
+    """The plan for a task that planning failed on (say, a recurrence the calendar cannot
+    compute): unscheduled, with a skipped run saying why, so that one bad document neither
+    stops the batch nor comes back on every pass. A run still active keeps its entry:
+    its claim is left to run out, and the task planned again then."""
+    log.error("cannot plan task %r; unscheduling it", task.id, exc_info=problem)
+    reason = f"{type(problem).__name__}: {problem}"
+    change = set_aside(task, reason, now, entropy=entropy)
+    return _Plan(change=change, keep_claim=task.active_run is not None)
 
 
 class Scheduler:
@@ -133,15 +136,20 @@ class Scheduler:
         *,
         lease_seconds: float,
         batch_size: int = 500,
-        clock: Callable[[], float] = time.time,
+        clock: Callable[[], datetime] = utcnow,
+        entropy: Entropy = ENTROPY,
     ) -> None:
         self._store = store
         self._broker = broker
-        self._lease = lease_seconds
+        self._lease = timedelta(seconds=lease_seconds)
         self._batch_size = batch_size
         self._clock = clock
+        self._entropy = entropy
         self._token = f"{worker_name()}:{secrets.token_hex(4)}"
-        self._reap_not_before = 0.0
+        # After a store or broker outage, leases get a period to be renewed before an
+        # expired one is taken for a lost run.
+        self._in_outage = False
+        self._reap_not_before = datetime.min.replace(tzinfo=UTC)
 
     async def run(
         self, stopping: anyio.Event, *, task_status: StartedStatus[None] = anyio.TASK_STATUS_IGNORED
@@ -162,32 +170,33 @@ class Scheduler:
                     # Claims already taken stay leased: nothing is lost while we wait.
                     # Consumers could not renew their leases meanwhile either: give them
                     # a lease period once the outage is over before taking runs for lost.
-                    self._reap_not_before = math.inf
+                    self._in_outage = True
                     await backoff.wait("scheduler cannot dispatch", exc)
                 else:
                     backoff.reset()
-                    if self._reap_not_before == math.inf:
+                    if self._in_outage:
+                        self._in_outage = False
                         self._reap_not_before = self._clock() + self._lease
 
     async def dispatch_due(self) -> int:
         """Dispatch one batch of due tasks; return how many entries were claimed."""
         now = self._clock()
         claims = await self._store.claim_due(
-            now=now, limit=self._batch_size, lease=self._lease, token=self._token
+            now=timestamp(now),
+            limit=self._batch_size,
+            lease=self._lease.total_seconds(),
+            token=self._token,
         )
         if not claims:
             return 0
-        extend = now + self._lease if now < self._reap_not_before else None
         plans = {
-            claim.task_id: plan_dispatch(
-                claim.task, now, await self._running_run(claim.task), extend_lease_to=extend
-            )
+            claim.task_id: await self._plan(claim.task, now)
             for claim in claims
             if claim.task is not None
         }
         finished = [c.task_id for c in claims if c.task is None]
         changes = [p.change for p in plans.values() if p.change is not None]
-        applied = await self._store.commit_each(changes)
+        applied = await self._store.commit_each([TaskChange.of(c) for c in changes])
         for change, ok in zip(changes, applied, strict=True):
             if not ok:
                 # The task changed since the claim read it: plan again from what it is now.
@@ -201,7 +210,7 @@ class Scheduler:
         for task_id, plan in plans.items():
             if plan.dispatch is not None:
                 dispatches.append(plan.dispatch)
-            else:
+            elif not plan.keep_claim:
                 finished.append(task_id)
         confirmed = await self._broker.publish(dispatches) if dispatches else []
         if len(confirmed) < len(dispatches):
@@ -240,21 +249,18 @@ class Scheduler:
             return  # the run started or ended through another message, or is gone
         queued = run
 
-        def plan(task: Task) -> TaskChange:
-            changed, runs = dead_lettered(task, queued, utcnow())
-            if changed.active_run is not None and changed.active_run.run_id == queued.run_id:
-                # Sent again a lease period later, as if its claim had run out.
-                again = DueAt(self._clock() + self._lease)
-                return TaskChange(task.id, task.revision, changed, runs, again)
-            next_due = due_at(due_after_run(changed))
-            return TaskChange(task.id, task.revision, changed, runs, next_due)
+        def plan(task: Task) -> Transition:
+            # Sent again a lease period later, as if its claim had run out.
+            now = self._clock()
+            resend_at = now + self._lease
+            return dead_lettered(task, queued, now, resend_at=resend_at, entropy=self._entropy)
 
         try:
             change = await transact(self._store, task.id, plan, known=task)
         except DomainError as exc:
             log.info("dead letter for %s/%s: %s", dispatch.task_id, dispatch.run_id, exc)
             return
-        counted = change.runs[0]
+        counted = change.run
         log.warning(
             "the dispatch of run %s/%s was dead-lettered (%d of %d times): %s",
             dispatch.task_id,
@@ -270,14 +276,24 @@ class Scheduler:
             return None
         return await self._store.get_run(task.id, task.active_run.run_id)
 
-    async def _replan(self, task_id: str, now: float) -> _Plan | None:
+    async def _plan(self, task: Task, now: datetime) -> _Plan:
+        """``plan_dispatch`` for one claimed task; a task it fails on is set aside."""
+        running = await self._running_run(task)
+        extend = now + self._lease if self._in_outage or now < self._reap_not_before else None
+        try:
+            return plan_dispatch(task, now, running, extend_lease_to=extend, entropy=self._entropy)
+        except Exception as exc:
+            return _set_aside(task, exc, now, self._entropy)
+
+    async def _replan(self, task_id: str, now: datetime) -> _Plan | None:
         for _ in range(MAX_REPLANS):
             task = await self._store.get_task(task_id)
             if task is None:
                 return _Plan()
-            extend = now + self._lease if now < self._reap_not_before else None
-            plan = plan_dispatch(task, now, await self._running_run(task), extend_lease_to=extend)
-            if plan.change is None or await self._store.commit_each([plan.change]) == [True]:
+            plan = await self._plan(task, now)
+            if plan.change is None or await self._store.commit_each(
+                [TaskChange.of(plan.change)]
+            ) == [True]:
                 return plan
         log.warning("task %r kept changing; its dispatch is retried when the lease ends", task_id)
         return None

@@ -37,8 +37,8 @@ async def start_the_run(served: Served, run_id: str) -> None:
     task = await served.store.get_task("t1")
     run = await served.store.get_run("t1", run_id)
     assert task is not None and run is not None
-    started_task, started = start_run(task, run, "test-worker", utcnow())
-    await served.store.commit(TaskChange("t1", task.revision, started_task, [started]))
+    started = start_run(task, run, "test-worker", utcnow(), lease_until=utcnow())
+    await served.store.commit(TaskChange.of(started))
 
 
 async def end_the_run(served: Served, run_id: str, output: str, exit_code: int = 0) -> None:
@@ -47,8 +47,7 @@ async def end_the_run(served: Served, run_id: str, output: str, exit_code: int =
     run = await served.store.get_run("t1", run_id)
     assert task is not None and run is not None
     outcome = Outcome(exit_code=exit_code, duration=0.5, output=output, truncated=False)
-    ended, runs = finish_run(task, run, outcome, utcnow())
-    await served.store.commit(TaskChange("t1", task.revision, ended, runs))
+    await served.store.commit(TaskChange.of(finish_run(task, run, outcome, utcnow())))
 
 
 async def test_a_finished_run_streams_its_output_then_the_end(served: Served) -> None:

@@ -21,6 +21,7 @@ from app.domain import (
     Task,
     TaskAlreadyExists,
     TaskStatus,
+    Transition,
     finish_run,
     queue_run,
     start_run,
@@ -98,6 +99,11 @@ def next_revision(task: Task, **changes: object) -> Task:
     return msgspec.structs.replace(task, revision=task.revision + 1, **changes)
 
 
+def unpack(transition: Transition) -> tuple[Task, Run]:
+    """The new task and the (one) run a transition writes."""
+    return transition.task, transition.run
+
+
 async def test_created_task_reads_back_equal(store: Store) -> None:
     task = await create(store, "a", env={"A": "1"}, args=None, description="d")
     assert await store.get_task("a") == task
@@ -148,7 +154,7 @@ async def test_status_filter_follows_transitions(store: Store) -> None:
         await create(store, task_id)
     task = await store.get_task("b")
     assert task is not None
-    pending, run = queue_run(task, utcnow())
+    pending, run = unpack(queue_run(task, utcnow()))
     await store.commit(TaskChange("b", task.revision, pending, runs=[run]))
 
     async def ids(status: TaskStatus) -> list[str]:
@@ -165,7 +171,7 @@ async def test_runs_are_kept_newest_first_and_bounded(store: Store) -> None:
     task = await create(store, "a")
     runs: list[Run] = []
     for _ in range(RUN_HISTORY + 3):
-        pending, run = queue_run(task, utcnow())
+        pending, run = unpack(queue_run(task, utcnow()))
         idle = next_revision(pending, status=TaskStatus.CREATED, active_run=None)
         await store.commit(TaskChange("a", task.revision, idle, runs=[run]))
         task = idle
@@ -180,7 +186,7 @@ async def test_runs_are_kept_newest_first_and_bounded(store: Store) -> None:
 
 async def test_delete_removes_runs_and_schedule(store: Store) -> None:
     task = await create(store, "a")
-    pending, run = queue_run(task, utcnow())
+    pending, run = unpack(queue_run(task, utcnow()))
     await store.commit(TaskChange("a", task.revision, pending, runs=[run], schedule=DueAt(0)))
     await store.commit(TaskChange("a", pending.revision, None))
     assert await store.get_run("a", run.run_id) is None
@@ -324,9 +330,9 @@ async def test_extend_leases_moves_only_existing_entries(store: Store) -> None:
 async def running_run(store: Store, task_id: str) -> tuple[Task, Run]:
     """A new task whose run a worker has started, as stored."""
     task = await create(store, task_id)
-    pending, queued = queue_run(task, utcnow())
+    pending, queued = unpack(queue_run(task, utcnow()))
     await store.commit(TaskChange(task_id, task.revision, pending, runs=[queued]))
-    running, started = start_run(pending, queued, "worker", utcnow())
+    running, started = unpack(start_run(pending, queued, "worker", utcnow(), lease_until=utcnow()))
     await store.commit(TaskChange(task_id, pending.revision, running, runs=[started]))
     return running, started
 
@@ -334,8 +340,8 @@ async def running_run(store: Store, task_id: str) -> tuple[Task, Run]:
 def finishing(task: Task, run: Run) -> TaskChange:
     """The change that records ``run`` as completed."""
     outcome = Outcome(exit_code=0, duration=0.1, output="", truncated=False)
-    done, runs = finish_run(task, run, outcome, utcnow())
-    return TaskChange(task.id, task.revision, done, runs=runs)
+    finished = finish_run(task, run, outcome, utcnow())
+    return TaskChange(task.id, task.revision, finished.task, runs=finished.runs)
 
 
 async def redis_ttl(key: str) -> int:

@@ -197,8 +197,17 @@ async def test_a_time_set_while_running_becomes_due_when_the_run_ends(
         await submit(store, broker, "a", f"touch {started}; sleep 0.3")
         await eventually(started.exists)
         await TaskService(store).schedule("a", ScheduleRequest(at=at))
-        task = await finished(store, "a")
-    assert task.status == TaskStatus.COMPLETED and task.scheduled_at == at
+
+        async def ran() -> bool:
+            task = await store.get_task("a")
+            return task is not None and task.last_run is not None
+
+        await eventually(ran)
+    task = await store.get_task("a")
+    # Its run completed, and it waits for the time set meanwhile: pending, with no run yet.
+    assert task is not None and task.last_run is not None
+    assert task.last_run.status == RunStatus.COMPLETED and task.active_run is None
+    assert task.status == TaskStatus.PENDING and task.scheduled_at == at
     before = at.timestamp() - 1
     assert await store.claim_due(now=before, limit=10, lease=30, token="t") == []
     claims = await store.claim_due(now=at.timestamp(), limit=10, lease=30, token="t")

@@ -16,8 +16,10 @@ from app.domain import (
     RunStatus,
     Task,
     TaskStatus,
+    Transition,
     cancel_queued,
     cancel_running,
+    due_at,
     finish_run,
     fire_schedule,
     lose_run,
@@ -28,6 +30,7 @@ from app.schemas import TaskCreate, TaskUpdate
 
 T0 = datetime(2026, 1, 1, 1, tzinfo=UTC)
 HOURLY = Recurrence(cron="0 * * * *")
+LEASE = timedelta(seconds=30)
 
 
 def hourly_task(**changes: object) -> Task:
@@ -51,7 +54,8 @@ def after(seconds: float) -> datetime:
 def test_a_skipping_task_records_a_skipped_run_for_a_fire_later_than_its_grace() -> None:
     task = hourly_task(misfire=MisfirePolicy.SKIP, misfire_grace=60)
     # The scheduler was down from before 01:00 until 03:20.
-    waiting, run = fire_schedule(task, after(2 * 3600 + 1200))
+    fired = fire_schedule(task, after(2 * 3600 + 1200))
+    waiting, [run] = fired.task, fired.runs
     assert run.status == RunStatus.SKIPPED
     assert run.queued_at == T0 and run.started_at is None
     assert run.error is not None and "misfire" in run.error and "grace 60 s" in run.error
@@ -59,29 +63,38 @@ def test_a_skipping_task_records_a_skipped_run_for_a_fire_later_than_its_grace()
     assert waiting.status == TaskStatus.CREATED and waiting.active_run is None
     assert waiting.scheduled_at == datetime(2026, 1, 1, 4, tzinfo=UTC)
     assert waiting.next_runs[0] == waiting.scheduled_at
+    assert fired.schedule == due_at(waiting.scheduled_at), "due at its next fire"
 
 
 def test_a_fire_late_within_the_grace_time_runs_even_when_misfires_are_skipped() -> None:
     task = hourly_task(misfire=MisfirePolicy.SKIP, misfire_grace=60)
-    pending, run = fire_schedule(task, after(59))
+    fired = fire_schedule(task, after(59))
+    pending, run = fired.task, fired.run
     assert run.status == RunStatus.QUEUED and pending.status == TaskStatus.PENDING
 
 
 def test_coalesce_runs_once_however_late() -> None:
-    pending, run = fire_schedule(hourly_task(misfire_grace=0), after(5 * 3600))
+    fired = fire_schedule(hourly_task(misfire_grace=0), after(5 * 3600))
+    pending, run = fired.task, fired.run
     assert run.status == RunStatus.QUEUED and pending.status == TaskStatus.PENDING
     assert pending.scheduled_at == datetime(2026, 1, 1, 7, tzinfo=UTC)
 
 
 def test_a_one_shot_time_runs_however_late_whatever_the_misfire_policy() -> None:
     once = hourly_task(schedule=None, next_runs=[T0], misfire=MisfirePolicy.SKIP, misfire_grace=0)
-    pending, run = fire_schedule(once, after(3600))
+    fired = fire_schedule(once, after(3600))
+    pending, run = fired.task, fired.run
     assert run.status == RunStatus.QUEUED and pending.scheduled_at is None
 
 
 def running(task: Task, at: datetime) -> tuple[Task, Run]:
-    pending, run = queue_run(task, at)
-    return start_run(pending, run, "w", at)
+    queued = queue_run(task, at)
+    started = start_run(queued.task, queued.run, "w", at, lease_until=at + LEASE)
+    return started.task, started.run
+
+
+def ended(transition: Transition) -> tuple[Task, tuple[Run, ...]]:
+    return transition.task, transition.runs
 
 
 def succeeded(duration: float) -> Outcome:
@@ -91,19 +104,21 @@ def succeeded(duration: float) -> Outcome:
 def test_queue_runs_a_fire_that_came_during_a_run_right_after_it() -> None:
     # Started by hand at 00:59:00, the run ends at 01:00:30: the 01:00 fire waits for it.
     task, run = running(hourly_task(), after(-60))
-    done, runs = finish_run(task, run, succeeded(90), after(30))
+    done, runs = ended(finish_run(task, run, succeeded(90), after(30)))
     assert [r.status for r in runs] == [RunStatus.COMPLETED]
     # Due now, not 30 s ago: a policy of skipping misfires must not take it for one.
     assert done.scheduled_at == after(30) and done.next_runs[0] == after(30)
-    pending, fired = fire_schedule(
-        msgspec.structs.replace(done, misfire=MisfirePolicy.SKIP, misfire_grace=0), after(30)
+    pending, fired = ended(
+        fire_schedule(
+            msgspec.structs.replace(done, misfire=MisfirePolicy.SKIP, misfire_grace=0), after(30)
+        )
     )
-    assert fired.status == RunStatus.QUEUED and pending.status == TaskStatus.PENDING
+    assert fired[0].status == RunStatus.QUEUED and pending.status == TaskStatus.PENDING
 
 
 def test_forbid_skips_a_fire_that_came_during_a_run_and_records_it() -> None:
     task, run = running(hourly_task(overlap=OverlapPolicy.FORBID), after(-60))
-    done, runs = finish_run(task, run, succeeded(90), after(30))
+    done, runs = ended(finish_run(task, run, succeeded(90), after(30)))
     finished, skipped = runs
     assert finished.status == RunStatus.COMPLETED
     assert skipped.status == RunStatus.SKIPPED and skipped.queued_at == T0
@@ -115,7 +130,7 @@ def test_forbid_skips_a_fire_that_came_during_a_run_and_records_it() -> None:
 
 def test_forbid_leaves_a_fire_still_ahead_alone() -> None:
     task, run = running(hourly_task(overlap=OverlapPolicy.FORBID), after(-60))
-    done, runs = finish_run(task, run, succeeded(30), after(-30))
+    done, runs = ended(finish_run(task, run, succeeded(30), after(-30)))
     assert [r.status for r in runs] == [RunStatus.COMPLETED]
     assert done.scheduled_at == T0
 
@@ -123,7 +138,7 @@ def test_forbid_leaves_a_fire_still_ahead_alone() -> None:
 def test_a_retry_goes_first_and_the_overlap_is_settled_when_the_attempts_end() -> None:
     task, run = running(hourly_task(overlap=OverlapPolicy.FORBID, max_attempts=2), after(-60))
     failed = Outcome(exit_code=1, duration=90, output="", truncated=False)
-    waiting, runs = finish_run(task, run, failed, after(30))
+    waiting, runs = ended(finish_run(task, run, failed, after(30)))
     assert [r.status for r in runs] == [RunStatus.FAILED, RunStatus.QUEUED]
     assert waiting.scheduled_at == T0  # untouched while the retry is pending
 
@@ -132,28 +147,28 @@ def test_a_retry_goes_first_and_the_overlap_is_settled_when_the_attempts_end() -
 def test_forbid_applies_however_the_run_ended(how: str) -> None:
     task = hourly_task(overlap=OverlapPolicy.FORBID)
     if how == "cancel queued":
-        pending, queued = queue_run(task, after(-60))
-        ended, runs = cancel_queued(pending, queued, after(30))
+        queued = queue_run(task, after(-60))
+        done, runs = ended(cancel_queued(queued.task, queued.run, after(30)))
     else:
         started, run = running(task, after(-60))
         if how == "lost":
-            ended, runs = _lose_until_failed(started, run)
+            done, runs = _lose_until_failed(started, run)
         else:
             stopped = Outcome(exit_code=None, duration=90, output="", truncated=False)
-            ended, runs = cancel_running(started, run, stopped, after(30))
+            done, runs = ended(cancel_running(started, run, stopped, after(30)))
     assert runs[-1].status == RunStatus.SKIPPED
-    assert ended.active_run is None
-    assert ended.scheduled_at == datetime(2026, 1, 1, 2, tzinfo=UTC)
+    assert done.active_run is None
+    assert done.scheduled_at == datetime(2026, 1, 1, 2, tzinfo=UTC)
 
 
-def _lose_until_failed(task: Task, run: Run) -> tuple[Task, list[Run]]:
+def _lose_until_failed(task: Task, run: Run) -> tuple[Task, tuple[Run, ...]]:
     """Lose runs until the task is out of attempts (its last loss ends it)."""
     while True:
-        task, runs = lose_run(task, run, after(30))
-        if task.active_run is None:
-            return task, runs
-        pending_run = runs[-1]
-        task, run = start_run(task, pending_run, "w", after(30))
+        lost = lose_run(task, run, after(30))
+        if lost.task.active_run is None:
+            return lost.task, lost.runs
+        started = start_run(lost.task, lost.runs[-1], "w", after(30), lease_until=after(60))
+        task, run = started.task, started.run
 
 
 @pytest.mark.parametrize(

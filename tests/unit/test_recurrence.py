@@ -96,10 +96,10 @@ def make_task(**changes: object) -> Task:
 
 def test_recur_shows_the_next_five_runs_and_unschedule_clears_them() -> None:
     now = utc("2026-01-01T00:00:30Z")
-    task = recur(make_task(), Recurrence(cron="* * * * *"), now)
+    task = recur(make_task(), Recurrence(cron="* * * * *"), now).task
     assert iso(task.next_runs) == [f"2026-01-01T00:0{n}:00Z" for n in range(1, 6)]
     assert task.scheduled_at == task.next_runs[0]
-    cleared = unschedule(task, now)
+    cleared = unschedule(task, now).task
     assert (cleared.scheduled_at, cleared.schedule, cleared.next_runs) == (None, None, [])
 
 
@@ -108,7 +108,8 @@ def test_missed_fires_coalesce_into_one_run() -> None:
     overdue = make_task(schedule=hourly, scheduled_at=utc("2026-01-01T01:00:00Z"))
     # The scheduler was down for hours: the task fires once, then waits for the next hour.
     now = utc("2026-01-01T05:20:00Z")
-    pending, run = fire_schedule(overdue, now)
+    fired = fire_schedule(overdue, now)
+    pending, run = fired.task, fired.run
     assert pending.status == TaskStatus.PENDING and run.attempt == 1
     assert pending.scheduled_at == utc("2026-01-01T06:00:00Z")
     assert pending.schedule == hourly
@@ -116,7 +117,7 @@ def test_missed_fires_coalesce_into_one_run() -> None:
 
 def test_a_one_shot_time_is_consumed_when_it_fires() -> None:
     once = make_task(scheduled_at=utc("2026-01-01T01:00:00Z"))
-    pending, _ = fire_schedule(once, utc("2026-01-01T01:00:00Z"))
+    pending = fire_schedule(once, utc("2026-01-01T01:00:00Z")).task
     assert (pending.scheduled_at, pending.next_runs) == (None, [])
 
 

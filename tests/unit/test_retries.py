@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import random
 from datetime import UTC, datetime, timedelta
 
 import msgspec
 import pytest
 
 from app.domain import (
+    Entropy,
     Outcome,
     RunStatus,
     Task,
@@ -19,13 +21,15 @@ from app.domain import (
 )
 
 NOW = datetime(2026, 1, 1, tzinfo=UTC)
+LEASE = timedelta(seconds=30)
 
 
 def running_task(**changes: object) -> tuple[Task, object]:
     task = Task(id="t", name="t", command="false", created_at=NOW, updated_at=NOW)
     task = msgspec.structs.replace(task, **changes)
-    pending, run = queue_run(task, NOW)
-    return start_run(pending, run, "w", NOW)
+    queued = queue_run(task, NOW)
+    started = start_run(queued.task, queued.run, "w", NOW, lease_until=NOW + LEASE)
+    return started.task, started.run
 
 
 def outcome(exit_code: int | None, **changes: object) -> Outcome:
@@ -36,31 +40,55 @@ def outcome(exit_code: int | None, **changes: object) -> Outcome:
 
 def test_a_failure_with_attempts_left_queues_the_next_attempt_after_a_backoff() -> None:
     task, run = running_task(max_attempts=3, retry_backoff=10)
-    waiting, runs = finish_run(task, run, outcome(1), NOW)  # type: ignore[arg-type]
-    failed, retry = runs
+    retried = finish_run(task, run, outcome(1), NOW)  # type: ignore[arg-type]
+    waiting, (failed, retry) = retried.task, retried.runs
     assert failed.status == RunStatus.FAILED and failed.attempt == 1
     assert retry.status == RunStatus.QUEUED and retry.attempt == 2
     assert waiting.status == TaskStatus.PENDING
     assert waiting.active_run is not None and waiting.active_run.run_id == retry.run_id
     assert waiting.last_run is not None and waiting.last_run.exit_code == 1
     assert waiting.retry_at is not None
-    assert NOW + timedelta(seconds=5) <= waiting.retry_at <= NOW + timedelta(seconds=10)
+    assert NOW + timedelta(seconds=10) <= waiting.retry_at <= NOW + timedelta(seconds=15)
+
+
+class Extreme(random.Random):
+    """Randomness stuck at one end of its range."""
+
+    def __init__(self, value: float) -> None:
+        super().__init__()
+        self.value = value
+
+    def random(self) -> float:
+        return self.value
 
 
 def test_the_backoff_doubles_and_is_jittered() -> None:
     task = Task(id="t", name="t", command="x", created_at=NOW, updated_at=NOW, retry_backoff=4)
-    for attempt, ceiling in ((1, 4), (2, 8), (3, 16), (4, 32)):
+    for attempt, floor in ((1, 4), (2, 8), (3, 16), (4, 32)):
         delays = {retry_delay(task, attempt) for _ in range(50)}
-        assert all(ceiling / 2 <= d <= ceiling for d in delays)
+        assert all(floor <= d <= 1.5 * floor for d in delays)
         assert len(delays) > 1, "jitter spreads tasks that failed together"
+
+
+@pytest.mark.parametrize(("jitter", "factor"), [(0.0, 1.0), (1.0, 1.5)])
+def test_the_backoff_is_a_floor_that_jitter_only_adds_to(jitter: float, factor: float) -> None:
+    # `retry_backoff: 0.5` once gave a first retry after 0.39 s: jitter took time off.
+    task = Task(id="t", name="t", command="x", created_at=NOW, updated_at=NOW, retry_backoff=0.5)
+    entropy = Entropy(Extreme(jitter))
+    for attempt, floor in ((1, 0.5), (2, 1.0), (3, 2.0)):
+        assert retry_delay(task, attempt, entropy) == pytest.approx(factor * floor)
+    # And as the transition schedules it: the retry is due no sooner than the backoff.
+    started, run = running_task(max_attempts=2, retry_backoff=0.5)
+    waiting = finish_run(started, run, outcome(1), NOW, entropy=entropy).task  # type: ignore[arg-type]
+    assert waiting.retry_at == NOW + timedelta(seconds=factor * 0.5)
 
 
 def test_the_last_attempt_fails_the_task() -> None:
     task, run = running_task(max_attempts=2)
-    first_wait, runs = finish_run(task, run, outcome(1), NOW)  # type: ignore[arg-type]
-    retry = runs[1]
-    second, started = start_run(first_wait, retry, "w", NOW)
-    done, [last] = finish_run(second, started, outcome(2), NOW)
+    first_wait = finish_run(task, run, outcome(1), NOW)  # type: ignore[arg-type]
+    second = start_run(first_wait.task, first_wait.runs[1], "w", NOW, lease_until=NOW + LEASE)
+    ended = finish_run(second.task, second.run, outcome(2), NOW)
+    done, [last] = ended.task, ended.runs
     assert done.status == TaskStatus.FAILED and done.active_run is None
     assert done.retry_at is None
     assert last.attempt == 2 and last.status == RunStatus.FAILED
@@ -76,11 +104,11 @@ def test_the_last_attempt_fails_the_task() -> None:
 )
 def test_success_exit_codes_decide(codes: list[int], exit_code: int, status: TaskStatus) -> None:
     task, run = running_task(success_exit_codes=codes)
-    done, _ = finish_run(task, run, outcome(exit_code), NOW)  # type: ignore[arg-type]
+    done = finish_run(task, run, outcome(exit_code), NOW).task  # type: ignore[arg-type]
     assert done.status == status
 
 
 def test_a_timed_out_run_is_never_a_success() -> None:
     task, run = running_task(success_exit_codes=[0, 143])
-    done, _ = finish_run(task, run, outcome(143, timed_out=True), NOW)  # type: ignore[arg-type]
+    done = finish_run(task, run, outcome(143, timed_out=True), NOW).task  # type: ignore[arg-type]
     assert done.status == TaskStatus.FAILED

@@ -24,7 +24,7 @@ from app.domain import (
     timestamp,
     utcnow,
 )
-from app.ports import DELIVERY_LIMIT, Dispatch, DueAt, TaskChange
+from app.ports import DELIVERY_LIMIT, Dispatch, TaskChange
 from app.scheduler import Scheduler, plan_dispatch
 from app.schemas import TaskCreate
 from app.service import TaskService
@@ -34,13 +34,13 @@ LEASE = 30.0
 
 
 class Clock:
-    """A settable wall clock for the scheduler's "now"."""
+    """A settable wall clock for the scheduler's "now" (``now`` in unix seconds)."""
 
     def __init__(self) -> None:
         self.now = time.time()
 
-    def __call__(self) -> float:
-        return self.now
+    def __call__(self) -> datetime:
+        return datetime.fromtimestamp(self.now, UTC)
 
 
 def queued(broker: MemoryBroker) -> list[Dispatch]:
@@ -116,8 +116,9 @@ async def test_a_run_queued_by_a_dead_scheduler_is_published_again_not_duplicate
     # before its publish was confirmed.
     [claim] = await store.claim_due(now=clock.now, limit=10, lease=LEASE, token="dead")
     assert claim.task is not None
-    pending, run = fire_schedule(claim.task, utcnow())
-    await store.commit(TaskChange("a", claim.task.revision, pending, runs=[run]))
+    fired = fire_schedule(claim.task, utcnow())
+    run = fired.run
+    await store.commit(TaskChange.of(fired))
 
     clock.now += LEASE + 1
     assert await Scheduler(store, broker, lease_seconds=LEASE, clock=clock).dispatch_due() == 1
@@ -226,13 +227,10 @@ async def start_running(store: MemoryStore, task_id: str, *, lease_until: float)
     assert task is not None and task.active_run is not None
     queued_run = await store.get_run(task_id, task.active_run.run_id)
     assert queued_run is not None
-    running_task, running = start_run(task, queued_run, "host:4242", utcnow())
-    await store.commit(
-        TaskChange(
-            task_id, task.revision, running_task, runs=[running], schedule=DueAt(lease_until)
-        )
-    )
-    return running
+    lease = datetime.fromtimestamp(lease_until, UTC)
+    started = start_run(task, queued_run, "host:4242", utcnow(), lease_until=lease)
+    await store.commit(TaskChange.of(started))
+    return started.run
 
 
 async def test_a_run_whose_lease_ran_out_is_recovered_as_the_next_attempt(
@@ -268,9 +266,8 @@ async def test_a_task_whose_runs_keep_being_lost_fails_after_the_limit(
         # The next worker dies too: start the queued run, never renew its lease.
         queued_run = await store.get_run("a", task.active_run.run_id)
         assert queued_run is not None
-        running_task, running = start_run(task, queued_run, "host:4242", utcnow())
-        lease = DueAt(clock.now)
-        await store.commit(TaskChange("a", task.revision, running_task, [running], lease))
+        started = start_run(task, queued_run, "host:4242", utcnow(), lease_until=clock())
+        await store.commit(TaskChange.of(started))
     assert await scheduler.dispatch_due() == 1
     task = await store.get_task("a")
     assert task is not None and task.status == TaskStatus.FAILED and task.active_run is None
@@ -286,9 +283,10 @@ async def test_right_after_a_store_outage_expired_leases_are_extended_not_taken(
     running = await start_running(store, "a", lease_until=now - 1)
     task = await store.get_task("a")
     assert task is not None
-    plan = plan_dispatch(task, now, running, extend_lease_to=now + LEASE)
+    moment = datetime.fromtimestamp(now, UTC)
+    plan = plan_dispatch(task, moment, running, extend_lease_to=moment + timedelta(seconds=LEASE))
     assert plan.dispatch is None and plan.change is not None
-    await store.commit(plan.change)
+    await store.commit(TaskChange.of(plan.change))
     task = await store.get_task("a")
     assert task is not None and task.status == TaskStatus.RUNNING
     assert await store.claim_due(now=now + LEASE - 1, limit=10, lease=1, token="t") == []

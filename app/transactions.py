@@ -1,0 +1,87 @@
+"""Read a task, plan its transition, commit it; plan again when it changed meanwhile.
+
+The one way every role (API service, scheduler, consumer) changes a stored task: a
+transition is planned from what was read and committed only if the task is still at
+the revision it was read at (``app.domain`` explains why).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+
+from app.domain import RevisionConflict, Run, Task, TaskNotFound, Transition
+from app.ports import Store, TaskChange
+
+MAX_COMMIT_ATTEMPTS = 50
+
+
+class StoreContention(Exception):
+    """A task changed under us on every attempt; the caller may try again later."""
+
+
+async def transact(
+    store: Store,
+    task_id: str,
+    plan: Callable[[Task], Transition],
+    *,
+    known: Task | None = None,
+) -> Transition:
+    """Read the task, plan a transition from it and commit it; return what was committed
+    (``before`` is the document it replaced).
+
+    ``plan`` raises a ``DomainError`` when the current state does not allow the change.
+    ``known`` is a recent copy of the task to plan from first, saving a read.
+    """
+
+    async def read() -> Task:
+        nonlocal known
+        task, known = known or await store.get_task(task_id), None
+        if task is None:
+            raise TaskNotFound(task_id)
+        return task
+
+    async def attempt() -> Transition | None:
+        return await _commit(store, plan(await read()))
+
+    return await _retrying(task_id, attempt)
+
+
+async def transact_with_active_run(
+    store: Store, task_id: str, plan: Callable[[Task, Run | None], Transition]
+) -> Transition:
+    """As ``transact``, planning from the task and its active run (``None`` when it has
+    none), read together."""
+
+    async def attempt() -> Transition | None:
+        task = await store.get_task(task_id)
+        if task is None:
+            raise TaskNotFound(task_id)
+        if task.active_run is None:
+            return await _commit(store, plan(task, None))
+        task, run = await store.get_task_and_run(task_id, task.active_run.run_id)
+        if task is None:
+            raise TaskNotFound(task_id)
+        if task.active_run is None or run is None or run.run_id != task.active_run.run_id:
+            return None  # its active run changed between the reads: look again
+        return await _commit(store, plan(task, run))
+
+    return await _retrying(task_id, attempt)
+
+
+async def _commit(store: Store, transition: Transition) -> Transition | None:
+    """Commit ``transition``; ``None`` when the task changed since it was read."""
+    try:
+        await store.commit(TaskChange.of(transition))
+    except RevisionConflict:
+        return None
+    return transition
+
+
+async def _retrying(
+    task_id: str, attempt: Callable[[], Awaitable[Transition | None]]
+) -> Transition:
+    for _ in range(MAX_COMMIT_ATTEMPTS):
+        committed = await attempt()
+        if committed is not None:
+            return committed
+    raise StoreContention(f"task {task_id!r} kept changing; try again")
