@@ -645,6 +645,7 @@ async def test_schedule_sets_scheduled_at_in_utc(client: Client) -> None:
     task = response.json()
     assert task == {
         **created,
+        "status": "pending",  # waiting for its time: a run is coming
         "scheduled_at": "2030-06-01T15:30:00Z",
         "next_runs": ["2030-06-01T15:30:00Z"],
         "updated_at": task["updated_at"],

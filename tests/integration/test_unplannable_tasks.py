@@ -1,0 +1,95 @@
+"""A stored task the scheduler cannot plan (its next fire cannot be computed) is set
+aside on its own: it is unscheduled with a run saying why, and the rest of the batch
+fires. Written straight into each store, as an older version or a hand edit may have."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+from datetime import UTC, datetime, timedelta
+
+import msgspec
+import pytest
+
+from app.adapters import open_store
+from app.adapters.memory_broker import MemoryBroker
+from app.adapters.memory_store import MemoryStore
+from app.domain import Recurrence, RunStatus, Task, TaskStatus, timestamp, utcnow
+from app.ports import Dispatch, DueAt, Store, TaskChange
+from app.scheduler import Scheduler
+from tests.conftest import REDIS_URL, STORE_CASES, delete_keys
+
+UNPLANNABLE = {
+    # The calendar ends in year 9999: the fire after 9999-12-31T23:59 does not exist.
+    "edge-of-calendar": Recurrence(
+        cron="* * * * *", start=datetime(9999, 12, 31, 23, 59, tzinfo=UTC)
+    ),
+    # A directory of the zone database, not a zone.
+    "no-such-zone": Recurrence(cron="* * * * *", timezone="Europe"),
+}
+
+
+@pytest.fixture(params=STORE_CASES)
+def adapter_and_backend(request: pytest.FixtureRequest) -> tuple[str, str]:
+    return request.param  # type: ignore[no-any-return]
+
+
+@pytest.fixture
+def anyio_backend(adapter_and_backend: tuple[str, str]) -> str:
+    return adapter_and_backend[1]
+
+
+@pytest.fixture
+async def store(adapter_and_backend: tuple[str, str], prefix: str) -> AsyncIterator[Store]:
+    if adapter_and_backend[0] == "memory":
+        yield MemoryStore(run_history=10)
+        return
+    async with open_store(REDIS_URL, prefix=prefix, run_history=10) as opened:
+        yield opened
+    await delete_keys(prefix)
+
+
+async def store_due(store: Store, task_id: str, schedule: Recurrence | None) -> None:
+    now = utcnow()
+    due = now - timedelta(seconds=1)
+    task = Task(
+        id=task_id,
+        name=task_id,
+        command="true",
+        created_at=now,
+        updated_at=now,
+        scheduled_at=due,
+        schedule=schedule,
+        next_runs=[due],
+    )
+    await store.commit(TaskChange(task_id, None, task, schedule=DueAt(timestamp(due))))
+
+
+async def test_a_task_whose_next_fire_cannot_be_computed_is_set_aside_and_the_rest_fire(
+    store: Store, caplog: pytest.LogCaptureFixture
+) -> None:
+    broker = MemoryBroker()
+    await store_due(store, "good-once", None)
+    for task_id, recurrence in UNPLANNABLE.items():
+        await store_due(store, task_id, recurrence)
+    await store_due(store, "good-every-minute", Recurrence(every=60, start=utcnow()))
+    scheduler = Scheduler(store, broker, lease_seconds=30)
+
+    with caplog.at_level(logging.ERROR, logger="app.scheduler"):
+        assert await scheduler.dispatch_due() == 4
+
+    published = [msgspec.json.decode(body, type=Dispatch).task_id for body in broker.queue]
+    assert sorted(published) == ["good-every-minute", "good-once"]
+    for task_id in UNPLANNABLE:
+        task = await store.get_task(task_id)
+        assert task is not None and task.status == TaskStatus.CREATED
+        assert (task.schedule, task.scheduled_at, task.next_runs) == (None, None, [])
+        [run] = await store.list_runs(task_id, limit=10)
+        assert run.status == RunStatus.SKIPPED and run.error is not None
+        assert "could not be planned" in run.error
+        [record] = [r for r in caplog.records if task_id in r.getMessage()]
+        assert record.exc_info is not None, "logged with its traceback"
+    assert "OverflowError" in str((await store.list_runs("edge-of-calendar", limit=1))[0].error)
+    # Set aside for good: no entry of theirs is left (the good ones wait for their runs).
+    later = timestamp(utcnow() + timedelta(hours=1))
+    assert await store.claim_due(now=later, limit=10, lease=1, token="t") == []
