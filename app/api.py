@@ -260,7 +260,8 @@ class TaskController(Controller):
         summary="Cancel a task's active run",
         description="A queued run never starts; a running command is stopped wherever it "
         "runs (SIGTERM to its process group, SIGKILL after a grace period) and the run and "
-        "the task end `cancelled`. A recurrence goes on with its next fire time.",
+        "the task end `cancelled`. A one-shot time the task waits for passes with nothing "
+        "run. A recurrence goes on with its next fire time.",
         status_code=HTTP_202_ACCEPTED,
         raises=[NotFoundException, ConflictException, NotAuthorizedException],
     )

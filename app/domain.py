@@ -37,9 +37,6 @@ class TaskStatus(StrEnum):
     CANCELLED = "cancelled"
 
 
-ACTIVE_STATUSES = frozenset({TaskStatus.PENDING, TaskStatus.RUNNING})
-
-
 class RunStatus(StrEnum):
     QUEUED = "queued"
     RUNNING = "running"

@@ -68,10 +68,11 @@ class _Plan:
     keep_claim: bool = False
 
 
-def _dispatch_of(run: Transition) -> Dispatch:
-    """The message for the queued run ``run`` wrote last."""
-    queued = run.runs[-1]
-    return Dispatch(task_id=queued.task_id, run_id=queued.run_id, attempt=queued.attempt)
+def _dispatch_of(task: Task) -> Dispatch:
+    """The message that dispatches the task's queued run."""
+    assert task.active_run is not None
+    run = task.active_run
+    return Dispatch(task_id=task.id, run_id=run.run_id, attempt=run.attempt)
 
 
 def plan_dispatch(
@@ -89,8 +90,7 @@ def plan_dispatch(
     """
     if task.status == TaskStatus.PENDING and task.active_run is not None:
         # Queued by "execute", or by a scheduler that died before its publish was confirmed.
-        run = task.active_run
-        return _Plan(dispatch=Dispatch(task_id=task.id, run_id=run.run_id, attempt=run.attempt))
+        return _Plan(dispatch=_dispatch_of(task))
     if task.status == TaskStatus.RUNNING and running is not None:
         # A running task's entry is its run's lease: due means nobody renewed it ...
         if extend_lease_to is None:
@@ -104,7 +104,7 @@ def plan_dispatch(
     fired = fire_schedule(task, now, entropy=entropy)
     if fired.task.active_run is None:  # a misfire the task's policy skips
         return _Plan(change=fired)
-    return _Plan(change=fired, dispatch=_dispatch_of(fired))
+    return _Plan(change=fired, dispatch=_dispatch_of(fired.task))
 
 
 def _recover_lost_run(task: Task, run: Run, now: datetime, entropy: Entropy) -> _Plan:
@@ -112,7 +112,7 @@ def _recover_lost_run(task: Task, run: Run, now: datetime, entropy: Entropy) -> 
     log.warning("run %s/%s was lost (%s)", task.id, run.run_id, recovered.run.error)
     if recovered.task.active_run is None:  # out of attempts: failed
         return _Plan(change=recovered)
-    return _Plan(change=recovered, dispatch=_dispatch_of(recovered))
+    return _Plan(change=recovered, dispatch=_dispatch_of(recovered.task))
 
 
 def _set_aside(task: Task, problem: Exception, now: datetime, entropy: Entropy) -> _Plan:

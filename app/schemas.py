@@ -70,7 +70,10 @@ MaxAttempts = Annotated[
 RetryBackoff = Annotated[
     float,
     msgspec.Meta(
-        ge=0, le=86400, description="Seconds before the 2nd attempt; doubles each time, jittered"
+        ge=0,
+        le=86400,
+        description="Least seconds before the 2nd attempt; doubles each time; jitter adds "
+        "up to half again",
     ),
 ]
 SuccessExitCodes = Annotated[

@@ -196,7 +196,7 @@ def _program_options(function: Callable[P, Awaitable[T]]) -> Callable[P, Awaitab
             click.option(
                 "--retry-backoff",
                 type=float,
-                help="Seconds before the 2nd attempt; doubles each time, with jitter.",
+                help="Least seconds before the 2nd attempt; doubles each time, jitter adds.",
             ),
             click.option(
                 "--success-exit-code",
