@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from datetime import UTC, datetime, timedelta
 
 import msgspec
@@ -17,7 +18,7 @@ from app.adapters.memory_store import MemoryStore
 from app.domain import Recurrence, RunStatus, Task, TaskStatus, timestamp, utcnow
 from app.ports import Dispatch, DueAt, Store, TaskChange
 from app.scheduler import Scheduler
-from tests.conftest import REDIS_URL, STORE_CASES, delete_keys
+from tests.conftest import REDIS_URL, delete_keys
 
 UNPLANNABLE = {
     # The calendar ends in year 9999: the fire after 9999-12-31T23:59 does not exist.
@@ -29,24 +30,16 @@ UNPLANNABLE = {
 }
 
 
-@pytest.fixture(params=STORE_CASES)
-def adapter_and_backend(request: pytest.FixtureRequest) -> tuple[str, str]:
-    return request.param  # type: ignore[no-any-return]
-
-
-@pytest.fixture
-def anyio_backend(adapter_and_backend: tuple[str, str]) -> str:
-    return adapter_and_backend[1]
-
-
-@pytest.fixture
-async def store(adapter_and_backend: tuple[str, str], prefix: str) -> AsyncIterator[Store]:
-    if adapter_and_backend[0] == "memory":
+@asynccontextmanager
+async def opened(adapter: str, prefix: str) -> AsyncIterator[Store]:
+    if adapter == "memory":
         yield MemoryStore(run_history=10)
         return
-    async with open_store(REDIS_URL, prefix=prefix, run_history=10) as opened:
-        yield opened
-    await delete_keys(prefix)
+    try:
+        async with open_store(REDIS_URL, prefix=prefix, run_history=10) as store:
+            yield store
+    finally:
+        await delete_keys(prefix)
 
 
 async def store_due(store: Store, task_id: str, schedule: Recurrence | None) -> None:
@@ -65,7 +58,15 @@ async def store_due(store: Store, task_id: str, schedule: Recurrence | None) -> 
     await store.commit(TaskChange(task_id, None, task, schedule=DueAt(timestamp(due))))
 
 
+@pytest.mark.parametrize("adapter", ["memory", "redis"])
 async def test_a_task_whose_next_fire_cannot_be_computed_is_set_aside_and_the_rest_fire(
+    adapter: str, prefix: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    async with opened(adapter, prefix) as store:
+        await check_unplannable_tasks_are_set_aside(store, caplog)
+
+
+async def check_unplannable_tasks_are_set_aside(
     store: Store, caplog: pytest.LogCaptureFixture
 ) -> None:
     broker = MemoryBroker()
