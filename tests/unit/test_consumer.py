@@ -12,7 +12,7 @@ import anyio
 
 from app.adapters.memory_broker import MemoryBroker
 from app.adapters.memory_store import MemoryStore
-from app.consumer import Consumer
+from app.consumer import Consumer, RunningCommands
 from app.domain import Run, RunStatus, Task, TaskStatus, utcnow
 from app.ports import Dispatch
 from app.scheduler import Scheduler
@@ -246,3 +246,16 @@ async def test_a_cancel_stops_the_running_command_and_records_it(
     assert task.status == TaskStatus.CANCELLED and not task.cancel_requested
     cancelled = await store.get_run("a", run.run_id)
     assert cancelled is not None and cancelled.status == RunStatus.CANCELLED
+
+
+async def test_a_cancel_notice_that_comes_before_its_command_stops_it_when_it_starts() -> None:
+    now = utcnow()
+    task = Task(id="a", name="a", command="true", created_at=now, updated_at=now)
+    run = Run(run_id="r1", task_id="a", attempt=1, status=RunStatus.RUNNING, queued_at=now)
+    commands = RunningCommands()
+    commands.stop("r1")  # the start was recorded, the command not registered yet
+    with commands.register(task, run) as stop:
+        assert stop.cancel_called and commands.task_ids() == ["a"]
+    assert commands.task_ids() == []
+    with commands.register(task, run) as again:
+        assert not again.cancel_called, "a notice stops one command, once"
