@@ -5,7 +5,8 @@ next document, the runs to write and the task's entry in ``scheduled_tasks``, wh
 that each rule lives here and callers only commit it. The store persists it with a
 compare-and-set on ``revision``, so that a late or duplicate actor can never overwrite
 a newer state. Time comes in as ``now`` and chance (ids, jitter) from an ``Entropy``:
-given those, a transition is deterministic.
+given those, a transition is deterministic (``utcnow`` and ``ENTROPY`` are only the
+defaults the roles inject).
 """
 
 from __future__ import annotations

@@ -112,3 +112,12 @@ def test_a_timed_out_run_is_never_a_success() -> None:
     task, run = running_task(success_exit_codes=[0, 143])
     done = finish_run(task, run, outcome(143, timed_out=True), NOW).task  # type: ignore[arg-type]
     assert done.status == TaskStatus.FAILED
+
+
+def test_a_transition_is_deterministic_given_its_inputs_and_a_seeded_entropy() -> None:
+    task, run = running_task(max_attempts=2, retry_backoff=10)
+    first, second = (
+        finish_run(task, run, outcome(1), NOW, entropy=Entropy(random.Random(7)))  # type: ignore[arg-type]
+        for _ in range(2)
+    )
+    assert first == second  # the same retry run id, the same jittered retry time
