@@ -1,4 +1,10 @@
-"""Settings from the environment (names from DESIGN.md, including the Go system's)."""
+"""Settings from the environment.
+
+The variable names are those of the system taskq replaces (``REDIS_ADDRESS``,
+``REDIS_MQ_URL``, ``SERVER_HOST``/``SERVER_PORT``) plus taskq's own ``TASKQ_*``. A secret
+(``TASKQ_API_TOKENS``, ``REDIS_URL``, ``AMQP_URL``, ``REDIS_MQ_URL``) may be given as a
+file instead, through ``NAME_FILE``, so that it need never be in any environment.
+"""
 
 from __future__ import annotations
 
@@ -40,18 +46,18 @@ class Settings:
         """Read every setting from ``env`` (default: ``os.environ``)."""
         env = os.environ if env is None else env
         values: dict[str, Any] = {}
-        if url := env.get("REDIS_URL"):
+        if url := _secret(env, "REDIS_URL"):
             values["redis_url"] = url
         elif address := env.get("REDIS_ADDRESS"):
             values["redis_url"] = f"redis://{address}/0"
-        if url := env.get("AMQP_URL") or env.get("REDIS_MQ_URL"):
+        if url := _secret(env, "AMQP_URL") or _secret(env, "REDIS_MQ_URL"):
             values["amqp_url"] = url
         if host := env.get("SERVER_HOST"):
             values["host"] = host
         if "TASKQ_KEY_PREFIX" in env:
             values["key_prefix"] = env["TASKQ_KEY_PREFIX"]
-        if tokens := env.get("TASKQ_API_TOKENS"):
-            values["api_tokens"] = tuple(t.strip() for t in tokens.split(",") if t.strip())
+        if (tokens := _secret(env, "TASKQ_API_TOKENS")) is not None:
+            values["api_tokens"] = parse_tokens(tokens)
         if roles := env.get("TASKQ_ROLES"):
             values["roles"] = parse_roles(roles)
         numbers: dict[str, tuple[str, type[int] | type[float], float]] = {
@@ -71,6 +77,33 @@ class Settings:
     def with_overrides(self, **overrides: Any) -> Settings:
         """These settings with every non-``None`` override applied (CLI flags)."""
         return replace(self, **{k: v for k, v in overrides.items() if v is not None})
+
+
+def parse_tokens(text: str) -> tuple[str, ...]:
+    """The comma-separated tokens of ``TASKQ_API_TOKENS``; a value naming none is refused
+    rather than leaving the API open."""
+    tokens = tuple(token.strip() for token in text.split(",") if token.strip())
+    if not tokens:
+        raise ConfigError(
+            f"TASKQ_API_TOKENS must list at least one token, got {text!r}"
+            " (unset it to run an open API)"
+        )
+    return tokens
+
+
+def _secret(env: Mapping[str, str], name: str) -> str | None:
+    """``name``'s value (``None`` when unset or empty), or the contents of the file
+    ``name_FILE`` names (without its trailing newline); setting both is an error."""
+    path = env.get(f"{name}_FILE")
+    if path is None:
+        return env.get(name) or None
+    if env.get(name):
+        raise ConfigError(f"set {name} or {name}_FILE, not both")
+    try:
+        with open(path, encoding="utf-8") as file:
+            return file.read().rstrip("\r\n")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{name}_FILE: cannot read {path!r}: {exc}") from None
 
 
 def parse_roles(text: str) -> tuple[Role, ...]:

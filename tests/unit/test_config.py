@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import pytest
 
@@ -83,12 +84,50 @@ def test_key_prefix(prefix: str) -> None:
         ("one", ("one",)),
         ("one,two", ("one", "two")),
         (" one , two ,, three ,", ("one", "two", "three")),
-        (" , ", ()),
         ("", ()),
     ],
 )
 def test_api_tokens_are_split_and_stripped(raw: str, tokens: tuple[str, ...]) -> None:
     assert Settings.from_env({"TASKQ_API_TOKENS": raw}).api_tokens == tokens
+
+
+@pytest.mark.parametrize("raw", [",", " , ", " ", ",,,", " ,\t, "])
+def test_api_tokens_naming_no_token_are_refused_rather_than_leaving_the_api_open(
+    raw: str,
+) -> None:
+    with pytest.raises(ConfigError, match="TASKQ_API_TOKENS must list at least one token"):
+        Settings.from_env({"TASKQ_API_TOKENS": raw})
+
+
+def test_secrets_can_be_read_from_files(tmp_path: Path) -> None:
+    files = {
+        "TASKQ_API_TOKENS": "one,two\n",
+        "REDIS_URL": "redis://:pw@db:6379/1\n",
+        "AMQP_URL": "amqp://u:pw@mq:5672/",
+    }
+    env: dict[str, str] = {}
+    for name, text in files.items():
+        (tmp_path / name).write_text(text)
+        env[f"{name}_FILE"] = str(tmp_path / name)
+    settings = Settings.from_env(env)
+    assert settings.api_tokens == ("one", "two")
+    assert settings.redis_url == "redis://:pw@db:6379/1"
+    assert settings.amqp_url == "amqp://u:pw@mq:5672/"
+
+
+def test_an_empty_tokens_file_is_refused(tmp_path: Path) -> None:
+    (tmp_path / "tokens").write_text("\n")
+    with pytest.raises(ConfigError, match="TASKQ_API_TOKENS must list at least one token"):
+        Settings.from_env({"TASKQ_API_TOKENS_FILE": str(tmp_path / "tokens")})
+
+
+def test_a_secret_and_its_file_together_or_a_missing_file_are_refused(tmp_path: Path) -> None:
+    (tmp_path / "url").write_text("redis://db")
+    both = {"REDIS_URL": "redis://x", "REDIS_URL_FILE": str(tmp_path / "url")}
+    with pytest.raises(ConfigError, match="REDIS_URL or REDIS_URL_FILE"):
+        Settings.from_env(both)
+    with pytest.raises(ConfigError, match="AMQP_URL_FILE: cannot read"):
+        Settings.from_env({"AMQP_URL_FILE": str(tmp_path / "missing")})
 
 
 @pytest.mark.parametrize(
