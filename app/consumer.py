@@ -195,7 +195,9 @@ class Consumer:
         try:
             with self._commands.register(task, run) as stop, stop:
                 outcome = await run_command(
-                    ["sh", "-c", task.command] if task.command is not None else task.args or [],
+                    ["/bin/sh", "-c", task.command]
+                    if task.command is not None
+                    else task.args or [],
                     env=self._environment | task.env,
                     cwd=task.cwd,
                     time_limit=task.timeout,

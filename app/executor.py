@@ -2,7 +2,8 @@
 
 The command gets a session (process group) of its own, so that a timeout, a cancel or
 the end of the main process can signal everything it started: SIGTERM to the group,
-a grace period, then SIGKILL. Nothing it spawned outlives the run.
+a grace period, then SIGKILL. Nothing it spawned outlives the run, nor the process
+(``app.watchdog`` stops the groups of a process that dies without stopping them).
 """
 
 from __future__ import annotations
@@ -18,6 +19,8 @@ import anyio
 from anyio.abc import ByteReceiveStream, Process
 
 from app.domain import Outcome
+from app.process_groups import group_has_live_members, signal_group
+from app.watchdog import guard_group, marked_environment, release_group
 
 # Settings of the server itself that a command must not see.
 SERVER_SECRETS = frozenset(
@@ -132,6 +135,7 @@ async def run_command(
     finally:
         with anyio.CancelScope(shield=True):
             await process.aclose()
+            await release_group(process.pid)
 
     returncode = process.returncode
     assert returncode is not None
@@ -159,6 +163,8 @@ async def _start_session(
     Not cancellable: the child runs before ``open_process`` returns, and a cancel in
     between would leave its group with no one to stop it (asyncio kills only the leader).
     The caller takes the cancel at its next checkpoint, once it can stop the group.
+    The group is registered with this process's watchdog at once, for the case where
+    this process dies without stopping it.
     """
     process: Process | None = None
     with anyio.CancelScope(shield=True):
@@ -168,9 +174,10 @@ async def _start_session(
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
             cwd=cwd,
-            env=env,
+            env=marked_environment(env),
             start_new_session=True,
         )
+        await guard_group(process.pid)
     assert process is not None  # a shielded scope swallows no cancellation
     return process
 
@@ -187,13 +194,13 @@ async def _collect(stream: ByteReceiveStream, output: CappedOutput) -> None:
 
 async def _stop_group(process: Process, grace: float) -> None:
     """SIGTERM the process group, wait up to ``grace`` for it to empty, then SIGKILL it."""
-    if not _signal_group(process.pid, signal.SIGTERM):
+    if not signal_group(process.pid, signal.SIGTERM):
         return
     with anyio.move_on_after(grace):
         await process.wait()
         await _wait_for_empty_group(process.pid)
         return
-    _signal_group(process.pid, signal.SIGKILL)
+    signal_group(process.pid, signal.SIGKILL)
     await process.wait()
     # A killed process dies only once it is next scheduled: the leader's exit does not
     # mean the rest of the group is gone yet.
@@ -203,41 +210,5 @@ async def _stop_group(process: Process, grace: float) -> None:
 
 async def _wait_for_empty_group(pgid: int) -> None:
     # Nothing notifies us when the last member of a group exits: poll.
-    while _group_has_live_members(pgid):  # noqa: ASYNC110
+    while group_has_live_members(pgid):  # noqa: ASYNC110
         await anyio.sleep(_GROUP_POLL)
-
-
-def _signal_group(pgid: int, signum: int) -> bool:
-    """Send ``signum`` to the group; ``False`` when no process is left in it."""
-    try:
-        os.killpg(pgid, signum)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        # A zombie leader on some kernels; the group is as good as gone.
-        return False
-    return True
-
-
-def _group_has_live_members(pgid: int) -> bool:
-    """Whether a process of the group is still running (zombies awaiting their reaper
-    do not count: they hold no resources and cannot write output)."""
-    if not _signal_group(pgid, 0):
-        return False
-    try:
-        entries = list(os.scandir("/proc"))
-    except OSError:
-        return True
-    for entry in entries:
-        if not entry.name.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry.name}/stat", "rb") as stat_file:
-                stat = stat_file.read()
-        except OSError:
-            continue
-        # Fields after the command name, which is in parentheses and may hold spaces.
-        fields = stat[stat.rindex(b")") + 2 :].split()
-        if int(fields[2]) == pgid and fields[0] not in (b"Z", b"X"):
-            return True
-    return False

@@ -31,6 +31,7 @@ from app.consumer import Consumer
 from app.ports import Role
 from app.scheduler import Scheduler
 from app.service import TaskService
+from app.watchdog import watching_commands
 
 log = logging.getLogger("taskq")
 
@@ -95,6 +96,8 @@ async def run_service(settings: Settings, *, on_ready: Callable[[str], None] | N
     stopping = anyio.Event()
     roles = settings.roles
     async with AsyncExitStack() as stack:
+        if "consumer" in roles:
+            await stack.enter_async_context(watching_commands())
         store = await stack.enter_async_context(
             open_store(
                 settings.redis_url, prefix=settings.key_prefix, run_history=settings.run_history

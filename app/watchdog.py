@@ -1,0 +1,123 @@
+"""Commands that do not outlive their consumer process, however it dies.
+
+A consumer stops its commands' process groups itself when it stops in order. When it
+is killed (SIGKILL, the OOM killer, a crash of the interpreter) it cannot: its
+watchdog, a small process started once per consumer process (``app.process_groups``),
+does. The watchdog holds no secrets: it starts from a fresh interpreter with an
+environment of ``PATH`` alone.
+
+Each command's group is registered with the watchdog as soon as it is started; a command
+that runs before its registration reaches the watchdog is found by its environment,
+where ``TASKQ_WATCHDOG`` names its consumer's watchdog.
+
+Why the end of a pipe rather than ``PR_SET_PDEATHSIG``: the kernel closes the pipe
+whatever kills the consumer, while the parent-death signal follows the *thread* that
+spawned the child (trio spawns from worker threads that come and go), and the pipe's
+write end is close-on-exec, so no command holds it open.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import secrets
+import subprocess
+import sys
+from collections.abc import AsyncGenerator, Mapping
+from contextlib import asynccontextmanager
+from contextvars import ContextVar
+
+import anyio
+from anyio.abc import ByteSendStream
+
+log = logging.getLogger("taskq.watchdog")
+
+# Seconds between the watchdog's SIGTERM and its SIGKILL: short, since a command whose
+# consumer died may be running a second time elsewhere once its lease runs out.
+WATCHDOG_GRACE = 1.0
+MARK_VARIABLE = "TASKQ_WATCHDOG"
+_EXIT_SECONDS = 5.0
+
+
+class Watchdog:
+    """The consumer's side of the pipe: tells the watchdog which groups to stop."""
+
+    def __init__(self, pipe: ByteSendStream, mark: str) -> None:
+        self._pipe = pipe
+        self.mark = mark
+        """The value of ``TASKQ_WATCHDOG`` in the environment of guarded commands."""
+        self._lock = anyio.Lock()
+        self._lost = False
+
+    async def guard(self, pgid: int) -> None:
+        """Have the group stopped if this process dies before ``release(pgid)``."""
+        await self._send(b"+%d\n" % pgid)
+
+    async def release(self, pgid: int) -> None:
+        """The group is empty (its run ended): forget it."""
+        await self._send(b"-%d\n" % pgid)
+
+    async def _send(self, line: bytes) -> None:
+        if self._lost:
+            return
+        try:
+            async with self._lock:
+                await self._pipe.send(line)
+        except (anyio.BrokenResourceError, anyio.ClosedResourceError, OSError):
+            self._lost = True
+            log.error("the watchdog is gone: commands would outlive a crash of this process")
+
+
+_current: ContextVar[Watchdog | None] = ContextVar("taskq_watchdog", default=None)
+
+
+def marked_environment(env: Mapping[str, str]) -> Mapping[str, str]:
+    """``env`` with the current watchdog's mark, if this process has a watchdog."""
+    if (watchdog := _current.get()) is None:
+        return env
+    return {**env, MARK_VARIABLE: watchdog.mark}
+
+
+async def guard_group(pgid: int) -> None:
+    """``Watchdog.guard`` on the current watchdog, if this process has one."""
+    if (watchdog := _current.get()) is not None:
+        await watchdog.guard(pgid)
+
+
+async def release_group(pgid: int) -> None:
+    """``Watchdog.release`` on the current watchdog, if this process has one."""
+    if (watchdog := _current.get()) is not None:
+        await watchdog.release(pgid)
+
+
+@asynccontextmanager
+async def watching_commands(grace: float = WATCHDOG_GRACE) -> AsyncGenerator[Watchdog]:
+    """Start the watchdog; commands started in this context (and its tasks) are guarded.
+
+    On exit the pipe is closed: the watchdog stops whatever is still registered (nothing,
+    after an orderly stop) and exits.
+    """
+    mark = secrets.token_hex(16)
+    process = await anyio.open_process(
+        [sys.executable, "-I", "-m", "app.process_groups", str(grace), f"{MARK_VARIABLE}={mark}"],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.DEVNULL,
+        stderr=None,
+        env={"PATH": os.defpath},
+        # Out of the terminal's process group: Ctrl-C reaches the consumer only.
+        start_new_session=True,
+    )
+    assert process.stdin is not None
+    watchdog = Watchdog(process.stdin, mark)
+    token = _current.set(watchdog)
+    try:
+        yield watchdog
+    finally:
+        _current.reset(token)
+        with anyio.CancelScope(shield=True):
+            with anyio.move_on_after(_EXIT_SECONDS + grace):
+                await process.stdin.aclose()
+                await process.wait()
+            if process.returncode is None:
+                process.kill()
+            await process.aclose()

@@ -1,0 +1,97 @@
+"""What a command can do to the service, and what the service's death does to commands:
+no orphans after a SIGKILL, no secrets in reach, no hijacked ``sh``."""
+
+from __future__ import annotations
+
+import os
+import signal
+from pathlib import Path
+
+import anyio
+import httpx
+import pytest
+import redis.asyncio as redis
+
+from tests.conftest import eventually
+from tests.e2e.harness import ServiceProcess, running, service_env, wait_for_task
+
+pytestmark = pytest.mark.e2e
+
+SERVE = ["serve"]
+DEV = ["dev", "--port", "0"]
+
+
+def alive(pid: int) -> bool:
+    """Whether ``pid`` runs (a zombie waiting for its reaper does not count)."""
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            return stat.read().rsplit(")", 1)[1].split()[0] not in ("Z", "X")
+    except FileNotFoundError:
+        return False
+
+
+async def read_pids(path: Path, count: int) -> list[int]:
+    """The ``count`` pids a command wrote to ``path`` (written whole, by a rename)."""
+    pids: list[int] = []
+
+    async def written() -> bool:
+        nonlocal pids
+        if not await anyio.Path(path).exists():
+            return False
+        pids = [int(word) for word in (await anyio.Path(path).read_text()).split()]
+        return len(pids) == count
+
+    await eventually(written, within=20)
+    return pids
+
+
+async def start_command(service: ServiceProcess, command: str) -> None:
+    assert service.api_url is not None
+    async with httpx.AsyncClient(base_url=service.api_url) as http:
+        body = {"id": "job", "name": "job", "command": command}
+        assert (await http.post("/tasks", json=body)).status_code == 201
+        assert (await http.post("/tasks/job/execute")).status_code == 202
+
+
+@pytest.mark.parametrize("args", [SERVE, DEV], ids=["serve", "dev"])
+async def test_a_command_does_not_outlive_its_consumer_killed_with_sigkill(
+    args: list[str], prefix: str, servers: redis.Redis, tmp_path: Path
+) -> None:
+    pids = tmp_path / "pids"
+    # The shell and a background sleep; the pids go to a file renamed into place.
+    command = f'sleep 300 & echo $$ $! > "{pids}.tmp" && mv "{pids}.tmp" "{pids}"; wait'
+    async with running(args, service_env(prefix)) as service:
+        await start_command(service, command)
+        shell, sleeper = await read_pids(pids, 2)
+        assert alive(shell) and alive(sleeper)
+        service.process.send_signal(signal.SIGKILL)  # the consumer alone, not its group
+        with anyio.fail_after(5):
+            await service.process.wait()
+        try:
+            await eventually(lambda: not alive(shell) and not alive(sleeper), within=3)
+        finally:
+            for pid in (shell, sleeper):
+                if alive(pid):
+                    os.kill(pid, signal.SIGKILL)
+
+
+async def test_sh_is_not_looked_up_through_the_tasks_path(prefix: str, tmp_path: Path) -> None:
+    evil = tmp_path / "evil"
+    evil.mkdir()
+    fake_sh = evil / "sh"
+    fake_sh.write_text("#!/bin/sh\necho hijacked\n")
+    fake_sh.chmod(0o755)
+    async with running(DEV, service_env(prefix)) as service:
+        assert service.api_url is not None
+        async with httpx.AsyncClient(base_url=service.api_url) as http:
+            body = {
+                "id": "path",
+                "name": "path",
+                "command": "echo the real shell",
+                "env": {"PATH": str(evil)},
+            }
+            assert (await http.post("/tasks", json=body)).status_code == 201
+            await http.post("/tasks/path/execute")
+            task = await wait_for_task(http, "path", {"completed", "failed"})
+            [run] = (await http.get("/tasks/path/runs")).json()
+    assert (task["status"], run["output"]) == ("completed", "the real shell\n")

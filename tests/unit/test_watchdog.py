@@ -1,0 +1,125 @@
+"""The watchdog program on its own: what it stops when its consumer's pipe ends."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+from collections.abc import AsyncGenerator
+from contextlib import asynccontextmanager
+from pathlib import Path
+
+import anyio
+from anyio.abc import Process
+
+from app.executor import CappedOutput, run_command
+from app.watchdog import MARK_VARIABLE, watching_commands
+from tests.conftest import eventually
+
+MARK = f"{MARK_VARIABLE}=test-{os.getpid()}"
+
+
+def alive(pid: int) -> bool:
+    """Whether ``pid`` runs (a zombie waiting for its reaper does not count)."""
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            return stat.read().rsplit(")", 1)[1].split()[0] not in ("Z", "X")
+    except FileNotFoundError:
+        return False
+
+
+@asynccontextmanager
+async def sleeper(env: dict[str, str]) -> AsyncGenerator[Process]:
+    """``sleep 60`` as the leader of a session of its own, killed on exit if still there."""
+    process = await anyio.open_process(["sleep", "60"], env=env, start_new_session=True)
+    try:
+        yield process
+    finally:
+        if process.returncode is None:
+            process.kill()
+        await process.aclose()
+
+
+async def watchdog_reading(lines: bytes) -> None:
+    """Run the watchdog program with ``lines`` as the whole of its pipe, until it exits."""
+    argv = [sys.executable, "-m", "app.process_groups", "0.5", MARK]
+    with anyio.fail_after(10):
+        await anyio.run_process(argv, input=lines, stdout=None, stderr=None, check=True)
+
+
+async def test_registered_groups_are_stopped_when_the_pipe_ends() -> None:
+    async with sleeper({}) as guarded:
+        await watchdog_reading(b"+%d\n" % guarded.pid)
+        with anyio.fail_after(5):
+            await guarded.wait()
+        assert guarded.returncode == -signal.SIGTERM
+
+
+async def test_an_unregistered_command_is_found_by_the_mark_in_its_environment() -> None:
+    # A command the consumer started but had not yet registered when it died.
+    key, _, value = MARK.partition("=")
+    async with sleeper({key: value}) as unregistered:
+        await watchdog_reading(b"")
+        with anyio.fail_after(5):
+            await unregistered.wait()
+
+
+async def test_released_and_unmarked_processes_are_left_alone() -> None:
+    async with sleeper({}) as released, sleeper({MARK_VARIABLE: "another-consumer"}) as other:
+        await watchdog_reading(b"+%d\n-%d\n" % (released.pid, released.pid))
+        assert alive(released.pid) and alive(other.pid)
+
+
+async def test_a_command_that_ignores_sigterm_is_killed_after_the_grace() -> None:
+    argv = ["sh", "-c", "trap '' TERM; echo ready; sleep 60 & wait"]
+    async with await anyio.open_process(
+        argv, stdout=subprocess.PIPE, start_new_session=True
+    ) as stubborn:
+        assert stubborn.stdout is not None
+        await stubborn.stdout.receive()  # the trap is set
+        await watchdog_reading(b"+%d\n" % stubborn.pid)
+        with anyio.fail_after(5):
+            await stubborn.wait()
+        assert stubborn.returncode == -signal.SIGKILL
+
+
+async def test_commands_run_in_its_context_carry_the_mark_and_are_released() -> None:
+    output = CappedOutput(4096)
+    async with watching_commands() as watchdog:
+        outcome = await run_command(
+            ["sh", "-c", f'echo "${MARK_VARIABLE}"'],
+            env={},
+            cwd=None,
+            time_limit=None,
+            output=output,
+        )
+    assert outcome.output == f"{watchdog.mark}\n"
+
+
+async def test_the_watchdog_holds_no_secrets_and_exits_with_its_context() -> None:
+    async with watching_commands():
+        [pid] = [
+            child
+            for child in children(os.getpid())
+            if b"app.process_groups" in proc_file(child, "cmdline")
+        ]
+        environ = proc_file(pid, "environ")
+        assert environ.split(b"\0") == [b"PATH=" + os.fsencode(os.defpath), b""]
+    await eventually(lambda: not alive(pid), within=5)
+
+
+def proc_file(pid: int, name: str) -> bytes:
+    return Path(f"/proc/{pid}/{name}").read_bytes()
+
+
+def children(parent: int) -> list[int]:
+    found: list[int] = []
+    for entry in Path("/proc").iterdir():
+        try:
+            stat = (entry / "stat").read_bytes() if entry.name.isdigit() else b""
+        except OSError:
+            continue
+        if stat and int(stat[stat.rindex(b")") + 2 :].split()[1]) == parent:
+            found.append(int(entry.name))
+    return found
