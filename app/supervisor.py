@@ -14,7 +14,7 @@ import os
 import signal
 import socket
 import sys
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 from contextlib import AsyncExitStack
 from functools import partial
 from typing import Any
@@ -28,9 +28,10 @@ from app.adapters import open_broker, open_store
 from app.api import create_app
 from app.config import Settings
 from app.consumer import Consumer
-from app.ports import Role
+from app.ports import Broker, Role, Store
 from app.scheduler import Scheduler
 from app.service import TaskService
+from app.startup import stop_requested
 from app.watchdog import watching_commands
 
 log = logging.getLogger("taskq")
@@ -115,41 +116,53 @@ async def run_service(settings: Settings, *, on_ready: Callable[[str], None] | N
             process.start_soon(_stop_on_signal, stopping, process.cancel_scope, settings)
             async with anyio.create_task_group() as role_group:
                 started: list[str] = []
-                if "api" in roles:
-                    if not settings.api_tokens:
-                        log.warning(OPEN_API_WARNING)
-                    app = create_app(
-                        TaskService(store),
-                        checks={"store": store.ping, "broker": broker.ping},
-                        tokens=settings.api_tokens,
-                        body_seconds=settings.request_timeout,
-                    )
-                    serve = partial(
-                        serve_http, app, host=settings.host, port=settings.port, stopping=stopping
-                    )
-                    port = await role_group.start(_role, "api", serve)
-                    started.append(f"api on http://{settings.host}:{port}")
-                if "scheduler" in roles:
-                    scheduler = Scheduler(store, broker, lease_seconds=settings.lease_seconds)
-                    await role_group.start(_role, "scheduler", partial(scheduler.run, stopping))
-                    started.append("scheduler")
-                if "consumer" in roles:
-                    consumer = Consumer(
-                        store,
-                        broker,
-                        concurrency=settings.concurrency,
-                        output_limit=settings.output_limit,
-                        shutdown_grace=settings.shutdown_grace,
-                        lease_seconds=settings.lease_seconds,
-                    )
-                    await role_group.start(_role, "consumer", partial(consumer.run, stopping))
-                    started.append(f"consumer ({settings.concurrency} at a time)")
-                message = "taskq ready: " + ", ".join(started)
-                log.info(message)
-                if on_ready is not None:
-                    on_ready(message)
+                for name, body, describe in _role_bodies(settings, store, broker, stopping):
+                    result = await role_group.start(_role, name, body, stopping)
+                    if stopping.is_set():
+                        break  # a stop during start-up: start nothing more
+                    started.append(describe(result))
+                else:
+                    message = "taskq ready: " + ", ".join(started)
+                    log.info(message)
+                    if on_ready is not None:
+                        on_ready(message)
             process.cancel_scope.cancel()
     log.info("taskq stopped")
+
+
+def _role_bodies(
+    settings: Settings, store: Store, broker: Broker, stopping: anyio.Event
+) -> Iterator[tuple[Role, Callable[..., Awaitable[None]], Callable[[Any], str]]]:
+    """Each role of ``settings.roles``, in start order: its name, its body, and how the
+    ready line describes it (from what it reported when started)."""
+    if "api" in settings.roles:
+        if not settings.api_tokens:
+            log.warning(OPEN_API_WARNING)
+        app = create_app(
+            TaskService(store),
+            checks={"store": store.ping, "broker": broker.ping},
+            tokens=settings.api_tokens,
+            body_seconds=settings.request_timeout,
+        )
+        serve = partial(serve_http, app, host=settings.host, port=settings.port, stopping=stopping)
+        yield "api", serve, lambda port: f"api on http://{settings.host}:{port}"
+    if "scheduler" in settings.roles:
+        scheduler = Scheduler(store, broker, lease_seconds=settings.lease_seconds)
+        yield "scheduler", partial(scheduler.run, stopping), lambda _: "scheduler"
+    if "consumer" in settings.roles:
+        consumer = Consumer(
+            store,
+            broker,
+            concurrency=settings.concurrency,
+            output_limit=settings.output_limit,
+            shutdown_grace=settings.shutdown_grace,
+            lease_seconds=settings.lease_seconds,
+        )
+        yield (
+            "consumer",
+            partial(consumer.run, stopping),
+            lambda _: f"consumer ({settings.concurrency} at a time)",
+        )
 
 
 def root_cause(error: BaseException) -> BaseException:
@@ -158,20 +171,37 @@ def root_cause(error: BaseException) -> BaseException:
     return root_cause(nested[0]) if nested else error
 
 
+class _StartReport(StartedStatus[Any]):
+    """Passes a role's "started" on, remembering whether it came."""
+
+    def __init__(self, status: StartedStatus[Any]) -> None:
+        self._status = status
+        self.reported = False
+
+    def started(self, value: Any = None) -> None:
+        self.reported = True
+        self._status.started(value)
+
+
 async def _role(
     name: Role,
     body: Callable[..., Awaitable[None]],
+    stopping: anyio.Event,
     *,
     task_status: StartedStatus[Any] = anyio.TASK_STATUS_IGNORED,
 ) -> None:
+    report = _StartReport(task_status)
     try:
-        await body(task_status=task_status)
+        await body(task_status=report)
     except anyio.get_cancelled_exc_class():
         raise
     except Exception as exc:
         cause = root_cause(exc)
         log.critical("role %s crashed: %s: %s", name, type(cause).__name__, cause, exc_info=exc)
         raise RoleCrashed(f"role {name} crashed: {type(cause).__name__}: {cause}") from exc
+    if not report.reported and stopping.is_set():
+        # Stopped before it was ready: an orderly stop, not a failure to start.
+        task_status.started(None)
     log.info("role %s stopped", name)
 
 
@@ -179,10 +209,14 @@ async def _stop_on_signal(
     stopping: anyio.Event, process: anyio.CancelScope, settings: Settings
 ) -> None:
     with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
-        async for signum in signals:
-            log.info("%s received: stopping", signal.Signals(signum).name)
-            stopping.set()
-            break
+        # A signal that came while the process started was held for now (app.startup).
+        if (early := stop_requested()) is not None:
+            log.info("%s received while starting: stopping", early.name)
+        else:
+            async for signum in signals:
+                log.info("%s received: stopping", signal.Signals(signum).name)
+                break
+        stopping.set()
         with anyio.move_on_after(settings.shutdown_grace + STOP_MARGIN_SECONDS) as deadline:
             async for signum in signals:
                 log.warning("second %s: stopping now", signal.Signals(signum).name)

@@ -13,6 +13,7 @@ import asyncclick as click
 import sniffio
 
 from app.config import MEMORY_URL, ConfigError, Settings, parse_roles
+from app.startup import service_environment
 from cli.client import ApiClient, ApiError, open_client
 
 P = ParamSpec("P")
@@ -100,7 +101,7 @@ async def serve(
     """Run the service against Redis and RabbitMQ (all roles unless --roles)."""
     _configure_logging()
     try:
-        settings = Settings.from_env().with_overrides(
+        settings = Settings.from_env(service_environment()).with_overrides(
             roles=None if roles is None else parse_roles(roles),
             redis_url=redis_url,
             amqp_url=amqp_url,
@@ -131,7 +132,9 @@ async def dev(backend: str, host: str | None, port: int | None, concurrency: int
     _configure_logging()
     assert sniffio.current_async_library() == backend
     try:
-        settings = Settings.from_env().with_overrides(host=host, port=port, concurrency=concurrency)
+        settings = Settings.from_env(service_environment()).with_overrides(
+            host=host, port=port, concurrency=concurrency
+        )
     except ConfigError as exc:
         raise click.ClickException(str(exc)) from exc
     settings = settings.with_overrides(redis_url=MEMORY_URL, amqp_url=MEMORY_URL)

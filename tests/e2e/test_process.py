@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+import signal
+import socket
 import subprocess
+from pathlib import Path
 
 import anyio
+import httpx
 import pytest
 import redis.asyncio as redis
 
 from tests.conftest import eventually
-from tests.e2e.harness import running, service_env, taskq_command
+from tests.e2e.harness import ServiceProcess, running, service_env, taskq_command
 
 pytestmark = pytest.mark.e2e
 
@@ -57,4 +61,60 @@ async def test_a_bad_setting_is_refused_before_anything_starts(prefix: str) -> N
     assert result.returncode == 1
     assert "roles must be a comma-separated subset of api,scheduler,consumer" in (
         result.stderr.decode()
+    )
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port: int = probe.getsockname()[1]
+    return port
+
+
+def holds_sigterm(pid: int) -> bool:
+    """Whether the process has a handler for SIGTERM or has it blocked: from then on, a
+    SIGTERM is taskq's to handle (before, the interpreter is still starting)."""
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+    except FileNotFoundError:
+        return False
+    masks = dict(line.split(":\t") for line in status.splitlines() if line.startswith("Sig"))
+    bit = 1 << (signal.SIGTERM - 1)
+    return bool((int(masks["SigBlk"], 16) | int(masks["SigCgt"], 16)) & bit)
+
+
+@pytest.mark.parametrize("moment", ["health", 0.0, 0.05, 0.2, 0.5, 1.0])
+async def test_sigterm_at_any_moment_of_the_start_up_stops_cleanly_with_exit_code_0(
+    moment: str | float, prefix: str, servers: redis.Redis
+) -> None:
+    port = free_port()
+    process = await anyio.open_process(
+        [*taskq_command(), "serve"],
+        env=service_env(prefix, SERVER_PORT=str(port)),
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
+    service = ServiceProcess(process, "serve")
+
+    async def health_answers() -> bool:
+        try:
+            async with httpx.AsyncClient() as http:
+                answer = await http.get(f"http://127.0.0.1:{port}/health")
+        except httpx.TransportError:
+            return False
+        return answer.status_code == 200
+
+    code: int | None = None
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(service.collect_log)
+        await eventually(lambda: holds_sigterm(process.pid), every=0.001)
+        if moment == "health":
+            await eventually(health_answers, every=0.005, within=20)
+        else:
+            await anyio.sleep(float(moment))  # a moment of the start-up, not a wait for state
+        code = await service.stop()
+    assert code == 0, service.dump()
+    assert not [line for line in service.log if "Traceback" in line or "crashed" in line], (
+        service.dump()
     )

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import signal
+import uuid
 from pathlib import Path
 
 import anyio
@@ -95,3 +96,47 @@ async def test_sh_is_not_looked_up_through_the_tasks_path(prefix: str, tmp_path:
             task = await wait_for_task(http, "path", {"completed", "failed"})
             [run] = (await http.get("/tasks/path/runs")).json()
     assert (task["status"], run["output"]) == ("completed", "the real shell\n")
+
+
+# Prints the command line and the environment of its parent (the consumer), of each of
+# its ancestors, and of every process whose command line mentions taskq or the watchdog.
+DUMP_PROCESSES = r"""
+dump() { echo "== $1: $(tr '\0' ' ' < /proc/$1/cmdline)"; tr '\0' '\n' < /proc/$1/environ; }
+dump $PPID
+pid=$PPID
+while [ "$pid" -gt 1 ]; do dump $pid; pid=$(awk '/^PPid:/ {print $2}' /proc/$pid/status); done
+for dir in /proc/[0-9]*; do
+  if tr '\0' ' ' < $dir/cmdline 2>/dev/null | grep -q -e taskq -e app.process_groups; then
+    dump ${dir#/proc/}
+  fi
+done
+"""
+
+
+@pytest.mark.parametrize("args", [SERVE, DEV], ids=["serve", "dev"])
+async def test_commands_cannot_read_the_servers_secrets_through_proc(
+    args: list[str], prefix: str, servers: redis.Redis
+) -> None:
+    token = f"token-{uuid.uuid4().hex}"
+    password = f"password-{uuid.uuid4().hex}"
+    env = service_env(prefix, TASKQ_API_TOKENS=token)
+    if args == SERVE:
+        # A flag, so in argv; the local Redis takes any password for its default user.
+        args = [*args, "--redis-url", f"redis://default:{password}@127.0.0.1:6379/0"]
+    async with running(args, env) as service:
+        assert service.api_url is not None
+        headers = {"Authorization": f"Bearer {token}"}
+        async with httpx.AsyncClient(base_url=service.api_url, headers=headers) as http:
+            body = {"id": "snoop", "name": "snoop", "command": DUMP_PROCESSES}
+            assert (await http.post("/tasks", json=body)).status_code == 201
+            await http.post("/tasks/snoop/execute")
+            task = await wait_for_task(http, "snoop", {"completed", "failed"})
+            [run] = (await http.get("/tasks/snoop/runs")).json()
+    dump = run["output"]
+    assert task["status"] == "completed", dump
+    # It did read the consumer's environment and the watchdog's, just not the secrets.
+    assert f"TASKQ_KEY_PREFIX={prefix}" in dump
+    assert " serve" in dump or " dev" in dump
+    assert "app.process_groups" in dump
+    assert token not in dump
+    assert password not in dump

@@ -98,19 +98,28 @@ async def test_commands_run_in_its_context_carry_the_mark_and_are_released() -> 
 
 
 async def test_the_watchdog_holds_no_secrets_and_exits_with_its_context() -> None:
-    async with watching_commands():
-        [pid] = [
-            child
-            for child in children(os.getpid())
-            if b"app.process_groups" in proc_file(child, "cmdline")
-        ]
+    async with watching_commands() as watchdog:
+        found: list[int] = []
+
+        def listed() -> bool:
+            # Its command line is in place a moment after the spawn returns.
+            found[:] = [c for c in children(os.getpid()) if mark in proc_file(c, "cmdline")]
+            return bool(found)
+
+        mark = watchdog.mark.encode()
+        await eventually(listed, within=5)
+        [pid] = found
         environ = proc_file(pid, "environ")
         assert environ.split(b"\0") == [b"PATH=" + os.fsencode(os.defpath), b""]
     await eventually(lambda: not alive(pid), within=5)
 
 
 def proc_file(pid: int, name: str) -> bytes:
-    return Path(f"/proc/{pid}/{name}").read_bytes()
+    """The file ``name`` of ``/proc/PID``; empty once the process is gone."""
+    try:
+        return Path(f"/proc/{pid}/{name}").read_bytes()
+    except FileNotFoundError:
+        return b""
 
 
 def children(parent: int) -> list[int]:
