@@ -22,7 +22,8 @@ from app.domain import Outcome
 from app.process_groups import group_has_live_members, signal_group
 from app.watchdog import guard_group, marked_environment, release_group
 
-# Settings of the server itself that a command must not see.
+# Settings of the server itself that a command must not see (secrets, and where to
+# read them: ``app.config`` takes ``NAME_FILE`` for each).
 SERVER_SECRETS = frozenset(
     {
         "TASKQ_API_TOKENS",
@@ -31,6 +32,10 @@ SERVER_SECRETS = frozenset(
         "REDIS_ADDRESS",
         "AMQP_URL",
         "REDIS_MQ_URL",
+        "TASKQ_API_TOKENS_FILE",
+        "REDIS_URL_FILE",
+        "AMQP_URL_FILE",
+        "REDIS_MQ_URL_FILE",
     }
 )
 _READ_CHUNK = 65536

@@ -83,19 +83,22 @@ def holds_sigterm(pid: int) -> bool:
     return bool((int(masks["SigBlk"], 16) | int(masks["SigCgt"], 16)) & bit)
 
 
-@pytest.mark.parametrize("moment", ["health", 0.0, 0.05, 0.2, 0.5, 1.0])
+@pytest.mark.parametrize(
+    ("command", "moment"),
+    [*(("serve", moment) for moment in ("health", 0.0, 0.05, 0.2, 0.5, 1.0)), ("dev", "health")],
+)
 async def test_sigterm_at_any_moment_of_the_start_up_stops_cleanly_with_exit_code_0(
-    moment: str | float, prefix: str, servers: redis.Redis
+    command: str, moment: str | float, prefix: str, servers: redis.Redis
 ) -> None:
     port = free_port()
     process = await anyio.open_process(
-        [*taskq_command(), "serve"],
+        [*taskq_command(), command],
         env=service_env(prefix, SERVER_PORT=str(port)),
         stdin=subprocess.DEVNULL,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
     )
-    service = ServiceProcess(process, "serve")
+    service = ServiceProcess(process, command)
 
     async def health_answers() -> bool:
         try:
