@@ -10,17 +10,9 @@ import pytest
 
 from tests.conftest import eventually
 from tests.e2e.harness import running, service_env, wait_for_task
+from tests.processes import alive
 
 pytestmark = pytest.mark.e2e
-
-
-def alive(pid: int) -> bool:
-    """Whether ``pid`` runs (a zombie waiting for its reaper does not count)."""
-    try:
-        with open(f"/proc/{pid}/stat") as stat:
-            return stat.read().rsplit(")", 1)[1].split()[0] not in ("Z", "X")
-    except FileNotFoundError:
-        return False
 
 
 async def test_a_timeout_kills_the_whole_process_tree(prefix: str, tmp_path: Path) -> None:

@@ -15,20 +15,12 @@ import redis.asyncio as redis
 
 from tests.conftest import eventually
 from tests.e2e.harness import ServiceProcess, running, service_env, wait_for_task
+from tests.processes import alive
 
 pytestmark = pytest.mark.e2e
 
 SERVE = ["serve"]
 DEV = ["dev", "--port", "0"]
-
-
-def alive(pid: int) -> bool:
-    """Whether ``pid`` runs (a zombie waiting for its reaper does not count)."""
-    try:
-        with open(f"/proc/{pid}/stat") as stat:
-            return stat.read().rsplit(")", 1)[1].split()[0] not in ("Z", "X")
-    except FileNotFoundError:
-        return False
 
 
 async def read_pids(path: Path, count: int) -> list[int]:

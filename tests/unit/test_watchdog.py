@@ -16,17 +16,9 @@ from anyio.abc import Process
 from app.executor import CappedOutput, run_command
 from app.watchdog import MARK_VARIABLE, watching_commands
 from tests.conftest import eventually
+from tests.processes import alive
 
 MARK = f"{MARK_VARIABLE}=test-{os.getpid()}"
-
-
-def alive(pid: int) -> bool:
-    """Whether ``pid`` runs (a zombie waiting for its reaper does not count)."""
-    try:
-        with open(f"/proc/{pid}/stat") as stat:
-            return stat.read().rsplit(")", 1)[1].split()[0] not in ("Z", "X")
-    except FileNotFoundError:
-        return False
 
 
 @asynccontextmanager
