@@ -1,7 +1,7 @@
 """Signalling process groups, and the watchdog program that stops them when their
 consumer process dies.
 
-Only the standard library here: ``python -m app.process_groups GRACE MARK`` is the
+Only the standard library here: ``python app/process_groups.py GRACE MARK`` is the
 watchdog, a small process each consumer process starts once (see ``app.watchdog``). It
 reads ``+PGID`` and ``-PGID`` lines on its stdin: the groups of the commands that
 consumer is running. When its stdin reaches its end, the consumer is gone, however it
@@ -20,6 +20,7 @@ import time
 from collections.abc import Iterable, Iterator
 
 _POLL_SECONDS = 0.02
+READY = b"ready\n"
 # The watchdog reads what accumulated in its pipe at most this often: waking for every
 # command started costs the consumer's commands CPU, and nothing is urgent until EOF.
 _READ_PAUSE_SECONDS = 0.05
@@ -119,6 +120,7 @@ def main(argv: list[str]) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGHUP, signal.SIG_IGN)
     grace, mark = float(argv[0]), os.fsencode(argv[1])
+    os.write(sys.stdout.fileno(), READY)
     registered = read_registrations(read_lines(sys.stdin.fileno()))
     stop_groups(registered | marked_groups(mark), grace)
 

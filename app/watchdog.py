@@ -18,6 +18,7 @@ write end is close-on-exec, so no command holds it open.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import secrets
@@ -29,6 +30,8 @@ from contextvars import ContextVar
 
 import anyio
 from anyio.abc import ByteSendStream
+
+from app import process_groups
 
 log = logging.getLogger("taskq.watchdog")
 
@@ -98,16 +101,29 @@ async def watching_commands(grace: float = WATCHDOG_GRACE) -> AsyncGenerator[Wat
     after an orderly stop) and exits.
     """
     mark = secrets.token_hex(16)
+    # Run by path: the program needs the standard library only, and whatever sys.path
+    # finds taskq here (PYTHONPATH, a venv) is ignored by -I.
+    program = [process_groups.__file__, str(grace), f"{MARK_VARIABLE}={mark}"]
     process = await anyio.open_process(
-        [sys.executable, "-I", "-m", "app.process_groups", str(grace), f"{MARK_VARIABLE}={mark}"],
+        [sys.executable, "-I", *program],
         stdin=subprocess.PIPE,
-        stdout=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
         stderr=None,
         env={"PATH": os.defpath},
         # Out of the terminal's process group: Ctrl-C reaches the consumer only.
         start_new_session=True,
     )
-    assert process.stdin is not None
+    assert process.stdin is not None and process.stdout is not None
+    try:
+        with anyio.fail_after(_EXIT_SECONDS):
+            ready = await process.stdout.receive()
+    except (anyio.EndOfStream, TimeoutError):
+        ready = b""
+    if ready != process_groups.READY:
+        with contextlib.suppress(ProcessLookupError):
+            process.kill()
+        await process.aclose()
+        raise RuntimeError("the command watchdog did not start (its error is above)")
     watchdog = Watchdog(process.stdin, mark)
     token = _current.set(watchdog)
     try:
@@ -119,5 +135,6 @@ async def watching_commands(grace: float = WATCHDOG_GRACE) -> AsyncGenerator[Wat
                 await process.stdin.aclose()
                 await process.wait()
             if process.returncode is None:
-                process.kill()
+                with contextlib.suppress(ProcessLookupError):
+                    process.kill()
             await process.aclose()

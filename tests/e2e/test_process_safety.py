@@ -98,7 +98,7 @@ dump $PPID
 pid=$PPID
 while [ "$pid" -gt 1 ]; do dump $pid; pid=$(awk '/^PPid:/ {print $2}' /proc/$pid/status); done
 for dir in /proc/[0-9]*; do
-  if tr '\0' ' ' < $dir/cmdline 2>/dev/null | grep -q -e taskq -e app.process_groups; then
+  if tr '\0' ' ' < $dir/cmdline 2>/dev/null | grep -q -e taskq -e process_groups; then
     dump ${dir#/proc/}
   fi
 done
@@ -129,6 +129,6 @@ async def test_commands_cannot_read_the_servers_secrets_through_proc(
     # It did read the consumer's environment and the watchdog's, just not the secrets.
     assert f"TASKQ_KEY_PREFIX={prefix}" in dump
     assert " serve" in dump or " dev" in dump
-    assert "app.process_groups" in dump
+    assert "process_groups.py" in dump
     assert token not in dump
     assert password not in dump

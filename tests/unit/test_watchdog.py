@@ -11,8 +11,10 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 
 import anyio
+import pytest
 from anyio.abc import Process
 
+from app import process_groups
 from app.executor import CappedOutput, run_command
 from app.watchdog import MARK_VARIABLE, watching_commands
 from tests.conftest import eventually
@@ -35,9 +37,9 @@ async def sleeper(env: dict[str, str]) -> AsyncGenerator[Process]:
 
 async def watchdog_reading(lines: bytes) -> None:
     """Run the watchdog program with ``lines`` as the whole of its pipe, until it exits."""
-    argv = [sys.executable, "-m", "app.process_groups", "0.5", MARK]
+    argv = [sys.executable, "-I", process_groups.__file__, "0.5", MARK]
     with anyio.fail_after(10):
-        await anyio.run_process(argv, input=lines, stdout=None, stderr=None, check=True)
+        await anyio.run_process(argv, input=lines, stdout=subprocess.DEVNULL, stderr=None)
 
 
 async def test_registered_groups_are_stopped_when_the_pipe_ends() -> None:
@@ -124,3 +126,12 @@ def children(parent: int) -> list[int]:
         if stat and int(stat[stat.rindex(b")") + 2 :].split()[1]) == parent:
             found.append(int(entry.name))
     return found
+
+
+async def test_a_watchdog_that_cannot_start_stops_the_start(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(sys, "executable", "/bin/false")
+    with pytest.raises(RuntimeError, match="the command watchdog did not start"):
+        async with watching_commands():
+            pass
