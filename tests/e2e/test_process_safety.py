@@ -58,10 +58,12 @@ async def test_a_command_does_not_outlive_its_consumer_killed_with_sigkill(
         shell, sleeper = await read_pids(pids, 2)
         assert alive(shell) and alive(sleeper)
         service.process.send_signal(signal.SIGKILL)  # the consumer alone, not its group
+        killed_at = anyio.current_time()
         with anyio.fail_after(5):
             await service.process.wait()
         try:
             await eventually(lambda: not alive(shell) and not alive(sleeper), within=3)
+            print(f"command gone {anyio.current_time() - killed_at:.2f} s after the SIGKILL")
         finally:
             for pid in (shell, sleeper):
                 if alive(pid):
