@@ -27,8 +27,8 @@ class ConfigError(ValueError):
 
 @dataclass(frozen=True, slots=True)
 class Settings:
-    redis_url: str = DEFAULT_REDIS_URL
-    amqp_url: str = DEFAULT_AMQP_URL
+    store_url: str = DEFAULT_REDIS_URL
+    broker_url: str = DEFAULT_AMQP_URL
     host: str = "127.0.0.1"
     port: int = 8080
     key_prefix: str = ""
@@ -47,11 +47,11 @@ class Settings:
         env = os.environ if env is None else env
         values: dict[str, Any] = {}
         if url := _secret(env, "REDIS_URL"):
-            values["redis_url"] = url
+            values["store_url"] = url
         elif address := env.get("REDIS_ADDRESS"):
-            values["redis_url"] = f"redis://{address}/0"
+            values["store_url"] = f"redis://{address}/0"
         if url := _secret(env, "AMQP_URL") or _secret(env, "REDIS_MQ_URL"):
-            values["amqp_url"] = url
+            values["broker_url"] = url
         if host := env.get("SERVER_HOST"):
             values["host"] = host
         if "TASKQ_KEY_PREFIX" in env:

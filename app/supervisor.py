@@ -101,13 +101,13 @@ async def run_service(settings: Settings, *, on_ready: Callable[[str], None] | N
             await stack.enter_async_context(watching_commands())
         store = await stack.enter_async_context(
             open_store(
-                settings.redis_url, prefix=settings.key_prefix, run_history=settings.run_history
+                settings.store_url, prefix=settings.key_prefix, run_history=settings.run_history
             )
         )
         # The api role only pings the broker (for /health): it may start while it is down.
         broker = await stack.enter_async_context(
             open_broker(
-                settings.amqp_url,
+                settings.broker_url,
                 prefix=settings.key_prefix,
                 require_connection=roles != ("api",),
             )

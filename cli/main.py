@@ -103,8 +103,8 @@ async def serve(
     try:
         settings = Settings.from_env(service_environment()).with_overrides(
             roles=None if roles is None else parse_roles(roles),
-            redis_url=redis_url,
-            amqp_url=amqp_url,
+            store_url=redis_url,
+            broker_url=amqp_url,
             key_prefix=key_prefix,
             host=host,
             port=port,
@@ -137,7 +137,7 @@ async def dev(backend: str, host: str | None, port: int | None, concurrency: int
         )
     except ConfigError as exc:
         raise click.ClickException(str(exc)) from exc
-    settings = settings.with_overrides(redis_url=MEMORY_URL, amqp_url=MEMORY_URL)
+    settings = settings.with_overrides(store_url=MEMORY_URL, broker_url=MEMORY_URL)
     logging.getLogger("taskq").warning(
         "DEV MODE: tasks live in this process's memory only; NOTHING SURVIVES EXIT"
     )

@@ -19,8 +19,8 @@ from app.config import (
 def test_defaults() -> None:
     settings = Settings.from_env({})
     assert settings == Settings()
-    assert settings.redis_url == DEFAULT_REDIS_URL == "redis://localhost:6379/0"
-    assert settings.amqp_url == DEFAULT_AMQP_URL
+    assert settings.store_url == DEFAULT_REDIS_URL == "redis://localhost:6379/0"
+    assert settings.broker_url == DEFAULT_AMQP_URL
     assert settings.host == "127.0.0.1"
     assert settings.port == 8080
     assert settings.key_prefix == ""
@@ -39,27 +39,27 @@ def test_unrelated_variables_are_ignored() -> None:
 
 def test_redis_address_becomes_a_url() -> None:
     settings = Settings.from_env({"REDIS_ADDRESS": "redis.internal:6380"})
-    assert settings.redis_url == "redis://redis.internal:6380/0"
+    assert settings.store_url == "redis://redis.internal:6380/0"
 
 
 def test_redis_url_wins_over_redis_address() -> None:
     env = {"REDIS_URL": "redis://primary:6379/2", "REDIS_ADDRESS": "other:6380"}
-    assert Settings.from_env(env).redis_url == "redis://primary:6379/2"
+    assert Settings.from_env(env).store_url == "redis://primary:6379/2"
 
 
 def test_empty_redis_url_falls_back_to_redis_address() -> None:
     env = {"REDIS_URL": "", "REDIS_ADDRESS": "other:6380"}
-    assert Settings.from_env(env).redis_url == "redis://other:6380/0"
+    assert Settings.from_env(env).store_url == "redis://other:6380/0"
 
 
 def test_redis_mq_url_is_the_amqp_url() -> None:
     env = {"REDIS_MQ_URL": "amqp://mq:5672/"}
-    assert Settings.from_env(env).amqp_url == "amqp://mq:5672/"
+    assert Settings.from_env(env).broker_url == "amqp://mq:5672/"
 
 
 def test_amqp_url_wins_over_redis_mq_url() -> None:
     env = {"AMQP_URL": "amqp://primary:5672/", "REDIS_MQ_URL": "amqp://other:5672/"}
-    assert Settings.from_env(env).amqp_url == "amqp://primary:5672/"
+    assert Settings.from_env(env).broker_url == "amqp://primary:5672/"
 
 
 def test_server_host_and_port() -> None:
