@@ -342,7 +342,7 @@ async def _server_sent(
                 case OutputText(text=text):
                     yield ServerSentEventMessage(event="output", data=_json({"text": text}))
                 case KeepAlive():
-                    yield ServerSentEventMessage(comment="keepalive")
+                    yield ServerSentEventMessage(data=None, comment="keepalive")
                 case OutputEnd(run=run):
                     ended = None if run is None else msgspec.to_builtins(run)
                     if ended is not None:

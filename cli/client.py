@@ -9,6 +9,9 @@ from typing import Any, cast
 
 import httpx
 
+RUN_OUTPUT_EVENTS = ("output", "end")
+"""The events of a run's output stream; any other (an empty keep-alive) is skipped."""
+
 
 class ApiError(Exception):
     """The API answered with an error, or could not be reached."""
@@ -99,28 +102,31 @@ class ApiClient:
                     await response.aread()
                     raise ApiError(_error_detail(response), response.status_code)
                 async for event, data in _server_sent_events(response.aiter_lines()):
-                    yield event, json.loads(data)
+                    if event in RUN_OUTPUT_EVENTS:
+                        yield event, json.loads(data)
         except httpx.HTTPError as exc:
             raise ApiError(f"the output stream from {self._http.base_url} broke: {exc}") from exc
 
 
 async def _server_sent_events(lines: AsyncIterator[str]) -> AsyncGenerator[tuple[str, str]]:
-    """(event, data) of each event in a ``text/event-stream``; comments are skipped."""
-    event, data = "message", list[str]()
+    """(event, data) of each event in a ``text/event-stream``, parsed as the HTML spec says:
+    comments (keep-alives) are skipped, ``data`` lines join with newlines, and a block
+    without any ``data`` line dispatches nothing."""
+    event, data = "", ""
     async for line in lines:
         if not line:
             if data:
-                yield event, "\n".join(data)
-            event, data = "message", []
-        elif line.startswith(":"):
+                yield event or "message", data.removesuffix("\n")
+            event, data = "", ""
             continue
-        else:
-            field, _, value = line.partition(":")
-            value = value.removeprefix(" ")
-            if field == "event":
-                event = value
-            elif field == "data":
-                data.append(value)
+        field, colon, value = line.partition(":")
+        if not field and colon:
+            continue  # a comment
+        value = value.removeprefix(" ")
+        if field == "event":
+            event = value
+        elif field == "data":
+            data += value + "\n"
 
 
 def _error_detail(response: httpx.Response) -> str:
