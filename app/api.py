@@ -78,7 +78,7 @@ from app.domain import (
 )
 from app.live_output import KEEPALIVE_SECONDS, KeepAlive, OutputEnd, OutputEvent, OutputText
 from app.outages import DependencyDown, OutageGate, probe
-from app.ports import StoreUnavailable
+from app.ports import StoreUnavailable, TooManyFollowers
 from app.schemas import ScheduleRequest, TaskCreate, TaskUpdate
 from app.service import InvalidCursor, TaskService
 from app.transactions import StoreContention
@@ -316,7 +316,8 @@ class TaskController(Controller):
         "event carries the run as recorded (without its output, already sent; `null` if it "
         "was deleted) and closes the stream. Without `follow`, the stream closes after what "
         "there is now (the newest output kept) unless the run already ended. A comment line "
-        f"comes every {KEEPALIVE_SECONDS:g} s while the run is quiet.",
+        f"comes every {KEEPALIVE_SECONDS:g} s (`TASKQ_KEEPALIVE_SECONDS`) while the run is "
+        "quiet. 503 with `Retry-After` when the server streams `TASKQ_MAX_FOLLOWERS` already.",
         raises=[NotFoundException, NotAuthorizedException],
         media_type="text/event-stream",
     )
@@ -410,6 +411,9 @@ async def swagger_redirect() -> Redirect:
     return Redirect(SCHEMA_PATH)
 
 
+FOLLOWERS_RETRY_AFTER = 5
+"""Seconds a client refused a live output stream is told to wait."""
+
 _STATUS_OF: list[tuple[type[Exception], int]] = [
     (TaskNotFound, HTTP_404_NOT_FOUND),
     (RunNotFound, HTTP_404_NOT_FOUND),
@@ -466,6 +470,15 @@ def _store_outage_handlers(gate: OutageGate) -> dict[type[Exception], Any]:
         return response
 
     return {StoreUnavailable: store_unavailable, DependencyDown: known_down}
+
+
+def _too_many_followers(
+    _: Request[Any, Any, Any], exc: TooManyFollowers
+) -> Response[dict[str, object]]:
+    """Live output streams are capped per process (``TASKQ_MAX_FOLLOWERS``): come back soon."""
+    response = _problem(HTTP_503_SERVICE_UNAVAILABLE, str(exc))
+    response.headers.update(_retry_after(FOLLOWERS_RETRY_AFTER))
+    return response
 
 
 def _http_error(_: Request[Any, Any, Any], exc: HTTPException) -> Response[dict[str, object]]:
@@ -541,6 +554,7 @@ def create_app(
             DomainError: _domain_error,
             StoreContention: _domain_error,
             **_store_outage_handlers(store_gate),
+            TooManyFollowers: _too_many_followers,
             HTTPException: _http_error,
             ValidationException: _validation_error,
             Exception: _unexpected_error,

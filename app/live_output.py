@@ -4,8 +4,8 @@ The consumer side (``OutputRelay``) batches what its commands print and appends 
 each run's live output in the store, at most every ``FLUSH_SECONDS``; a command that
 ends within its first interval never touches the store, so short runs cost nothing
 extra (not even a task of their own).
-The reader side (``follow_output``) reads the live output with a cursor until the
-commit that ends the run marks its end, then finishes with the run as recorded.
+The reader side (``follow_output``) follows the live output (``LiveOutput.follow``)
+until the commit that ends the run ends it, then finishes with the run as recorded.
 
 The live output keeps the newest ``TASKQ_OUTPUT_LIMIT`` bytes; the run record keeps the
 head and the tail. Live output is a view, never the record: losing part of it (a store
@@ -17,19 +17,28 @@ from __future__ import annotations
 import codecs
 import logging
 import time
-from collections.abc import AsyncGenerator, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Callable
+from contextlib import AsyncExitStack
 from dataclasses import dataclass
 
 import anyio
 
 from app.domain import FINISHED_RUN_STATUSES, Run, RunNotFound
-from app.ports import OutputChunk, OutputPage, Store, StoreUnavailable
+from app.ports import (
+    FOLLOW_KEEPALIVE,
+    LiveOutput,
+    OutputChunk,
+    OutputPage,
+    Store,
+    StoreUnavailable,
+)
 
 log = logging.getLogger(__name__)
 
 FLUSH_SECONDS = 0.25
 FLUSH_BYTES = 64 * 1024
-KEEPALIVE_SECONDS = 10.0
+KEEPALIVE_SECONDS = FOLLOW_KEEPALIVE
+"""Default seconds between keep-alives of a quiet run (``TASKQ_KEEPALIVE_SECONDS``)."""
 
 
 class OutputRelay:
@@ -37,7 +46,7 @@ class OutputRelay:
     store: one task for all of them, flushing each run's batch every ``FLUSH_SECONDS``
     (sooner at ``FLUSH_BYTES``) once the run has been going for that long."""
 
-    def __init__(self, store: Store, *, keep: int) -> None:
+    def __init__(self, store: LiveOutput, *, keep: int) -> None:
         self._store = store
         self._keep = keep
         self._outputs: dict[str, RunOutput] = {}
@@ -72,7 +81,7 @@ class RunOutput:
     """The output of one running command, on its way to the run's live output."""
 
     def __init__(
-        self, store: Store, run_id: str, *, keep: int, on_full: Callable[[], None]
+        self, store: LiveOutput, run_id: str, *, keep: int, on_full: Callable[[], None]
     ) -> None:
         self.run_id = run_id
         self._store = store
@@ -161,21 +170,29 @@ async def follow_output(
     store: Store, task_id: str, run_id: str, *, follow: bool
 ) -> AsyncGenerator[OutputEvent]:
     """The output of a run: what there is now, and with ``follow`` what comes until the
-    run ends. Raises ``RunNotFound`` (before anything is read) when there is no such run.
+    run ends. Raises ``RunNotFound`` (before anything is read) when there is no such run,
+    and ``TooManyFollowers`` when this process follows as many live outputs as it may.
     """
     run = await store.get_run(task_id, run_id)
     if run is None:
         raise RunNotFound(task_id, run_id)
     if run.status in FINISHED_RUN_STATUSES:
         return _recorded(run)  # nothing to follow: leave nothing behind in the store
-    page = await store.read_output(run_id, cursor=None, wait=0)
-    # Read again now that we follow: a run that ends from here on gets an end mark.
-    run = await store.get_run(task_id, run_id)
-    if run is None:
-        raise RunNotFound(task_id, run_id)
-    if run.status in FINISHED_RUN_STATUSES:
-        return _recorded(run)
-    return _events(store, run, page, follow=follow)
+    async with AsyncExitStack() as following:
+        pages = await following.enter_async_context(store.follow(run_id))
+        first = await anext(pages)
+        # Read again now that we follow: a run that ends from here on gets an end.
+        run = await store.get_run(task_id, run_id)
+        if run is None:
+            raise RunNotFound(task_id, run_id)
+        if run.status in FINISHED_RUN_STATUSES:
+            events = _recorded(run)
+        elif not follow:
+            events = _events(store, run, first, None)
+        else:
+            # The events own the following from here on, and end it when they end.
+            events = _events(store, run, first, pages, following.pop_all())
+    return events
 
 
 async def _recorded(run: Run) -> AsyncGenerator[OutputEvent]:
@@ -186,43 +203,49 @@ async def _recorded(run: Run) -> AsyncGenerator[OutputEvent]:
 
 
 async def _events(
-    store: Store, run: Run, page: OutputPage, *, follow: bool
+    store: Store,
+    run: Run,
+    page: OutputPage,
+    pages: AsyncIterator[OutputPage] | None,
+    following: AsyncExitStack | None = None,
 ) -> AsyncGenerator[OutputEvent]:
-    decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
-    expected = 0
-    received = False
-    while True:
-        for chunk in page.chunks:
-            if chunk.offset > expected:
-                yield OutputText(
-                    decoder.decode(b"", final=True)
-                    + f"\n[... {chunk.offset - expected} bytes of output not kept ...]\n"
-                )
-                decoder.reset()
-            skip = max(0, expected - chunk.offset)  # overlap with what was already shown
-            text = decoder.decode(chunk.data[skip:])
-            expected = max(expected, chunk.offset + len(chunk.data))
-            received = True
-            if text:
-                yield OutputText(text)
-        if not page.ended:
-            if not follow:
-                return
-            page = await store.read_output(run.run_id, cursor=page.cursor, wait=KEEPALIVE_SECONDS)
-            if page.chunks or page.ended:
-                continue
-            # Quiet for a while: make sure the run still goes on (its live output may
-            # have expired, or the run may have been deleted).
-            current = await store.get_run(run.task_id, run.run_id)
-            if current is not None and current.status not in FINISHED_RUN_STATUSES:
-                yield KeepAlive()
-                continue
-        final = await store.get_run(run.task_id, run.run_id)
-        rest = decoder.decode(b"", final=True)
-        if not received and final is not None:
-            # The command ended before its first batch was forwarded.
-            rest += final.output
-        if rest:
-            yield OutputText(rest)
-        yield OutputEnd(final)
-        return
+    """The events of ``page``, then (with ``pages``) of each page that follows."""
+    async with following or AsyncExitStack():
+        decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        expected = 0
+        received = False
+        while True:
+            for chunk in page.chunks:
+                if chunk.offset > expected:
+                    yield OutputText(
+                        decoder.decode(b"", final=True)
+                        + f"\n[... {chunk.offset - expected} bytes of output not kept ...]\n"
+                    )
+                    decoder.reset()
+                skip = max(0, expected - chunk.offset)  # overlap with what was already shown
+                text = decoder.decode(chunk.data[skip:])
+                expected = max(expected, chunk.offset + len(chunk.data))
+                received = True
+                if text:
+                    yield OutputText(text)
+            if not page.ended:
+                if pages is None:
+                    return
+                page = await anext(pages)
+                if page.chunks or page.ended:
+                    continue
+                # Quiet for a while: make sure the run still goes on (its live output may
+                # have expired, or the run may have been deleted).
+                current = await store.get_run(run.task_id, run.run_id)
+                if current is not None and current.status not in FINISHED_RUN_STATUSES:
+                    yield KeepAlive()
+                    continue
+            final = await store.get_run(run.task_id, run.run_id)
+            rest = decoder.decode(b"", final=True)
+            if not received and final is not None:
+                # The command ended before its first batch was forwarded.
+                rest += final.output
+            if rest:
+                yield OutputText(rest)
+            yield OutputEnd(final)
+            return

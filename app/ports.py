@@ -1,7 +1,9 @@
-"""The two ports every role talks through: ``Store`` (task state) and ``Broker`` (dispatch).
+"""The ports every role talks through: the store's (``TaskStore`` for task state,
+``CancelNotices``, ``LiveOutput``; ``Store`` is all three) and ``Broker`` (dispatch).
 
 Each has a real adapter (Redis, AMQP) and an in-memory one that is the reference
 behaviour; the contract suites in ``tests/contract`` run both through the same cases.
+Roles are typed against the ports they use.
 Opening and closing connections is not part of a port: see ``app.adapters``.
 """
 
@@ -79,16 +81,24 @@ class OutputChunk:
 
 @dataclass(frozen=True, slots=True)
 class OutputPage:
-    """What ``Store.read_output`` found: chunks in order, the cursor to read on from,
-    and whether the run's end has been recorded (no chunk comes after it)."""
+    """Live output a follower has not seen yet: chunks in order, and whether the run's end
+    has been recorded (no chunk comes after it)."""
 
     chunks: Sequence[OutputChunk]
-    cursor: str
     ended: bool
 
 
-class Store(Protocol):
-    """Where tasks, their runs and their schedule live.
+class TooManyFollowers(Exception):
+    """This process follows as many live outputs as it may (``TASKQ_MAX_FOLLOWERS``);
+    try again later or elsewhere."""
+
+    def __init__(self, limit: int) -> None:
+        super().__init__(f"this server already streams {limit} live outputs; try again shortly")
+        self.limit = limit
+
+
+class TaskStore(Protocol):
+    """Where tasks, their runs and their schedule live, changed one task at a time.
 
     Every method raises ``StoreUnavailable`` when the store cannot be reached.
     """
@@ -112,6 +122,8 @@ class Store(Protocol):
 
         Raises ``TaskAlreadyExists`` when creating an existing id and ``RevisionConflict``
         when the stored revision is not ``change.expected_revision`` (or the task is gone).
+        A change recording the end of a run also ends that run's live output
+        (``LiveOutput.follow``) in the same step.
         """
         ...
 
@@ -154,18 +166,33 @@ class Store(Protocol):
         """
         ...
 
-    async def announce_cancel(self, run_id: str) -> None:
-        """Tell every consumer, in any process, to stop the command of this run."""
-        ...
-
-    def cancel_notices(self) -> AbstractAsyncContextManager[AsyncIterator[str]]:
-        """The ids of runs whose command must stop, announced from now on."""
-        ...
-
     async def wait_for_due(self, *, max_wait: float) -> None:
         """Return when the earliest entry of ``scheduled_tasks`` is due, when one may have
         been added earlier than that (in any process), or after ``max_wait`` seconds."""
         ...
+
+
+class CancelNotices(Protocol):
+    """Tells every consumer, in any process, which commands to stop."""
+
+    async def announce_cancel(self, run_id: str) -> None:
+        """Tell every consumer listening now to stop the command of this run.
+
+        Raises ``StoreUnavailable`` when the notice cannot be sent."""
+        ...
+
+    def cancel_notices(self) -> AbstractAsyncContextManager[AsyncIterator[str]]:
+        """The ids of runs whose command must stop, announced from now on; the iterator
+        raises ``StoreUnavailable`` when the notices stop coming (listen again)."""
+        ...
+
+
+class LiveOutput(Protocol):
+    """What running commands print, kept for a while so that anyone can follow it live.
+
+    A view, never the record: the run (``TaskStore``) keeps the output that counts.
+    Both methods raise ``StoreUnavailable`` when the store cannot be reached.
+    """
 
     async def append_output(self, run_id: str, chunk: OutputChunk, *, keep: int) -> None:
         """Add output of a running command to its run's live output.
@@ -178,25 +205,34 @@ class Store(Protocol):
         """
         ...
 
-    async def read_output(self, run_id: str, *, cursor: str | None, wait: float) -> OutputPage:
-        """The live output of a run after ``cursor``.
+    def follow(self, run_id: str) -> AbstractAsyncContextManager[AsyncIterator[OutputPage]]:
+        """Follow the live output of a run: pages of chunks not seen yet, never repeating.
 
-        ``cursor=None`` starts following: it returns at once, with every chunk kept, and
-        from then on the commit that ends the run marks the end in its live output
-        (``ended``), even if the command never printed anything. Read the run itself
-        after that first call: a run that ended before it gets no end mark.
+        The first page comes at once, with every chunk kept; from then on the commit that
+        ends the run ends its live output (a page with ``ended``, after which the iterator
+        stops), even if the command never printed anything. Read the run itself after
+        that first page: a run that ended before it gets no end. Later pages come as
+        output does, and an empty page whenever nothing came for the store's quiet
+        interval (``FOLLOW_KEEPALIVE`` by default), so a follower can check on the run.
 
-        With a cursor (opaque: only ever one a previous page returned), it returns up to
-        a page of newer chunks, waiting up to ``wait`` seconds for some when there are
-        none. Stop at ``ended``: nothing comes after it.
+        Raises ``TooManyFollowers`` on entry when this process already follows its
+        limit of live outputs (followers of one run share one read of the store).
         """
         ...
+
+
+class Store(TaskStore, CancelNotices, LiveOutput, Protocol):
+    """Every store port at once: what ``open_store`` opens (one connection for all)."""
 
 
 LIVE_OUTPUT_TTL = 3600
 """Seconds a run's live output outlives its last write when its end is never recorded."""
 ENDED_OUTPUT_TTL = 60
 """Seconds a run's live output stays once its end is recorded (followers read the end)."""
+FOLLOW_KEEPALIVE = 10.0
+"""Seconds without output after which ``LiveOutput.follow`` hands out an empty page."""
+MAX_FOLLOWERS = 1000
+"""Live outputs one process follows at most (``TASKQ_MAX_FOLLOWERS``)."""
 
 
 DELIVERY_LIMIT = 5

@@ -45,7 +45,7 @@ from app.domain import (
     worker_name,
 )
 from app.outages import OUTAGES, Backoff, settle, until_available
-from app.ports import Broker, Delivery, Dispatch, Store, TaskChange
+from app.ports import Broker, Delivery, Dispatch, TaskChange, TaskStore
 from app.stopping import cancel_when_set
 from app.transactions import transact
 
@@ -131,7 +131,7 @@ class Scheduler:
 
     def __init__(
         self,
-        store: Store,
+        store: TaskStore,
         broker: Broker,
         *,
         lease_seconds: float,

@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Awaitable, Callable
 
 from app.domain import RevisionConflict, Run, Task, TaskNotFound, Transition
-from app.ports import Store, TaskChange
+from app.ports import TaskChange, TaskStore
 
 MAX_COMMIT_ATTEMPTS = 50
 
@@ -20,7 +20,7 @@ class StoreContention(Exception):
 
 
 async def transact(
-    store: Store,
+    store: TaskStore,
     task_id: str,
     plan: Callable[[Task], Transition],
     *,
@@ -47,7 +47,7 @@ async def transact(
 
 
 async def transact_with_active_run(
-    store: Store, task_id: str, plan: Callable[[Task, Run | None], Transition]
+    store: TaskStore, task_id: str, plan: Callable[[Task, Run | None], Transition]
 ) -> Transition:
     """As ``transact``, planning from the task and its active run (``None`` when it has
     none), read together."""
@@ -68,7 +68,7 @@ async def transact_with_active_run(
     return await _retrying(task_id, attempt)
 
 
-async def _commit(store: Store, transition: Transition) -> Transition | None:
+async def _commit(store: TaskStore, transition: Transition) -> Transition | None:
     """Commit ``transition``; ``None`` when the task changed since it was read."""
     try:
         await store.commit(TaskChange.of(transition))

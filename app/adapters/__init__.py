@@ -7,23 +7,39 @@ from contextlib import asynccontextmanager
 from urllib.parse import urlsplit
 
 from app.config import ConfigError
-from app.ports import Broker, Store
+from app.ports import FOLLOW_KEEPALIVE, MAX_FOLLOWERS, Broker, Store
 
 
 @asynccontextmanager
 async def open_store(
-    url: str, *, prefix: str = "", run_history: int = 100
+    url: str,
+    *,
+    prefix: str = "",
+    run_history: int = 100,
+    follow_keepalive: float = FOLLOW_KEEPALIVE,
+    max_followers: int = MAX_FOLLOWERS,
 ) -> AsyncGenerator[Store]:
-    """A connected ``Store`` for ``url``, closed on exit."""
+    """A connected ``Store`` for ``url``, closed on exit.
+
+    ``follow_keepalive`` and ``max_followers`` shape ``LiveOutput.follow`` (see there).
+    """
     scheme = urlsplit(url).scheme
     if scheme == "memory":
         from app.adapters.memory_store import MemoryStore
 
-        yield MemoryStore(run_history=run_history)
+        yield MemoryStore(
+            run_history=run_history, follow_keepalive=follow_keepalive, max_followers=max_followers
+        )
     elif scheme in ("redis", "rediss", "unix"):
         from app.adapters.redis_store import open_redis_store
 
-        async with open_redis_store(url, prefix=prefix, run_history=run_history) as store:
+        async with open_redis_store(
+            url,
+            prefix=prefix,
+            run_history=run_history,
+            follow_keepalive=follow_keepalive,
+            max_followers=max_followers,
+        ) as store:
             yield store
     else:
         raise ConfigError(f"REDIS_URL must start with redis://, rediss:// or memory://: {url!r}")

@@ -13,7 +13,7 @@ import itertools
 import math
 import time
 from collections.abc import AsyncGenerator, AsyncIterator, Iterable, Sequence
-from contextlib import asynccontextmanager
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -22,6 +22,7 @@ import anyio.lowlevel
 import msgspec
 from anyio.streams.memory import MemoryObjectSendStream
 
+from app.adapters.output_followers import OutputEntry, OutputFollowers, Read, read_result
 from app.domain import (
     FINISHED_RUN_STATUSES,
     RevisionConflict,
@@ -32,7 +33,9 @@ from app.domain import (
 )
 from app.ports import (
     ENDED_OUTPUT_TTL,
+    FOLLOW_KEEPALIVE,
     LIVE_OUTPUT_TTL,
+    MAX_FOLLOWERS,
     Claim,
     DueAt,
     Keep,
@@ -46,7 +49,7 @@ _task_decoder = msgspec.json.Decoder(Task)
 _run_decoder = msgspec.json.Decoder(Run)
 
 _READ_PAGE_SIZE = 100
-"""Entries one ``read_output`` with a cursor returns at most (as Redis does)."""
+"""Entries one read after a cursor returns at most (as Redis does)."""
 
 _Mark = Literal["follow", "end"]
 _OutputEntry = tuple[int, OutputChunk | _Mark]
@@ -67,9 +70,15 @@ class _LiveOutput:
 
 
 class MemoryStore:
-    """Implements ``Store`` in process memory."""
+    """Implements ``TaskStore``, ``CancelNotices`` and ``LiveOutput`` in process memory."""
 
-    def __init__(self, *, run_history: int) -> None:
+    def __init__(
+        self,
+        *,
+        run_history: int,
+        follow_keepalive: float = FOLLOW_KEEPALIVE,
+        max_followers: int = MAX_FOLLOWERS,
+    ) -> None:
         self._run_history = run_history
         self._tasks: dict[str, bytes] = {}
         self._ids: list[str] = []
@@ -82,6 +91,12 @@ class MemoryStore:
         self._outputs: dict[str, _LiveOutput] = {}
         self._output_ids = itertools.count(1)
         self._output_added = anyio.Event()
+        self._followers = OutputFollowers(
+            start=self._start_following,
+            read_after=self._read_after,
+            quiet=follow_keepalive,
+            limit=max_followers,
+        )
 
     async def ping(self) -> None:
         await anyio.lowlevel.checkpoint()
@@ -228,23 +243,29 @@ class MemoryStore:
         del output.entries[:first_kept]
         output.expires_at = now + LIVE_OUTPUT_TTL
 
-    async def read_output(self, run_id: str, *, cursor: str | None, wait: float) -> OutputPage:
+    def follow(self, run_id: str) -> AbstractAsyncContextManager[AsyncIterator[OutputPage]]:
+        return self._followers.follow(run_id)
+
+    async def _start_following(self, run_id: str) -> Read:
         await anyio.lowlevel.checkpoint()
         now = time.monotonic()
         self._forget_expired_outputs(now)
-        if cursor is None:
-            output = self._outputs.setdefault(run_id, _LiveOutput())
-            if not output.ended:
-                if not output.entries:
-                    self._add_output_entry(output, "follow")
-                output.expires_at = now + LIVE_OUTPUT_TTL
-            return _output_page(output.entries, cursor="0")
+        output = self._outputs.setdefault(run_id, _LiveOutput())
+        if not output.ended:
+            if not output.entries:
+                self._add_output_entry(output, "follow")
+            output.expires_at = now + LIVE_OUTPUT_TTL
+        return read_result(_as_read(output.entries), cursor="0")
+
+    async def _read_after(self, run_id: str, cursor: str, wait: float) -> Read:
+        await anyio.lowlevel.checkpoint()
+        self._forget_expired_outputs(time.monotonic())
         newer = self._output_after(run_id, int(cursor))
         with anyio.move_on_after(wait):
             while not newer:
                 await self._output_added.wait()
                 newer = self._output_after(run_id, int(cursor))
-        return _output_page(newer, cursor=cursor)
+        return read_result(_as_read(newer), cursor=cursor)
 
     def _output_after(self, run_id: str, after: int) -> list[_OutputEntry]:
         """Up to a page of the run's live output entries after the id ``after``."""
@@ -258,7 +279,7 @@ class MemoryStore:
         """Record the end of these runs in their live output, where there is one.
 
         On every commit, so it leaves expired outputs to ``append_output`` and
-        ``read_output``, the only ways one comes to exist."""
+        following, the only ways one comes to exist."""
         now = time.monotonic()
         for run_id in run_ids:
             output = self._outputs.get(run_id)
@@ -304,16 +325,9 @@ class MemoryStore:
             await wakeup.wait()
 
 
-def _output_page(entries: Iterable[_OutputEntry], *, cursor: str) -> OutputPage:
-    """The page of ``entries`` read after ``cursor``: its chunks, up to an end mark."""
-    chunks: list[OutputChunk] = []
+def _as_read(entries: Iterable[_OutputEntry]) -> Iterable[OutputEntry]:
     for entry_id, entry in entries:
-        cursor = str(entry_id)
-        if entry == "end":
-            return OutputPage(chunks, cursor, ended=True)
-        if isinstance(entry, OutputChunk):
-            chunks.append(entry)
-    return OutputPage(chunks, cursor, ended=False)
+        yield str(entry_id), None if entry == "follow" else entry
 
 
 def _discard_sorted(ids: list[str], task_id: str) -> None:

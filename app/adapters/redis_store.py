@@ -1,4 +1,5 @@
-"""The Redis store: ``Store`` on ``redis.asyncio``, one Lua script per atomic change.
+"""The Redis store: the store ports on ``redis.asyncio``, one Lua script per atomic change
+(``lua/``, argument layouts in ``redis_scripts``).
 
 Keys, all under the configured prefix (a ``{hash-tag}`` prefix keeps them in one
 Redis Cluster slot, which the scripts need because they derive some key names):
@@ -28,9 +29,10 @@ from __future__ import annotations
 import contextlib
 import functools
 import math
+import os
 import time
-from collections.abc import AsyncGenerator, AsyncIterator, Callable, Iterable, Sequence
-from contextlib import asynccontextmanager
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Sequence
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from types import CoroutineType
 from typing import Any, ParamSpec, TypeVar, cast
 
@@ -43,6 +45,24 @@ from redis.backoff import ExponentialBackoff, NoBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
+from app.adapters.output_followers import OutputEntry, OutputFollowers, Read, read_result
+from app.adapters.redis_scripts import (
+    AppendArgs,
+    ClaimArgs,
+    ClaimKeys,
+    CommitArgs,
+    CommitKeys,
+    FollowArgs,
+    ListRunsArgs,
+    ListRunsKeys,
+    ListTasksArgs,
+    ListTasksKeys,
+    OutputKeys,
+    ReleaseArgs,
+    RunWrite,
+    Script,
+    encode_list,
+)
 from app.domain import (
     FINISHED_RUN_STATUSES,
     RevisionConflict,
@@ -53,7 +73,9 @@ from app.domain import (
 )
 from app.ports import (
     ENDED_OUTPUT_TTL,
+    FOLLOW_KEEPALIVE,
     LIVE_OUTPUT_TTL,
+    MAX_FOLLOWERS,
     Claim,
     DueAt,
     Keep,
@@ -64,179 +86,8 @@ from app.ports import (
     Unschedule,
 )
 
-_NEWEST_FIELDS = """
--- The fields of a stream's newest entry, {} when there is none.
-local function newest_fields(key)
-  local newest = redis.call('XREVRANGE', key, '+', '-', 'COUNT', 1)[1]
-  return newest and newest[2] or {}
-end
-"""
-
-_COMMIT = (
-    _NEWEST_FIELDS
-    + """
-local task_key, tasks_key, due_key = KEYS[1], KEYS[2], KEYS[3]
-local claims_key, runs_key = KEYS[4], KEYS[5]
-local prefix, id, expected, doc, new_status = ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5]
-local mode, score, history, ended_ttl = ARGV[6], ARGV[7], tonumber(ARGV[8]), ARGV[9]
-
-local current = redis.call('GET', task_key)
-if current and current == doc then
-  return 'ok'  -- a resent script whose first attempt was applied
-end
-local old_status = nil
-if expected == '' then
-  if current then return 'exists' end
-else
-  if not current then return 'conflict' end
-  local stored = cjson.decode(current)
-  if tostring(stored.revision) ~= expected then return 'conflict' end
-  old_status = stored.status
-end
-
-if doc == '' then
-  redis.call('DEL', task_key, runs_key)
-  redis.call('ZREM', tasks_key, id)
-  redis.call('ZREM', prefix .. 'status:' .. old_status, id)
-  redis.call('ZREM', due_key, id)
-  redis.call('HDEL', claims_key, id)
-  return 'ok'
-end
-
-redis.call('SET', task_key, doc)
-if not old_status then
-  redis.call('ZADD', tasks_key, 0, id)
-end
-if old_status ~= new_status then
-  if old_status then
-    redis.call('ZREM', prefix .. 'status:' .. old_status, id)
-  end
-  redis.call('ZADD', prefix .. 'status:' .. new_status, 0, id)
-end
-
-if #ARGV > 9 then
-  for i = 10, #ARGV, 3 do
-    local run_id, ended = ARGV[i], ARGV[i + 1]
-    redis.call('HSET', runs_key, run_id, ARGV[i + 2])
-    if ended == '1' then  -- end the run's live output, if someone follows or it printed
-      local output_key = prefix .. 'output:' .. run_id
-      local newest = newest_fields(output_key)[1]
-      if newest and newest ~= 'e' then
-        redis.call('XADD', output_key, '*', 'e', '1')
-        redis.call('EXPIRE', output_key, ended_ttl)
-      end
-    end
-  end
-  local count = redis.call('HLEN', runs_key)
-  if count > history then
-    local run_ids = redis.call('HKEYS', runs_key)
-    table.sort(run_ids)
-    for i = 1, count - history do
-      redis.call('HDEL', runs_key, run_ids[i])
-    end
-  end
-end
-
-if mode == 'remove' then
-  redis.call('ZREM', due_key, id)
-  redis.call('HDEL', claims_key, id)
-elseif mode == 'at' then
-  local first = redis.call('ZRANGE', due_key, 0, 0, 'WITHSCORES')
-  redis.call('ZADD', due_key, score, id)
-  redis.call('HDEL', claims_key, id)
-  if #first == 0 or tonumber(score) < tonumber(first[2]) then
-    redis.call('PUBLISH', prefix .. 'wake', score)
-  end
-end
-return 'ok'
-"""
-)
-
-_CLAIM_DUE = """
-local due_key, claims_key = KEYS[1], KEYS[2]
-local prefix, now, limit, lease_until, token = ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5]
-local ids = redis.call('ZRANGEBYSCORE', due_key, '-inf', now, 'LIMIT', 0, limit)
-local claimed = {}
-for i, id in ipairs(ids) do
-  redis.call('ZADD', due_key, lease_until, id)
-  redis.call('HSET', claims_key, id, token)
-  claimed[2 * i - 1] = id
-  claimed[2 * i] = redis.call('GET', prefix .. 'task:' .. id)
-end
-return claimed
-"""
-
-_RELEASE_CLAIMS = """
-local due_key, claims_key = KEYS[1], KEYS[2]
-local token = ARGV[1]
-for i = 2, #ARGV do
-  if redis.call('HGET', claims_key, ARGV[i]) == token then
-    redis.call('HDEL', claims_key, ARGV[i])
-    redis.call('ZREM', due_key, ARGV[i])
-  end
-end
-return 0
-"""
-
-_LIST_TASKS = """
-local index_key = KEYS[1]
-local prefix, start, limit = ARGV[1], ARGV[2], ARGV[3]
-local ids = redis.call('ZRANGEBYLEX', index_key, start, '+', 'LIMIT', 0, limit)
-if #ids == 0 then return {} end
-local keys = {}
-for i, id in ipairs(ids) do keys[i] = prefix .. 'task:' .. id end
-return redis.call('MGET', unpack(keys))
-"""
-
-_LIST_RUNS = """
-local run_ids = redis.call('HKEYS', KEYS[1])
-if #run_ids == 0 then return {} end
-table.sort(run_ids, function(a, b) return a > b end)
-local newest = {}
-for i = 1, math.min(#run_ids, tonumber(ARGV[1])) do newest[i] = run_ids[i] end
-return redis.call('HMGET', KEYS[1], unpack(newest))
-"""
-
-_APPEND_OUTPUT = (
-    _NEWEST_FIELDS
-    + """
-local key = KEYS[1]
-local offset, data, keep, ttl = tonumber(ARGV[1]), ARGV[2], tonumber(ARGV[3]), ARGV[4]
-local newest = newest_fields(key)
-if newest[1] == 'e' then return 0 end  -- the run ended: its live output is final
-if newest[1] == 'o' and offset < tonumber(newest[2]) + #newest[4] then
-  return 0  -- these bytes are kept already: a resent chunk
-end
-local id = redis.call('XADD', key, '*', 'o', ARGV[1], 'd', data)
-local stop = offset + #data
-while true do
-  local head = redis.call('XRANGE', key, '-', '+', 'COUNT', 1)[1]
-  if head[1] == id then break end
-  local fields = head[2]
-  if fields[1] == 'o' and stop - tonumber(fields[2]) <= keep then break end
-  redis.call('XDEL', key, head[1])
-end
-redis.call('EXPIRE', key, ttl)
-return 1
-"""
-)
-
-_START_FOLLOWING = (
-    _NEWEST_FIELDS
-    + """
-local key, ttl = KEYS[1], ARGV[1]
-if newest_fields(key)[1] ~= 'e' then
-  if redis.call('EXISTS', key) == 0 then
-    redis.call('XADD', key, '*', 'f', '1')
-  end
-  redis.call('EXPIRE', key, ttl)
-end
-return redis.call('XRANGE', key, '-', '+')
-"""
-)
-
 _READ_PAGE_SIZE = 100
-"""Entries one ``read_output`` with a cursor returns at most."""
+"""Entries one read after a cursor returns at most."""
 
 _task_decoder = msgspec.json.Decoder(Task)
 _run_decoder = msgspec.json.Decoder(Run)
@@ -265,11 +116,22 @@ def _translate_errors(
 
 
 class RedisStore:
-    """Implements ``Store`` on one Redis server (or one Cluster slot)."""
+    """Implements ``TaskStore``, ``CancelNotices`` and ``LiveOutput`` on one Redis server
+    (or one Cluster slot)."""
 
-    def __init__(self, client: redis.Redis, *, prefix: str, run_history: int) -> None:
+    def __init__(
+        self,
+        client: redis.Redis,
+        *,
+        blocking: redis.Redis,
+        prefix: str,
+        run_history: int,
+        follow_keepalive: float,
+        max_followers: int,
+    ) -> None:
         self._redis = client
         self._probe = _probe_client(client)
+        self._blocking = blocking  # for reads that wait: its read timeout outlasts them
         self._prefix = prefix
         self._run_history = run_history
         self._tasks_key = f"{prefix}tasks"
@@ -277,14 +139,20 @@ class RedisStore:
         self._claims_key = f"{prefix}claims"
         self._wake_channel = f"{prefix}wake"
         self._cancel_channel = f"{prefix}cancel"
-        self._commit = client.register_script(_COMMIT)
-        self._claim_due = client.register_script(_CLAIM_DUE)
-        self._release_claims = client.register_script(_RELEASE_CLAIMS)
-        self._list_tasks = client.register_script(_LIST_TASKS)
-        self._list_runs = client.register_script(_LIST_RUNS)
-        self._append_output = client.register_script(_APPEND_OUTPUT)
-        self._start_following = client.register_script(_START_FOLLOWING)
+        self._commit = Script(client, "commit")
+        self._claim_due = Script(client, "claim_due")
+        self._release_claims = Script(client, "release_claims")
+        self._list_tasks = Script(client, "list_tasks")
+        self._list_runs = Script(client, "list_runs")
+        self._append_output = Script(client, "append_output")
+        self._start_following_script = Script(client, "start_following")
         self._pubsub: PubSub | None = None
+        self._followers = OutputFollowers(
+            start=self._start_following,
+            read_after=self._read_after,
+            quiet=follow_keepalive,
+            limit=max_followers,
+        )
 
     def task_key(self, task_id: str) -> str:
         return f"{self._prefix}task:{task_id}"
@@ -313,12 +181,14 @@ class RedisStore:
     ) -> list[Task]:
         index = self._tasks_key if status is None else self.status_key(status)
         start = "-" if after is None else f"({after}"
-        docs = await self._list_tasks(keys=[index], args=[self._prefix, start, limit])
+        docs = await self._list_tasks(
+            ListTasksKeys(index), ListTasksArgs(self._prefix, start, limit)
+        )
         return [_task_decoder.decode(doc) for doc in cast(list[bytes | None], docs) if doc]
 
     @_translate_errors
     async def commit(self, change: TaskChange) -> None:
-        result = await self._commit(keys=self._commit_keys(change), args=self._commit_args(change))
+        result = await self._commit(self._commit_keys(change), self._commit_args(change))
         _raise_for(change, result)
 
     @_translate_errors
@@ -329,45 +199,47 @@ class RedisStore:
         async with self._redis.pipeline(transaction=False) as pipe:
             for change in changes:
                 await self._commit(
-                    keys=self._commit_keys(change), args=self._commit_args(change), client=pipe
+                    self._commit_keys(change), self._commit_args(change), client=pipe
                 )
             results = await pipe.execute()
         return [result == b"ok" for result in results]
 
-    def _commit_keys(self, change: TaskChange) -> list[str]:
-        return [
-            self.task_key(change.task_id),
-            self._tasks_key,
-            self._due_key,
-            self._claims_key,
-            self.runs_key(change.task_id),
-        ]
+    def _commit_keys(self, change: TaskChange) -> CommitKeys:
+        return CommitKeys(
+            task=self.task_key(change.task_id),
+            tasks=self._tasks_key,
+            due=self._due_key,
+            claims=self._claims_key,
+            runs=self.runs_key(change.task_id),
+        )
 
-    def _commit_args(self, change: TaskChange) -> list[Any]:
+    def _commit_args(self, change: TaskChange) -> CommitArgs:
         match change.schedule:
             case Keep():
-                mode, score = "keep", ""
+                schedule, due_at = "keep", ""
             case Unschedule():
-                mode, score = "remove", ""
+                schedule, due_at = "remove", ""
             case DueAt(when=when):
-                mode, score = "at", repr(when)
-        expected = "" if change.expected_revision is None else str(change.expected_revision)
+                schedule, due_at = "at", repr(when)
         task = change.task
-        args: list[Any] = [
-            self._prefix,
-            change.task_id,
-            expected,
-            b"" if task is None else _encoder.encode(task),
-            "" if task is None else task.status.value,
-            mode,
-            score,
-            self._run_history,
-            ENDED_OUTPUT_TTL,
+        runs = [
+            RunWrite(run.run_id, run.status in FINISHED_RUN_STATUSES, _encoder.encode(run).decode())
+            for run in change.runs
         ]
-        for run in change.runs:
-            ended = 1 if run.status in FINISHED_RUN_STATUSES else 0
-            args += [run.run_id, ended, _encoder.encode(run)]
-        return args
+        return CommitArgs(
+            prefix=self._prefix,
+            task_id=change.task_id,
+            expected_revision=""
+            if change.expected_revision is None
+            else str(change.expected_revision),
+            doc=b"" if task is None else _encoder.encode(task),
+            status="" if task is None else task.status.value,
+            schedule=schedule,
+            due_at=due_at,
+            run_history=self._run_history,
+            ended_output_ttl=ENDED_OUTPUT_TTL,
+            runs=encode_list(runs),
+        )
 
     @_translate_errors
     async def get_run(self, task_id: str, run_id: str) -> Run | None:
@@ -387,7 +259,7 @@ class RedisStore:
 
     @_translate_errors
     async def list_runs(self, task_id: str, *, limit: int) -> list[Run]:
-        docs = await self._list_runs(keys=[self.runs_key(task_id)], args=[limit])
+        docs = await self._list_runs(ListRunsKeys(self.runs_key(task_id)), ListRunsArgs(limit))
         return [_run_decoder.decode(doc) for doc in cast(list[bytes | None], docs) if doc]
 
     @_translate_errors
@@ -395,8 +267,8 @@ class RedisStore:
         flat = cast(
             list[bytes | None],
             await self._claim_due(
-                keys=[self._due_key, self._claims_key],
-                args=[self._prefix, repr(now), limit, repr(now + lease), token],
+                ClaimKeys(self._due_key, self._claims_key),
+                ClaimArgs(self._prefix, repr(now), limit, repr(now + lease), token),
             ),
         )
         claims: list[Claim] = []
@@ -410,7 +282,8 @@ class RedisStore:
     async def release_claims(self, *, token: str, task_ids: Sequence[str]) -> None:
         if task_ids:
             await self._release_claims(
-                keys=[self._due_key, self._claims_key], args=[token, *task_ids]
+                ClaimKeys(self._due_key, self._claims_key),
+                ReleaseArgs(token, encode_list(list(task_ids))),
             )
 
     @_translate_errors
@@ -421,34 +294,44 @@ class RedisStore:
     @_translate_errors
     async def append_output(self, run_id: str, chunk: OutputChunk, *, keep: int) -> None:
         await self._append_output(
-            keys=[self.output_key(run_id)],
-            args=[chunk.offset, chunk.data, keep, LIVE_OUTPUT_TTL],
+            OutputKeys(self.output_key(run_id)),
+            AppendArgs(chunk.offset, chunk.data, keep, LIVE_OUTPUT_TTL),
+        )
+
+    def follow(self, run_id: str) -> AbstractAsyncContextManager[AsyncIterator[OutputPage]]:
+        return self._followers.follow(run_id)
+
+    @_translate_errors
+    async def _start_following(self, run_id: str) -> Read:
+        entries = cast(
+            list[tuple[bytes, list[bytes]]],
+            await self._start_following_script(
+                OutputKeys(self.output_key(run_id)), FollowArgs(LIVE_OUTPUT_TTL)
+            ),
+        )
+        return read_result(
+            (
+                _output_entry(entry_id, dict(zip(flat[::2], flat[1::2], strict=True)))
+                for entry_id, flat in entries
+            ),
+            cursor="0-0",
         )
 
     @_translate_errors
-    async def read_output(self, run_id: str, *, cursor: str | None, wait: float) -> OutputPage:
-        key = self.output_key(run_id)
-        if cursor is None:
-            entries = cast(
-                list[tuple[bytes, list[bytes]]],
-                await self._start_following(keys=[key], args=[LIVE_OUTPUT_TTL]),
-            )
-            return _output_page(
-                (
-                    (entry_id, dict(zip(flat[::2], flat[1::2], strict=True)))
-                    for entry_id, flat in entries
-                ),
-                cursor="0-0",
-            )
+    async def _read_after(self, run_id: str, cursor: str, wait: float) -> Read:
+        """Entries after ``cursor``; on the blocking client, whose read timeout is longer
+        than the longest wait (``_MAX_BLOCK``)."""
+        block = min(wait, _MAX_BLOCK)
         streams = cast(
             list[tuple[bytes, list[tuple[bytes, dict[bytes, bytes]]]]],
-            await self._redis.xread(
-                {key: cursor},
+            await self._blocking.xread(
+                {self.output_key(run_id): cursor},
                 count=_READ_PAGE_SIZE,
-                block=max(1, round(wait * 1000)) if wait > 0 else None,
+                block=max(1, round(block * 1000)) if block > 0 else None,
             ),
         )
-        return _output_page(streams[0][1] if streams else [], cursor=cursor)
+        entries = streams[0][1] if streams else []
+        return read_result((_output_entry(*entry) for entry in entries), cursor=cursor)
 
     @_translate_errors
     async def announce_cancel(self, run_id: str) -> None:
@@ -524,16 +407,13 @@ async def _notices(pubsub: PubSub) -> AsyncGenerator[str]:
             yield data.decode() if isinstance(data, bytes) else str(data)
 
 
-def _output_page(entries: Iterable[tuple[bytes, dict[bytes, bytes]]], *, cursor: str) -> OutputPage:
-    """The page of stream ``entries`` read after ``cursor``: its chunks, up to an end mark."""
-    chunks: list[OutputChunk] = []
-    for entry_id, fields in entries:
-        cursor = entry_id.decode()
-        if b"e" in fields:
-            return OutputPage(chunks, cursor, ended=True)
-        if b"o" in fields:
-            chunks.append(OutputChunk(int(fields[b"o"]), fields[b"d"]))
-    return OutputPage(chunks, cursor, ended=False)
+def _output_entry(entry_id: bytes, fields: dict[bytes, bytes]) -> OutputEntry:
+    """A live output stream entry, as followers read it (see the module docstring)."""
+    if b"e" in fields:
+        return entry_id.decode(), "end"
+    if b"o" in fields:
+        return entry_id.decode(), OutputChunk(int(fields[b"o"]), fields[b"d"])
+    return entry_id.decode(), None
 
 
 def _raise_for(change: TaskChange, result: object) -> None:
@@ -554,20 +434,50 @@ def _probe_client(client: redis.Redis) -> redis.Redis:
     )
 
 
+_COMMAND_TIMEOUT = 5.0
+"""Seconds a command's answer may take before the connection counts as broken."""
+_MAX_BLOCK = 30.0
+"""Seconds a blocking read waits at most; the blocking client's read timeout is longer."""
+
+
 @asynccontextmanager
 async def open_redis_store(
-    url: str, *, prefix: str, run_history: int
+    url: str,
+    *,
+    prefix: str,
+    run_history: int,
+    follow_keepalive: float = FOLLOW_KEEPALIVE,
+    max_followers: int = MAX_FOLLOWERS,
 ) -> AsyncGenerator[RedisStore]:
-    """A ``RedisStore`` on a client that retries dropped connections with backoff."""
-    client = redis.Redis.from_url(  # pyright: ignore[reportUnknownMemberType]
-        url,
-        retry=Retry(ExponentialBackoff(cap=2.0, base=0.05), retries=5),
-        retry_on_error=[RedisConnectionError, RedisTimeoutError],
-        socket_connect_timeout=5,
-        health_check_interval=30,
+    """A ``RedisStore`` on clients that retry dropped connections with backoff.
+
+    The timeouts are set here, not left to redis-py's defaults (which changed in 8.0, to
+    a 5 s read timeout that cut a 10 s ``XREAD BLOCK``): commands answer within
+    ``_COMMAND_TIMEOUT``, and reads that wait run on a client of their own whose read
+    timeout outlasts the longest wait. Connections are named ``taskq-<pid>``
+    (``CLIENT LIST`` shows which process holds which).
+    """
+    options: dict[str, Any] = {
+        "retry": Retry(ExponentialBackoff(cap=2.0, base=0.05), retries=5),
+        "retry_on_error": [RedisConnectionError, RedisTimeoutError],
+        "socket_connect_timeout": _COMMAND_TIMEOUT,
+        "health_check_interval": 30,
+        "client_name": f"taskq-{os.getpid()}",
+    }
+    client = redis.Redis.from_url(url, socket_timeout=_COMMAND_TIMEOUT, **options)  # pyright: ignore[reportUnknownMemberType]
+    blocking = redis.Redis.from_url(  # pyright: ignore[reportUnknownMemberType]
+        url, socket_timeout=_MAX_BLOCK + _COMMAND_TIMEOUT, **options
     )
-    store = RedisStore(client, prefix=prefix, run_history=run_history)
+    store = RedisStore(
+        client,
+        blocking=blocking,
+        prefix=prefix,
+        run_history=run_history,
+        follow_keepalive=follow_keepalive,
+        max_followers=max_followers,
+    )
     try:
         yield store
     finally:
         await store.aclose()
+        await blocking.aclose()

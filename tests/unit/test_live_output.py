@@ -28,6 +28,7 @@ from app.live_output import (
 from app.ports import OutputChunk
 from app.service import TaskService
 from tests.conftest import eventually
+from tests.contract.stores import kept
 from tests.unit.test_consumer import consuming, finished, submit
 
 WAIT = 10
@@ -163,7 +164,7 @@ async def test_the_relay_writes_nothing_for_a_command_that_ends_within_one_inter
         relay.close(live)  # the run ends before its first interval
         await live.finish()
         tg.cancel_scope.cancel()
-    page = await store.read_output("r1", cursor=None, wait=0)
+    page = await kept(store, "r1")
     assert list(page.chunks) == []
 
 
@@ -179,7 +180,7 @@ async def test_the_relay_forwards_in_batches_and_keeps_the_newest_bytes_in_order
         live.append(b"abcde")  # more than `keep` before the first batch: the oldest go
 
         async def forwarded() -> bool:
-            first[:] = (await store.read_output("r2", cursor=None, wait=0)).chunks
+            first[:] = (await kept(store, "r2")).chunks
             return bool(first)
 
         await eventually(forwarded, within=FLUSH_SECONDS * 20, every=FLUSH_SECONDS / 5)
@@ -188,6 +189,6 @@ async def test_the_relay_forwards_in_batches_and_keeps_the_newest_bytes_in_order
         tg.cancel_scope.cancel()
     assert first == [OutputChunk(5, b"56789abcde")]
     await live.finish()  # in use now: the rest goes out before the run's end is recorded
-    page = await store.read_output("r2", cursor=None, wait=0)
+    page = await kept(store, "r2")
     # The store keeps at most `keep` bytes too, dropping whole chunks from the oldest.
     assert list(page.chunks) == [OutputChunk(15, b"XY")]

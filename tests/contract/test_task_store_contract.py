@@ -1,107 +1,31 @@
-"""One suite for every ``Store`` adapter: the in-memory one is the reference, Redis must match."""
+"""``TaskStore``, one suite for every adapter: the in-memory one is the reference, Redis
+must match."""
 
 from __future__ import annotations
 
 import time
-from collections.abc import AsyncIterator, Callable
-from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from datetime import timedelta
 
 import anyio
-import msgspec
 import pytest
-import redis.asyncio as redis
 
-from app.adapters import open_store
-from app.adapters.memory_store import MemoryStore
 from app.domain import (
-    Outcome,
     RevisionConflict,
     Run,
-    Task,
     TaskAlreadyExists,
     TaskStatus,
-    Transition,
-    finish_run,
     queue_run,
-    start_run,
     utcnow,
 )
-from app.ports import (
-    ENDED_OUTPUT_TTL,
-    LIVE_OUTPUT_TTL,
-    UNSCHEDULE,
-    DueAt,
-    OutputChunk,
-    Store,
-    TaskChange,
+from app.ports import UNSCHEDULE, DueAt, Store, TaskChange
+from tests.contract.stores import (
+    RUN_HISTORY,
+    StoreOpener,
+    create,
+    make_task,
+    next_revision,
+    unpack,
 )
-from tests.conftest import REDIS_URL, STORE_CASES, delete_keys
-
-RUN_HISTORY = 5
-StoreOpener = Callable[[], AbstractAsyncContextManager[Store]]
-
-
-@pytest.fixture(params=STORE_CASES)
-def adapter_and_backend(request: pytest.FixtureRequest) -> tuple[str, str]:
-    return request.param  # type: ignore[no-any-return]
-
-
-@pytest.fixture
-def anyio_backend(adapter_and_backend: tuple[str, str]) -> str:
-    return adapter_and_backend[1]
-
-
-@pytest.fixture
-async def open_another(
-    adapter_and_backend: tuple[str, str], prefix: str
-) -> AsyncIterator[StoreOpener]:
-    """Opens a second handle on the same data (another process, for Redis)."""
-    adapter = adapter_and_backend[0]
-    if adapter == "memory":
-        shared = MemoryStore(run_history=RUN_HISTORY)
-
-        @asynccontextmanager
-        async def same_memory() -> AsyncIterator[Store]:
-            yield shared
-
-        yield same_memory
-        return
-
-    def another_redis() -> AbstractAsyncContextManager[Store]:
-        return open_store(REDIS_URL, prefix=prefix, run_history=RUN_HISTORY)
-
-    yield another_redis
-    await delete_keys(prefix)
-
-
-@pytest.fixture
-async def store(open_another: StoreOpener) -> AsyncIterator[Store]:
-    async with open_another() as opened:
-        yield opened
-
-
-def make_task(task_id: str, **changes: object) -> Task:
-    now = utcnow()
-    task = Task(
-        id=task_id, name=f"name of {task_id}", command="true", created_at=now, updated_at=now
-    )
-    return msgspec.structs.replace(task, **changes)
-
-
-async def create(store: Store, task_id: str, **changes: object) -> Task:
-    task = make_task(task_id, **changes)
-    await store.commit(TaskChange(task_id, None, task))
-    return task
-
-
-def next_revision(task: Task, **changes: object) -> Task:
-    return msgspec.structs.replace(task, revision=task.revision + 1, **changes)
-
-
-def unpack(transition: Transition) -> tuple[Task, Run]:
-    """The new task and the (one) run a transition writes."""
-    return transition.task, transition.run
 
 
 async def test_created_task_reads_back_equal(store: Store) -> None:
@@ -325,155 +249,3 @@ async def test_extend_leases_moves_only_existing_entries(store: Store) -> None:
     assert await store.claim_due(now=now + 59, limit=10, lease=30, token="t") == []
     claims = await store.claim_due(now=now + 60, limit=10, lease=30, token="t")
     assert [c.task_id for c in claims] == ["held"]
-
-
-async def running_run(store: Store, task_id: str) -> tuple[Task, Run]:
-    """A new task whose run a worker has started, as stored."""
-    task = await create(store, task_id)
-    pending, queued = unpack(queue_run(task, utcnow()))
-    await store.commit(TaskChange(task_id, task.revision, pending, runs=[queued]))
-    running, started = unpack(start_run(pending, queued, "worker", utcnow(), lease_until=utcnow()))
-    await store.commit(TaskChange(task_id, pending.revision, running, runs=[started]))
-    return running, started
-
-
-def finishing(task: Task, run: Run) -> TaskChange:
-    """The change that records ``run`` as completed."""
-    outcome = Outcome(exit_code=0, duration=0.1, output="", truncated=False)
-    finished = finish_run(task, run, outcome, utcnow())
-    return TaskChange(task.id, task.revision, finished.task, runs=finished.runs)
-
-
-async def redis_ttl(key: str) -> int:
-    """The TTL of a raw Redis key: -2 when it does not exist, -1 when it never expires."""
-    client = redis.Redis.from_url(REDIS_URL)
-    try:
-        return await client.ttl(key)
-    finally:
-        await client.aclose()
-
-
-async def test_output_reads_back_in_order_and_a_cursor_reads_on(store: Store) -> None:
-    await store.append_output("r", OutputChunk(0, b"hello "), keep=1000)
-    await store.append_output("r", OutputChunk(6, b"world\n"), keep=1000)
-    first = await store.read_output("r", cursor=None, wait=0)
-    assert list(first.chunks) == [OutputChunk(0, b"hello "), OutputChunk(6, b"world\n")]
-    assert not first.ended
-
-    await store.append_output("r", OutputChunk(12, b"again\n"), keep=1000)
-    second = await store.read_output("r", cursor=first.cursor, wait=0)
-    assert list(second.chunks) == [OutputChunk(12, b"again\n")]
-    assert not second.ended
-    nothing_new = await store.read_output("r", cursor=second.cursor, wait=0)
-    assert list(nothing_new.chunks) == []
-    assert nothing_new.cursor == second.cursor
-
-
-async def test_a_waiting_reader_wakes_when_output_is_appended_elsewhere(
-    store: Store, open_another: StoreOpener
-) -> None:
-    started = await store.read_output("r", cursor=None, wait=0)
-    pages: list[list[OutputChunk]] = []
-
-    async def reader() -> None:
-        page = await store.read_output("r", cursor=started.cursor, wait=30)
-        pages.append(list(page.chunks))
-
-    async with open_another() as other:
-        with anyio.fail_after(5):
-            async with anyio.create_task_group() as tg:
-                tg.start_soon(reader)
-                await anyio.wait_all_tasks_blocked()
-                await other.append_output("r", OutputChunk(0, b"line\n"), keep=100)
-    assert pages == [[OutputChunk(0, b"line\n")]]
-
-
-async def test_a_read_with_a_cursor_waits_at_most_the_given_time(store: Store) -> None:
-    started = await store.read_output("r", cursor=None, wait=0)
-    with anyio.fail_after(5):
-        page = await store.read_output("r", cursor=started.cursor, wait=0.05)
-        elsewhere = await store.read_output("never-written", cursor=started.cursor, wait=0.05)
-    assert (list(page.chunks), page.cursor, page.ended) == ([], started.cursor, False)
-    assert (list(elsewhere.chunks), elsewhere.ended) == ([], False)
-
-
-async def test_trimming_drops_whole_chunks_and_keeps_the_newest_bytes(store: Store) -> None:
-    for n in range(10):
-        await store.append_output("r", OutputChunk(n * 100, bytes([n]) * 100), keep=350)
-    page = await store.read_output("r", cursor=None, wait=0)
-    assert [chunk.offset for chunk in page.chunks] == [700, 800, 900]
-    assert page.chunks[0].data == bytes([7]) * 100
-
-    await store.append_output("r", OutputChunk(1000, b"x" * 500), keep=350)
-    newest_only = await store.read_output("r", cursor=None, wait=0)
-    assert list(newest_only.chunks) == [OutputChunk(1000, b"x" * 500)]
-
-
-async def test_a_resent_chunk_is_kept_once(store: Store) -> None:
-    chunk = OutputChunk(0, b"once\n")
-    await store.append_output("r", chunk, keep=100)
-    # A follower starting between a chunk and its resend changes nothing.
-    await store.read_output("r", cursor=None, wait=0)
-    await store.append_output("r", chunk, keep=100)
-    await store.append_output("r", OutputChunk(5, b"more\n"), keep=100)
-    await store.append_output("r", OutputChunk(5, b"more\n"), keep=100)
-    page = await store.read_output("r", cursor=None, wait=0)
-    assert list(page.chunks) == [chunk, OutputChunk(5, b"more\n")]
-
-
-async def test_the_commit_that_ends_a_run_ends_its_followed_output(
-    store: Store, open_another: StoreOpener
-) -> None:
-    task, run = await running_run(store, "a")
-    started = await store.read_output(run.run_id, cursor=None, wait=0)
-    assert (list(started.chunks), started.ended) == ([], False)
-    ended: list[bool] = []
-
-    async def follower() -> None:
-        page = await store.read_output(run.run_id, cursor=started.cursor, wait=30)
-        ended.append(page.ended)
-
-    async with open_another() as other:
-        with anyio.fail_after(5):
-            async with anyio.create_task_group() as tg:
-                tg.start_soon(follower)
-                await anyio.wait_all_tasks_blocked()
-                await other.commit(finishing(task, run))
-    assert ended == [True]
-
-
-async def test_output_of_an_ended_run_is_final(store: Store) -> None:
-    task, run = await running_run(store, "a")
-    await store.append_output(run.run_id, OutputChunk(0, b"printed\n"), keep=100)
-    await store.commit(finishing(task, run))
-    await store.append_output(run.run_id, OutputChunk(8, b"late\n"), keep=100)
-    late_follower = await store.read_output(run.run_id, cursor=None, wait=0)
-    assert late_follower.ended
-    assert list(late_follower.chunks) == [OutputChunk(0, b"printed\n")]
-
-
-async def test_ending_a_run_nobody_followed_leaves_no_live_output(
-    store: Store, adapter_and_backend: tuple[str, str], prefix: str
-) -> None:
-    task, run = await running_run(store, "a")
-    await store.commit(finishing(task, run))
-    if adapter_and_backend[0] == "redis":
-        assert await redis_ttl(f"{prefix}output:{run.run_id}") == -2
-    follower = await store.read_output(run.run_id, cursor=None, wait=0)
-    assert (list(follower.chunks), follower.ended) == ([], False)
-
-
-async def test_live_output_expires_in_redis(
-    store: Store, adapter_and_backend: tuple[str, str], prefix: str
-) -> None:
-    if adapter_and_backend[0] != "redis":
-        pytest.skip("only Redis expires keys; the memory store forgets on the same schedule")
-    task, run = await running_run(store, "a")
-    await store.append_output(run.run_id, OutputChunk(0, b"out\n"), keep=100)
-    assert 0 < await redis_ttl(f"{prefix}output:{run.run_id}") <= LIVE_OUTPUT_TTL
-    await store.read_output("silent", cursor=None, wait=0)
-    assert 0 < await redis_ttl(f"{prefix}output:silent") <= LIVE_OUTPUT_TTL
-    await store.commit(finishing(task, run))
-    assert 0 < await redis_ttl(f"{prefix}output:{run.run_id}") <= ENDED_OUTPUT_TTL
-    await store.read_output(run.run_id, cursor=None, wait=0)  # does not keep it longer
-    assert 0 < await redis_ttl(f"{prefix}output:{run.run_id}") <= ENDED_OUTPUT_TTL

@@ -1,0 +1,76 @@
+-- Apply one change of a task, or report why not: 'ok', 'exists' or 'conflict'.
+-- Idempotent: a resent script whose first attempt was applied reports 'ok'.
+-- Argument layout: CommitKeys and CommitArgs in redis_scripts.py.
+local task_key, tasks_key, due_key, claims_key, runs_key = unpack(KEYS)
+local prefix, id, expected, doc, new_status = ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5]
+local schedule, due_at, history, ended_ttl = ARGV[6], ARGV[7], tonumber(ARGV[8]), ARGV[9]
+local runs = cjson.decode(ARGV[10])  -- [{run_id, ended, doc}]
+
+local current = redis.call('GET', task_key)
+if current and current == doc then
+  return 'ok'  -- a resent script whose first attempt was applied
+end
+local old_status = nil
+if expected == '' then
+  if current then return 'exists' end
+else
+  if not current then return 'conflict' end
+  local stored = cjson.decode(current)
+  if tostring(stored.revision) ~= expected then return 'conflict' end
+  old_status = stored.status
+end
+
+if doc == '' then
+  redis.call('DEL', task_key, runs_key)
+  redis.call('ZREM', tasks_key, id)
+  redis.call('ZREM', prefix .. 'status:' .. old_status, id)
+  redis.call('ZREM', due_key, id)
+  redis.call('HDEL', claims_key, id)
+  return 'ok'
+end
+
+redis.call('SET', task_key, doc)
+if not old_status then
+  redis.call('ZADD', tasks_key, 0, id)
+end
+if old_status ~= new_status then
+  if old_status then
+    redis.call('ZREM', prefix .. 'status:' .. old_status, id)
+  end
+  redis.call('ZADD', prefix .. 'status:' .. new_status, 0, id)
+end
+
+if #runs > 0 then
+  for _, run in ipairs(runs) do
+    redis.call('HSET', runs_key, run.run_id, run.doc)
+    if run.ended then  -- end the run's live output, if someone follows or it printed
+      local output_key = prefix .. 'output:' .. run.run_id
+      local newest = newest_fields(output_key)[1]
+      if newest and newest ~= 'e' then
+        redis.call('XADD', output_key, '*', 'e', '1')
+        redis.call('EXPIRE', output_key, ended_ttl)
+      end
+    end
+  end
+  local count = redis.call('HLEN', runs_key)
+  if count > history then
+    local run_ids = redis.call('HKEYS', runs_key)
+    table.sort(run_ids)
+    for i = 1, count - history do
+      redis.call('HDEL', runs_key, run_ids[i])
+    end
+  end
+end
+
+if schedule == 'remove' then
+  redis.call('ZREM', due_key, id)
+  redis.call('HDEL', claims_key, id)
+elseif schedule == 'at' then
+  local first = redis.call('ZRANGE', due_key, 0, 0, 'WITHSCORES')
+  redis.call('ZADD', due_key, due_at, id)
+  redis.call('HDEL', claims_key, id)
+  if #first == 0 or tonumber(due_at) < tonumber(first[2]) then
+    redis.call('PUBLISH', prefix .. 'wake', due_at)
+  end
+end
+return 'ok'

@@ -1,0 +1,118 @@
+"""The Redis store's Lua scripts (``lua/*.lua``, package data) and their argument layout.
+
+Each script takes its KEYS and ARGV in the order of the fields of its ``...Keys`` and
+``...Args`` tuples below, the one place that layout is named on this side; each script
+reads them into locals of the same names on its first lines. A list travels as one JSON
+array argument, never as a run of positional values.
+"""
+
+from __future__ import annotations
+
+from importlib.resources import files
+from typing import Any, NamedTuple
+
+import msgspec
+import redis.asyncio as redis
+from redis.asyncio.client import Pipeline
+
+_LIBRARY = "newest_fields.lua"
+"""Lua functions prepended to every script (Redis has no ``require``)."""
+
+
+class CommitKeys(NamedTuple):
+    task: str
+    tasks: str
+    due: str
+    claims: str
+    runs: str
+
+
+class RunWrite(msgspec.Struct, frozen=True):
+    """A run record ``commit.lua`` writes; ``ended`` also ends the run's live output."""
+
+    run_id: str
+    ended: bool
+    doc: str
+
+
+class CommitArgs(NamedTuple):
+    prefix: str
+    task_id: str
+    expected_revision: str  # "" when the task must not exist yet
+    doc: bytes  # the new task document; b"" deletes the task
+    status: str  # the new document's status ("" when deleting)
+    schedule: str  # "keep", "remove" or "at"
+    due_at: str  # with "at": the entry's score
+    run_history: int
+    ended_output_ttl: int
+    runs: bytes  # JSON array of RunWrite
+
+
+class ClaimKeys(NamedTuple):
+    due: str
+    claims: str
+
+
+class ClaimArgs(NamedTuple):
+    prefix: str
+    now: str
+    limit: int
+    lease_until: str
+    token: str
+
+
+class ReleaseArgs(NamedTuple):
+    token: str
+    task_ids: bytes  # JSON array of ids
+
+
+class ListTasksKeys(NamedTuple):
+    index_key: str
+
+
+class ListTasksArgs(NamedTuple):
+    prefix: str
+    start: str  # ZRANGEBYLEX start: "-" or "(" + the id to start after
+    limit: int
+
+
+class ListRunsKeys(NamedTuple):
+    runs: str
+
+
+class ListRunsArgs(NamedTuple):
+    limit: int
+
+
+class OutputKeys(NamedTuple):
+    output: str
+
+
+class AppendArgs(NamedTuple):
+    offset: int
+    data: bytes
+    keep: int
+    ttl: int
+
+
+class FollowArgs(NamedTuple):
+    ttl: int
+
+
+def encode_list(items: list[Any]) -> bytes:
+    """A list argument, as the scripts ``cjson.decode`` it."""
+    return msgspec.json.encode(items)
+
+
+class Script:
+    """One of the Lua scripts, registered on a client (run by SHA, loaded when missing)."""
+
+    def __init__(self, client: redis.Redis, name: str) -> None:
+        lua = files(__package__ or "app.adapters") / "lua"
+        source = (lua / _LIBRARY).read_text() + "\n" + (lua / f"{name}.lua").read_text()
+        self._script = client.register_script(source)
+
+    async def __call__(
+        self, keys: NamedTuple, args: NamedTuple, *, client: Pipeline | None = None
+    ) -> Any:
+        return await self._script(keys=list(keys), args=list(args), client=client)
