@@ -14,7 +14,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-from app.ports import ALL_ROLES, Role
+from app.ports import ALL_ROLES, FOLLOW_KEEPALIVE, MAX_FOLLOWERS, Role
 
 DEFAULT_REDIS_URL = "redis://localhost:6379/0"
 DEFAULT_AMQP_URL = "amqp://guest:guest@localhost:5672/"
@@ -40,6 +40,8 @@ class Settings:
     lease_seconds: float = 30.0
     shutdown_grace: float = 30.0
     request_timeout: float = 10.0
+    follow_keepalive: float = FOLLOW_KEEPALIVE
+    max_followers: int = MAX_FOLLOWERS
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
@@ -68,6 +70,8 @@ class Settings:
             "TASKQ_LEASE_SECONDS": ("lease_seconds", float, 1),
             "TASKQ_SHUTDOWN_GRACE": ("shutdown_grace", float, 0),
             "TASKQ_REQUEST_TIMEOUT": ("request_timeout", float, 0.1),
+            "TASKQ_KEEPALIVE_SECONDS": ("follow_keepalive", float, 0.1),
+            "TASKQ_MAX_FOLLOWERS": ("max_followers", int, 1),
         }
         for name, (attribute, kind, minimum) in numbers.items():
             if (raw := env.get(name)) is not None:

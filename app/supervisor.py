@@ -101,7 +101,11 @@ async def run_service(settings: Settings, *, on_ready: Callable[[str], None] | N
             await stack.enter_async_context(watching_commands())
         store = await stack.enter_async_context(
             open_store(
-                settings.store_url, prefix=settings.key_prefix, run_history=settings.run_history
+                settings.store_url,
+                prefix=settings.key_prefix,
+                run_history=settings.run_history,
+                follow_keepalive=settings.follow_keepalive,
+                max_followers=settings.max_followers,
             )
         )
         # The api role only pings the broker (for /health): it may start while it is down.
