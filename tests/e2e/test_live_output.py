@@ -83,3 +83,93 @@ async def test_logs_follow_prints_lines_while_the_command_still_runs(
     # Once the run ended its live output only lingers for late followers, then expires
     # (reading the ended run did not renew it).
     assert 0 < await servers.ttl(f"{prefix}output:{run_id}") <= 60
+
+
+async def test_logs_follow_outlasts_a_quiet_run(
+    prefix: str, servers: redis.Redis, tmp_path: Path
+) -> None:
+    """Keep-alives come while the run prints nothing (every 0.2 s here, 10 s by default):
+    ``logs --follow`` reads past them to the end."""
+    go_on = tmp_path / "go-on"
+    script = f"echo start; while [ ! -e {go_on} ]; do sleep 0.05; done; echo done"
+    env = service_env(prefix, TASKQ_KEEPALIVE_SECONDS="0.2")
+    async with running(["serve"], env) as service:
+        assert service.api_url is not None
+        url = service.api_url
+        await cli(url, "create", "--id", "quiet", "--name", "quiet", "--command", script)
+        await cli(url, "execute", "--id", "quiet")
+        follower = await anyio.open_process(
+            [*taskq_command(), "logs", "--id", "quiet", "--follow"],
+            env={**os.environ, "TASKQ_API_URL": url},
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+        )
+        async with follower:
+            assert follower.stdout is not None and follower.stderr is not None
+            seen = bytearray()
+            await read_until(follower.stdout, seen, b"start\n")
+            await anyio.sleep(1.5)  # quiet for several keep-alive intervals
+            go_on.touch()
+            with anyio.fail_after(WAIT):
+                async for chunk in follower.stdout:
+                    seen += chunk
+                errors = b"".join([chunk async for chunk in follower.stderr])
+                code = await follower.wait()
+        assert await service.stop(signal.SIGTERM) == 0
+    assert (code, bytes(seen)) == (0, b"start\ndone\n"), errors.decode()
+
+
+async def follow_events(http: httpx.AsyncClient, path: str, first: anyio.Event) -> list[str]:
+    """The events of a followed output stream, as ``event:data`` strings."""
+    events: list[str] = []
+    async with http.stream("GET", path, params={"follow": "true"}) as response:
+        assert response.status_code == 200
+        event = ""
+        async for line in response.aiter_lines():
+            if line.startswith("event: "):
+                event = line.removeprefix("event: ")
+            elif line.startswith("data: ") and event:
+                data = json.loads(line.removeprefix("data: "))
+                events.append(f"{event}:{data['text'] if event == 'output' else data['status']}")
+                first.set()
+    return events
+
+
+async def test_forty_followers_share_one_redis_read_and_one_more_is_told_to_retry(
+    prefix: str, servers: redis.Redis, tmp_path: Path
+) -> None:
+    go_on = tmp_path / "go-on"
+    script = f"echo first; while [ ! -e {go_on} ]; do sleep 0.05; done; echo last"
+    followers = 40
+    env = service_env(prefix, TASKQ_MAX_FOLLOWERS=str(followers))
+    async with running(["serve"], env) as service:
+        assert service.api_url is not None
+        url = service.api_url
+        await cli(url, "create", "--id", "many", "--name", "many", "--command", script)
+        run_id = json.loads(await cli(url, "execute", "--id", "many", "--json"))["run_id"]
+        path = f"/tasks/many/runs/{run_id}/output"
+        limits = httpx.Limits(max_connections=followers + 5)
+        received: list[list[str]] = []
+        async with httpx.AsyncClient(base_url=url, limits=limits, timeout=WAIT) as http:
+            await wait_for_task(http, "many", {"running"})
+
+            async def follower(started: anyio.Event) -> None:
+                received.append(await follow_events(http, path, started))
+
+            with anyio.fail_after(WAIT * 2):
+                async with anyio.create_task_group() as tg:
+                    started = [anyio.Event() for _ in range(followers)]
+                    for event in started:
+                        tg.start_soon(follower, event)
+                    for event in started:
+                        await event.wait()
+                    # Every follower has its first line and waits for more.
+                    clients = await servers.client_list()  # pyright: ignore[reportUnknownMemberType]
+                    name = f"taskq-{service.process.pid}"
+                    reading = [c for c in clients if c["name"] == name and c["cmd"] == "xread"]
+                    refused = await http.get(path, params={"follow": "true"})
+                    go_on.touch()
+        assert await service.stop(signal.SIGTERM) == 0
+    assert len(reading) <= 2, reading
+    assert refused.status_code == 503 and refused.headers["retry-after"].isdigit()
+    assert received == [["output:first\n", "output:last\n", "end:completed"]] * followers
