@@ -150,6 +150,8 @@ async def test_forty_followers_share_one_redis_read_and_one_more_is_told_to_retr
         path = f"/tasks/many/runs/{run_id}/output"
         limits = httpx.Limits(max_connections=followers + 5)
         received: list[list[str]] = []
+        reading: list[dict[str, str]] = []
+        refused: list[httpx.Response] = []
         async with httpx.AsyncClient(base_url=url, limits=limits, timeout=WAIT) as http:
             await wait_for_task(http, "many", {"running"})
 
@@ -166,10 +168,10 @@ async def test_forty_followers_share_one_redis_read_and_one_more_is_told_to_retr
                     # Every follower has its first line and waits for more.
                     clients = await servers.client_list()  # pyright: ignore[reportUnknownMemberType]
                     name = f"taskq-{service.process.pid}"
-                    reading = [c for c in clients if c["name"] == name and c["cmd"] == "xread"]
-                    refused = await http.get(path, params={"follow": "true"})
+                    reading += [c for c in clients if c["name"] == name and c["cmd"] == "xread"]
+                    refused.append(await http.get(path, params={"follow": "true"}))
                     go_on.touch()
         assert await service.stop(signal.SIGTERM) == 0
     assert len(reading) <= 2, reading
-    assert refused.status_code == 503 and refused.headers["retry-after"].isdigit()
+    assert refused[0].status_code == 503 and refused[0].headers["retry-after"].isdigit()
     assert received == [["output:first\n", "output:last\n", "end:completed"]] * followers
