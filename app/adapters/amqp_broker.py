@@ -443,11 +443,6 @@ class AmqpBroker:
         confirmed = await self._publish_bodies([msgspec.json.encode(m) for m in messages])
         return [message for message, ok in zip(messages, confirmed, strict=True) if ok]
 
-    async def publish_raw(self, body: bytes) -> bool:
-        """Publish an arbitrary body (to test poison messages); whether it was confirmed."""
-        [confirmed] = await self._publish_bodies([body])
-        return confirmed
-
     async def _publish_bodies(self, bodies: Sequence[bytes]) -> list[bool]:
         channel = self._current("cannot publish").publish_channel
         if channel.is_closed:

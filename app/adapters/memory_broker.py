@@ -150,12 +150,6 @@ class MemoryBroker:
         """The bodies waiting in the dead-letter queue (a copy)."""
         return [message.body for message in self._dead.messages]
 
-    def take_dead_letters(self) -> list[bytes]:
-        """Remove and return what waits in the dead-letter queue (for tests)."""
-        bodies = list(self.dead_letters)
-        self._dead.messages.clear()
-        return bodies
-
     async def ping(self) -> None:
         await anyio.lowlevel.checkpoint()
 
@@ -163,10 +157,6 @@ class MemoryBroker:
         await anyio.lowlevel.checkpoint()
         self._queue.put([_Message(msgspec.json.encode(m)) for m in messages])
         return list(messages)
-
-    def publish_raw(self, body: bytes) -> None:
-        """Put an arbitrary body on the queue (to test poison messages)."""
-        self._queue.put([_Message(body)])
 
     def consume(self, *, prefetch: int) -> AbstractAsyncContextManager[AsyncIterator[Delivery]]:
         return _consuming(self._queue, prefetch)

@@ -6,7 +6,7 @@ real RabbitMQ under a per-test prefix, and its exchanges and queues are deleted 
 
 from __future__ import annotations
 
-from collections.abc import AsyncGenerator, AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 
 import aiormq
@@ -21,6 +21,8 @@ from pamqp import commands as spec
 from app.adapters.amqp_broker import AmqpBroker, delete_amqp_layout, open_amqp_broker
 from app.adapters.memory_broker import MemoryBroker
 from app.ports import DELIVERY_LIMIT, Broker, Delivery, Dispatch
+from tests.brokers import publish_raw as publish_raw_amqp
+from tests.brokers import put_raw, take_dead_letters
 from tests.conftest import AMQP_URL
 
 WAIT = 10.0
@@ -62,35 +64,51 @@ def dispatches(count: int) -> list[Dispatch]:
     return [Dispatch(task_id=f"task-{i}", run_id=f"run-{i}", attempt=1) for i in range(count)]
 
 
-async def publish_raw(broker: Broker, body: bytes) -> None:
-    """Put an arbitrary body on the queue, whatever the adapter."""
-    if isinstance(broker, MemoryBroker):
-        broker.publish_raw(body)
-    else:
+PublishRaw = Callable[[bytes], Awaitable[None]]
+"""Puts an arbitrary body on the broker's queue, as a publisher other than taskq would."""
+TakeDeadLetters = Callable[[], Awaitable[list[bytes]]]
+"""Removes and returns the bodies now in the broker's dead-letter queue."""
+
+
+@pytest.fixture
+def publish_raw(case: tuple[str, str], broker: Broker) -> PublishRaw:
+    async def put_on_memory(body: bytes) -> None:
+        assert isinstance(broker, MemoryBroker)
+        put_raw(broker, body)
+
+    async def publish_on_amqp(body: bytes) -> None:
         assert isinstance(broker, AmqpBroker)
-        assert await broker.publish_raw(body)
+        assert await publish_raw_amqp(broker, body)
+
+    return put_on_memory if case[0] == "memory" else publish_on_amqp
 
 
-async def dead_letters(broker: Broker) -> list[bytes]:
-    """Take the bodies now in the dead-letter queue, whatever the adapter."""
-    if isinstance(broker, MemoryBroker):
-        return broker.take_dead_letters()
-    assert isinstance(broker, AmqpBroker)
-    bodies = []
-    async with amqp_channel() as channel:
-        while True:
-            message = await channel.basic_get(broker.dead_letter_queue, no_ack=True)
-            if isinstance(message.delivery, spec.Basic.GetEmpty):
-                return bodies
-            bodies.append(message.body)
+@pytest.fixture
+def dead_letters(case: tuple[str, str], broker: Broker) -> TakeDeadLetters:
+    async def take_from_memory() -> list[bytes]:
+        assert isinstance(broker, MemoryBroker)
+        await anyio.lowlevel.checkpoint()
+        return take_dead_letters(broker)
+
+    async def take_from_amqp() -> list[bytes]:
+        assert isinstance(broker, AmqpBroker)
+        bodies: list[bytes] = []
+        async with amqp_channel() as channel:
+            while True:
+                message = await channel.basic_get(broker.dead_letter_queue, no_ack=True)
+                if isinstance(message.delivery, spec.Basic.GetEmpty):
+                    return bodies
+                bodies.append(message.body)
+
+    return take_from_memory if case[0] == "memory" else take_from_amqp
 
 
-async def wait_for_dead_letters(broker: Broker, count: int) -> list[bytes]:
+async def wait_for_dead_letters(dead_letters: TakeDeadLetters, count: int) -> list[bytes]:
     # Dead-lettering is asynchronous in RabbitMQ: poll, within a bound.
     bodies: list[bytes] = []
     with anyio.fail_after(WAIT):
         while len(bodies) < count:
-            bodies += await dead_letters(broker)
+            bodies += await dead_letters()
             if len(bodies) < count:
                 await anyio.sleep(0.02)
     return bodies
@@ -227,7 +245,9 @@ async def test_requeue_brings_it_back(broker: Broker) -> None:
         await assert_nothing_arrives(deliveries)
 
 
-async def test_dead_letter_moves_it_to_the_dead_letter_queue(broker: Broker) -> None:
+async def test_dead_letter_moves_it_to_the_dead_letter_queue(
+    broker: Broker, dead_letters: TakeDeadLetters
+) -> None:
     messages = dispatches(2)
     with anyio.fail_after(WAIT):
         await broker.publish(messages)
@@ -235,13 +255,15 @@ async def test_dead_letter_moves_it_to_the_dead_letter_queue(broker: Broker) -> 
         poison, healthy = await receive(deliveries, 2)
         await poison.dead_letter()
         await healthy.ack()
-        [body] = await wait_for_dead_letters(broker, 1)
+        [body] = await wait_for_dead_letters(dead_letters, 1)
         assert msgspec.json.decode(body, type=Dispatch) == messages[0]
         await assert_nothing_arrives(deliveries)
-    assert await dead_letters(broker) == []
+    assert await dead_letters() == []
 
 
-async def test_delivery_limit_dead_letters_a_message_requeued_forever(broker: Broker) -> None:
+async def test_delivery_limit_dead_letters_a_message_requeued_forever(
+    broker: Broker, dead_letters: TakeDeadLetters
+) -> None:
     [message] = dispatches(1)
     with anyio.fail_after(WAIT):
         await broker.publish([message])
@@ -253,11 +275,13 @@ async def test_delivery_limit_dead_letters_a_message_requeued_forever(broker: Br
                 await delivery.requeue()
         assert quiet.cancelled_caught
     assert deliveries_seen == DELIVERY_LIMIT + 1
-    [body] = await wait_for_dead_letters(broker, 1)
+    [body] = await wait_for_dead_letters(dead_letters, 1)
     assert body == b'{"task_id":"task-0","run_id":"run-0","attempt":1}'
 
 
-async def test_dead_letters_are_consumed_from_their_own_queue(broker: Broker) -> None:
+async def test_dead_letters_are_consumed_from_their_own_queue(
+    broker: Broker, dead_letters: TakeDeadLetters
+) -> None:
     messages = dispatches(2)
     with anyio.fail_after(WAIT):
         await broker.publish(messages)
@@ -276,13 +300,15 @@ async def test_dead_letters_are_consumed_from_their_own_queue(broker: Broker) ->
         await assert_nothing_arrives(dead)
     async with broker.consume(prefetch=1) as deliveries:
         await assert_nothing_arrives(deliveries)
-    assert await dead_letters(broker) == []
+    assert await dead_letters() == []
 
 
-async def test_undecodable_body_has_no_dispatch(broker: Broker) -> None:
+async def test_undecodable_body_has_no_dispatch(
+    broker: Broker, publish_raw: PublishRaw, dead_letters: TakeDeadLetters
+) -> None:
     with anyio.fail_after(WAIT):
-        await publish_raw(broker, b"not json at all")
-        await publish_raw(broker, b'{"task_id": 7}')
+        await publish_raw(b"not json at all")
+        await publish_raw(b'{"task_id": 7}')
         await broker.publish(dispatches(1))
     async with broker.consume(prefetch=3) as deliveries:
         garbage, wrong_shape, valid = await receive(deliveries, 3)
@@ -292,7 +318,7 @@ async def test_undecodable_body_has_no_dispatch(broker: Broker) -> None:
         for delivery in (garbage, wrong_shape):
             await delivery.dead_letter()
         await valid.ack()
-        assert sorted(await wait_for_dead_letters(broker, 2)) == sorted(
+        assert sorted(await wait_for_dead_letters(dead_letters, 2)) == sorted(
             [b"not json at all", b'{"task_id": 7}']
         )
 

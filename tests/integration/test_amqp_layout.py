@@ -23,6 +23,7 @@ from app.adapters.amqp_broker import (
     open_amqp_broker,
 )
 from app.ports import Delivery, Dispatch
+from tests.brokers import publish_raw
 from tests.conftest import AMQP_URL, RABBITMQ_NODE, eventually
 from tests.contract.test_broker_contract import (
     WAIT,
@@ -140,7 +141,7 @@ async def test_unroutable_is_not_confirmed(broker: AmqpBroker) -> None:
         await channel.queue_unbind(broker.queue_name, broker.exchange, ROUTING_KEY)
         with anyio.fail_after(WAIT):
             assert await broker.publish(dispatches(3)) == []
-            assert not await broker.publish_raw(b"{}")
+            assert not await publish_raw(broker, b"{}")
         await channel.queue_bind(broker.queue_name, broker.exchange, ROUTING_KEY)
         with anyio.fail_after(WAIT):
             assert await broker.publish(dispatches(2)) == dispatches(2)

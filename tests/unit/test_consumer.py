@@ -18,6 +18,7 @@ from app.ports import Dispatch
 from app.scheduler import Scheduler
 from app.schemas import ScheduleRequest, TaskCreate
 from app.service import TaskService
+from tests.brokers import put_raw
 from tests.conftest import eventually
 
 
@@ -126,7 +127,7 @@ async def test_a_message_for_a_deleted_task_is_acknowledged_and_skipped(
 async def test_an_undecodable_message_is_dead_lettered(
     store: MemoryStore, broker: MemoryBroker
 ) -> None:
-    broker.publish_raw(b"not a dispatch")
+    put_raw(broker, b"not a dispatch")
     async with consuming(store, broker):
         await eventually(lambda: bool(broker.dead_letters))
     assert broker.dead_letters == [b"not a dispatch"]

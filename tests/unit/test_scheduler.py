@@ -28,6 +28,7 @@ from app.ports import DELIVERY_LIMIT, Dispatch, TaskChange
 from app.scheduler import Scheduler, plan_dispatch
 from app.schemas import TaskCreate
 from app.service import TaskService
+from tests.brokers import put_raw
 from tests.conftest import eventually
 
 LEASE = 30.0
@@ -345,8 +346,8 @@ async def test_a_dead_letter_for_a_run_that_moved_on_changes_nothing(
     first = await service.execute("t")
     await service.cancel("t")
     before = await store.get_task("t")
-    broker.publish_raw(msgspec.json.encode(Dispatch(task_id="t", run_id=first.run_id, attempt=1)))
-    broker.publish_raw(b"not a dispatch")
+    put_raw(broker, msgspec.json.encode(Dispatch(task_id="t", run_id=first.run_id, attempt=1)))
+    put_raw(broker, b"not a dispatch")
     async with broker.consume(prefetch=2) as deliveries:
         for delivery in [await anext(deliveries), await anext(deliveries)]:
             await delivery.dead_letter()
