@@ -19,7 +19,8 @@ from app.adapters import open_broker, open_store
 from app.api import create_app
 from app.ports import Store
 from app.service import TaskService
-from tests.conftest import STORE_CASES, delete_keys
+from tests.conftest import delete_keys
+from tests.store_cases import adapter_and_backend_fixture, anyio_backend_fixture  # noqa: F401
 
 MEMORY_URL = "memory://"
 
@@ -49,16 +50,6 @@ async def serve_api(
         transport = httpx.ASGITransport(app=app)  # pyright: ignore[reportArgumentType]
         async with httpx.AsyncClient(transport=transport, base_url="http://taskq.test") as client:
             yield Served(client, store)
-
-
-@pytest.fixture(params=STORE_CASES)
-def adapter_and_backend(request: pytest.FixtureRequest) -> tuple[str, str]:
-    return request.param  # type: ignore[no-any-return]
-
-
-@pytest.fixture
-def anyio_backend(adapter_and_backend: tuple[str, str]) -> str:
-    return adapter_and_backend[1]
 
 
 @pytest.fixture

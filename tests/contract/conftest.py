@@ -8,21 +8,13 @@ from contextlib import AbstractAsyncContextManager, asynccontextmanager
 
 import pytest
 
+import tests.conftest
 from app.adapters import open_store
 from app.adapters.memory_store import MemoryStore
 from app.ports import Store
-from tests.conftest import REDIS_URL, STORE_CASES, delete_keys
+from tests.conftest import delete_keys
 from tests.contract.stores import RUN_HISTORY, StoreOpener
-
-
-@pytest.fixture(params=STORE_CASES)
-def adapter_and_backend(request: pytest.FixtureRequest) -> tuple[str, str]:
-    return request.param  # type: ignore[no-any-return]
-
-
-@pytest.fixture
-def anyio_backend(adapter_and_backend: tuple[str, str]) -> str:
-    return adapter_and_backend[1]
+from tests.store_cases import adapter_and_backend_fixture, anyio_backend_fixture  # noqa: F401
 
 
 @pytest.fixture
@@ -36,7 +28,7 @@ async def open_configured(adapter: str, prefix: str) -> AsyncIterator[StoreOpene
     memory store: a new one each time; Redis: on the test's keys)."""
 
     def opener(**options: float) -> AbstractAsyncContextManager[Store]:
-        url = "memory://" if adapter == "memory" else REDIS_URL
+        url = "memory://" if adapter == "memory" else tests.conftest.REDIS_URL
         return open_store(url, prefix=prefix, run_history=RUN_HISTORY, **options)  # type: ignore[arg-type]
 
     yield opener

@@ -8,6 +8,7 @@ from contextlib import AbstractAsyncContextManager
 import msgspec
 import redis.asyncio as redis
 
+import tests.conftest
 from app.domain import (
     Outcome,
     Run,
@@ -19,7 +20,6 @@ from app.domain import (
     utcnow,
 )
 from app.ports import LiveOutput, OutputPage, Store, TaskChange, TaskStore
-from tests.conftest import REDIS_URL
 
 RUN_HISTORY = 5
 StoreOpener = Callable[..., AbstractAsyncContextManager[Store]]
@@ -73,7 +73,7 @@ async def kept(store: LiveOutput, run_id: str) -> OutputPage:
 
 async def redis_ttl(key: str) -> int:
     """The TTL of a raw Redis key: -2 when it does not exist, -1 when it never expires."""
-    client = redis.Redis.from_url(REDIS_URL)
+    client = redis.Redis.from_url(tests.conftest.REDIS_URL)
     try:
         return await client.ttl(key)
     finally:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import time
+from collections.abc import Awaitable, Callable
 
 import anyio
 import pytest
@@ -14,6 +15,7 @@ from app.ports import (
     ENDED_OUTPUT_TTL,
     LIVE_OUTPUT_TTL,
     OutputChunk,
+    OutputPage,
     Store,
     TooManyFollowers,
 )
@@ -36,26 +38,38 @@ async def test_output_reads_back_in_order_and_a_follower_gets_what_comes_next(
     assert (list(second.chunks), second.ended) == ([OutputChunk(12, b"again\n")], False)
 
 
+async def first_and_next_page(
+    store: Store, run_id: str, meanwhile: Callable[[], Awaitable[object]]
+) -> tuple[OutputPage, OutputPage]:
+    """A follower's first page, and its next one: the one ``meanwhile`` (run while the
+    follower waits for it) brings."""
+    pages_seen: list[OutputPage] = []
+
+    async def follower() -> None:
+        async with store.follow(run_id) as pages:
+            pages_seen.append(await anext(pages))
+            started.set()
+            pages_seen.append(await anext(pages))
+
+    started = anyio.Event()
+    with anyio.fail_after(5):
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(follower)
+            await started.wait()
+            await anyio.wait_all_tasks_blocked()
+            await meanwhile()
+    first, following = pages_seen
+    return first, following
+
+
 async def test_a_waiting_follower_wakes_when_output_is_appended_elsewhere(
     store: Store, open_another: StoreOpener
 ) -> None:
-    pages_seen: list[list[OutputChunk]] = []
-
-    async def follower() -> None:
-        async with store.follow("r") as pages:
-            await anext(pages)
-            started.set()
-            pages_seen.append(list((await anext(pages)).chunks))
-
-    started = anyio.Event()
     async with open_another() as other:
-        with anyio.fail_after(5):
-            async with anyio.create_task_group() as tg:
-                tg.start_soon(follower)
-                await started.wait()
-                await anyio.wait_all_tasks_blocked()
-                await other.append_output("r", OutputChunk(0, b"line\n"), keep=100)
-    assert pages_seen == [[OutputChunk(0, b"line\n")]]
+        _, page = await first_and_next_page(
+            store, "r", lambda: other.append_output("r", OutputChunk(0, b"line\n"), keep=100)
+        )
+    assert (list(page.chunks), page.ended) == ([OutputChunk(0, b"line\n")], False)
 
 
 async def test_a_quiet_run_gets_an_empty_page_every_keepalive(
@@ -185,24 +199,12 @@ async def test_the_commit_that_ends_a_run_ends_its_followed_output(
     store: Store, open_another: StoreOpener
 ) -> None:
     task, run = await running_run(store, "a")
-    ended: list[bool] = []
-
-    async def follower() -> None:
-        async with store.follow(run.run_id) as pages:
-            first = await anext(pages)
-            assert (list(first.chunks), first.ended) == ([], False)
-            started.set()
-            ended.append((await anext(pages)).ended)
-
-    started = anyio.Event()
     async with open_another() as other:
-        with anyio.fail_after(5):
-            async with anyio.create_task_group() as tg:
-                tg.start_soon(follower)
-                await started.wait()
-                await anyio.wait_all_tasks_blocked()
-                await other.commit(finishing(task, run))
-    assert ended == [True]
+        first, page = await first_and_next_page(
+            store, run.run_id, lambda: other.commit(finishing(task, run))
+        )
+    assert (list(first.chunks), first.ended) == ([], False)
+    assert (list(page.chunks), page.ended) == ([], True)
 
 
 async def test_output_of_an_ended_run_is_final(store: Store) -> None:
