@@ -26,6 +26,10 @@ OutputEntry = tuple[str, OutputChunk | Literal["end"] | None]
 """A live output entry as an adapter read it: its id, and a chunk, the end mark, or
 ``None`` for an entry followers skip (a follow mark)."""
 
+BACKLOG_PAGES = 32
+"""Pages kept for the slowest follower of a run: one further behind skips the oldest (it
+shows as a gap, as output trimmed from the live output does) rather than holding them."""
+
 Read = tuple[list[OutputEntry], str]
 """Entries read, and the cursor after them."""
 
@@ -65,8 +69,11 @@ class _RunReader:
 
     def forget_pages_everyone_has(self) -> None:
         oldest = min((f.next_page for f in self.followers), default=self.end)
+        oldest = max(oldest, self.end - BACKLOG_PAGES)
         del self.pages[: oldest - self.first_page]
         self.first_page = oldest
+        for follower in self.followers:
+            follower.next_page = max(follower.next_page, oldest)
 
 
 class OutputFollowers:
@@ -138,6 +145,7 @@ class OutputFollowers:
                 entries, reader.cursor = await self._read_after(run_id, reader.cursor, self._quiet)
                 reader.pages.append(entries)
                 reader.ended = any(entry == "end" for _, entry in entries)
+                reader.forget_pages_everyone_has()
             finally:
                 # Also when this follower left mid-read: another one reads next.
                 reader.reading = None

@@ -11,6 +11,7 @@ import anyio
 import pytest
 import redis.asyncio as redis
 
+from app.adapters.output_followers import BACKLOG_PAGES
 from app.ports import (
     ENDED_OUTPUT_TTL,
     LIVE_OUTPUT_TTL,
@@ -240,3 +241,18 @@ async def test_live_output_expires_in_redis(store: Store, adapter: str, prefix: 
     assert 0 < await redis_ttl(f"{prefix}output:{run.run_id}") <= ENDED_OUTPUT_TTL
     await kept(store, run.run_id)  # does not keep it longer
     assert 0 < await redis_ttl(f"{prefix}output:{run.run_id}") <= ENDED_OUTPUT_TTL
+
+
+async def test_a_follower_that_falls_behind_skips_ahead_without_holding_others_back(
+    store: Store,
+) -> None:
+    async with store.follow("r") as fast, store.follow("r") as slow:
+        await anext(fast)
+        await anext(slow)
+        with anyio.fail_after(10):
+            for n in range(BACKLOG_PAGES + 8):
+                await store.append_output("r", OutputChunk(n, b"x"), keep=1000)
+                assert [chunk.offset for chunk in (await anext(fast)).chunks] == [n]
+            behind = await anext(slow)
+    # The oldest pages were dropped for the slow follower: it goes on from a later one.
+    assert [chunk.offset for chunk in behind.chunks] == [8]
