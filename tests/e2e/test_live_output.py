@@ -172,6 +172,7 @@ async def test_forty_followers_share_one_redis_read_and_one_more_is_told_to_retr
                     refused.append(await http.get(path, params={"follow": "true"}))
                     go_on.touch()
         assert await service.stop(signal.SIGTERM) == 0
+    print(f"{followers} followers: {len(reading)} connection(s) of the API process in XREAD")
     assert len(reading) <= 2, reading
     assert refused[0].status_code == 503 and refused[0].headers["retry-after"].isdigit()
     assert received == [["output:first\n", "output:last\n", "end:completed"]] * followers
