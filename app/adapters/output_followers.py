@@ -107,7 +107,12 @@ class OutputFollowers:
         try:
             entries, cursor = await self._start(run_id)
             if reader.cursor is None:
+                # The shared reads go on from here: followers that joined before this
+                # read but started theirs earlier get what it found from the log.
                 reader.cursor = cursor
+                reader.pages.append(entries)
+                reader.ended = any(entry == "end" for _, entry in entries)
+                follower.next_page = reader.end  # this follower has it as its first page
             pages = self._pages(run_id, reader, follower, entries)
             try:
                 yield pages
