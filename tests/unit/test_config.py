@@ -111,8 +111,8 @@ def test_secrets_can_be_read_from_files(tmp_path: Path) -> None:
         env[f"{name}_FILE"] = str(tmp_path / name)
     settings = Settings.from_env(env)
     assert settings.api_tokens == ("one", "two")
-    assert settings.redis_url == "redis://:pw@db:6379/1"
-    assert settings.amqp_url == "amqp://u:pw@mq:5672/"
+    assert settings.store_url == "redis://:pw@db:6379/1"
+    assert settings.broker_url == "amqp://u:pw@mq:5672/"
 
 
 def test_an_empty_tokens_file_is_refused(tmp_path: Path) -> None:
