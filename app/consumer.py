@@ -212,7 +212,7 @@ class Consumer:
         with anyio.move_on_after(SHUTDOWN_BOOKKEEPING_SECONDS):
             await live.finish()
         if outcome is None:  # stopped by a cancel notice
-            return _stopped(output, started), True
+            return output.outcome(started=started, error=CANCELLED_REASON), True
         return outcome, False
 
     async def _record(self, task: Task, run: Run, outcome: Outcome, *, cancelled: bool) -> None:
@@ -294,14 +294,3 @@ class Consumer:
             log.warning("could not requeue %s/%s: %s", run.task_id, run.run_id, exc)
         else:
             log.info("requeued %s after shutdown interrupted run %s", run.task_id, run.run_id)
-
-
-def _stopped(output: CappedOutput, started: float) -> Outcome:
-    """What a command stopped by a cancel notice produced until then."""
-    return Outcome(
-        exit_code=None,
-        duration=time.monotonic() - started,
-        output=output.text(),
-        truncated=output.truncated,
-        error=CANCELLED_REASON,
-    )

@@ -84,6 +84,25 @@ class CappedOutput:
         marker = f"\n[... {omitted} bytes of output omitted ...]\n"
         return bytes(self._head).decode(errors="replace") + marker + tail.decode(errors="replace")
 
+    def outcome(
+        self,
+        *,
+        started: float,
+        exit_code: int | None = None,
+        timed_out: bool = False,
+        error: str | None = None,
+    ) -> Outcome:
+        """What the command produced: this output, and how it ended, ``started`` being
+        the ``time.monotonic()`` at which it was started."""
+        return Outcome(
+            exit_code=exit_code,
+            duration=time.monotonic() - started,
+            output=self.text(),
+            truncated=self.truncated,
+            timed_out=timed_out,
+            error=error,
+        )
+
 
 def inherited_environment() -> dict[str, str]:
     """The worker's environment without the server's secrets: what every command gets,
@@ -111,13 +130,7 @@ async def run_command(
         process = await _start_session(argv, env=env, cwd=cwd)
     except (OSError, ValueError) as exc:
         # ValueError: a NUL byte in the argv, the environment or the cwd.
-        return Outcome(
-            exit_code=None,
-            duration=time.monotonic() - started,
-            output="",
-            truncated=False,
-            error=f"could not start the command: {exc}",
-        )
+        return output.outcome(started=started, error=f"could not start the command: {exc}")
 
     timed_out = False
     try:
@@ -150,14 +163,7 @@ async def run_command(
         error = f"timed out after {time_limit:g} s"
     elif returncode < 0:
         error = f"killed by {signal.Signals(-returncode).name}"
-    return Outcome(
-        exit_code=exit_code,
-        duration=time.monotonic() - started,
-        output=output.text(),
-        truncated=output.truncated,
-        timed_out=timed_out,
-        error=error,
-    )
+    return output.outcome(started=started, exit_code=exit_code, timed_out=timed_out, error=error)
 
 
 async def _start_session(
