@@ -23,7 +23,7 @@ from zoneinfo import ZoneInfo
 import msgspec
 from cronsim import CronSim
 
-TASK_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$"
+TASK_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$(?!\n)"  # (?!\n): a full match
 MAX_COMMAND_BYTES = 16 * 1024
 
 TaskId = Annotated[str, msgspec.Meta(pattern=TASK_ID_PATTERN, description="Task id")]

@@ -25,43 +25,50 @@ from app.domain import (
 TaskIdField = Annotated[
     str, msgspec.Meta(pattern=TASK_ID_PATTERN, description="Letters, digits, '.', '_', '-'")
 ]
-Name = Annotated[str, msgspec.Meta(min_length=1, max_length=200)]
+# Text that reaches a process (argv, environment, working directory) or names it: a NUL
+# byte would end it early, so it is refused here rather than failing at run time.
+NO_NUL = r"^[^\x00]*$"
+Name = Annotated[str, msgspec.Meta(min_length=1, max_length=200, pattern=NO_NUL)]
 Description = Annotated[str, msgspec.Meta(max_length=4096)]
 Command = Annotated[
     str,
-    msgspec.Meta(min_length=1, max_length=MAX_COMMAND_BYTES, description="Run with `sh -c`"),
+    msgspec.Meta(
+        min_length=1,
+        max_length=MAX_COMMAND_BYTES,
+        pattern=NO_NUL,
+        description=f"Run with `sh -c`; at most {MAX_COMMAND_BYTES} bytes in UTF-8",
+    ),
 ]
-Argument = Annotated[str, msgspec.Meta(max_length=MAX_COMMAND_BYTES)]
+Argument = Annotated[str, msgspec.Meta(max_length=MAX_COMMAND_BYTES, pattern=NO_NUL)]
 Args = Annotated[
     list[Argument],
-    msgspec.Meta(min_length=1, max_length=1024, description="An argv run without a shell"),
+    msgspec.Meta(
+        min_length=1,
+        max_length=1024,
+        description=f"An argv run without a shell; at most {MAX_COMMAND_BYTES} bytes in all",
+    ),
 ]
-ENV_NAME_PATTERN = r"^[A-Za-z_][A-Za-z0-9_]{0,127}$"
+# `$` alone also matches before a final newline in Python; `(?!\n)` rules that out, and an
+# ECMA regex (the OpenAPI document's dialect) reads the pattern the same way.
+ENV_NAME_PATTERN = r"^[A-Za-z_][A-Za-z0-9_]{0,127}$(?!\n)"
 MAX_ENV_ENTRIES = 128
+MAX_ENV_BYTES = 32 * 1024
 EnvName = Annotated[str, msgspec.Meta(pattern=ENV_NAME_PATTERN)]
-EnvValue = Annotated[str, msgspec.Meta(max_length=MAX_COMMAND_BYTES)]
-# Litestar's OpenAPI leaves out the key pattern and the entry count: "extra" states them.
+EnvValue = Annotated[str, msgspec.Meta(max_length=MAX_COMMAND_BYTES, pattern=NO_NUL)]
 Env = Annotated[
     dict[EnvName, EnvValue],
     msgspec.Meta(
         max_length=MAX_ENV_ENTRIES,
-        extra_json_schema={
-            "extra": {
-                "maxProperties": MAX_ENV_ENTRIES,
-                "propertyNames": {"pattern": ENV_NAME_PATTERN},
-            }
-        },
+        description=f"At most {MAX_ENV_BYTES} bytes of names and values in all",
     ),
 ]
-Cwd = Annotated[str, msgspec.Meta(min_length=1, max_length=4096)]
+Cwd = Annotated[str, msgspec.Meta(min_length=1, max_length=4096, pattern=NO_NUL)]
 Timeout = Annotated[
     float,
     msgspec.Meta(
         gt=0,
         le=7 * 86400,
         description="Seconds before the command is killed",
-        # Litestar's OpenAPI drops a bound of 0 (it tests the bound's truth): restated here.
-        extra_json_schema={"extra": {"exclusiveMinimum": 0}},
     ),
 ]
 MaxAttempts = Annotated[
@@ -98,7 +105,37 @@ Overlap = Annotated[
         "after that run, `forbid` skips it and records a skipped run"
     ),
 ]
-Moment = Annotated[datetime, msgspec.Meta(tz=True, description="RFC 3339 with a UTC offset")]
+# The calendar ends with 9999: a time must convert to UTC within it, with room left for the
+# fire times computed after it.
+EARLIEST_MOMENT = datetime(1, 1, 1, tzinfo=UTC)
+LATEST_MOMENT = datetime(9000, 1, 1, tzinfo=UTC)
+Moment = Annotated[
+    datetime,
+    msgspec.Meta(
+        tz=True,
+        description="RFC 3339 with a UTC offset, from year 1 to 8999 in UTC",
+    ),
+]
+
+
+def _check_moment(field: str, moment: datetime | None) -> None:
+    if moment is None:
+        return
+    try:
+        in_range = moment.astimezone(UTC) < LATEST_MOMENT
+    except OverflowError:  # before 0001-01-01T00:00:00Z
+        in_range = False
+    if not in_range:
+        raise ValueError(
+            f"`{field}` must be from {EARLIEST_MOMENT.date()} to before "
+            f"{LATEST_MOMENT.date()} in UTC"
+        )
+
+
+def _check_env(env: dict[str, str]) -> None:
+    size = sum(len(name.encode()) + len(value.encode()) for name, value in env.items())
+    if size > MAX_ENV_BYTES:
+        raise ValueError(f"`env` is {size} bytes in all, more than {MAX_ENV_BYTES}")
 
 
 def _check_program(command: str | None, args: list[str] | None, *, required: bool) -> None:
@@ -133,6 +170,8 @@ class TaskCreate(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
 
     def __post_init__(self) -> None:
         _check_program(self.command, self.args, required=True)
+        _check_env(self.env)
+        _check_moment("scheduled_at", self.scheduled_at)
 
 
 class TaskUpdate(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
@@ -161,6 +200,8 @@ class TaskUpdate(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
             None if self.args is UNSET else self.args,
             required=False,
         )
+        if self.env is not UNSET:
+            _check_env(self.env)
 
     def changes(self) -> dict[str, object]:
         """The fields to set on the task."""
@@ -211,8 +252,11 @@ class ScheduleRequest(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
                 raise ValueError("`timezone` goes with `cron`")
             try:
                 ZoneInfo(self.timezone)
-            except (ZoneInfoNotFoundError, ValueError):
+            # A directory of zones ("Europe") fails with an OSError.
+            except (ZoneInfoNotFoundError, ValueError, OSError):
                 raise ValueError(f"`timezone`: unknown time zone {self.timezone!r}") from None
+        for field in ("at", "start", "end"):
+            _check_moment(field, getattr(self, field))
         if self.at is not None and (self.start is not None or self.end is not None):
             raise ValueError("`start` and `end` go with `cron` or `every`, not `at`")
         if self.start is not None and self.end is not None and self.start >= self.end:
