@@ -11,13 +11,12 @@ redirect (they describe the API, not its data). Those routes opt out through
 
 from __future__ import annotations
 
-import functools
 import hashlib
 import hmac
 import logging
 from collections.abc import AsyncGenerator, Awaitable, Callable, Sequence
 from contextlib import aclosing
-from typing import Annotated, Any, cast
+from typing import Annotated, Any, TypeVar, cast
 
 import anyio
 import msgspec
@@ -37,6 +36,7 @@ from litestar import (
 from litestar.connection import ASGIConnection
 from litestar.datastructures import ResponseHeader
 from litestar.di import NamedDependency, Provide
+from litestar.enums import ScopeType
 from litestar.exceptions import (
     ClientException,
     HTTPException,
@@ -47,6 +47,7 @@ from litestar.exceptions import (
 from litestar.handlers import BaseRouteHandler
 from litestar.middleware import (
     AbstractAuthenticationMiddleware,
+    ASGIMiddleware,
     AuthenticationResult,
     DefineMiddleware,
 )
@@ -64,6 +65,8 @@ from litestar.status_codes import (
     HTTP_500_INTERNAL_SERVER_ERROR,
     HTTP_503_SERVICE_UNAVAILABLE,
 )
+from litestar.types import ASGIApp, Message, Receive, Scope, Send
+from msgspec import UNSET, UnsetType
 
 from app.body_deadline import DEFAULT_BODY_SECONDS, BodyDeadline
 from app.domain import (
@@ -79,10 +82,11 @@ from app.domain import (
     TaskView,
 )
 from app.live_output import KEEPALIVE_SECONDS, KeepAlive, OutputEnd, OutputEvent, OutputText
+from app.openapi_contract import describe_contract
 from app.outages import DependencyDown, OutageGate, probe
 from app.ports import StoreUnavailable, TooManyFollowers
 from app.schemas import ScheduleRequest, TaskCreate, TaskUpdate
-from app.service import InvalidCursor, TaskService
+from app.service import InvalidCursor, TaskService, encode_cursor
 from app.transactions import StoreContention
 
 log = logging.getLogger(__name__)
@@ -95,6 +99,9 @@ HEALTH_CHECK_SECONDS = 0.5
 STORE_PROBE_SECONDS = 1.0
 # What a 503 asks a client to wait when nothing better is known.
 RETRY_AFTER_SECONDS = 1
+# A list answer stops at the first item that takes it past this many bytes of JSON (it
+# always holds one item): a page of large tasks, or of runs with their output, stays small.
+PAGE_BUDGET_BYTES = 1_048_576
 SCHEMA_PATH = "/schema"
 # Route ``opt`` key of the routes that answer without a token.
 EXCLUDE_FROM_AUTH = "exclude_from_auth"
@@ -130,6 +137,14 @@ def _shown(task: Task) -> TaskView:
     return TaskView(**{name: getattr(task, name) for name in TaskView.__struct_fields__})
 
 
+class RunListed(Run, kw_only=True):
+    """A run in a list: its ``output`` only when asked for (``GET /tasks/{id}/runs/{run_id}``
+    always has it)."""
+
+    output: str | UnsetType = UNSET  # pyright: ignore[reportIncompatibleVariableOverride]
+
+
+T = TypeVar("T")
 Check = Callable[[], Awaitable[None]]
 # Injected by name from ``create_app``'s dependencies (inferring it is deprecated in Litestar).
 Service = NamedDependency[TaskService]
@@ -164,13 +179,39 @@ def _digest(value: bytes) -> bytes:
     return hashlib.sha256(value).digest()
 
 
-class StrictJSONRequest(Request[Any, Any, Any]):
-    """Decodes a JSON body straight into the type of the handler's ``data``, strictly.
+class AllowEveryMethod(ASGIMiddleware):
+    """Answers ``OPTIONS`` with every method of the path in ``Allow``.
 
-    Litestar decodes to builtins first and then converts them leniently, so ``"5"`` would
-    pass for a number and ``1893456000`` for an RFC 3339 time. One strict, typed decode
-    refuses both, stops at the first field that does not fit, and answers every body it
-    cannot read (not UTF-8, not JSON) with a 400.
+    Litestar 2 makes a path's OPTIONS handler with the methods known when it made it, so
+    it names only some of them (litestar#4169, fixed in Litestar 3).
+    """
+
+    scopes = (ScopeType.HTTP,)
+
+    async def handle(self, scope: Scope, receive: Receive, send: Send, next_app: ASGIApp) -> None:
+        if scope["type"] != ScopeType.HTTP or scope["method"] != "OPTIONS":
+            await next_app(scope, receive, send)
+            return
+        by_path = scope["litestar_app"].route_handler_method_map
+        methods = {m for path in scope["route_handler"].paths for m in by_path.get(path, {})}
+        allow = ", ".join(sorted(methods)).encode()
+
+        async def send_with_allow(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                headers = [(k, v) for k, v in message.get("headers", []) if k.lower() != b"allow"]
+                message = {**message, "headers": [*headers, (b"allow", allow)]}
+            await send(message)
+
+        await next_app(scope, receive, send_with_allow)
+
+
+class StrictJSONRequest(Request[Any, Any, Any]):
+    """Decodes a JSON body into the type of the handler's ``data`` strictly.
+
+    Litestar converts decoded JSON leniently, so ``"5"`` would pass for a number and
+    ``1893456000`` for an RFC 3339 time; a strict conversion refuses both. It follows JSON
+    Schema (the OpenAPI document's) in one point: ``2.0`` is the integer 2. A body that
+    cannot be read (not UTF-8, not JSON, nested too deeply) is a 400 too.
     """
 
     async def json(self) -> Any:
@@ -179,16 +220,23 @@ class StrictJSONRequest(Request[Any, Any, Any]):
             return await super().json()
         body = await self.body()
         try:
-            return _decoder(data.annotation).decode(body)
-        except msgspec.ValidationError as exc:
-            raise _invalid_body(str(exc)) from None
+            value = _JSON.decode(body)
         except (msgspec.DecodeError, UnicodeDecodeError) as exc:
             raise ClientException(f"Invalid request: the body is not JSON ({exc})") from None
+        except RecursionError:
+            raise ClientException("Invalid request: the body is nested too deeply") from None
+        try:
+            return msgspec.convert(value, data.annotation, strict=True)
+        except msgspec.ValidationError as exc:
+            raise _invalid_body(str(exc)) from None
 
 
-@functools.cache
-def _decoder(body_type: Any) -> msgspec.json.Decoder[Any]:
-    return msgspec.json.Decoder(body_type)
+def _integral_as_int(text: str) -> float | int:
+    number = float(text)
+    return int(number) if number.is_integer() else number
+
+
+_JSON = msgspec.json.Decoder(float_hook=_integral_as_int)
 
 
 def _invalid_body(message: str) -> ValidationException:
@@ -238,8 +286,11 @@ class TaskController(Controller):
         cursor: Annotated[str | None, Parameter(max_length=1024)] = None,
     ) -> Response[list[TaskView]]:
         tasks, next_cursor = await service.list(status=status, limit=limit, cursor=cursor)
+        page = _within_budget([_shown(task) for task in tasks])
+        if len(page) < len(tasks):
+            next_cursor = encode_cursor(page[-1].id)
         headers = {} if next_cursor is None else {"X-Next-Cursor": next_cursor}
-        return Response([_shown(task) for task in tasks], headers=headers)
+        return Response(page, headers=headers)
 
     @get("/{task_id:str}", summary="Get a task", raises=[NotFoundException, NotAuthorizedException])
     async def get_task(self, task_id: FromPath[str], service: Service) -> TaskView:
@@ -332,15 +383,24 @@ class TaskController(Controller):
     @get(
         "/{task_id:str}/runs",
         summary="List a task's runs, newest first",
-        raises=[NotFoundException, NotAuthorizedException],
+        description="Without their `output` unless `output=true`; the list then stops "
+        f"early once it passes {PAGE_BUDGET_BYTES} bytes (one run's output is at "
+        "`/tasks/{task_id}/runs/{run_id}`).",
+        raises=[ValidationException, NotFoundException, NotAuthorizedException],
     )
     async def list_runs(
         self,
         task_id: FromPath[str],
         service: Service,
         limit: Annotated[int, Parameter(ge=1, le=MAX_PAGE)] = 20,
-    ) -> list[Run]:
-        return await service.runs(task_id, limit=limit)
+        output: Annotated[
+            bool, Parameter(description="Include each run's output", required=False)
+        ] = False,
+    ) -> list[RunListed]:
+        runs = await service.runs(task_id, limit=limit)
+        if output:
+            return [_listed(run, output=True) for run in _within_budget(runs)]
+        return [_listed(run, output=False) for run in runs]
 
     @get(
         "/{task_id:str}/runs/{run_id:str}",
@@ -373,6 +433,23 @@ class TaskController(Controller):
     ) -> ServerSentEvent:
         events = await service.output(task_id, run_id, follow=follow)
         return ServerSentEvent(_server_sent(events))
+
+
+def _within_budget(items: list[T]) -> list[T]:
+    """The longest prefix of ``items`` (at least one) whose JSON fits ``PAGE_BUDGET_BYTES``."""
+    size = 0
+    for count, item in enumerate(items):
+        size += len(msgspec.json.encode(item))
+        if size > PAGE_BUDGET_BYTES:
+            return items[: max(count, 1)]
+    return items
+
+
+def _listed(run: Run, *, output: bool) -> RunListed:
+    fields = msgspec.structs.asdict(run)
+    if not output:
+        del fields["output"]
+    return RunListed(**fields)
 
 
 async def _server_sent(
@@ -578,7 +655,7 @@ def create_app(
         type="http", scheme="bearer", description="One of the server's TASKQ_API_TOKENS"
     )
     auth = DefineMiddleware(BearerTokenAuth, tokens=tokens, exclude_from_auth_key=EXCLUDE_FROM_AUTH)
-    return Litestar(
+    app = Litestar(
         route_handlers=[
             Router(
                 "/",
@@ -589,7 +666,11 @@ def create_app(
             *_health_handlers({**checks, "store": store_gate.check_now}),
             swagger_redirect,
         ],
-        middleware=[BodyDeadline(body_seconds), *([auth] if tokens else [])],
+        middleware=[
+            BodyDeadline(body_seconds),
+            AllowEveryMethod(),
+            *([auth] if tokens else []),
+        ],
         request_class=StrictJSONRequest,
         dependencies={"service": Provide(lambda: service, use_cache=True, sync_to_thread=False)},
         exception_handlers={
@@ -620,3 +701,5 @@ def create_app(
         logging_config=None,
         debug=debug,
     )
+    describe_contract(app.openapi_schema, max_body_bytes=MAX_BODY_BYTES)
+    return app

@@ -83,8 +83,13 @@ class ApiClient:
     async def unschedule_task(self, task_id: str) -> Any:
         return (await self.request("DELETE", f"/tasks/{task_id}/schedule")).json()
 
-    async def list_runs(self, task_id: str, *, limit: int | None) -> list[Any]:
-        response = await self.request("GET", f"/tasks/{task_id}/runs", params={"limit": limit})
+    async def list_runs(
+        self, task_id: str, *, limit: int | None, output: bool = False
+    ) -> list[Any]:
+        """The task's runs, newest first; with ``output``, each with its output (the server
+        may then answer fewer than ``limit``)."""
+        params = {"limit": limit, "output": "true" if output else None}
+        response = await self.request("GET", f"/tasks/{task_id}/runs", params=params)
         return response.json()  # type: ignore[no-any-return]
 
     async def get_run(self, task_id: str, run_id: str) -> Any:

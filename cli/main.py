@@ -424,7 +424,9 @@ async def runs(
     if run_id is not None:
         _emit(await client.get_run(task_id, run_id), as_json, _run_details)
     else:
-        _emit(await client.list_runs(task_id, limit=limit), as_json, _run_table)
+        # Scripts reading --json get each run's output; the table shows none.
+        listed = await client.list_runs(task_id, limit=limit, output=as_json)
+        _emit(listed, as_json, _run_table)
 
 
 @cli.command()

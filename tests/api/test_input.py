@@ -27,12 +27,13 @@ AFTER_YEAR_9999_IN_UTC = "9999-12-31T23:59:59-23:59"
     ("body", "mentioned"),
     [
         pytest.param(b'{"name": "\xff\xfe", "command": "true"}', "JSON", id="invalid-utf8"),
-        pytest.param(b"[" * 1000 + b"]" * 1000, "object", id="array-nested-1000-deep"),
+        pytest.param(b"[" * 1000 + b"]" * 1000, "nested", id="array-nested-1000-deep"),
         pytest.param(
             b'{"name": "n", "command": "true", "env": ' + b'{"a": ' * 1000 + b"1" + b"}" * 1001,
-            "env",
+            "nested",
             id="object-nested-1000-deep",
         ),
+        pytest.param(b"[" * 100 + b"]" * 100, "object", id="array-nested-100-deep"),
         pytest.param(b'{"name": "n", "command": "true", "timeout": NaN}', "JSON", id="nan"),
         pytest.param(b'{"name": "n", "command": "true", "timeout": Infinity}', "JSON", id="inf"),
         pytest.param(b'{"name": "n", "command": "true", "timeout": 1e999}', "timeout", id="1e999"),
@@ -63,7 +64,7 @@ async def test_create_refuses_an_unreadable_body_with_400(
         pytest.param({"cwd": "/tmp\0"}, "(cwd)", id="nul-in-cwd"),
         pytest.param({"name": "a\0b"}, "(name)", id="nul-in-name"),
         pytest.param({"timeout": "5"}, "(timeout)", id="number-as-string"),
-        pytest.param({"max_attempts": 2.0}, "(max_attempts)", id="integer-as-float"),
+        pytest.param({"max_attempts": 2.5}, "(max_attempts)", id="integer-as-fraction"),
         pytest.param({"max_attempts": "2"}, "(max_attempts)", id="integer-as-string"),
         pytest.param({"max_attempts": True}, "(max_attempts)", id="integer-as-bool"),
         pytest.param({"scheduled_at": 1893456000}, "(scheduled_at)", id="unix-time"),
@@ -89,6 +90,7 @@ async def test_create_refuses_bad_fields_with_400(
     [
         pytest.param({"cron": "* * * * *", "start": CALENDAR_END}, "`start`", id="cron-start-9999"),
         pytest.param({"every": 60, "start": CALENDAR_END}, "`start`", id="every-start-9999"),
+        pytest.param({"at": "0001-01-01T00:00:00Z"}, "`at`", id="at-in-year-1"),
         pytest.param({"at": BEFORE_YEAR_ONE_IN_UTC}, "`at`", id="at-before-year-1"),
         pytest.param({"at": AFTER_YEAR_9999_IN_UTC}, "`at`", id="at-after-9999"),
         pytest.param(
@@ -150,12 +152,19 @@ async def test_update_refuses_invalid_utf8_with_400(client: Client) -> None:
     assert_problem(response, 400, "JSON")
 
 
+async def test_an_integral_number_is_an_integer_as_in_json_schema(client: Client) -> None:
+    task = await create_task(client, max_attempts=2.0, success_exit_codes=[0, 1e0])
+
+    assert task["max_attempts"] == 2
+    assert task["success_exit_codes"] == [0, 1]
+
+
 async def test_the_edges_of_the_range_are_accepted(client: Client) -> None:
-    await create_task(client, scheduled_at="0001-01-01T00:00:00Z")
+    await create_task(client, scheduled_at="0002-01-01T00:00:00+23:59")
 
     response = await client.post(
-        "/tasks/t1/schedule", json={"every": 60, "start": "8999-12-31T23:59:59Z"}
+        "/tasks/t1/schedule", json={"every": 60, "start": "8999-12-31T23:59:59-23:59"}
     )
 
     assert response.status_code == 200, response.text
-    assert response.json()["scheduled_at"] == "8999-12-31T23:59:59Z"
+    assert response.json()["scheduled_at"] == "9000-01-01T23:58:59Z"

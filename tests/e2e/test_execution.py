@@ -30,7 +30,7 @@ async def test_a_timeout_kills_the_whole_process_tree(prefix: str, tmp_path: Pat
             assert (await http.post("/tasks", json=body)).status_code == 201
             await http.post("/tasks/slow/execute")
             task = await wait_for_task(http, "slow", {"completed", "failed"})
-            [run] = (await http.get("/tasks/slow/runs")).json()
+            [run] = (await http.get("/tasks/slow/runs", params={"output": "true"})).json()
     started = [int(pid) for pid in pids.read_text().split()]
     print(f"timed out after {run['duration']:.2f} s; processes it had started: {started}")
     assert task["status"] == "failed"
@@ -52,7 +52,7 @@ async def test_output_is_capped_keeping_its_head_and_tail(prefix: str) -> None:
             await http.post("/tasks", json={"id": "loud", "name": "loud", "command": command})
             await http.post("/tasks/loud/execute")
             task = await wait_for_task(http, "loud", {"completed", "failed"})
-            [run] = (await http.get("/tasks/loud/runs")).json()
+            [run] = (await http.get("/tasks/loud/runs", params={"output": "true"})).json()
     assert task["status"] == "completed"
     assert run["truncated"] is True
     output: str = run["output"]

@@ -51,7 +51,7 @@ async def test_a_run_lost_with_its_killed_consumer_is_run_again_elsewhere(
                 async with running(["serve", "--roles", "consumer"], env, name="rescuer"):
                     task = await wait_for_task(http, "victim", {"completed", "failed"}, within=30)
                     recovered_after = anyio.current_time() - killed_at
-                runs = (await http.get("/tasks/victim/runs")).json()
+                runs = (await http.get("/tasks/victim/runs", params={"output": "true"})).json()
             finally:
                 # SIGKILL gave the dead consumer no chance to stop its command's group.
                 with contextlib.suppress(ProcessLookupError, ValueError):
@@ -193,7 +193,7 @@ async def test_sigterm_lets_short_commands_finish_and_requeues_long_ones(
             assert long["status"] == "pending", "given back, not lost and not stuck running"
             async with running(["serve", "--roles", "consumer"], env, name="next"):
                 long = await wait_for_task(http, "long", {"completed", "failed"})
-            long_runs = (await http.get("/tasks/long/runs")).json()
+            long_runs = (await http.get("/tasks/long/runs", params={"output": "true"})).json()
     print(f"SIGTERM with 2 commands running: exit {code} after {took:.1f} s (grace {grace:g} s)")
     assert code == 0
     assert grace <= took < grace + 5
