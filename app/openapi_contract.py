@@ -65,6 +65,8 @@ def describe_contract(document: OpenAPI, *, max_body_bytes: int) -> None:
     schemas = document.components.schemas
     for struct, rules in REQUEST_BODIES:
         (_,), components = msgspec.json.schema_components([struct], ref_template=REF_TEMPLATE)
+        for name, component in components.items():  # the enums it refers to, unless there
+            schemas.setdefault(name, cast(Schema, _spec(component)))
         schemas[struct.__name__] = cast(Schema, _spec({**components[struct.__name__], **rules}))
     for path, item in (document.paths or {}).items():
         for operation in (item.get, item.put, item.post, item.delete):
@@ -90,6 +92,9 @@ def _problem(description: str) -> OpenAPIResponse:
 _FIELD_OF = {
     field.metadata.get("alias", field.name): field.name for field in dataclasses.fields(Schema)
 }
+
+
+_Properties = Mapping[str, Mapping[str, Any]]
 
 
 def _spec(schema: Mapping[str, Any]) -> Schema | Reference:
@@ -119,6 +124,3 @@ def _field_value(key: str, value: Any) -> Any:
     if key == "format":
         return OpenAPIFormat(value)
     return value
-
-
-_Properties = Mapping[str, Mapping[str, Any]]

@@ -26,6 +26,9 @@ Json = dict[str, Any]
 
 UNREACHABLE_REDIS_URL = "redis://127.0.0.1:1/0"  # nothing listens on port 1
 TOO_LONG_COMMAND = "é" * (MAX_COMMAND_BYTES // 2 + 1)  # within the limit in chars, not in bytes
+CALENDAR_END = "9999-12-31T23:59:00Z"
+BEFORE_YEAR_ONE_IN_UTC = "0001-01-01T00:00:00+23:59"
+AFTER_YEAR_9999_IN_UTC = "9999-12-31T23:59:59-23:59"
 
 
 @pytest.fixture
@@ -271,6 +274,31 @@ async def test_create_with_an_existing_id_is_409_and_keeps_the_original(client: 
         pytest.param(task_spec(env={"A-B": "1"}), ["env"], id="env-bad-name"),
         pytest.param(task_spec(command=None, args="ls -l"), ["(args)"], id="args-not-list"),
         pytest.param([task_spec()], ["object"], id="array-body"),
+        pytest.param(
+            task_spec(scheduled_at=BEFORE_YEAR_ONE_IN_UTC), ["`scheduled_at`"], id="before-1"
+        ),
+        pytest.param(
+            task_spec(scheduled_at=AFTER_YEAR_9999_IN_UTC), ["`scheduled_at`"], id="after-9999"
+        ),
+        pytest.param(task_spec(id="t2\n"), ["(id)"], id="id-trailing-newline"),
+        pytest.param(task_spec(env={"A\n": "1"}), ["env"], id="env-name-trailing-newline"),
+        pytest.param(task_spec(command="echo a\0b"), ["(command)"], id="nul-in-command"),
+        pytest.param(task_spec(command=None, args=["echo", "a\0"]), ["args"], id="nul-in-args"),
+        pytest.param(task_spec(env={"A": "x\0y"}), ["env"], id="nul-in-env-value"),
+        pytest.param(task_spec(env={"A\0": "x"}), ["env"], id="nul-in-env-name"),
+        pytest.param(task_spec(cwd="/tmp\0"), ["(cwd)"], id="nul-in-cwd"),
+        pytest.param(task_spec(name="a\0b"), ["(name)"], id="nul-in-name"),
+        pytest.param(task_spec(timeout="5"), ["(timeout)"], id="number-as-string"),
+        pytest.param(task_spec(max_attempts=2.5), ["(max_attempts)"], id="integer-as-fraction"),
+        pytest.param(task_spec(max_attempts="2"), ["(max_attempts)"], id="integer-as-string"),
+        pytest.param(task_spec(max_attempts=True), ["(max_attempts)"], id="integer-as-bool"),
+        pytest.param(task_spec(scheduled_at=1893456000), ["(scheduled_at)"], id="unix-time"),
+        pytest.param(
+            task_spec(success_exit_codes=["0"]), ["success_exit_codes"], id="codes-as-strings"
+        ),
+        pytest.param(task_spec(misfire_grace=-0.5), ["(misfire_grace)"], id="negative-grace"),
+        pytest.param(task_spec(timeout=10**30), ["(timeout)"], id="huge-timeout"),
+        pytest.param(task_spec(description=3), ["(description)"], id="description-not-str"),
     ],
 )
 async def test_create_refuses_an_invalid_task_with_400(
@@ -515,6 +543,10 @@ async def test_update_an_unknown_task_is_404(client: Client) -> None:
         pytest.param({"revision": 9}, ["unknown field `revision`"], id="revision"),
         pytest.param({"colour": "red"}, ["unknown field `colour`"], id="unknown"),
         pytest.param("rename", ["object"], id="string-body"),
+        pytest.param({"command": "a\0"}, ["(command)"], id="nul-in-command"),
+        pytest.param({"env": {"PATH\n": "/bin"}}, ["env"], id="env-name-trailing-newline"),
+        pytest.param({"max_attempts": "3"}, ["(max_attempts)"], id="integer-as-string"),
+        pytest.param({"retry_backoff": -1}, ["(retry_backoff)"], id="negative-backoff"),
     ],
 )
 async def test_update_refuses_invalid_fields_with_400(
@@ -940,6 +972,26 @@ async def test_a_schedule_that_never_fires_is_refused(client: Client) -> None:
         pytest.param({"cron": "* * * * *", "timezone": "Nowhere/Land"}, "timezone", id="bad-tz"),
         pytest.param({"cron": "* * * * *", "every": 60}, "exactly one", id="cron-and-every"),
         pytest.param({"every": 0}, "every", id="zero-interval"),
+        pytest.param({"cron": "* * * * *", "start": CALENDAR_END}, "`start`", id="cron-start-9999"),
+        pytest.param({"every": 60, "start": CALENDAR_END}, "`start`", id="every-start-9999"),
+        pytest.param({"at": "0001-01-01T00:00:00Z"}, "`at`", id="at-in-year-1"),
+        pytest.param({"at": BEFORE_YEAR_ONE_IN_UTC}, "`at`", id="at-before-year-1"),
+        pytest.param({"at": AFTER_YEAR_9999_IN_UTC}, "`at`", id="at-after-9999"),
+        pytest.param(
+            {"every": 60, "start": BEFORE_YEAR_ONE_IN_UTC}, "`start`", id="every-start-before-1"
+        ),
+        pytest.param({"cron": "* * * * *", "end": AFTER_YEAR_9999_IN_UTC}, "`end`", id="end-9999"),
+        pytest.param({"cron": "* * * * *", "timezone": "Europe"}, "`timezone`", id="tz-directory"),
+        pytest.param({"cron": "* * * * *", "timezone": ""}, "(timezone)", id="tz-empty"),
+        pytest.param({"cron": "* * * * *", "timezone": "/etc/UTC"}, "`timezone`", id="tz-path"),
+        pytest.param({"cron": "*/0 * * * * *"}, "`cron`", id="cron-step-0-seconds"),
+        pytest.param({"cron": "61 * * * * *"}, "`cron`", id="cron-second-61"),
+        pytest.param({"cron": ""}, "(cron)", id="cron-empty"),
+        pytest.param({"at": 1893456000}, "(at)", id="at-unix-time"),
+        pytest.param({"at": "1893456000"}, "(at)", id="at-unix-time-string"),
+        pytest.param({"every": "60"}, "(every)", id="every-as-string"),
+        pytest.param({"every": 0.5}, "(every)", id="every-tiny"),
+        pytest.param({"every": 1e300}, "(every)", id="every-huge"),
     ],
 )
 async def test_a_bad_recurrence_is_400_and_changes_nothing(
