@@ -45,11 +45,10 @@ async def run_printing(served: Served, task_id: str, output: str) -> str:
     task = await store.get_task(task_id)
     run = await store.get_run(task_id, run_id)
     assert task is not None and run is not None
-    running_task, running = start_run(task, run, "test-worker", utcnow())
-    await store.commit(TaskChange(task_id, task.revision, running_task, runs=[running]))
+    started = start_run(task, run, "test-worker", utcnow(), lease_until=utcnow())
+    await store.commit(TaskChange.of(started))
     outcome = Outcome(exit_code=0, duration=0.01, output=output, truncated=False)
-    done_task, done = finish_run(running_task, running, outcome, utcnow())
-    await store.commit(TaskChange(task_id, running_task.revision, done_task, runs=done))
+    await store.commit(TaskChange.of(finish_run(started.task, started.run, outcome, utcnow())))
     return run_id
 
 
