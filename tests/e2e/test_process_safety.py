@@ -88,7 +88,7 @@ async def test_sh_is_not_looked_up_through_the_tasks_path(prefix: str, tmp_path:
             assert (await http.post("/tasks", json=body)).status_code == 201
             await http.post("/tasks/path/execute")
             task = await wait_for_task(http, "path", {"completed", "failed"})
-            [run] = (await http.get("/tasks/path/runs")).json()
+            [run] = (await http.get("/tasks/path/runs", params={"output": "true"})).json()
     assert (task["status"], run["output"]) == ("completed", "the real shell\n")
 
 
@@ -125,7 +125,7 @@ async def test_commands_cannot_read_the_servers_secrets_through_proc(
             assert (await http.post("/tasks", json=body)).status_code == 201
             await http.post("/tasks/snoop/execute")
             task = await wait_for_task(http, "snoop", {"completed", "failed"})
-            [run] = (await http.get("/tasks/snoop/runs")).json()
+            [run] = (await http.get("/tasks/snoop/runs", params={"output": "true"})).json()
     dump = run["output"]
     assert task["status"] == "completed", dump
     # It did read the consumer's environment and the watchdog's, just not the secrets.

@@ -110,7 +110,7 @@ RUN_SECONDS = 300.0
 """Bound for a started run (a throwaway RabbitMQ node alone may take 30 s on a busy machine)."""
 THROWAWAY = re.compile(r"throwaway server at (\S+), started for this run")
 SERVER_TESTS = [  # a few of each kind: contract, in-process API, real ``taskq`` processes
-    "tests/contract/test_store_contract.py",
+    "tests/contract/test_task_store_contract.py",
     "tests/contract/test_broker_contract.py::test_round_trip",
     "tests/api/test_api.py::test_create_answers_201_with_the_full_task",
     "tests/e2e/test_serve.py::test_one_process_runs_tasks_through_redis_and_rabbitmq",
