@@ -219,6 +219,8 @@ class StrictJSONRequest(Request[Any, Any, Any]):
         if data is None:
             return await super().json()
         body = await self.body()
+        if not body.strip():  # an empty one does not get here: see ``_validation_error``
+            raise ClientException("Invalid request: a JSON body is required")
         try:
             value = _JSON.decode(body)
         except (msgspec.DecodeError, UnicodeDecodeError) as exc:
@@ -621,7 +623,11 @@ def _validation_error(
                 item = cast(dict[str, Any], item)
                 message = item.get("message", "invalid")
                 key = item.get("key")
-                problems.append(f"{message} ({key})" if key else str(message))
+                if key == "data" and item.get("source") == "body":
+                    # Litestar's word for an empty body: the handler's ``data`` is missing.
+                    problems.append("a JSON body is required")
+                else:
+                    problems.append(f"{message} ({key})" if key else str(message))
     detail = "; ".join(problems) or exc.detail
     return _problem(HTTP_400_BAD_REQUEST, f"Invalid request: {detail}", extra=exc.extra or [])
 

@@ -34,6 +34,8 @@ JSON_HEADERS = {"content-type": "application/json"}
         pytest.param(b'{"name": "n", "command": "true", "timeout": NaN}', "JSON", id="nan"),
         pytest.param(b'{"name": "n", "command": "true", "timeout": Infinity}', "JSON", id="inf"),
         pytest.param(b'{"name": "n", "command": "true", "timeout": 1e999}', "timeout", id="1e999"),
+        pytest.param(b"", "a JSON body is required", id="empty"),
+        pytest.param(b"  \n", "a JSON body is required", id="blank"),
     ],
 )
 async def test_create_refuses_an_unreadable_body_with_400(
