@@ -42,6 +42,7 @@ from app.outages import Backoff, settle, until_available
 from app.ports import Broker, Delivery, Store, StoreUnavailable
 from app.stopping import cancel_after, cancel_when_set
 from app.transactions import transact
+from app.watchdog import Watchdog
 
 log = logging.getLogger(__name__)
 
@@ -106,6 +107,7 @@ class Consumer:
         worker: str | None = None,
         clock: Callable[[], datetime] = utcnow,
         entropy: Entropy = ENTROPY,
+        watchdog: Watchdog | None = None,
     ) -> None:
         self._store = store
         self._broker = broker
@@ -117,6 +119,7 @@ class Consumer:
         self._worker = worker or worker_name()
         self._clock = clock
         self._entropy = entropy
+        self._watchdog = watchdog
         self._environment = inherited_environment()
         self._relay = OutputRelay(store, keep=output_limit)
 
@@ -202,6 +205,7 @@ class Consumer:
                     cwd=task.cwd,
                     time_limit=task.timeout,
                     output=output,
+                    watchdog=self._watchdog,
                 )
         except anyio.get_cancelled_exc_class():
             with anyio.move_on_after(SHUTDOWN_BOOKKEEPING_SECONDS, shield=True):

@@ -20,7 +20,7 @@ from anyio.abc import ByteReceiveStream, Process
 
 from app.domain import Outcome
 from app.process_groups import group_has_live_members, signal_group
-from app.watchdog import guard_group, marked_environment, release_group
+from app.watchdog import Watchdog
 
 # Settings of the server itself that a command must not see (secrets, and where to
 # read them: ``app.config`` takes ``NAME_FILE`` for each).
@@ -117,17 +117,19 @@ async def run_command(
     cwd: str | None,
     time_limit: float | None,
     output: CappedOutput,
+    watchdog: Watchdog | None = None,
     kill_grace: float = 5.0,
 ) -> Outcome:
     """Run ``argv`` to the end (or ``time_limit``) and report its exit code and output.
 
     Output is collected into ``output``, which the caller keeps: when the caller is
     cancelled, the process group is stopped before this returns, and ``output`` holds
-    what the command printed until then.
+    what the command printed until then. With a ``watchdog``, the command's group is
+    guarded by it while it runs, in case this process dies without stopping it.
     """
     started = time.monotonic()
     try:
-        process = await _start_session(argv, env=env, cwd=cwd)
+        process = await _start_session(argv, env=env, cwd=cwd, watchdog=watchdog)
     except (OSError, ValueError) as exc:
         # ValueError: a NUL byte in the argv, the environment or the cwd.
         return output.outcome(started=started, error=f"could not start the command: {exc}")
@@ -153,7 +155,8 @@ async def run_command(
     finally:
         with anyio.CancelScope(shield=True):
             await process.aclose()
-            await release_group(process.pid)
+            if watchdog is not None:
+                await watchdog.release(process.pid)
 
     returncode = process.returncode
     assert returncode is not None
@@ -167,15 +170,15 @@ async def run_command(
 
 
 async def _start_session(
-    argv: Sequence[str], *, env: Mapping[str, str], cwd: str | None
+    argv: Sequence[str], *, env: Mapping[str, str], cwd: str | None, watchdog: Watchdog | None
 ) -> Process:
     """Start ``argv`` as the leader of a new session, stdout and stderr on one pipe.
 
     Not cancellable: the child runs before ``open_process`` returns, and a cancel in
     between would leave its group with no one to stop it (asyncio kills only the leader).
     The caller takes the cancel at its next checkpoint, once it can stop the group.
-    The group is registered with this process's watchdog at once, for the case where
-    this process dies without stopping it.
+    The group is registered with the ``watchdog`` at once, for the case where this
+    process dies without stopping it.
     """
     process: Process | None = None
     with anyio.CancelScope(shield=True):
@@ -185,10 +188,11 @@ async def _start_session(
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
             cwd=cwd,
-            env=marked_environment(env),
+            env=env if watchdog is None else watchdog.marked(env),
             start_new_session=True,
         )
-        await guard_group(process.pid)
+        if watchdog is not None:
+            await watchdog.guard(process.pid)
     assert process is not None  # a shielded scope swallows no cancellation
     return process
 

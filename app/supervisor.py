@@ -32,7 +32,7 @@ from app.ports import Broker, Role, Store
 from app.scheduler import Scheduler
 from app.service import TaskService
 from app.startup import stop_requested
-from app.watchdog import watching_commands
+from app.watchdog import Watchdog, watching_commands
 
 log = logging.getLogger("taskq")
 
@@ -97,8 +97,9 @@ async def run_service(settings: Settings, *, on_ready: Callable[[str], None] | N
     stopping = anyio.Event()
     roles = settings.roles
     async with AsyncExitStack() as stack:
+        watchdog = None
         if "consumer" in roles:
-            await stack.enter_async_context(watching_commands())
+            watchdog = await stack.enter_async_context(watching_commands())
         store = await stack.enter_async_context(
             open_store(
                 settings.store_url,
@@ -120,7 +121,9 @@ async def run_service(settings: Settings, *, on_ready: Callable[[str], None] | N
             process.start_soon(_stop_on_signal, stopping, process.cancel_scope, settings)
             async with anyio.create_task_group() as role_group:
                 started: list[str] = []
-                for name, body, describe in _role_bodies(settings, store, broker, stopping):
+                for name, body, describe in _role_bodies(
+                    settings, store, broker, watchdog, stopping
+                ):
                     result = await role_group.start(_role, name, body, stopping)
                     if stopping.is_set():
                         break  # a stop during start-up: start nothing more
@@ -135,7 +138,11 @@ async def run_service(settings: Settings, *, on_ready: Callable[[str], None] | N
 
 
 def _role_bodies(
-    settings: Settings, store: Store, broker: Broker, stopping: anyio.Event
+    settings: Settings,
+    store: Store,
+    broker: Broker,
+    watchdog: Watchdog | None,
+    stopping: anyio.Event,
 ) -> Iterator[tuple[Role, Callable[..., Awaitable[None]], Callable[[Any], str]]]:
     """Each role of ``settings.roles``, in start order: its name, its body, and how the
     ready line describes it (from what it reported when started)."""
@@ -161,6 +168,7 @@ def _role_bodies(
             output_limit=settings.output_limit,
             shutdown_grace=settings.shutdown_grace,
             lease_seconds=settings.lease_seconds,
+            watchdog=watchdog,
         )
         yield (
             "consumer",

@@ -26,7 +26,6 @@ import subprocess
 import sys
 from collections.abc import AsyncGenerator, Mapping
 from contextlib import asynccontextmanager
-from contextvars import ContextVar
 
 import anyio
 from anyio.abc import ByteSendStream
@@ -52,6 +51,10 @@ class Watchdog:
         self._lock = anyio.Lock()
         self._lost = False
 
+    def marked(self, env: Mapping[str, str]) -> Mapping[str, str]:
+        """``env`` with this watchdog's mark, for a command it guards."""
+        return {**env, MARK_VARIABLE: self.mark}
+
     async def guard(self, pgid: int) -> None:
         """Have the group stopped if this process dies before ``release(pgid)``."""
         await self._send(b"+%d\n" % pgid)
@@ -71,31 +74,9 @@ class Watchdog:
             log.error("the watchdog is gone: commands would outlive a crash of this process")
 
 
-_current: ContextVar[Watchdog | None] = ContextVar("taskq_watchdog", default=None)
-
-
-def marked_environment(env: Mapping[str, str]) -> Mapping[str, str]:
-    """``env`` with the current watchdog's mark, if this process has a watchdog."""
-    if (watchdog := _current.get()) is None:
-        return env
-    return {**env, MARK_VARIABLE: watchdog.mark}
-
-
-async def guard_group(pgid: int) -> None:
-    """``Watchdog.guard`` on the current watchdog, if this process has one."""
-    if (watchdog := _current.get()) is not None:
-        await watchdog.guard(pgid)
-
-
-async def release_group(pgid: int) -> None:
-    """``Watchdog.release`` on the current watchdog, if this process has one."""
-    if (watchdog := _current.get()) is not None:
-        await watchdog.release(pgid)
-
-
 @asynccontextmanager
 async def watching_commands(grace: float = WATCHDOG_GRACE) -> AsyncGenerator[Watchdog]:
-    """Start the watchdog; commands started in this context (and its tasks) are guarded.
+    """Start the watchdog, for the commands ``run_command`` is given it for.
 
     On exit the pipe is closed: the watchdog stops whatever is still registered (nothing,
     after an orderly stop) and exits.
@@ -124,12 +105,9 @@ async def watching_commands(grace: float = WATCHDOG_GRACE) -> AsyncGenerator[Wat
             process.kill()
         await process.aclose()
         raise RuntimeError("the command watchdog did not start (its error is above)")
-    watchdog = Watchdog(process.stdin, mark)
-    token = _current.set(watchdog)
     try:
-        yield watchdog
+        yield Watchdog(process.stdin, mark)
     finally:
-        _current.reset(token)
         with anyio.CancelScope(shield=True):
             with anyio.move_on_after(_EXIT_SECONDS + grace):
                 await process.stdin.aclose()

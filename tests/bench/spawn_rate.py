@@ -29,13 +29,17 @@ async def rate(count: int, concurrency: int, *, watched: bool) -> float:
         while left > 0:
             left -= 1
             outcome = await run_command(
-                ARGV, env={}, cwd=None, time_limit=None, output=CappedOutput(1024)
+                ARGV,
+                env={},
+                cwd=None,
+                time_limit=None,
+                output=CappedOutput(1024),
+                watchdog=watchdog,
             )
             assert outcome.exit_code == 0, outcome
 
     async with AsyncExitStack() as stack:
-        if watched:
-            await stack.enter_async_context(watching_commands())
+        watchdog = await stack.enter_async_context(watching_commands()) if watched else None
         started = time.perf_counter()
         async with anyio.create_task_group() as tg:
             for _ in range(concurrency):

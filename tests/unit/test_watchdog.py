@@ -78,7 +78,7 @@ async def test_a_command_that_ignores_sigterm_is_killed_after_the_grace() -> Non
         assert stubborn.returncode == -signal.SIGKILL
 
 
-async def test_commands_run_in_its_context_carry_the_mark_and_are_released() -> None:
+async def test_commands_run_with_a_watchdog_carry_its_mark() -> None:
     output = CappedOutput(4096)
     async with watching_commands() as watchdog:
         outcome = await run_command(
@@ -87,6 +87,7 @@ async def test_commands_run_in_its_context_carry_the_mark_and_are_released() -> 
             cwd=None,
             time_limit=None,
             output=output,
+            watchdog=watchdog,
         )
     assert outcome.output == f"{watchdog.mark}\n"
 
