@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import logging
 import math
 import os
 import time
@@ -89,8 +90,28 @@ from app.ports import (
 _READ_PAGE_SIZE = 100
 """Entries one read after a cursor returns at most."""
 
+log = logging.getLogger(__name__)
+
 _task_decoder = msgspec.json.Decoder(Task)
 _run_decoder = msgspec.json.Decoder(Run)
+
+
+def _claimed_task(task_id: str, doc: bytes) -> Task | None:
+    """The claimed task, or ``None`` (as if it were gone, so that its entry is dropped)
+    when its document cannot be read: one unreadable document (a hand edit, another
+    version's) must not stop every scheduler. The document itself is left as it is."""
+    try:
+        return _task_decoder.decode(doc)
+    except msgspec.DecodeError:
+        log.error(
+            "task %r: its stored document cannot be read; its schedule entry is dropped "
+            "and the document left as it is",
+            task_id,
+            exc_info=True,
+        )
+        return None
+
+
 _encoder = msgspec.json.Encoder()
 
 
@@ -274,8 +295,8 @@ class RedisStore:
         claims: list[Claim] = []
         for raw_id, doc in zip(flat[::2], flat[1::2], strict=True):
             assert raw_id is not None
-            task = None if doc is None else _task_decoder.decode(doc)
-            claims.append(Claim(raw_id.decode(), task))
+            task_id = raw_id.decode()
+            claims.append(Claim(task_id, None if doc is None else _claimed_task(task_id, doc)))
         return claims
 
     @_translate_errors

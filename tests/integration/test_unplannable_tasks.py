@@ -11,6 +11,7 @@ from datetime import UTC, datetime, timedelta
 
 import msgspec
 import pytest
+import redis.asyncio as redis
 
 from app.adapters import open_store
 from app.adapters.memory_broker import MemoryBroker
@@ -94,3 +95,31 @@ async def check_unplannable_tasks_are_set_aside(
     # Set aside for good: no entry of theirs is left (the good ones wait for their runs).
     later = timestamp(utcnow() + timedelta(hours=1))
     assert await store.claim_due(now=later, limit=10, lease=1, token="t") == []
+
+
+async def test_a_task_document_that_cannot_be_read_does_not_stop_the_scheduler(
+    prefix: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Redis only: the memory store holds objects, so it has no unreadable documents."""
+    async with opened("redis", prefix) as store:
+        await store_due(store, "good-once", None)
+        client = redis.Redis.from_url(REDIS_URL)
+        try:
+            broken = b'{"id": "broken", "name": 5'
+            await client.set(f"{prefix}task:broken", broken)
+            await client.zadd(f"{prefix}tasks", {"broken": 0})
+            await client.zadd(f"{prefix}scheduled_tasks", {"broken": timestamp(utcnow()) - 1})
+            broker = MemoryBroker()
+            scheduler = Scheduler(store, broker, lease_seconds=30)
+
+            with caplog.at_level(logging.ERROR, logger="app.adapters.redis_store"):
+                assert await scheduler.dispatch_due() == 2
+
+            published = [msgspec.json.decode(body, type=Dispatch).task_id for body in broker.queue]
+            assert published == ["good-once"]
+            assert await client.get(f"{prefix}task:broken") == broken, "the document is kept"
+            assert await client.zscore(f"{prefix}scheduled_tasks", "broken") is None
+            [record] = [r for r in caplog.records if "'broken'" in r.getMessage()]
+            assert record.exc_info is not None, "logged with its traceback"
+        finally:
+            await client.aclose()
