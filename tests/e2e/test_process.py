@@ -22,9 +22,10 @@ async def test_a_role_that_crashes_stops_the_process_with_a_non_zero_exit(
     prefix: str, servers: redis.Redis
 ) -> None:
     async with running(["serve", "--roles", "scheduler"], service_env(prefix)) as scheduler:
-        # Something no code path writes: a due entry whose document is not a task.
-        await servers.set(f"{prefix}task:garbled", "this is not a task document")
-        await servers.zadd(f"{prefix}scheduled_tasks", {"garbled": 0})
+        # Something no code path writes, and no outage: a key of taskq's of the wrong type
+        # (the claims hash as a string), which the next claim of a due entry trips over.
+        await servers.set(f"{prefix}claims", "this is not a hash")
+        await servers.zadd(f"{prefix}scheduled_tasks", {"due": 0})
         with anyio.fail_after(15):
             code = await scheduler.process.wait()
         await eventually(lambda: any("role scheduler crashed" in line for line in scheduler.log))
