@@ -21,6 +21,15 @@ DEFAULT_AMQP_URL = "amqp://guest:guest@localhost:5672/"
 MEMORY_URL = "memory://"
 
 
+def usable_cores() -> int:
+    """The cores this process may run on (its CPU affinity, which a container's cpuset
+    narrows), the default number of consumer processes."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
 class ConfigError(ValueError):
     """A setting has a value taskq cannot use; the message names the setting."""
 
@@ -42,6 +51,7 @@ class Settings:
     request_timeout: float = 10.0
     follow_keepalive: float = FOLLOW_KEEPALIVE
     max_followers: int = MAX_FOLLOWERS
+    processes: int = field(default_factory=usable_cores)
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
@@ -62,25 +72,45 @@ class Settings:
             values["api_tokens"] = parse_tokens(tokens)
         if roles := env.get("TASKQ_ROLES"):
             values["roles"] = parse_roles(roles)
-        numbers: dict[str, tuple[str, type[int] | type[float], float]] = {
-            "SERVER_PORT": ("port", int, 0),
-            "TASKQ_CONCURRENCY": ("concurrency", int, 1),
-            "TASKQ_OUTPUT_LIMIT": ("output_limit", int, 1024),
-            "TASKQ_RUN_HISTORY": ("run_history", int, 1),
-            "TASKQ_LEASE_SECONDS": ("lease_seconds", float, 1),
-            "TASKQ_SHUTDOWN_GRACE": ("shutdown_grace", float, 0),
-            "TASKQ_REQUEST_TIMEOUT": ("request_timeout", float, 0.1),
-            "TASKQ_KEEPALIVE_SECONDS": ("follow_keepalive", float, 0.1),
-            "TASKQ_MAX_FOLLOWERS": ("max_followers", int, 1),
-        }
-        for name, (attribute, kind, minimum) in numbers.items():
+        for name, (attribute, kind, minimum) in _NUMBERS.items():
             if (raw := env.get(name)) is not None:
                 values[attribute] = _number(name, raw, kind, minimum)
         return cls(**values)
 
+    def as_env(self) -> dict[str, str]:
+        """These settings as the variables ``from_env`` reads back into the same
+        settings (how a consumer process started by ``taskq serve`` gets them)."""
+        env = {
+            "REDIS_URL": self.store_url,
+            "AMQP_URL": self.broker_url,
+            "SERVER_HOST": self.host,
+            "TASKQ_KEY_PREFIX": self.key_prefix,
+            "TASKQ_ROLES": ",".join(self.roles),
+        }
+        if self.api_tokens:
+            env["TASKQ_API_TOKENS"] = ",".join(self.api_tokens)
+        for name, (attribute, _, _) in _NUMBERS.items():
+            env[name] = repr(getattr(self, attribute))
+        return env
+
     def with_overrides(self, **overrides: Any) -> Settings:
         """These settings with every non-``None`` override applied (CLI flags)."""
         return replace(self, **{k: v for k, v in overrides.items() if v is not None})
+
+
+# Numeric settings: variable -> (attribute, type, smallest value allowed).
+_NUMBERS: dict[str, tuple[str, type[int] | type[float], float]] = {
+    "SERVER_PORT": ("port", int, 0),
+    "TASKQ_CONCURRENCY": ("concurrency", int, 1),
+    "TASKQ_PROCESSES": ("processes", int, 1),
+    "TASKQ_OUTPUT_LIMIT": ("output_limit", int, 1024),
+    "TASKQ_RUN_HISTORY": ("run_history", int, 1),
+    "TASKQ_LEASE_SECONDS": ("lease_seconds", float, 1),
+    "TASKQ_SHUTDOWN_GRACE": ("shutdown_grace", float, 0),
+    "TASKQ_REQUEST_TIMEOUT": ("request_timeout", float, 0.1),
+    "TASKQ_KEEPALIVE_SECONDS": ("follow_keepalive", float, 0.1),
+    "TASKQ_MAX_FOLLOWERS": ("max_followers", int, 1),
+}
 
 
 def parse_tokens(text: str) -> tuple[str, ...]:
@@ -124,7 +154,8 @@ def _number(name: str, raw: str, kind: type[int] | type[float], minimum: float) 
     try:
         value = kind(raw)
     except ValueError:
-        raise ConfigError(f"{name} must be a number, got {raw!r}") from None
+        expected = "a whole number" if kind is int else "a number"
+        raise ConfigError(f"{name} must be {expected}, got {raw!r}") from None
     if not math.isfinite(value):
         raise ConfigError(f"{name} must be a finite number, got {raw!r}")
     if value < minimum:

@@ -107,20 +107,39 @@ def split_secrets(
     return kept, secrets
 
 
-def _reexecute(argv: Sequence[str], secrets: Mapping[str, str]) -> None:
+def handover_pipe(secrets: Mapping[str, str]) -> int:
+    """The read end of a pipe holding ``secrets`` (as the variables they stand for),
+    for a process started with ``HANDOVER_VARIABLE`` naming it: it reads them at start
+    (``prepare_service_process``). Close it once the process is started."""
     payload = json.dumps(secrets).encode()
     if len(payload) > _PIPE_CAPACITY:
         raise SystemExit("taskq: secrets too large to hand over: give them as NAME_FILE")
     read_end, write_end = os.pipe()
     os.write(write_end, payload)
     os.close(write_end)
+    return read_end
+
+
+def environment_without_secrets(environ: Mapping[str, str]) -> dict[str, str]:
+    """``environ`` without the secrets' variables, nor the ``NAME_FILE`` variables that
+    stand for them (a secret handed over and its file would be refused together)."""
+    hidden = {*SECRET_VARIABLES, *(f"{name}_FILE" for name in SECRET_VARIABLES)}
+    return {k: v for k, v in environ.items() if k not in hidden}
+
+
+def own_command() -> list[str]:
+    """How this process was started, up to its arguments: the interpreter, its options
+    and the program (``taskq``'s script, or ``-m cli``)."""
+    return sys.orig_argv[: len(sys.orig_argv) - len(sys.argv) + 1]
+
+
+def _reexecute(argv: Sequence[str], secrets: Mapping[str, str]) -> None:
+    read_end = handover_pipe(secrets)
     os.set_inheritable(read_end, True)
     environ = {k: v for k, v in os.environ.items() if k not in SECRET_VARIABLES}
     environ[HANDOVER_VARIABLE] = str(read_end)
-    # The interpreter and its options as they were, then the arguments without secrets.
-    interpreter = sys.orig_argv[: len(sys.orig_argv) - len(sys.argv) + 1]
     try:
-        os.execve(sys.executable, [*interpreter, *argv[1:]], environ)
+        os.execve(sys.executable, [*own_command(), *argv[1:]], environ)
     except OSError as exc:
         raise SystemExit(f"taskq: cannot restart without its secrets in view: {exc}") from None
 

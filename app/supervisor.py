@@ -5,6 +5,9 @@ SIGINT/SIGTERM set ``stopping``: the API stops accepting, the scheduler stops
 claiming, the consumer stops taking messages and gives running commands their grace
 period. A role that raises takes the whole process down (non-zero exit) so that the
 orchestrator restarts it, rather than limping on without it.
+
+With ``processes`` above 1, the consumer role is that many processes of its own
+(``app.consumer_processes``), each a role of this process's task group.
 """
 
 from __future__ import annotations
@@ -14,7 +17,7 @@ import os
 import signal
 import socket
 import sys
-from collections.abc import Awaitable, Callable, Iterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
 from contextlib import AsyncExitStack
 from functools import partial
 from typing import Any
@@ -26,8 +29,9 @@ from hypercorn.config import Config as HypercornConfig
 
 from app.adapters import open_broker, open_store
 from app.api import create_app
-from app.config import Settings
+from app.config import MEMORY_URL, ConfigError, Settings
 from app.consumer import Consumer
+from app.consumer_processes import parent_gone, report_ready, run_consumer_process
 from app.ports import Broker, Role, Store
 from app.scheduler import Scheduler
 from app.service import TaskService
@@ -91,14 +95,21 @@ def _watch_children_with_pidfd() -> None:
     asyncio.set_child_watcher(watcher)  # pyright: ignore[reportDeprecated] (3.11 only)
 
 
-async def run_service(settings: Settings, *, on_ready: Callable[[str], None] | None = None) -> None:
-    """Run the roles in ``settings.roles`` until SIGINT/SIGTERM."""
+async def run_service(
+    settings: Settings,
+    *,
+    on_ready: Callable[[str], None] | None = None,
+    supervised: bool = False,
+) -> None:
+    """Run the roles in ``settings.roles`` until SIGINT/SIGTERM or, for a consumer
+    process of a ``taskq serve`` (``supervised``), until that parent asks it to stop."""
+    _check_processes(settings)
     _watch_children_with_pidfd()
     stopping = anyio.Event()
     roles = settings.roles
     async with AsyncExitStack() as stack:
         watchdog = None
-        if "consumer" in roles:
+        if "consumer" in roles and settings.processes == 1:
             watchdog = await stack.enter_async_context(watching_commands())
         store = await stack.enter_async_context(
             open_store(
@@ -118,7 +129,9 @@ async def run_service(settings: Settings, *, on_ready: Callable[[str], None] | N
             )
         )
         async with anyio.create_task_group() as process:
-            process.start_soon(_stop_on_signal, stopping, process.cancel_scope, settings)
+            process.start_soon(
+                _stop_on_signal, stopping, process.cancel_scope, settings, supervised
+            )
             async with anyio.create_task_group() as role_group:
                 started: list[str] = []
                 for name, body, describe in _role_bodies(
@@ -130,11 +143,28 @@ async def run_service(settings: Settings, *, on_ready: Callable[[str], None] | N
                     started.append(describe(result))
                 else:
                     message = "taskq ready: " + ", ".join(started)
-                    log.info(message)
+                    if supervised:
+                        # Not "taskq ready": that line is the parent's, once all are.
+                        log.info("consumer process ready: %s", ", ".join(started))
+                        report_ready(message)
+                    else:
+                        log.info(message)
                     if on_ready is not None:
                         on_ready(message)
             process.cancel_scope.cancel()
     log.info("taskq stopped")
+
+
+def _check_processes(settings: Settings) -> None:
+    if (
+        settings.processes > 1
+        and "consumer" in settings.roles
+        and MEMORY_URL in (settings.store_url, settings.broker_url)
+    ):
+        raise ConfigError(
+            f"an in-memory store or broker ({MEMORY_URL}) lives in one process:"
+            f" TASKQ_PROCESSES must be 1, got {settings.processes}"
+        )
 
 
 def _role_bodies(
@@ -160,7 +190,13 @@ def _role_bodies(
     if "scheduler" in settings.roles:
         scheduler = Scheduler(store, broker, lease_seconds=settings.lease_seconds)
         yield "scheduler", partial(scheduler.run, stopping), lambda _: "scheduler"
-    if "consumer" in settings.roles:
+    if "consumer" in settings.roles and settings.processes > 1:
+        yield (
+            "consumer",
+            partial(run_consumer_processes, settings, stopping),
+            lambda count: f"{count} consumer processes ({settings.concurrency} at a time each)",
+        )
+    elif "consumer" in settings.roles:
         consumer = Consumer(
             store,
             broker,
@@ -175,6 +211,25 @@ def _role_bodies(
             partial(consumer.run, stopping),
             lambda _: f"consumer ({settings.concurrency} at a time)",
         )
+
+
+async def run_consumer_processes(
+    settings: Settings,
+    stopping: anyio.Event,
+    *,
+    task_status: StartedStatus[int] = anyio.TASK_STATUS_IGNORED,
+) -> None:
+    """The consumer role as ``settings.processes`` processes, each a role of its own
+    (``consumer-1``...), started together; reports their number once all consume."""
+    stop_within = settings.shutdown_grace + 2 * STOP_MARGIN_SECONDS
+    async with anyio.create_task_group() as processes:
+        async with anyio.create_task_group() as starting:
+            for number in range(1, settings.processes + 1):
+                body = partial(run_consumer_process, settings, stopping, stop_within=stop_within)
+                starting.start_soon(
+                    partial(processes.start, _role, f"consumer-{number}", body, stopping)
+                )
+        task_status.started(settings.processes)
 
 
 def root_cause(error: BaseException) -> BaseException:
@@ -196,7 +251,7 @@ class _StartReport(StartedStatus[Any]):
 
 
 async def _role(
-    name: Role,
+    name: str,
     body: Callable[..., Awaitable[None]],
     stopping: anyio.Event,
     *,
@@ -209,6 +264,8 @@ async def _role(
         raise
     except Exception as exc:
         cause = root_cause(exc)
+        if isinstance(cause, RoleCrashed):
+            raise  # a part of this role (a consumer process) crashed, and said so
         log.critical("role %s crashed: %s: %s", name, type(cause).__name__, cause, exc_info=exc)
         raise RoleCrashed(f"role {name} crashed: {type(cause).__name__}: {cause}") from exc
     if not report.reported and stopping.is_set():
@@ -218,21 +275,50 @@ async def _role(
 
 
 async def _stop_on_signal(
-    stopping: anyio.Event, process: anyio.CancelScope, settings: Settings
+    stopping: anyio.Event, process: anyio.CancelScope, settings: Settings, supervised: bool
 ) -> None:
     with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
         # A signal that came while the process started was held for now (app.startup).
         if (early := stop_requested()) is not None:
             log.info("%s received while starting: stopping", early.name)
+            signalled = 1
         else:
-            async for signum in signals:
-                log.info("%s received: stopping", signal.Signals(signum).name)
-                break
+            signalled = await _first_stop_request(signals, supervised)
         stopping.set()
         with anyio.move_on_after(settings.shutdown_grace + STOP_MARGIN_SECONDS) as deadline:
+            # The second signal stops now. The parent's request to stop does not count:
+            # the signal a terminal or an orchestrator sends to every process of the
+            # service may reach a consumer process just after it.
             async for signum in signals:
-                log.warning("second %s: stopping now", signal.Signals(signum).name)
-                break
+                signalled += 1
+                if signalled >= 2:
+                    log.warning("second %s: stopping now", signal.Signals(signum).name)
+                    break
+                log.info("%s received: stopping already", signal.Signals(signum).name)
         if deadline.cancelled_caught:
             log.warning("orderly stop took too long: stopping now")
         process.cancel()
+
+
+async def _first_stop_request(signals: AsyncIterator[signal.Signals], supervised: bool) -> int:
+    """Wait for SIGINT/SIGTERM or, in a consumer process (``supervised``), for its
+    parent's request to stop; the number of signals that was (1 or 0)."""
+    received: list[signal.Signals] = []
+
+    async def first_signal() -> None:
+        async for signum in signals:
+            log.info("%s received: stopping", signal.Signals(signum).name)
+            received.append(signum)
+            break
+        waiting.cancel_scope.cancel()
+
+    async def parent_asks_to_stop() -> None:
+        await parent_gone()
+        log.info("the parent taskq serve asked this consumer process to stop, or died")
+        waiting.cancel_scope.cancel()
+
+    async with anyio.create_task_group() as waiting:
+        waiting.start_soon(first_signal)
+        if supervised:
+            waiting.start_soon(parent_asks_to_stop)
+    return len(received)

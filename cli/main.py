@@ -42,19 +42,21 @@ async def cli(ctx: click.Context, api_url: str, token: str | None) -> None:
 # --------------------------------------------------------------------------- service
 
 
-def _configure_logging() -> None:
+def _configure_logging(*, supervised: bool = False) -> None:
+    # A consumer process shares its parent's stderr: its pid tells its lines apart.
+    name = "%(name)s[%(process)d]" if supervised else "%(name)s"
     logging.basicConfig(
         level=logging.INFO,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        format=f"%(asctime)s %(levelname)s {name}: %(message)s",
         stream=sys.stderr,
     )
 
 
-async def _run(settings: Settings) -> None:
+async def _run(settings: Settings, *, supervised: bool = False) -> None:
     from app.supervisor import root_cause, run_service
 
     try:
-        await run_service(settings)
+        await run_service(settings, supervised=supervised)
     except ConfigError as exc:
         raise click.ClickException(str(exc)) from exc
     except Exception as exc:
@@ -88,18 +90,31 @@ def _service_options(function: Callable[P, Awaitable[T]]) -> Callable[P, Awaitab
 @click.option(
     "--key-prefix", help="Prefix of every Redis key and AMQP name (env TASKQ_KEY_PREFIX)."
 )
+@click.option(
+    "--processes",
+    type=click.IntRange(min=1),
+    help="Consumer processes (env TASKQ_PROCESSES; default one per usable core). With 1,"
+    " every role runs in this one process; above 1, this process runs the other roles and"
+    " supervises that many consumer processes. Ignored when the roles exclude consumer.",
+)
+# A consumer process started by `taskq serve --processes N`: its stdin and stdout are the
+# parent's pipes (app.consumer_processes).
+@click.option("--supervised", is_flag=True, hidden=True)
 @_service_options
 async def serve(
     roles: str | None,
     redis_url: str | None,
     amqp_url: str | None,
     key_prefix: str | None,
+    processes: int | None,
+    supervised: bool,
     host: str | None,
     port: int | None,
     concurrency: int | None,
 ) -> None:
-    """Run the service against Redis and RabbitMQ (all roles unless --roles)."""
-    _configure_logging()
+    """Run the service against Redis and RabbitMQ (all roles unless --roles), its
+    consumer role in one process per core unless --processes."""
+    _configure_logging(supervised=supervised)
     try:
         settings = Settings.from_env(service_environment()).with_overrides(
             roles=None if roles is None else parse_roles(roles),
@@ -109,10 +124,11 @@ async def serve(
             host=host,
             port=port,
             concurrency=concurrency,
+            processes=processes,
         )
     except ConfigError as exc:
         raise click.ClickException(str(exc)) from exc
-    await _run(settings)
+    await _run(settings, supervised=supervised)
 
 
 @cli.command()
@@ -127,7 +143,8 @@ async def serve(
 async def dev(backend: str, host: str | None, port: int | None, concurrency: int | None) -> None:
     """Run every role in this process with an in-memory store and broker.
 
-    Nothing else is needed, and nothing survives the exit.
+    Nothing else is needed, and nothing survives the exit. Always one process:
+    TASKQ_PROCESSES is ignored.
     """
     _configure_logging()
     assert sniffio.current_async_library() == backend
@@ -137,7 +154,7 @@ async def dev(backend: str, host: str | None, port: int | None, concurrency: int
         )
     except ConfigError as exc:
         raise click.ClickException(str(exc)) from exc
-    settings = settings.with_overrides(store_url=MEMORY_URL, broker_url=MEMORY_URL)
+    settings = settings.with_overrides(store_url=MEMORY_URL, broker_url=MEMORY_URL, processes=1)
     logging.getLogger("taskq").warning(
         "DEV MODE: tasks live in this process's memory only; NOTHING SURVIVES EXIT"
     )

@@ -39,6 +39,8 @@ def service_env(prefix: str, **extra: str) -> dict[str, str]:
             "SERVER_PORT": "0",
             "TASKQ_SHUTDOWN_GRACE": "5",
             "TASKQ_CONCURRENCY": "4",
+            # One process unless a test asks for more (`--processes`).
+            "TASKQ_PROCESSES": "1",
             "PYTHONUNBUFFERED": "1",
         }
     )
