@@ -20,6 +20,7 @@ from tests.processes import alive
 pytestmark = pytest.mark.e2e
 
 SERVE = ["serve"]
+SERVE_PROCESSES = ["serve", "--processes", "2"]
 DEV = ["dev", "--port", "0"]
 
 
@@ -107,14 +108,16 @@ done
 """
 
 
-@pytest.mark.parametrize("args", [SERVE, DEV], ids=["serve", "dev"])
+@pytest.mark.parametrize(
+    "args", [SERVE, SERVE_PROCESSES, DEV], ids=["serve", "serve-processes", "dev"]
+)
 async def test_commands_cannot_read_the_servers_secrets_through_proc(
     args: list[str], prefix: str, servers: redis.Redis
 ) -> None:
     token = f"token-{uuid.uuid4().hex}"
     password = f"password-{uuid.uuid4().hex}"
     env = service_env(prefix, TASKQ_API_TOKENS=token)
-    if args == SERVE:
+    if args != DEV:
         # A flag, so in argv; the local Redis takes any password for its default user.
         args = [*args, "--redis-url", f"redis://default:{password}@127.0.0.1:6379/0"]
     async with running(args, env) as service:

@@ -31,6 +31,7 @@ def test_defaults() -> None:
     assert settings.run_history == 100
     assert settings.lease_seconds == 30.0
     assert settings.shutdown_grace == 30.0
+    assert settings.processes == len(os.sched_getaffinity(0))
 
 
 def test_unrelated_variables_are_ignored() -> None:
@@ -165,6 +166,8 @@ def test_no_role_at_all_is_an_error() -> None:
         ("SERVER_PORT", "port", "8081", 8081),
         ("TASKQ_CONCURRENCY", "concurrency", "7", 7),
         ("TASKQ_CONCURRENCY", "concurrency", "1", 1),
+        ("TASKQ_PROCESSES", "processes", "1", 1),
+        ("TASKQ_PROCESSES", "processes", "3", 3),
         ("TASKQ_OUTPUT_LIMIT", "output_limit", "2048", 2048),
         ("TASKQ_OUTPUT_LIMIT", "output_limit", "1024", 1024),
         ("TASKQ_RUN_HISTORY", "run_history", "5", 5),
@@ -187,6 +190,9 @@ def test_numbers(name: str, attribute: str, raw: str, value: float) -> None:
         ("SERVER_PORT", "80.5"),
         ("SERVER_PORT", ""),
         ("TASKQ_CONCURRENCY", "two"),
+        ("TASKQ_PROCESSES", "2.5"),
+        ("TASKQ_PROCESSES", "all"),
+        ("TASKQ_PROCESSES", ""),
         ("TASKQ_OUTPUT_LIMIT", "1MB"),
         ("TASKQ_RUN_HISTORY", "1e3"),
         ("TASKQ_LEASE_SECONDS", "30s"),
@@ -206,6 +212,8 @@ def test_bad_number_names_the_variable(name: str, raw: str) -> None:
     [
         ("SERVER_PORT", "-1"),
         ("TASKQ_CONCURRENCY", "0"),
+        ("TASKQ_PROCESSES", "0"),
+        ("TASKQ_PROCESSES", "-2"),
         ("TASKQ_OUTPUT_LIMIT", "1023"),
         ("TASKQ_RUN_HISTORY", "0"),
         ("TASKQ_LEASE_SECONDS", "0.5"),
@@ -235,3 +243,30 @@ def test_with_overrides_of_nothing_is_equal() -> None:
     base = Settings()
     assert base.with_overrides() == base
     assert base.with_overrides(port=None, host=None) == base
+
+
+def test_a_fraction_where_a_whole_number_is_expected_says_so() -> None:
+    with pytest.raises(ConfigError, match=r"TASKQ_PROCESSES must be a whole number, got '2\.5'"):
+        Settings.from_env({"TASKQ_PROCESSES": "2.5"})
+
+
+def test_settings_read_back_from_their_variables_are_the_same(tmp_path: Path) -> None:
+    tokens = tmp_path / "tokens"
+    tokens.write_text("a,b\n")
+    settings = Settings.from_env(
+        {
+            "REDIS_URL": "redis://default:secret@db:6379/2",
+            "AMQP_URL": "amqp://u:p@mq:5672/vhost",
+            "SERVER_HOST": "::1",
+            "SERVER_PORT": "0",
+            "TASKQ_KEY_PREFIX": "{tenant}:",
+            "TASKQ_API_TOKENS_FILE": str(tokens),
+            "TASKQ_ROLES": "scheduler,consumer",
+            "TASKQ_CONCURRENCY": "3",
+            "TASKQ_PROCESSES": "5",
+            "TASKQ_LEASE_SECONDS": "2.5",
+            "TASKQ_SHUTDOWN_GRACE": "0.1",
+        }
+    )
+    assert Settings.from_env(settings.as_env()) == settings
+    assert Settings.from_env(Settings().as_env()) == Settings()
