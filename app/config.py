@@ -43,7 +43,8 @@ class Settings:
     key_prefix: str = ""
     api_tokens: tuple[str, ...] = ()
     roles: tuple[Role, ...] = ALL_ROLES
-    concurrency: int = field(default_factory=lambda: 2 * (os.cpu_count() or 1))
+    # Commands one consumer process runs at once; None: see ``commands_per_process``.
+    concurrency: int | None = None
     output_limit: int = 1_048_576
     run_history: int = 100
     lease_seconds: float = 30.0
@@ -90,8 +91,17 @@ class Settings:
         if self.api_tokens:
             env["TASKQ_API_TOKENS"] = ",".join(self.api_tokens)
         for name, (attribute, _, _) in _NUMBERS.items():
-            env[name] = repr(getattr(self, attribute))
+            if (value := getattr(self, attribute)) is not None:
+                env[name] = repr(value)
         return env
+
+    def commands_per_process(self) -> int:
+        """Commands one consumer process runs at once: ``concurrency`` when set, else
+        2 x cores shared by the ``processes`` (rounded up), so that the default number
+        of commands a machine runs at once does not grow with the number of processes."""
+        if self.concurrency is not None:
+            return self.concurrency
+        return -(-2 * usable_cores() // self.processes)
 
     def with_overrides(self, **overrides: Any) -> Settings:
         """These settings with every non-``None`` override applied (CLI flags)."""

@@ -88,7 +88,13 @@ def describe_exit(code: int | None) -> str:
 
 
 async def _start(settings: Settings) -> Process:
-    own = replace(settings, roles=("consumer",), processes=1, api_tokens=())
+    own = replace(
+        settings,
+        roles=("consumer",),
+        processes=1,
+        concurrency=settings.commands_per_process(),
+        api_tokens=(),
+    )
     read_end = handover_pipe(own.as_env())
     try:
         env = environment_without_secrets(os.environ)

@@ -194,13 +194,15 @@ def _role_bodies(
         yield (
             "consumer",
             partial(run_consumer_processes, settings, stopping),
-            lambda count: f"{count} consumer processes ({settings.concurrency} at a time each)",
+            lambda count: (
+                f"{count} consumer processes ({settings.commands_per_process()} at a time each)"
+            ),
         )
     elif "consumer" in settings.roles:
         consumer = Consumer(
             store,
             broker,
-            concurrency=settings.concurrency,
+            concurrency=settings.commands_per_process(),
             output_limit=settings.output_limit,
             shutdown_grace=settings.shutdown_grace,
             lease_seconds=settings.lease_seconds,
@@ -209,7 +211,7 @@ def _role_bodies(
         yield (
             "consumer",
             partial(consumer.run, stopping),
-            lambda _: f"consumer ({settings.concurrency} at a time)",
+            lambda _: f"consumer ({settings.commands_per_process()} at a time)",
         )
 
 

@@ -14,6 +14,7 @@ import redis.asyncio as redis
 
 from tests.conftest import eventually
 from tests.e2e.harness import ServiceProcess, running, service_env, taskq_command
+from tests.processes import alive, children
 
 pytestmark = pytest.mark.e2e
 
@@ -86,14 +87,19 @@ def holds_sigterm(pid: int) -> bool:
 
 @pytest.mark.parametrize(
     ("command", "moment"),
-    [*(("serve", moment) for moment in ("health", 0.0, 0.05, 0.2, 0.5, 1.0)), ("dev", "health")],
+    [
+        *(("serve", moment) for moment in ("health", 0.0, 0.05, 0.2, 0.5, 1.0)),
+        # The API answers before the consumer processes are ready.
+        *(("serve --processes 2", moment) for moment in ("health", 0.5, 1.0, 1.5)),
+        ("dev", "health"),
+    ],
 )
 async def test_sigterm_at_any_moment_of_the_start_up_stops_cleanly_with_exit_code_0(
     command: str, moment: str | float, prefix: str, servers: redis.Redis
 ) -> None:
     port = free_port()
     process = await anyio.open_process(
-        [*taskq_command(), command],
+        [*taskq_command(), *command.split()],
         env=service_env(prefix, SERVER_PORT=str(port)),
         stdin=subprocess.DEVNULL,
         stdout=subprocess.DEVNULL,
@@ -110,6 +116,7 @@ async def test_sigterm_at_any_moment_of_the_start_up_stops_cleanly_with_exit_cod
         return answer.status_code == 200
 
     code: int | None = None
+    started: list[int] = []
     async with anyio.create_task_group() as tg:
         tg.start_soon(service.collect_log)
         await eventually(lambda: holds_sigterm(process.pid), every=0.001)
@@ -117,8 +124,10 @@ async def test_sigterm_at_any_moment_of_the_start_up_stops_cleanly_with_exit_cod
             await eventually(health_answers, every=0.005, within=20)
         else:
             await anyio.sleep(float(moment))  # a moment of the start-up, not a wait for state
+        started = children(process.pid)
         code = await service.stop()
     assert code == 0, service.dump()
+    assert not [pid for pid in started if alive(pid)], "a child process outlived the service"
     assert not [line for line in service.log if "Traceback" in line or "crashed" in line], (
         service.dump()
     )

@@ -26,7 +26,11 @@ def test_defaults() -> None:
     assert settings.key_prefix == ""
     assert settings.api_tokens == ()
     assert settings.roles == ("api", "scheduler", "consumer")
-    assert settings.concurrency == 2 * (os.cpu_count() or 1)
+    cores = len(os.sched_getaffinity(0))
+    assert settings.processes == cores
+    assert settings.concurrency is None
+    assert settings.commands_per_process() == 2, "2 x cores in all, shared by the processes"
+    assert Settings(processes=1).commands_per_process() == 2 * cores
     assert settings.output_limit == 1_048_576
     assert settings.run_history == 100
     assert settings.lease_seconds == 30.0
@@ -180,7 +184,7 @@ def test_no_role_at_all_is_an_error() -> None:
 def test_numbers(name: str, attribute: str, raw: str, value: float) -> None:
     settings = Settings.from_env({name: raw})
     assert getattr(settings, attribute) == value
-    assert type(getattr(settings, attribute)) is type(getattr(Settings(), attribute))
+    assert type(getattr(settings, attribute)) is type(value)
 
 
 @pytest.mark.parametrize(
@@ -243,6 +247,14 @@ def test_with_overrides_of_nothing_is_equal() -> None:
     base = Settings()
     assert base.with_overrides() == base
     assert base.with_overrides(port=None, host=None) == base
+
+
+def test_consumer_processes_share_the_default_concurrency_but_not_a_set_one() -> None:
+    cores = len(os.sched_getaffinity(0))
+    shared = Settings(processes=cores).commands_per_process()
+    assert cores * 2 <= cores * shared < cores * 2 + cores, "2 x cores in all, rounded up"
+    assert Settings(processes=3 * cores).commands_per_process() == 1
+    assert Settings(processes=cores, concurrency=5).commands_per_process() == 5
 
 
 def test_a_fraction_where_a_whole_number_is_expected_says_so() -> None:
