@@ -90,9 +90,13 @@ async def test_a_batch_runs_on_two_consumer_processes_each_task_exactly_once(
     assert {worker_pid(run) for run in runs} == set(consumers)
 
 
+@pytest.mark.parametrize("everyone", [False, True], ids=["parent", "every-process"])
 async def test_sigterm_drains_every_consumer_process_and_exits_0(
-    prefix: str, servers: redis.Redis, tmp_path: Path
+    everyone: bool, prefix: str, servers: redis.Redis, tmp_path: Path
 ) -> None:
+    """SIGTERM to the main process; or, as systemd does, to every process of the service
+    (here the consumer processes get theirs once they already stop at the parent's
+    request, which must not make it a second signal, one that stops them now)."""
     grace = 2.0
     # One command per consumer process: each holds one of the two.
     env = service_env(prefix, TASKQ_SHUTDOWN_GRACE=str(grace), TASKQ_CONCURRENCY="1")
@@ -111,10 +115,17 @@ async def test_sigterm_drains_every_consumer_process_and_exits_0(
             [shell] = await read_pids(long_pid, 1)
             await eventually(short_started.exists)
             stopped_at = anyio.current_time()
-            code = await service.stop(signal.SIGTERM, deadline=grace + 15)
+            service.process.send_signal(signal.SIGTERM)
+            if everyone:
+                await eventually(lambda: _count(service.log, "asked this consumer process") == 2)
+                for pid in consumers:
+                    os.kill(pid, signal.SIGTERM)
+            with anyio.fail_after(grace + 15):
+                code = await service.process.wait()
             took = anyio.current_time() - stopped_at
     print(f"SIGTERM, 2 consumer processes each running a command: exit {code} after {took:.1f} s")
     assert code == 0, service.dump()
+    assert _count(service.log, "stopping now") == 0, service.dump()
     assert grace <= took < grace + 5
     assert not [pid for pid in [*consumers, shell] if alive(pid)], "no process left behind"
     short = json.loads(await servers.get(f"{prefix}task:short") or "{}")
@@ -141,6 +152,8 @@ async def test_a_killed_consumer_process_is_a_crash_and_leaves_no_command_behind
         await eventually(lambda: not alive(shell) and not alive(sleeper), within=3)
         crashed = re.compile(rf"role consumer-[12] crashed: .* {victim} was killed by SIGKILL")
         assert any(crashed.search(line) for line in service.log), service.dump()
+        reported = re.compile("CRITICAL .*role consumer.* crashed")
+        assert len([line for line in service.log if reported.search(line)]) == 1, "only once"
     assert code == 1
     assert not [pid for pid in consumers if alive(pid)]
 
@@ -168,3 +181,7 @@ async def test_consumer_processes_stop_in_order_when_their_parent_is_killed(
     # Stopped in order, not killed: the interrupted run was given back at once.
     task = json.loads(await servers.get(f"{prefix}task:job") or "{}")
     assert task["status"] == "pending"
+
+
+def _count(log: list[str], text: str) -> int:
+    return sum(text in line for line in log)
