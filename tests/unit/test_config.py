@@ -10,6 +10,7 @@ import pytest
 from app.config import (
     DEFAULT_AMQP_URL,
     DEFAULT_REDIS_URL,
+    MEMORY_URL,
     ConfigError,
     Settings,
     parse_roles,
@@ -282,3 +283,11 @@ def test_settings_read_back_from_their_variables_are_the_same(tmp_path: Path) ->
     )
     assert Settings.from_env(settings.as_env()) == settings
     assert Settings.from_env(Settings().as_env()) == Settings()
+
+
+async def test_consumer_processes_with_an_in_memory_store_are_refused_at_start() -> None:
+    from app.supervisor import run_service
+
+    memory = Settings(store_url=MEMORY_URL, broker_url=MEMORY_URL, port=0)
+    with pytest.raises(ConfigError, match="TASKQ_PROCESSES must be 1, got 2"):
+        await run_service(memory.with_overrides(processes=2))

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from app.startup import service_command, split_secrets
+from app.config import Settings
+from app.startup import environment_without_secrets, service_command, split_secrets
 
 
 @pytest.mark.parametrize(
@@ -52,3 +53,20 @@ def test_nothing_to_hide_means_nothing_taken() -> None:
         ["taskq", "serve", "--roles", "api"],
         {},
     )
+
+
+def test_a_consumer_process_environment_keeps_no_secret_nor_a_file_standing_for_one() -> None:
+    parent = {
+        "PATH": "/bin",
+        "TASKQ_KEY_PREFIX": "p:",
+        "TASKQ_API_TOKENS": "token",
+        "REDIS_URL_FILE": "/run/secrets/redis",
+        "AMQP_URL_FILE": "/run/secrets/amqp",
+    }
+    environment = environment_without_secrets(parent)
+    assert environment == {"PATH": "/bin", "TASKQ_KEY_PREFIX": "p:"}
+    # The handed-over settings then read as they are (a value and its file together
+    # would be refused).
+    handed_over = Settings(store_url="redis://db/1", broker_url="amqp://mq/").as_env()
+    settings = Settings.from_env({**environment, **handed_over})
+    assert (settings.store_url, settings.broker_url) == ("redis://db/1", "amqp://mq/")
