@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 import os
 from collections.abc import Mapping
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from typing import Any
 
 from app.ports import ALL_ROLES, FOLLOW_KEEPALIVE, MAX_FOLLOWERS, Role
@@ -52,7 +52,8 @@ class Settings:
     request_timeout: float = 10.0
     follow_keepalive: float = FOLLOW_KEEPALIVE
     max_followers: int = MAX_FOLLOWERS
-    processes: int = field(default_factory=usable_cores)
+    # Processes the consumer role runs as; None: see ``consumer_processes``.
+    processes: int | None = None
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
@@ -95,13 +96,22 @@ class Settings:
                 env[name] = repr(value)
         return env
 
+    def consumer_processes(self) -> int:
+        """Processes the consumer role runs as: ``processes`` when set, else one per
+        usable core, or 1 with an in-memory store or broker (it lives in one process)."""
+        if self.processes is not None:
+            return self.processes
+        if MEMORY_URL in (self.store_url, self.broker_url):
+            return 1
+        return usable_cores()
+
     def commands_per_process(self) -> int:
         """Commands one consumer process runs at once: ``concurrency`` when set, else
-        2 x cores shared by the ``processes`` (rounded up), so that the default number
-        of commands a machine runs at once does not grow with the number of processes."""
+        2 x cores shared by the consumer processes (rounded up), so that the default
+        number of commands a machine runs at once does not grow with their number."""
         if self.concurrency is not None:
             return self.concurrency
-        return -(-2 * usable_cores() // self.processes)
+        return -(-2 * usable_cores() // self.consumer_processes())
 
     def with_overrides(self, **overrides: Any) -> Settings:
         """These settings with every non-``None`` override applied (CLI flags)."""

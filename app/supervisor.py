@@ -109,7 +109,7 @@ async def run_service(
     roles = settings.roles
     async with AsyncExitStack() as stack:
         watchdog = None
-        if "consumer" in roles and settings.processes == 1:
+        if "consumer" in roles and settings.consumer_processes() == 1:
             watchdog = await stack.enter_async_context(watching_commands())
         store = await stack.enter_async_context(
             open_store(
@@ -157,7 +157,7 @@ async def run_service(
 
 def _check_processes(settings: Settings) -> None:
     if (
-        settings.processes > 1
+        settings.consumer_processes() > 1
         and "consumer" in settings.roles
         and MEMORY_URL in (settings.store_url, settings.broker_url)
     ):
@@ -190,7 +190,7 @@ def _role_bodies(
     if "scheduler" in settings.roles:
         scheduler = Scheduler(store, broker, lease_seconds=settings.lease_seconds)
         yield "scheduler", partial(scheduler.run, stopping), lambda _: "scheduler"
-    if "consumer" in settings.roles and settings.processes > 1:
+    if "consumer" in settings.roles and settings.consumer_processes() > 1:
         yield (
             "consumer",
             partial(run_consumer_processes, settings, stopping),
@@ -221,17 +221,17 @@ async def run_consumer_processes(
     *,
     task_status: StartedStatus[int] = anyio.TASK_STATUS_IGNORED,
 ) -> None:
-    """The consumer role as ``settings.processes`` processes, each a role of its own
+    """The consumer role as ``settings.consumer_processes()``, each a role of its own
     (``consumer-1``...), started together; reports their number once all consume."""
     stop_within = settings.shutdown_grace + 2 * STOP_MARGIN_SECONDS
     async with anyio.create_task_group() as processes:
         async with anyio.create_task_group() as starting:
-            for number in range(1, settings.processes + 1):
+            for number in range(1, settings.consumer_processes() + 1):
                 body = partial(run_consumer_process, settings, stopping, stop_within=stop_within)
                 starting.start_soon(
                     partial(processes.start, _role, f"consumer-{number}", body, stopping)
                 )
-        task_status.started(settings.processes)
+        task_status.started(settings.consumer_processes())
 
 
 def root_cause(error: BaseException) -> BaseException:

@@ -72,7 +72,8 @@ def _service_options(function: Callable[P, Awaitable[T]]) -> Callable[P, Awaitab
             click.option(
                 "--concurrency",
                 type=click.IntRange(min=1),
-                help="Commands this process runs at once (env TASKQ_CONCURRENCY).",
+                help="Commands each consumer process runs at once (env TASKQ_CONCURRENCY;"
+                " default 2 x cores in all, shared by the consumer processes).",
             ),
         ]
     ):
@@ -93,7 +94,8 @@ def _service_options(function: Callable[P, Awaitable[T]]) -> Callable[P, Awaitab
 @click.option(
     "--processes",
     type=click.IntRange(min=1),
-    help="Consumer processes (env TASKQ_PROCESSES; default one per usable core). With 1,"
+    help="Consumer processes (env TASKQ_PROCESSES; default one per usable core, 1 with a"
+    " memory:// store or broker). With 1,"
     " every role runs in this one process; above 1, this process runs the other roles and"
     " supervises that many consumer processes. Ignored when the roles exclude consumer.",
 )

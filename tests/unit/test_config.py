@@ -28,15 +28,17 @@ def test_defaults() -> None:
     assert settings.api_tokens == ()
     assert settings.roles == ("api", "scheduler", "consumer")
     cores = len(os.sched_getaffinity(0))
-    assert settings.processes == cores
+    assert settings.processes is None
+    assert settings.consumer_processes() == cores
     assert settings.concurrency is None
     assert settings.commands_per_process() == 2, "2 x cores in all, shared by the processes"
     assert Settings(processes=1).commands_per_process() == 2 * cores
+    assert Settings(store_url=MEMORY_URL).consumer_processes() == 1, "it lives in one process"
+    assert Settings(broker_url=MEMORY_URL).commands_per_process() == 2 * cores
     assert settings.output_limit == 1_048_576
     assert settings.run_history == 100
     assert settings.lease_seconds == 30.0
     assert settings.shutdown_grace == 30.0
-    assert settings.processes == len(os.sched_getaffinity(0))
 
 
 def test_unrelated_variables_are_ignored() -> None:
