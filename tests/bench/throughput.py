@@ -3,6 +3,7 @@
 Run on demand (needs Redis and RabbitMQ, like the tests):
 
     .venv/bin/python -m tests.bench.throughput [--tasks 2000] [--consumers 1]
+    .venv/bin/python -m tests.bench.throughput --serve-processes 2   # one `taskq serve`
 
 It prints, measured in the same run:
 - baseline: how fast this machine spawns `true` through AnyIO's process API from one
@@ -30,7 +31,8 @@ import redis.asyncio as redis
 
 from app.adapters.amqp_broker import delete_amqp_layout
 from tests.conftest import AMQP_URL, REDIS_URL, delete_keys, eventually
-from tests.e2e.harness import running, service_env
+from tests.e2e.harness import ServiceProcess, running, service_env
+from tests.processes import children
 
 CREATE_CONCURRENCY = 32
 
@@ -113,24 +115,35 @@ def parse(moment: str) -> datetime:
     return datetime.fromisoformat(moment)
 
 
-async def main(tasks: int, consumers: int, concurrency: int) -> None:
+async def main(tasks: int, consumers: int, concurrency: int, serve_processes: int) -> None:
+    """``serve_processes``: one ``taskq serve --processes N`` (every role) rather than
+    ``--roles api,scheduler`` and ``consumers`` consumer-only processes."""
     prefix = f"taskq-bench-{uuid.uuid4().hex[:8]}:"
     env = service_env(prefix, TASKQ_CONCURRENCY=str(concurrency))
+    consumers = serve_processes or consumers
     baseline = await spawn_baseline(min(tasks, 2000), concurrency * consumers)
     at_once = concurrency * consumers
     print(f"baseline: {baseline:,.0f} `true` spawns/s from one process ({at_once} at once)")
 
     store = redis.Redis.from_url(REDIS_URL)
     async with AsyncExitStack() as stack:
-        api = await stack.enter_async_context(
-            running(["serve", "--roles", "api,scheduler"], env, name="api+scheduler")
-        )
-        consumers_running = [
-            await stack.enter_async_context(
-                running(["serve", "--roles", "consumer"], env, name=f"consumer-{n}")
+        if serve_processes:
+            serve = ["serve", "--processes", str(serve_processes)]
+            api = await stack.enter_async_context(running(serve, env, name="api+scheduler"))
+            consumer_pids = {
+                f"consumer-{n}": pid for n, pid in enumerate(children(api.process.pid))
+            }
+        else:
+            api = await stack.enter_async_context(
+                running(["serve", "--roles", "api,scheduler"], env, name="api+scheduler")
             )
-            for n in range(consumers)
-        ]
+            consumers_running: list[ServiceProcess] = [
+                await stack.enter_async_context(
+                    running(["serve", "--roles", "consumer"], env, name=f"consumer-{n}")
+                )
+                for n in range(consumers)
+            ]
+            consumer_pids = {c.name: c.process.pid for c in consumers_running}
         assert api.api_url is not None
         async with httpx.AsyncClient(base_url=api.api_url, timeout=60) as http:
             # Throughput: everything due at one instant, created well before it.
@@ -147,7 +160,7 @@ async def main(tasks: int, consumers: int, concurrency: int) -> None:
             create_rate = tasks / (time.perf_counter() - created)
             assert datetime.now(UTC) < due, "creating took longer than planned; lower --tasks"
             pids = {"api+scheduler": api.process.pid, **server_pids()}
-            pids |= {c.name: c.process.pid for c in consumers_running}
+            pids |= consumer_pids
             cpu_before = {name: cpu_seconds(pid) for name, pid in pids.items()}
             await wait_completed(store, prefix, tasks, within=120 + tasks / 50)
             cpu = {name: cpu_seconds(pid) - cpu_before[name] for name, pid in pids.items()}
@@ -161,6 +174,7 @@ async def main(tasks: int, consumers: int, concurrency: int) -> None:
                 f"throughput: {tasks} `true` tasks due at once ran in {elapsed:.2f} s = "
                 f"{rate:,.0f} tasks/s ({rate / baseline:.2f} x the spawn baseline), "
                 f"{consumers} consumer process(es) x {concurrency}"
+                + (" under one `taskq serve`" if serve_processes else "")
             )
             print(
                 "CPU per task while they ran (ms): "
@@ -211,5 +225,6 @@ if __name__ == "__main__":
     parser.add_argument("--tasks", type=int, default=2000)
     parser.add_argument("--consumers", type=int, default=1)
     parser.add_argument("--concurrency", type=int, default=4)
+    parser.add_argument("--serve-processes", type=int, default=0)
     options = parser.parse_args()
-    anyio.run(main, options.tasks, options.consumers, options.concurrency)
+    anyio.run(main, options.tasks, options.consumers, options.concurrency, options.serve_processes)
