@@ -11,6 +11,7 @@ redirect (they describe the API, not its data). Those routes opt out through
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import hmac
 import logging
@@ -58,10 +59,12 @@ from litestar.params import FromPath, FromQuery, JSONBody, Parameter
 from litestar.response import Redirect, ServerSentEvent, ServerSentEventMessage
 from litestar.status_codes import (
     HTTP_200_OK,
+    HTTP_201_CREATED,
     HTTP_202_ACCEPTED,
     HTTP_400_BAD_REQUEST,
     HTTP_404_NOT_FOUND,
     HTTP_409_CONFLICT,
+    HTTP_413_REQUEST_ENTITY_TOO_LARGE,
     HTTP_500_INTERNAL_SERVER_ERROR,
     HTTP_503_SERVICE_UNAVAILABLE,
 )
@@ -85,7 +88,7 @@ from app.live_output import KEEPALIVE_SECONDS, KeepAlive, OutputEnd, OutputEvent
 from app.openapi_contract import describe_contract
 from app.outages import DependencyDown, OutageGate, probe
 from app.ports import StoreUnavailable, TooManyFollowers
-from app.schemas import ScheduleRequest, TaskCreate, TaskUpdate
+from app.schemas import MAX_BULK_TASKS, BulkCreate, ScheduleRequest, TaskCreate, TaskUpdate
 from app.service import InvalidCursor, TaskService, encode_cursor
 from app.transactions import StoreContention
 
@@ -116,6 +119,12 @@ class ConflictException(HTTPException):
     status_code = HTTP_409_CONFLICT
 
 
+class TooManyTasks(HTTPException):
+    """A bulk create with more tasks than one request may carry (413)."""
+
+    status_code = HTTP_413_REQUEST_ENTITY_TOO_LARGE
+
+
 class ServiceUnavailableException(HTTPException):
     status_code = HTTP_503_SERVICE_UNAVAILABLE
 
@@ -142,6 +151,16 @@ class RunListed(Run, kw_only=True):
     always has it)."""
 
     output: str | UnsetType = UNSET  # pyright: ignore[reportIncompatibleVariableOverride]
+
+
+class CreateResult(msgspec.Struct, kw_only=True, omit_defaults=True):
+    """One task's answer in a bulk create, in the order sent: what ``POST /tasks`` would
+    have answered for it alone. ``status`` 201 with the ``task`` created, or 400 (invalid)
+    or 409 (its id is taken) with the problem's ``detail``."""
+
+    status: int
+    task: TaskView | None = None
+    detail: str | None = None
 
 
 T = TypeVar("T")
@@ -222,15 +241,19 @@ class StrictJSONRequest(Request[Any, Any, Any]):
         if not body.strip():  # an empty one does not get here: see ``_validation_error``
             raise ClientException("Invalid request: a JSON body is required")
         try:
+            # Straight into the type: one pass, and what nearly every valid body takes.
+            return _typed_decoder(data.annotation).decode(body)
+        except (msgspec.DecodeError, RecursionError):
+            # Invalid, or valid only as JSON Schema reads numbers (``2.0`` for an integer):
+            # the general path below decides, and says why.
+            pass
+        try:
             value = _JSON.decode(body)
         except (msgspec.DecodeError, UnicodeDecodeError) as exc:
             raise ClientException(f"Invalid request: the body is not JSON ({exc})") from None
         except RecursionError:
             raise ClientException("Invalid request: the body is nested too deeply") from None
-        try:
-            return msgspec.convert(value, data.annotation, strict=True)
-        except msgspec.ValidationError as exc:
-            raise _invalid_body(str(exc)) from None
+        return _converted(value, data.annotation)
 
 
 def _integral_as_int(text: str) -> float | int:
@@ -239,6 +262,23 @@ def _integral_as_int(text: str) -> float | int:
 
 
 _JSON = msgspec.json.Decoder(float_hook=_integral_as_int)
+
+
+@functools.cache
+def _typed_decoder(annotation: Any) -> msgspec.json.Decoder[Any]:
+    """A strict decoder straight into ``annotation``, made once per request body type
+    (``float_hook``: what it decodes as ``Any``, a bulk create's tasks, reads ``2.0`` as
+    the general path does)."""
+    return msgspec.json.Decoder(annotation, strict=True, float_hook=_integral_as_int)
+
+
+def _converted(value: Any, annotation: Any) -> Any:
+    """``value`` (decoded JSON) as ``annotation``, strictly; a ``ValidationException``
+    naming the field at fault when it is not one."""
+    try:
+        return msgspec.convert(value, annotation, strict=True)
+    except msgspec.ValidationError as exc:
+        raise _invalid_body(str(exc)) from None
 
 
 def _invalid_body(message: str) -> ValidationException:
@@ -437,6 +477,57 @@ class TaskController(Controller):
         return ServerSentEvent(_server_sent(events))
 
 
+class BulkController(Controller):
+    """Operations on many tasks at once. Not under ``/tasks``: ``/tasks/bulk`` would hide a
+    task whose id is ``bulk``."""
+
+    path = "/bulk"
+    tags = ["tasks"]  # noqa: RUF012 (Litestar reads it as a class attribute)
+
+    @post(
+        "/tasks",
+        summary="Create many tasks",
+        description=f"Up to {MAX_BULK_TASKS} tasks in one request (more: 413, nothing "
+        "created), for clients that submit many. Each task is validated as `POST /tasks` "
+        "validates one, and created on its own: the answer has one entry per task, in "
+        "order, with the status `POST /tasks` would have answered for it alone: 201 and "
+        "the `task`, or 400 or 409 and the problem's `detail`. The request itself is "
+        "answered 200 however many of its tasks were created. A task whose id comes "
+        "earlier in the same request gets 409.",
+        status_code=HTTP_200_OK,
+        raises=[ValidationException, TooManyTasks, NotAuthorizedException],
+    )
+    async def create_tasks(
+        self, data: JSONBody[BulkCreate], service: Service
+    ) -> list[CreateResult]:
+        if len(data.tasks) > MAX_BULK_TASKS:
+            raise TooManyTasks(
+                detail=f"At most {MAX_BULK_TASKS} tasks in one request, got "
+                f"{len(data.tasks)}: send them in batches (nothing was created)"
+            )
+        results = [_validated(item) for item in data.tasks]
+        specs = [spec for spec in results if isinstance(spec, TaskCreate)]
+        created = iter(await service.create_each(specs))
+        return [
+            _created(next(created)) if isinstance(result, TaskCreate) else result
+            for result in results
+        ]
+
+
+def _validated(item: Any) -> TaskCreate | CreateResult:
+    """A bulk create's task as ``POST /tasks`` validates a body, or its 400 answer."""
+    try:
+        return _converted(item, TaskCreate)
+    except ValidationException as exc:
+        return CreateResult(status=HTTP_400_BAD_REQUEST, detail=_invalid_detail(exc))
+
+
+def _created(outcome: Task | TaskAlreadyExists) -> CreateResult:
+    if isinstance(outcome, TaskAlreadyExists):
+        return CreateResult(status=HTTP_409_CONFLICT, detail=str(outcome))
+    return CreateResult(status=HTTP_201_CREATED, task=_shown(outcome))
+
+
 def _within_budget(items: list[T]) -> list[T]:
     """The longest prefix of ``items`` (at least one) whose JSON fits ``PAGE_BUDGET_BYTES``."""
     size = 0
@@ -616,6 +707,11 @@ def _validation_error(
     request: Request[Any, Any, Any], exc: ValidationException
 ) -> Response[dict[str, object]]:
     """Name the offending fields in ``detail`` itself, not only in ``extra``."""
+    return _problem(HTTP_400_BAD_REQUEST, _invalid_detail(exc), extra=exc.extra or [])
+
+
+def _invalid_detail(exc: ValidationException) -> str:
+    """What is wrong with a request, naming the offending fields."""
     problems: list[str] = []
     if isinstance(exc.extra, list):
         for item in exc.extra:
@@ -628,8 +724,7 @@ def _validation_error(
                     problems.append("a JSON body is required")
                 else:
                     problems.append(f"{message} ({key})" if key else str(message))
-    detail = "; ".join(problems) or exc.detail
-    return _problem(HTTP_400_BAD_REQUEST, f"Invalid request: {detail}", extra=exc.extra or [])
+    return f"Invalid request: {'; '.join(problems) or exc.detail}"
 
 
 def create_app(
@@ -665,7 +760,7 @@ def create_app(
         route_handlers=[
             Router(
                 "/",
-                route_handlers=[TaskController],
+                route_handlers=[TaskController, BulkController],
                 security=security,
                 guards=[admit_while_store_down],
             ),

@@ -25,7 +25,7 @@ from litestar.openapi.spec import (
     Schema,
 )
 
-from app.schemas import ScheduleRequest, TaskCreate, TaskUpdate
+from app.schemas import MAX_BULK_TASKS, BulkCreate, ScheduleRequest, TaskCreate, TaskUpdate
 
 REF_TEMPLATE = "#/components/schemas/{name}"
 
@@ -43,8 +43,23 @@ _EXACTLY_ONE_WHEN: dict[str, Any] = {
         for name, kind in [("at", "string"), ("cron", "string"), ("every", "number")]
     ]
 }
+# A bulk create takes any item: an invalid one is answered in its place (400), not by
+# refusing the request, so the document cannot call it invalid data.
+_BULK_TASKS: dict[str, Any] = {
+    "properties": {
+        "tasks": {
+            "type": "array",
+            "minItems": 1,
+            "maxItems": MAX_BULK_TASKS,
+            "description": "Each as the body of `POST /tasks` (`TaskCreate`); an item that "
+            "is not one is answered with 400 in its place",
+            "items": {"anyOf": [{"$ref": REF_TEMPLATE.format(name=TaskCreate.__name__)}, {}]},
+        }
+    }
+}
 REQUEST_BODIES: list[tuple[type[msgspec.Struct], dict[str, Any]]] = [
     (TaskCreate, _EXACTLY_ONE_PROGRAM),
+    (BulkCreate, _BULK_TASKS),
     (TaskUpdate, _AT_MOST_ONE_PROGRAM),
     (ScheduleRequest, _EXACTLY_ONE_WHEN),
 ]
@@ -70,7 +85,7 @@ def describe_contract(document: OpenAPI, *, max_body_bytes: int) -> None:
         schemas[struct.__name__] = cast(Schema, _spec({**components[struct.__name__], **rules}))
     for path, item in (document.paths or {}).items():
         for operation in (item.get, item.put, item.post, item.delete):
-            if operation is not None and path.startswith("/tasks"):
+            if operation is not None and path.startswith(("/tasks", "/bulk")):
                 _declare(operation, max_body_bytes)
 
 

@@ -132,6 +132,13 @@ class TaskStore(Protocol):
         can); report which were applied. A conflict or an existing id is ``False``."""
         ...
 
+    async def create_each(self, changes: Sequence[TaskChange]) -> list[bool]:
+        """Create each new task (changes with no expected revision, a document and no
+        runs) atomically on its own, in one step where the store can; report which were
+        created. ``False``: the id was taken, already stored or by an earlier change of
+        the same call. Schedulers waiting in ``wait_for_due`` are woken at most once."""
+        ...
+
     async def get_run(self, task_id: str, run_id: str) -> Run | None:
         """One run of a task, or ``None``."""
         ...

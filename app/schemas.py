@@ -7,7 +7,7 @@ and unknown fields are refused, so a client cannot set them.
 from __future__ import annotations
 
 from datetime import UTC, datetime
-from typing import Annotated
+from typing import Annotated, Any
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 import msgspec
@@ -165,6 +165,17 @@ class TaskCreate(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
         _check_program(self.command, self.args, required=True)
         _check_env(self.env)
         _check_moment("scheduled_at", self.scheduled_at)
+
+
+MAX_BULK_TASKS = 1000
+
+
+class BulkCreate(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    """New tasks, each one as ``POST /tasks`` takes it (``TaskCreate``), at most
+    ``MAX_BULK_TASKS``. Only the list is checked here: each task is validated on its own,
+    so that an invalid one is answered in its place instead of refusing the others."""
+
+    tasks: Annotated[list[Any], msgspec.Meta(min_length=1)]
 
 
 class TaskUpdate(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import base64
 import binascii
-from collections.abc import AsyncGenerator, Callable
+from collections.abc import AsyncGenerator, Callable, Sequence
 from datetime import UTC, datetime
 
 from app.domain import (
@@ -19,6 +19,7 @@ from app.domain import (
     Run,
     RunNotFound,
     Task,
+    TaskAlreadyExists,
     TaskNotFound,
     TaskStatus,
     Transition,
@@ -76,9 +77,26 @@ class TaskService:
 
     async def create(self, spec: TaskCreate) -> Task:
         """Store a new task; it waits for ``scheduled_at`` when given."""
+        [created] = await self.create_each([spec])
+        if isinstance(created, TaskAlreadyExists):
+            raise created
+        return created
+
+    async def create_each(self, specs: Sequence[TaskCreate]) -> list[Task | TaskAlreadyExists]:
+        """Store each new task on its own, all in one step of the store: each one is the
+        task as stored, or ``TaskAlreadyExists`` when its id was taken (by a stored task,
+        or by an earlier one of ``specs``)."""
         now = self._clock()
+        transitions = [create(self._new_task(spec, now)) for spec in specs]
+        created = await self._store.create_each([TaskChange.of(t) for t in transitions])
+        return [
+            transition.task if applied else TaskAlreadyExists(transition.task_id)
+            for transition, applied in zip(transitions, created, strict=True)
+        ]
+
+    def _new_task(self, spec: TaskCreate, now: datetime) -> Task:
         scheduled_at = None if spec.scheduled_at is None else spec.scheduled_at.astimezone(UTC)
-        task = Task(
+        return Task(
             id=spec.id or self._entropy.task_id(),
             name=spec.name,
             description=spec.description,
@@ -98,9 +116,6 @@ class TaskService:
             scheduled_at=scheduled_at,
             next_runs=[] if scheduled_at is None else [scheduled_at],
         )
-        created = create(task)
-        await self._store.commit(TaskChange.of(created))
-        return created.task
 
     async def get(self, task_id: str) -> Task:
         task = await self._store.get_task(task_id)

@@ -116,6 +116,24 @@ class MemoryStore:
 
     async def commit(self, change: TaskChange) -> None:
         await anyio.lowlevel.checkpoint()
+        self._commit_now(change)
+
+    async def create_each(self, changes: Sequence[TaskChange]) -> list[bool]:
+        await anyio.lowlevel.checkpoint()
+        for change in changes:
+            if change.expected_revision is not None or change.task is None or change.runs:
+                raise ValueError(f"not the creation of a task: {change!r}")
+        created: list[bool] = []
+        for change in changes:  # no await between them: waiters wake once, after all
+            try:
+                self._commit_now(change)
+            except TaskAlreadyExists:
+                created.append(False)
+            else:
+                created.append(True)
+        return created
+
+    def _commit_now(self, change: TaskChange) -> None:
         task_id = change.task_id
         current_doc = self._tasks.get(task_id)
         current = None if current_doc is None else _task_decoder.decode(current_doc)

@@ -48,6 +48,27 @@ class CommitArgs(NamedTuple):
     runs: bytes  # JSON array of RunWrite
 
 
+class CreateKeys(NamedTuple):
+    tasks: str
+    due: str
+    claims: str
+
+
+class TaskWrite(msgspec.Struct, frozen=True):
+    """A new task ``create_tasks.lua`` writes; ``due_at`` is its ``scheduled_tasks`` score,
+    "" for none (a string: Lua's JSON numbers keep only 14 digits)."""
+
+    id: str
+    doc: str
+    status: str
+    due_at: str
+
+
+class CreateArgs(NamedTuple):
+    prefix: str
+    tasks: bytes  # JSON array of TaskWrite
+
+
 class ClaimKeys(NamedTuple):
     due: str
     claims: str

@@ -12,6 +12,7 @@ Redis Cluster slot, which the scripts need because they derive some key names):
 - ``claims``            hash, id -> token of the scheduler holding the entry
 - ``runs:{id}``         hash, run id -> run document (run ids sort by creation time)
 - ``wake``              pub/sub channel: an entry earlier than every other was added
+                        (once per commit, or per batch of new tasks)
 - ``output:{run id}``   stream, a run's live output: data entries ``o`` (byte offset in
                         the whole output, decimal) and ``d`` (the bytes), oldest dropped
                         beyond the bytes to keep; a follow mark ``f`` standing in for
@@ -53,6 +54,8 @@ from app.adapters.redis_scripts import (
     ClaimKeys,
     CommitArgs,
     CommitKeys,
+    CreateArgs,
+    CreateKeys,
     FollowArgs,
     ListRunsArgs,
     ListRunsKeys,
@@ -62,6 +65,7 @@ from app.adapters.redis_scripts import (
     ReleaseArgs,
     RunWrite,
     Script,
+    TaskWrite,
     encode_list,
 )
 from app.domain import (
@@ -161,6 +165,7 @@ class RedisStore:
         self._wake_channel = f"{prefix}wake"
         self._cancel_channel = f"{prefix}cancel"
         self._commit = Script(client, "commit")
+        self._create_tasks = Script(client, "create_tasks")
         self._claim_due = Script(client, "claim_due")
         self._release_claims = Script(client, "release_claims")
         self._list_tasks = Script(client, "list_tasks")
@@ -224,6 +229,18 @@ class RedisStore:
                 )
             results = await pipe.execute()
         return [result == b"ok" for result in results]
+
+    @_translate_errors
+    async def create_each(self, changes: Sequence[TaskChange]) -> list[bool]:
+        """All in one script call: one round trip, and one wake for the whole batch."""
+        if not changes:
+            return []
+        writes = [_task_write(change) for change in changes]
+        results = await self._create_tasks(
+            CreateKeys(self._tasks_key, self._due_key, self._claims_key),
+            CreateArgs(self._prefix, encode_list(writes)),
+        )
+        return [result == b"ok" for result in cast(list[bytes], results)]
 
     def _commit_keys(self, change: TaskChange) -> CommitKeys:
         return CommitKeys(
@@ -435,6 +452,15 @@ def _output_entry(entry_id: bytes, fields: dict[bytes, bytes]) -> OutputEntry:
     if b"o" in fields:
         return entry_id.decode(), OutputChunk(int(fields[b"o"]), fields[b"d"])
     return entry_id.decode(), None
+
+
+def _task_write(change: TaskChange) -> TaskWrite:
+    """What ``create_tasks.lua`` writes for a change that creates a task."""
+    task = change.task
+    if change.expected_revision is not None or task is None or change.runs:
+        raise ValueError(f"not the creation of a task: {change!r}")
+    due_at = repr(change.schedule.when) if isinstance(change.schedule, DueAt) else ""
+    return TaskWrite(task.id, _encoder.encode(task).decode(), task.status.value, due_at)
 
 
 def _raise_for(change: TaskChange, result: object) -> None:

@@ -835,6 +835,7 @@ ENDPOINTS = [
     ("/health", "head", "200", None, {"503"}),
     ("/tasks", "post", "201", "TaskView", {"400", "409"}),
     ("/tasks", "get", "200", "[TaskView]", {"400"}),
+    ("/bulk/tasks", "post", "200", "[CreateResult]", {"400", "413"}),
     ("/tasks/{task_id}", "get", "200", "TaskView", {"404"}),
     ("/tasks/{task_id}", "put", "200", "TaskView", {"400", "404"}),
     ("/tasks/{task_id}", "delete", "204", None, {"404"}),
@@ -888,6 +889,7 @@ async def test_openapi_lists_no_operations_beyond_the_known_ones(client: Client)
     ("path", "method", "schema"),
     [
         ("/tasks", "post", "TaskCreate"),
+        ("/bulk/tasks", "post", "BulkCreate"),
         ("/tasks/{task_id}", "put", "TaskUpdate"),
         ("/tasks/{task_id}/schedule", "post", "ScheduleRequest"),
     ],

@@ -23,6 +23,7 @@ TOKENS = ("first-token-0123456789", "second-token-abcdef")
 PROTECTED = [
     ("GET", "/tasks", "/tasks"),
     ("POST", "/tasks", "/tasks"),
+    ("POST", "/bulk/tasks", "/bulk/tasks"),
     ("GET", "/tasks/{task_id}", "/tasks/t1"),
     ("PUT", "/tasks/{task_id}", "/tasks/t1"),
     ("DELETE", "/tasks/{task_id}", "/tasks/t1"),
@@ -69,6 +70,8 @@ def requests_for(method: str, url: str) -> dict[str, Any]:
     """A request each handler would accept, so only the token decides the answer."""
     if method == "POST" and url == "/tasks":
         return {"json": TASK}
+    if method == "POST" and url == "/bulk/tasks":
+        return {"json": {"tasks": [TASK]}}
     if method == "PUT":
         return {"json": {"name": "renamed"}}
     if method == "POST" and url.endswith("/schedule"):

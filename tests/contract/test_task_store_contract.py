@@ -249,3 +249,68 @@ async def test_extend_leases_moves_only_existing_entries(store: Store) -> None:
     assert await store.claim_due(now=now + 59, limit=10, lease=30, token="t") == []
     claims = await store.claim_due(now=now + 60, limit=10, lease=30, token="t")
     assert [c.task_id for c in claims] == ["held"]
+
+
+def creation(task_id: str, *, due: float | None = None, **changes: object) -> TaskChange:
+    """The change ``create_each`` takes for a new task (due at ``due``, when given)."""
+    task = make_task(task_id, **changes)
+    return TaskChange(task_id, None, task, schedule=UNSCHEDULE if due is None else DueAt(due))
+
+
+async def test_create_each_creates_each_new_task_on_its_own(store: Store) -> None:
+    original = await create(store, "taken", name="original")
+    now = time.time()
+    changes = [
+        creation("a", description='quotes " and \\ and é'),
+        creation("taken", name="impostor"),
+        creation("due", due=now - 1, status=TaskStatus.PENDING),
+        creation("a", name="second a"),
+    ]
+
+    created = await store.create_each(changes)
+
+    assert created == [True, False, True, False]
+    assert await store.get_task("a") == changes[0].task
+    assert await store.get_task("taken") == original
+    assert await store.get_task("due") == changes[2].task
+    listed = await store.list_tasks(status=None, limit=10, after=None)
+    assert [task.id for task in listed] == ["a", "due", "taken"]
+    pending = await store.list_tasks(status=TaskStatus.PENDING, limit=10, after=None)
+    assert [task.id for task in pending] == ["due"]
+    claims = await store.claim_due(now=now, limit=10, lease=30, token="t")
+    assert [claim.task_id for claim in claims] == ["due"]
+
+
+async def test_create_each_of_nothing_creates_nothing(store: Store) -> None:
+    assert await store.create_each([]) == []
+    assert await store.list_tasks(status=None, limit=10, after=None) == []
+
+
+async def test_create_each_refuses_a_change_that_is_not_a_creation(store: Store) -> None:
+    task = await create(store, "a")
+
+    with pytest.raises(ValueError, match="not the creation"):
+        await store.create_each([creation("b"), TaskChange("a", 0, next_revision(task))])
+
+    assert await store.get_task("b") is None
+
+
+async def test_create_each_wakes_a_waiting_scheduler_elsewhere(
+    store: Store, open_another: StoreOpener
+) -> None:
+    woke_at: list[float] = []
+    added_at = 0.0
+
+    async def waiter() -> None:
+        await store.wait_for_due(max_wait=30)
+        woke_at.append(time.time())
+
+    async with open_another() as other:
+        await store.wait_for_due(max_wait=0)  # subscribes, where the store subscribes
+        with anyio.fail_after(5):
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(waiter)
+                await anyio.wait_all_tasks_blocked()
+                added_at = time.time()
+                await other.create_each([creation("a", due=added_at + 3600)])
+    assert woke_at and woke_at[0] - added_at < 1

@@ -91,11 +91,16 @@ class ServiceProcess:
 
 @asynccontextmanager
 async def running(
-    args: Sequence[str], env: Mapping[str, str], *, name: str = "taskq"
+    args: Sequence[str],
+    env: Mapping[str, str],
+    *,
+    name: str = "taskq",
+    command: Sequence[str] | None = None,
 ) -> AsyncGenerator[ServiceProcess]:
-    """Start ``taskq ARGS``, wait until it reports ready, and stop it on exit."""
+    """Start ``taskq ARGS`` (``command`` in place of ``taskq``: something that runs it),
+    wait until it reports ready, and stop it on exit."""
     process = await anyio.open_process(
-        [*taskq_command(), *args],
+        [*(command or taskq_command()), *args],
         env=dict(env),
         stdin=subprocess.DEVNULL,
         stdout=subprocess.DEVNULL,
