@@ -45,7 +45,6 @@ from litestar.exceptions import (
     NotFoundException,
     ValidationException,
 )
-from litestar.handlers import BaseRouteHandler
 from litestar.middleware import (
     AbstractAuthenticationMiddleware,
     ASGIMiddleware,
@@ -143,7 +142,7 @@ class Health(msgspec.Struct):
 
 def _shown(task: Task) -> TaskView:
     """The task as the API answers with it: without the workers' own bookkeeping."""
-    return TaskView(**{name: getattr(task, name) for name in TaskView.__struct_fields__})
+    return msgspec.convert(task, TaskView, from_attributes=True)
 
 
 class RunListed(Run, kw_only=True):
@@ -727,6 +726,22 @@ def _invalid_detail(exc: ValidationException) -> str:
     return f"Invalid request: {'; '.join(problems) or exc.detail}"
 
 
+def _admitted_by(gate: OutageGate) -> Callable[[ASGIApp], ASGIApp]:
+    """A middleware refusing requests at once while ``gate`` knows the store is down.
+
+    Plain ASGI rather than a guard: Litestar copies the route handler for every guard
+    call, a cost every request paid for a check that is nearly always "open"."""
+
+    def middleware(app: ASGIApp) -> ASGIApp:
+        async def admitted(scope: Scope, receive: Receive, send: Send) -> None:
+            await gate.admit()
+            await app(scope, receive, send)
+
+        return admitted
+
+    return middleware
+
+
 def create_app(
     service: TaskService,
     *,
@@ -745,11 +760,6 @@ def create_app(
         checks["store"], probe_every=STORE_PROBE_SECONDS, probe_budget=HEALTH_CHECK_SECONDS
     )
 
-    async def admit_while_store_down(
-        _: ASGIConnection[Any, Any, Any, Any], __: BaseRouteHandler
-    ) -> None:
-        await store_gate.admit()
-
     # The document declares the scheme only where the server enforces it.
     security: list[SecurityRequirement] = [{BEARER_SCHEME: []}] if tokens else []
     bearer = SecurityScheme(
@@ -762,7 +772,7 @@ def create_app(
                 "/",
                 route_handlers=[TaskController, BulkController],
                 security=security,
-                guards=[admit_while_store_down],
+                middleware=[_admitted_by(store_gate)],
             ),
             *_health_handlers({**checks, "store": store_gate.check_now}),
             swagger_redirect,

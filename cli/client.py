@@ -54,6 +54,10 @@ class ApiClient:
     async def create_task(self, body: dict[str, Any]) -> Any:
         return (await self.request("POST", "/tasks", json=body)).json()
 
+    async def create_tasks(self, bodies: list[Any]) -> list[Any]:
+        """``POST /bulk/tasks``: one answer per task, in order."""
+        return (await self.request("POST", "/bulk/tasks", json={"tasks": bodies})).json()  # type: ignore[no-any-return]
+
     async def list_tasks(
         self, *, status: str | None, limit: int | None, cursor: str | None
     ) -> tuple[list[Any], str | None]:

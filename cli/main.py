@@ -7,13 +7,15 @@ import logging
 import sys
 from collections.abc import Awaitable, Callable, Sequence
 from functools import wraps
-from typing import Any, ParamSpec, TypeVar, cast
+from typing import IO, Any, ParamSpec, TypeVar, cast
 
 import asyncclick as click
 import sniffio
 
 from app.config import MEMORY_URL, ConfigError, Settings, parse_roles
+from app.schemas import MAX_BULK_TASKS
 from app.startup import service_environment
+from cli.bulk import batches, read_tasks
 from cli.client import ApiClient, ApiError, open_client
 
 P = ParamSpec("P")
@@ -283,22 +285,75 @@ def _program_body(
 
 @cli.command()
 @click.option("--id", "task_id", help="Task id (generated when omitted).")
-@click.option("--name", required=True, help="Human-readable name.")
+@click.option("--name", help="Human-readable name (required unless --from).")
 @_program_options
 @click.option("--at", help="Schedule for this time (RFC 3339, e.g. 2025-12-01T15:00:00Z).")
+@click.option(
+    "--from",
+    "from_file",
+    type=click.File("r"),
+    help="Create every task in FILE instead ('-': standard input): JSON lines or a JSON "
+    "array of task bodies as POST /tasks takes them. Sent in batches of up to "
+    f"{MAX_BULK_TASKS}; one line per task; exit code 1 if any was not created.",
+)
 @_client_command
 async def create(
     client: ApiClient,
     task_id: str | None,
-    name: str,
+    name: str | None,
     at: str | None,
+    from_file: IO[str] | None,
     as_json: bool,
     **program: Any,
 ) -> None:
-    """Create a task."""
+    """Create a task (or, with --from, many)."""
     body = {"id": task_id, "name": name, "scheduled_at": at, **_program_body(**program)}
-    task = await client.create_task({k: v for k, v in body.items() if v is not None})
-    _emit(task, as_json, _task_details)
+    body = {k: v for k, v in body.items() if v is not None}
+    if from_file is not None:
+        if body:
+            raise click.UsageError(
+                "--from takes every task from the file: give no other task option"
+            )
+        await _create_from(client, from_file, as_json)
+        return
+    if name is None:
+        raise click.UsageError("Missing option '--name' (or give --from FILE).")
+    _emit(await client.create_task(body), as_json, _task_details)
+
+
+async def _create_from(client: ApiClient, source: IO[str], as_json: bool) -> None:
+    """Create the tasks in ``source`` in batches; print each one's answer as it comes."""
+    try:
+        bodies = read_tasks(source.read())
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), param_hint="--from") from None
+    if not bodies:
+        raise click.BadParameter("no tasks in the file", param_hint="--from")
+    answers: list[Any] = []
+    for first, batch in batches(bodies):
+        try:
+            batch_answers = await client.create_tasks(batch)
+        except ApiError as exc:
+            if exc.status_code != 413:  # a batch too large: its tasks fail, the rest goes on
+                raise
+            batch_answers = [{"status": 413, "detail": str(exc)}] * len(batch)
+        for number, answer in enumerate(batch_answers, start=first + 1):
+            if not as_json:
+                click.echo(_created_line(number, bodies[number - 1], answer))
+        answers += batch_answers
+    if as_json:
+        click.echo(json.dumps(answers, indent=2))
+    failed = sum(answer["status"] != 201 for answer in answers)
+    if failed:
+        raise click.ClickException(f"{failed} of {len(bodies)} tasks were not created")
+
+
+def _created_line(number: int, body: Any, answer: dict[str, Any]) -> str:
+    if answer["status"] == 201:
+        return f"{number}: created {answer['task']['id']}"
+    task_id = cast(dict[str, Any], body).get("id") if isinstance(body, dict) else None
+    named = "" if task_id is None else f" {task_id}"
+    return f"{number}:{named} not created: {answer['detail']} (HTTP {answer['status']})"
 
 
 @cli.command(name="list")

@@ -15,7 +15,8 @@ run and each for ``--seconds``:
 - bulk: ``POST /bulk/tasks`` with 100 new tasks per request (tasks/s);
 - list: ``GET /tasks?limit=100`` over the tasks created so far.
 
-It prints requests/s and latency p50/p99 for each, and ``POST /tasks`` / trivial.
+It prints requests/s, latency p50/p99 and the server's CPU time per request for each,
+and ``POST /tasks`` / trivial.
 ``--source DIR`` serves another checkout's ``app`` and ``cli`` (``PYTHONPATH``): run it
 once with main's source and once without to compare before and after in one sitting.
 ``--profile FILE`` records the create phase with py-spy: a flame graph (SVG), or
@@ -35,12 +36,13 @@ import tempfile
 import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import anyio
 import redis.asyncio as redis
 
+from tests.bench.throughput import cpu_seconds
 from tests.conftest import REDIS_URL, delete_keys
 from tests.e2e.harness import running, service_env
 
@@ -95,6 +97,8 @@ class Figures:
     socket_errors: int
     p50_us: int
     p99_us: int
+    server_cpu: float = 0.0
+    """CPU seconds the server process used meanwhile."""
 
     @property
     def rate(self) -> float:
@@ -104,9 +108,11 @@ class Figures:
         errors = ""
         if self.bad_status or self.socket_errors:
             errors = f" ({self.bad_status} non-2xx, {self.socket_errors} socket errors)"
+        cpu = 1e6 * self.server_cpu / self.requests
         return (
             f"{what:<28} {self.rate * per_request:>9,.0f} {unit:<11} "
-            f"p50 {self.p50_us / 1000:6.2f} ms  p99 {self.p99_us / 1000:6.2f} ms{errors}"
+            f"p50 {self.p50_us / 1000:6.2f} ms  p99 {self.p99_us / 1000:6.2f} ms  "
+            f"server CPU {cpu:5.0f} us/request{errors}"
         )
 
 
@@ -158,9 +164,11 @@ async def main(seconds: float, source: str | None, profile: str | None) -> None:
             url = api.api_url
 
             async def phase(method: str, path: str, body: str, tag: str) -> Figures:
-                return await measure(
+                cpu = cpu_seconds(api.process.pid)
+                figures = await measure(
                     url, method=method, path=path, body=body, seconds=seconds, run=f"{run}{tag}"
                 )
+                return replace(figures, server_cpu=cpu_seconds(api.process.pid) - cpu)
 
             trivial = await phase("POST", "/bench/trivial", ONE_TASK, "t")
             print(trivial.line("trivial POST"))
@@ -174,7 +182,7 @@ async def main(seconds: float, source: str | None, profile: str | None) -> None:
             else:
                 print(bulk.line(f"POST /bulk/tasks x{BULK_SIZE}", "tasks/s", BULK_SIZE))
                 stored = await store.zcard(f"{prefix}tasks") - before
-                print(f"{'':<28} {stored:,} tasks stored by {bulk.requests:,} requests")
+                print(f"{'':<28} {stored:,} tasks stored ({bulk.requests:,} requests answered)")
             listed = await phase("GET", "/tasks?limit=100", "nil", "l")
             total = await store.zcard(f"{prefix}tasks")
             print(listed.line(f"GET /tasks?limit=100 ({total:,})"))
