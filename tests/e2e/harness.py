@@ -123,12 +123,17 @@ async def running(
 
 
 async def cli(
-    api_url: str, *args: str, expect_code: int = 0, env: Mapping[str, str] | None = None
+    api_url: str,
+    *args: str,
+    expect_code: int = 0,
+    env: Mapping[str, str] | None = None,
+    stdin: bytes | None = None,
 ) -> str:
-    """Run a ``taskq`` client command against ``api_url``; return its stdout (its stderr
-    when ``expect_code`` is not 0). ``env`` adds to or overrides this process's environment."""
+    """Run a ``taskq`` client command against ``api_url`` (``stdin`` as its standard input);
+    return its stdout (its stderr when ``expect_code`` is not 0). ``env`` adds to or
+    overrides this process's environment."""
     env = {**os.environ, **(env or {}), "TASKQ_API_URL": api_url}
-    result = await anyio.run_process([*taskq_command(), *args], env=env, check=False)
+    result = await anyio.run_process([*taskq_command(), *args], input=stdin, env=env, check=False)
     output = result.stdout.decode()
     assert result.returncode == expect_code, (
         f"taskq {' '.join(args)} exited {result.returncode}:\n{output}\n{result.stderr.decode()}"
