@@ -242,9 +242,9 @@ class StrictJSONRequest(Request[Any, Any, Any]):
         try:
             # Straight into the type: one pass, and what nearly every valid body takes.
             return _typed_decoder(data.annotation).decode(body)
-        except (msgspec.DecodeError, RecursionError):
-            # Invalid, or valid only as JSON Schema reads numbers (``2.0`` for an integer):
-            # the general path below decides, and says why.
+        except (msgspec.DecodeError, UnicodeDecodeError, RecursionError):
+            # Not JSON, invalid, or valid only as JSON Schema reads numbers (``2.0`` for
+            # an integer): the general path below decides, and says why.
             pass
         try:
             value = _JSON.decode(body)

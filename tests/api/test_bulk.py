@@ -146,3 +146,14 @@ async def test_a_task_with_id_bulk_stays_reachable(client: Client) -> None:
 
     assert (await client.get("/tasks/bulk")).status_code == 200
     assert (await client.delete("/tasks/bulk")).status_code == 204
+
+
+async def test_a_body_that_is_not_utf8_is_refused_whole(client: Client) -> None:
+    body = b'{"tasks": [{"name": "\xff", "command": "true"}]}'
+
+    async with state_unchanged(client):
+        response = await client.post(
+            "/bulk/tasks", content=body, headers={"content-type": "application/json"}
+        )
+
+    assert_problem(response, 400, "not JSON")
