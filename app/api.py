@@ -726,22 +726,6 @@ def _invalid_detail(exc: ValidationException) -> str:
     return f"Invalid request: {'; '.join(problems) or exc.detail}"
 
 
-def _admitted_by(gate: OutageGate) -> Callable[[ASGIApp], ASGIApp]:
-    """A middleware refusing requests at once while ``gate`` knows the store is down.
-
-    Plain ASGI rather than a guard: Litestar copies the route handler for every guard
-    call, a cost every request paid for a check that is nearly always "open"."""
-
-    def middleware(app: ASGIApp) -> ASGIApp:
-        async def admitted(scope: Scope, receive: Receive, send: Send) -> None:
-            await gate.admit()
-            await app(scope, receive, send)
-
-        return admitted
-
-    return middleware
-
-
 def create_app(
     service: TaskService,
     *,
@@ -760,6 +744,12 @@ def create_app(
         checks["store"], probe_every=STORE_PROBE_SECONDS, probe_budget=HEALTH_CHECK_SECONDS
     )
 
+    async def admit_while_store_down(_: Request[Any, Any, Any]) -> None:
+        # A hook before the handler rather than a guard: Litestar copies the route
+        # handler for every guard call, a cost each request paid for a gate nearly
+        # always open. The hook runs where a guard would, before the body is read.
+        await store_gate.admit()
+
     # The document declares the scheme only where the server enforces it.
     security: list[SecurityRequirement] = [{BEARER_SCHEME: []}] if tokens else []
     bearer = SecurityScheme(
@@ -772,7 +762,7 @@ def create_app(
                 "/",
                 route_handlers=[TaskController, BulkController],
                 security=security,
-                middleware=[_admitted_by(store_gate)],
+                before_request=admit_while_store_down,
             ),
             *_health_handlers({**checks, "store": store_gate.check_now}),
             swagger_redirect,
