@@ -4,19 +4,37 @@ The command gets a session (process group) of its own, so that a timeout, a canc
 the end of the main process can signal everything it started: SIGTERM to the group,
 a grace period, then SIGKILL. Nothing it spawned outlives the run, nor the process
 (``app.watchdog`` stops the groups of a process that dies without stopping them).
+
+DESIGN.md has commands run through AnyIO's process API. On Linux this module departs
+from it, for CPU: starting and waiting for commands was about a quarter of a consumer's
+CPU per run. AnyIO's API (asyncio's subprocess transport) costs a protocol, pipe
+transports, futures, a child watcher and a task group for each command. Here a command
+is started with ``os.posix_spawn`` (``subprocess.Popen`` when it needs a working
+directory or a search of ``PATH``, which ``posix_spawn`` lacks), and one task waits
+for its output pipe and its exit (a pidfd) together, through an epoll set holding both:
+no transport, no task group, no thread, on asyncio and trio alike. Parent CPU per
+``sh -c true``, measured side by side (``python -m tests.bench.spawn_rate``):
+{NUMBERS}
+AnyIO's API remains the fallback where the kernel has no pidfd (before Linux 5.3, or
+not Linux).
 """
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import math
 import os
+import select
 import signal
 import subprocess
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import AsyncGenerator, Callable, Mapping, Sequence
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
+from typing import Protocol
 
 import anyio
-from anyio.abc import ByteReceiveStream, Process
+from anyio.abc import Process
 
 from app.domain import Outcome
 from app.process_groups import group_has_live_members, signal_group
@@ -41,6 +59,11 @@ SERVER_SECRETS = frozenset(
 _READ_CHUNK = 65536
 _GROUP_POLL = 0.02
 _KILL_SETTLE = 1.0
+# Once the group is gone, how long a process that left it may hold the output open.
+_STRAY_OUTPUT_SECONDS = 1.0
+# Signals Python ignores, which a command must start with at their default, as
+# ``subprocess`` does (``restore_signals``): the writer of a closed pipe dies of SIGPIPE.
+_RESTORED_SIGNALS = (signal.SIGPIPE, signal.SIGXFSZ)
 
 
 class CappedOutput:
@@ -56,7 +79,6 @@ class CappedOutput:
         self._head = bytearray()
         self._tail = bytearray()
         self.total = 0
-        self.complete = anyio.Event()
 
     def append(self, chunk: bytes) -> None:
         if self._listener is not None:
@@ -110,6 +132,22 @@ def inherited_environment() -> dict[str, str]:
     return {k: v for k, v in os.environ.items() if k not in SERVER_SECRETS}
 
 
+def _kernel_has_pidfd() -> bool:
+    """Whether a process's exit can be awaited through a pidfd in an epoll set here."""
+    if not hasattr(select, "epoll"):
+        return False
+    try:
+        os.close(os.pidfd_open(os.getpid()))
+    except (AttributeError, OSError):
+        return False
+    return True
+
+
+WAIT_THROUGH_PIDFD = _kernel_has_pidfd()
+"""Whether commands are started and awaited through a pidfd (else through AnyIO's process
+API). Tests and ``tests.bench.spawn_rate`` switch it to run both ways."""
+
+
 async def run_command(
     argv: Sequence[str],
     *,
@@ -129,36 +167,44 @@ async def run_command(
     """
     started = time.monotonic()
     try:
-        process = await _start_session(argv, env=env, cwd=cwd, watchdog=watchdog)
+        command = await _start_session(argv, env=env, cwd=cwd, output=output, watchdog=watchdog)
     except (OSError, ValueError) as exc:
         # ValueError: a NUL byte in the argv, the environment or the cwd.
         return output.outcome(started=started, error=f"could not start the command: {exc}")
 
     timed_out = False
     try:
-        async with anyio.create_task_group() as tg:
-            assert process.stdout is not None
-            tg.start_soon(_collect, process.stdout, output)
+        async with command.collecting_output():
             with anyio.move_on_after(time_limit if time_limit is not None else math.inf) as limit:
-                await process.wait()
+                await command.wait()
             timed_out = limit.cancelled_caught
-            await _stop_group(process, kill_grace)
+            await _stop_group(command, kill_grace)
             # Everything in the group is gone, so the pipe is at its end; a process that
             # left the group on purpose must not hold the run open.
-            with anyio.move_on_after(1.0):
-                await output.complete.wait()
-            tg.cancel_scope.cancel()
+            with anyio.move_on_after(_STRAY_OUTPUT_SECONDS):
+                await command.read_to_end()
     except BaseException:
         with anyio.CancelScope(shield=True):
-            await _stop_group(process, kill_grace)
+            await _stop_group(command, kill_grace)
         raise
     finally:
         with anyio.CancelScope(shield=True):
-            await process.aclose()
+            await command.aclose()
             if watchdog is not None:
-                await watchdog.release(process.pid)
+                await watchdog.release(command.pid)
+    return _ending(output, started, command.returncode, time_limit=time_limit, timed_out=timed_out)
 
-    returncode = process.returncode
+
+def _ending(
+    output: CappedOutput,
+    started: float,
+    returncode: int | None,
+    *,
+    time_limit: float | None,
+    timed_out: bool,
+) -> Outcome:
+    """The outcome of a command whose leader exited with ``returncode`` (negative: the
+    signal that killed it, reported as a shell would, 128 + its number)."""
     assert returncode is not None
     exit_code = 128 - returncode if returncode < 0 else returncode
     error = None
@@ -169,61 +215,316 @@ async def run_command(
     return output.outcome(started=started, exit_code=exit_code, timed_out=timed_out, error=error)
 
 
+class _Command(Protocol):
+    """A started command, as ``run_command`` drives it, whichever way it was started."""
+
+    @property
+    def pid(self) -> int:
+        """The leader's pid, which is also the process group's id."""
+        ...
+
+    @property
+    def returncode(self) -> int | None:
+        """The leader's exit status once it has exited (negative: killed by that signal)."""
+        ...
+
+    def collecting_output(self) -> AbstractAsyncContextManager[None]:
+        """The scope within which output is collected while the other methods wait."""
+        ...
+
+    async def wait(self) -> None:
+        """Until the leader has exited."""
+
+    async def pause(self, seconds: float) -> None:
+        """Let ``seconds`` pass (output keeps being collected)."""
+
+    async def read_to_end(self) -> None:
+        """Until the end of the output: every process holding the pipe has closed it."""
+
+    async def aclose(self) -> None:
+        """Release the command's descriptors (reaping the leader, if not yet done)."""
+
+
 async def _start_session(
-    argv: Sequence[str], *, env: Mapping[str, str], cwd: str | None, watchdog: Watchdog | None
-) -> Process:
+    argv: Sequence[str],
+    *,
+    env: Mapping[str, str],
+    cwd: str | None,
+    output: CappedOutput,
+    watchdog: Watchdog | None,
+) -> _Command:
     """Start ``argv`` as the leader of a new session, stdout and stderr on one pipe.
 
-    Not cancellable: the child runs before ``open_process`` returns, and a cancel in
-    between would leave its group with no one to stop it (asyncio kills only the leader).
-    The caller takes the cancel at its next checkpoint, once it can stop the group.
-    The group is registered with the ``watchdog`` at once, for the case where this
-    process dies without stopping it.
+    Not cancellable: the child runs before the start returns, and a cancel in between
+    would leave its group with no one to stop it. The caller takes the cancel at its
+    next checkpoint, once it can stop the group. The group is registered with the
+    ``watchdog`` at once, for the case where this process dies without stopping it.
     """
-    process: Process | None = None
+    if not argv:
+        raise ValueError("no program to run")
+    if watchdog is not None:
+        env = watchdog.marked(env)
+    command: _Command | None = None
     with anyio.CancelScope(shield=True):
+        if WAIT_THROUGH_PIDFD:
+            command = _PidfdCommand.start(argv, env=env, cwd=cwd, output=output)
+        else:
+            command = await _AnyioCommand.start(argv, env=env, cwd=cwd, output=output)
+        if watchdog is not None:
+            await watchdog.guard(command.pid)
+    assert command is not None  # a shielded scope swallows no cancellation
+    return command
+
+
+class _PidfdCommand:
+    """A command whose output pipe (non-blocking) and exit (a pidfd) sit in one epoll
+    set, so that the task running it waits for whichever comes first, and collects the
+    output whenever it waits."""
+
+    def __init__(
+        self,
+        leader: subprocess.Popen[bytes] | int,
+        *,
+        pidfd: int,
+        pipe: int,
+        output: CappedOutput,
+    ) -> None:
+        self._popen = leader if isinstance(leader, subprocess.Popen) else None
+        self.pid = leader.pid if isinstance(leader, subprocess.Popen) else leader
+        self.returncode: int | None = None
+        self._pidfd = pidfd
+        self._pipe: int | None = pipe
+        self._output = output
+        self._events = select.epoll()
+        self._events.register(pipe, select.EPOLLIN)
+        self._events.register(pidfd, select.EPOLLIN)
+
+    @classmethod
+    def start(
+        cls, argv: Sequence[str], *, env: Mapping[str, str], cwd: str | None, output: CappedOutput
+    ) -> _PidfdCommand:
+        pipe, write_end = os.pipe2(os.O_CLOEXEC)
+        try:
+            try:
+                leader = _spawn_leader(argv, env=env, cwd=cwd, stdout=write_end)
+            finally:
+                os.close(write_end)
+            os.set_blocking(pipe, False)
+            try:
+                pidfd = os.pidfd_open(leader if isinstance(leader, int) else leader.pid)
+                return cls(leader, pidfd=pidfd, pipe=pipe, output=output)
+            except OSError:
+                _kill_unwatched(leader)
+                raise
+        except BaseException:
+            os.close(pipe)
+            raise
+
+    def collecting_output(self) -> AbstractAsyncContextManager[None]:
+        # Every wait below collects the output: nothing to run beside them.
+        return contextlib.nullcontext()
+
+    async def wait(self) -> None:
+        while self.returncode is None:
+            await self._handle_events()
+
+    async def pause(self, seconds: float) -> None:
+        with anyio.move_on_after(seconds):
+            while True:
+                await self._handle_events()
+
+    async def read_to_end(self) -> None:
+        while self._pipe is not None:
+            await self._handle_events()
+
+    async def aclose(self) -> None:
+        if self.returncode is None:
+            # Only when its group could not be signalled: a zombie, or nearly one.
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.kill(self.pid, signal.SIGKILL)
+            await self.wait()
+        if self._pipe is not None:
+            os.close(self._pipe)
+            self._pipe = None
+        os.close(self._pidfd)
+        self._events.close()
+
+    async def _handle_events(self) -> None:
+        await anyio.wait_readable(self._events.fileno())
+        for fd, _ in self._events.poll(0):
+            if fd == self._pipe:
+                self._read()
+            elif fd == self._pidfd:
+                self._reap()
+
+    def _read(self) -> None:
+        assert self._pipe is not None
+        try:
+            chunk = os.read(self._pipe, _READ_CHUNK)
+        except BlockingIOError:
+            return
+        if chunk:
+            self._output.append(chunk)
+            return
+        self._events.unregister(self._pipe)
+        os.close(self._pipe)
+        self._pipe = None
+
+    def _reap(self) -> None:
+        self._events.unregister(self._pidfd)
+        if self._popen is not None:
+            self.returncode = self._popen.wait()
+        else:
+            self.returncode = os.waitstatus_to_exitcode(os.waitpid(self.pid, 0)[1])
+
+
+def _spawn_leader(
+    argv: Sequence[str], *, env: Mapping[str, str], cwd: str | None, stdout: int
+) -> subprocess.Popen[bytes] | int:
+    """Start ``argv`` in a new session, stdin ``/dev/null``, stdout and stderr on
+    ``stdout``: with ``posix_spawn`` (its pid) when it can, else with ``Popen``.
+
+    ``posix_spawn`` has no working directory and searches the parent's ``PATH``, not the
+    command's: ``Popen`` does both, at a quarter more CPU.
+    """
+    if cwd is None and os.sep in argv[0]:
+        _stop_inheriting_descriptors()
+        return os.posix_spawn(
+            argv[0],
+            list(argv),
+            env,
+            file_actions=[
+                (os.POSIX_SPAWN_DUP2, _null_stdin(), 0),
+                (os.POSIX_SPAWN_DUP2, stdout, 1),
+                (os.POSIX_SPAWN_DUP2, stdout, 2),
+            ],
+            setsid=True,
+            setsigdef=_RESTORED_SIGNALS,
+        )
+    return subprocess.Popen(
+        argv,
+        stdin=_null_stdin(),
+        stdout=stdout,
+        stderr=subprocess.STDOUT,
+        cwd=cwd,
+        env=env,
+        start_new_session=True,
+    )
+
+
+def _kill_unwatched(leader: subprocess.Popen[bytes] | int) -> None:
+    """Kill and reap a leader that cannot be awaited (no pidfd for it): it has only just
+    started, so SIGKILL ends it at once, and the blocking wait is short."""
+    pid = leader if isinstance(leader, int) else leader.pid
+    signal_group(pid, signal.SIGKILL)
+    if isinstance(leader, int):
+        os.waitpid(pid, 0)
+    else:
+        leader.wait()
+
+
+@functools.cache
+def _null_stdin() -> int:
+    """``/dev/null`` for every command's stdin, opened once (``Popen`` opens it and closes
+    it again for each command)."""
+    return os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)
+
+
+@functools.cache
+def _stop_inheriting_descriptors() -> None:
+    """Make the descriptors this process inherited when it started non-inheritable, once.
+
+    ``posix_spawn`` has no ``close_fds``: a command would get every inheritable
+    descriptor, say a pipe of whatever started the consumer, and hold it open. Every
+    descriptor Python opens is non-inheritable already (PEP 446).
+    """
+    for name in os.listdir("/proc/self/fd"):
+        descriptor = int(name)
+        if descriptor > 2:
+            # The listing's own descriptor is closed by now.
+            with contextlib.suppress(OSError):
+                os.set_inheritable(descriptor, False)
+
+
+class _AnyioCommand:
+    """The fallback where there is no pidfd: AnyIO's process API, with a task of its own
+    collecting the output."""
+
+    def __init__(self, process: Process, output: CappedOutput) -> None:
+        self._process = process
+        self._output = output
+        self._output_ended = anyio.Event()
+
+    @classmethod
+    async def start(
+        cls, argv: Sequence[str], *, env: Mapping[str, str], cwd: str | None, output: CappedOutput
+    ) -> _AnyioCommand:
         process = await anyio.open_process(
             list(argv),
             stdin=subprocess.DEVNULL,
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
             cwd=cwd,
-            env=env if watchdog is None else watchdog.marked(env),
+            env=env,
             start_new_session=True,
         )
-        if watchdog is not None:
-            await watchdog.guard(process.pid)
-    assert process is not None  # a shielded scope swallows no cancellation
-    return process
+        return cls(process, output)
+
+    @property
+    def pid(self) -> int:
+        return self._process.pid
+
+    @property
+    def returncode(self) -> int | None:
+        return self._process.returncode
+
+    @asynccontextmanager
+    async def collecting_output(self) -> AsyncGenerator[None]:
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(self._collect)
+            yield
+            tg.cancel_scope.cancel()
+
+    async def wait(self) -> None:
+        await self._process.wait()
+
+    async def pause(self, seconds: float) -> None:
+        await anyio.sleep(seconds)
+
+    async def read_to_end(self) -> None:
+        await self._output_ended.wait()
+
+    async def aclose(self) -> None:
+        await self._process.aclose()
+
+    async def _collect(self) -> None:
+        assert self._process.stdout is not None
+        try:
+            while True:
+                self._output.append(await self._process.stdout.receive(_READ_CHUNK))
+        except (anyio.EndOfStream, anyio.ClosedResourceError, anyio.BrokenResourceError):
+            pass
+        finally:
+            self._output_ended.set()
 
 
-async def _collect(stream: ByteReceiveStream, output: CappedOutput) -> None:
-    try:
-        while True:
-            output.append(await stream.receive(_READ_CHUNK))
-    except (anyio.EndOfStream, anyio.ClosedResourceError, anyio.BrokenResourceError):
-        pass
-    finally:
-        output.complete.set()
-
-
-async def _stop_group(process: Process, grace: float) -> None:
+async def _stop_group(command: _Command, grace: float) -> None:
     """SIGTERM the process group, wait up to ``grace`` for it to empty, then SIGKILL it."""
-    if not signal_group(process.pid, signal.SIGTERM):
+    if not signal_group(command.pid, signal.SIGTERM):
         return
     with anyio.move_on_after(grace):
-        await process.wait()
-        await _wait_for_empty_group(process.pid)
+        await command.wait()
+        await _wait_for_empty_group(command)
         return
-    signal_group(process.pid, signal.SIGKILL)
-    await process.wait()
+    signal_group(command.pid, signal.SIGKILL)
+    await command.wait()
     # A killed process dies only once it is next scheduled: the leader's exit does not
     # mean the rest of the group is gone yet.
     with anyio.move_on_after(_KILL_SETTLE):
-        await _wait_for_empty_group(process.pid)
+        await _wait_for_empty_group(command)
 
 
-async def _wait_for_empty_group(pgid: int) -> None:
+async def _wait_for_empty_group(command: _Command) -> None:
     # Nothing notifies us when the last member of a group exits: poll.
-    while group_has_live_members(pgid):  # noqa: ASYNC110
-        await anyio.sleep(_GROUP_POLL)
+    while group_has_live_members(command.pid):
+        await command.pause(_GROUP_POLL)
