@@ -181,8 +181,7 @@ async def run_command(
             await _stop_group(command, kill_grace)
             # Everything in the group is gone, so the pipe is at its end; a process that
             # left the group on purpose must not hold the run open.
-            with anyio.move_on_after(_STRAY_OUTPUT_SECONDS):
-                await command.read_to_end()
+            await command.read_to_end(within=_STRAY_OUTPUT_SECONDS)
     except BaseException:
         with anyio.CancelScope(shield=True):
             await _stop_group(command, kill_grace)
@@ -238,8 +237,9 @@ class _Command(Protocol):
     async def pause(self, seconds: float) -> None:
         """Let ``seconds`` pass (output keeps being collected)."""
 
-    async def read_to_end(self) -> None:
-        """Until the end of the output: every process holding the pipe has closed it."""
+    async def read_to_end(self, *, within: float) -> None:
+        """Until the end of the output (every process holding the pipe has closed it),
+        for ``within`` seconds at most."""
 
     async def aclose(self) -> None:
         """Release the command's descriptors (reaping the leader, if not yet done)."""
@@ -333,7 +333,12 @@ class _PidfdCommand:
             while True:
                 await self._handle_events()
 
-    async def read_to_end(self) -> None:
+    async def read_to_end(self, *, within: float) -> None:
+        if self._pipe is not None:  # else the usual case: the pipe ended with the leader
+            with anyio.move_on_after(within):
+                await self._read_until_the_end()
+
+    async def _read_until_the_end(self) -> None:
         while self._pipe is not None:
             await self._handle_events()
 
@@ -491,8 +496,9 @@ class _AnyioCommand:
     async def pause(self, seconds: float) -> None:
         await anyio.sleep(seconds)
 
-    async def read_to_end(self) -> None:
-        await self._output_ended.wait()
+    async def read_to_end(self, *, within: float) -> None:
+        with anyio.move_on_after(within):
+            await self._output_ended.wait()
 
     async def aclose(self) -> None:
         await self._process.aclose()
