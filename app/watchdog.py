@@ -28,7 +28,6 @@ from collections.abc import AsyncGenerator, Mapping
 from contextlib import asynccontextmanager
 
 import anyio
-from anyio.abc import ByteSendStream
 
 from app import process_groups
 
@@ -44,8 +43,9 @@ _EXIT_SECONDS = 5.0
 class Watchdog:
     """The consumer's side of the pipe: tells the watchdog which groups to stop."""
 
-    def __init__(self, pipe: ByteSendStream, mark: str) -> None:
-        self._pipe = pipe
+    def __init__(self, pipe: int, mark: str) -> None:
+        self._pipe: int | None = pipe
+        """The write end of the watchdog's stdin, non-blocking; ``None`` once closed."""
         self.mark = mark
         """The value of ``TASKQ_WATCHDOG`` in the environment of guarded commands."""
         self._lock = anyio.Lock()
@@ -63,15 +63,27 @@ class Watchdog:
         """The group is empty (its run ended): forget it."""
         await self._send(b"-%d\n" % pgid)
 
+    def close(self) -> None:
+        """Close the pipe: the watchdog stops the groups still registered, and exits."""
+        if self._pipe is not None:
+            os.close(self._pipe)
+            self._pipe = None
+
     async def _send(self, line: bytes) -> None:
-        if self._lost:
-            return
-        try:
-            async with self._lock:
-                await self._pipe.send(line)
-        except (anyio.BrokenResourceError, anyio.ClosedResourceError, OSError):
-            self._lost = True
-            log.error("the watchdog is gone: commands would outlive a crash of this process")
+        # Written straight to the pipe (a stream's write, drain and lock cost several
+        # times more, twice per command). A line is shorter than PIPE_BUF, so each write
+        # is whole or fails: lines from concurrent runs cannot interleave.
+        while self._pipe is not None and not self._lost:
+            try:
+                os.write(self._pipe, line)
+                return
+            except BlockingIOError:
+                # The watchdog reads every 50 ms: a full pipe means it is stuck or slow.
+                async with self._lock:  # one task at a time waits on the descriptor
+                    await anyio.wait_writable(self._pipe)
+            except OSError:
+                self._lost = True
+                log.error("the watchdog is gone: commands would outlive a crash of this process")
 
 
 @asynccontextmanager
@@ -85,32 +97,42 @@ async def watching_commands(grace: float = WATCHDOG_GRACE) -> AsyncGenerator[Wat
     # Run by path: the program needs the standard library only, and whatever sys.path
     # finds taskq here (PYTHONPATH, a venv) is ignored by -I.
     program = [process_groups.__file__, str(grace), f"{MARK_VARIABLE}={mark}"]
-    process = await anyio.open_process(
-        [sys.executable, "-I", *program],
-        stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE,
-        stderr=None,
-        env={"PATH": os.defpath},
-        # Out of the terminal's process group: Ctrl-C reaches the consumer only.
-        start_new_session=True,
-    )
-    assert process.stdin is not None and process.stdout is not None
+    pipe, write_end = os.pipe()
+    try:
+        process = await anyio.open_process(
+            [sys.executable, "-I", *program],
+            stdin=pipe,
+            stdout=subprocess.PIPE,
+            stderr=None,
+            env={"PATH": os.defpath},
+            # Out of the terminal's process group: Ctrl-C reaches the consumer only.
+            start_new_session=True,
+        )
+    except BaseException:
+        os.close(write_end)
+        raise
+    finally:
+        os.close(pipe)
+    os.set_blocking(write_end, False)
+    watchdog = Watchdog(write_end, mark)
+    assert process.stdout is not None
     try:
         with anyio.fail_after(_EXIT_SECONDS):
             ready = await process.stdout.receive()
     except (anyio.EndOfStream, TimeoutError):
         ready = b""
     if ready != process_groups.READY:
+        watchdog.close()
         with contextlib.suppress(ProcessLookupError):
             process.kill()
         await process.aclose()
         raise RuntimeError("the command watchdog did not start (its error is above)")
     try:
-        yield Watchdog(process.stdin, mark)
+        yield watchdog
     finally:
         with anyio.CancelScope(shield=True):
+            watchdog.close()
             with anyio.move_on_after(_EXIT_SECONDS + grace):
-                await process.stdin.aclose()
                 await process.wait()
             if process.returncode is None:
                 with contextlib.suppress(ProcessLookupError):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -16,7 +17,7 @@ from anyio.abc import Process
 
 from app import process_groups
 from app.executor import CappedOutput, run_command
-from app.watchdog import MARK_VARIABLE, watching_commands
+from app.watchdog import MARK_VARIABLE, Watchdog, watching_commands
 from tests.conftest import eventually
 from tests.processes import alive
 
@@ -136,3 +137,59 @@ async def test_a_watchdog_that_cannot_start_stops_the_start(
     with pytest.raises(RuntimeError, match="the command watchdog did not start"):
         async with watching_commands():
             pass
+
+
+async def test_registrations_wait_for_room_in_a_full_pipe_and_arrive_whole() -> None:
+    # A watchdog that has stopped reading for a while: its pipe is full.
+    read_end, write_end = os.pipe()
+    os.set_blocking(read_end, False)
+    os.set_blocking(write_end, False)
+    watchdog = Watchdog(write_end, "mark")
+    try:
+        filled = 0
+        with contextlib.suppress(BlockingIOError):
+            while True:
+                filled += os.write(write_end, b"x" * 4096)
+        done: list[int] = []
+        received = b""
+
+        async def register(pgid: int) -> None:
+            await watchdog.guard(pgid)
+            done.append(pgid)
+
+        with anyio.fail_after(5):
+            async with anyio.create_task_group() as tg:
+                for pgid in (11, 22):
+                    tg.start_soon(register, pgid)
+                await anyio.sleep(0.05)
+                assert done == []  # waiting, not lost
+                received = os.read(read_end, filled)  # the watchdog reads again
+                await eventually(lambda: len(done) == 2, within=5)
+        received += os.read(read_end, 65536)
+    finally:
+        watchdog.close()
+        os.close(read_end)
+    assert sorted(received[filled:].splitlines()) == [b"+11", b"+22"]
+
+
+async def test_a_gone_watchdog_is_reported_and_does_not_stop_commands(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    read_end, write_end = os.pipe()
+    os.close(read_end)
+    watchdog = Watchdog(write_end, "mark")
+    try:
+        outcome = await run_command(
+            ["/bin/sh", "-c", "echo ran"],
+            env={},
+            cwd=None,
+            time_limit=None,
+            output=CappedOutput(4096),
+            watchdog=watchdog,
+        )
+    finally:
+        watchdog.close()
+    assert outcome.output == "ran\n"
+    assert [r.message for r in caplog.records].count(
+        "the watchdog is gone: commands would outlive a crash of this process"
+    ) == 1
