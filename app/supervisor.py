@@ -81,7 +81,8 @@ async def serve_http(
 
 def _watch_children_with_pidfd() -> None:
     """On Python 3.11, asyncio waits for each child process with a thread of its own;
-    a pidfd watcher (the default from 3.12 on) costs far less per command."""
+    a pidfd watcher (the default from 3.12 on) needs none. Commands do without asyncio's
+    subprocesses where there are pidfds (``app.executor``): this serves the watchdog."""
     if sys.version_info >= (3, 12) or sniffio.current_async_library() != "asyncio":
         return
     import asyncio
