@@ -291,38 +291,39 @@ class _PidfdCommand:
         *,
         pidfd: int,
         pipe: int,
+        events: select.epoll,
         output: CappedOutput,
     ) -> None:
         self._popen = leader if isinstance(leader, subprocess.Popen) else None
-        self.pid = leader.pid if isinstance(leader, subprocess.Popen) else leader
+        self.pid = _pid_of(leader)
         self.returncode: int | None = None
         self._pidfd = pidfd
         self._pipe: int | None = pipe
+        self._events = events
+        """Holds the pipe until its end, and the pidfd until the leader is reaped."""
         self._output = output
-        self._events = select.epoll()
-        self._events.register(pipe, select.EPOLLIN)
-        self._events.register(pidfd, select.EPOLLIN)
 
     @classmethod
     def start(
         cls, argv: Sequence[str], *, env: Mapping[str, str], cwd: str | None, output: CappedOutput
     ) -> _PidfdCommand:
-        pipe, write_end = os.pipe2(os.O_CLOEXEC)
-        try:
+        with contextlib.ExitStack() as undo:  # what to undo if a step fails
+            events = select.epoll()
+            undo.callback(events.close)
+            pipe, write_end = os.pipe2(os.O_CLOEXEC)
+            undo.callback(os.close, pipe)
             try:
                 leader = _spawn_leader(argv, env=env, cwd=cwd, stdout=write_end)
             finally:
                 os.close(write_end)
+            undo.callback(_kill_unwatched, leader)
+            pidfd = os.pidfd_open(_pid_of(leader))
+            undo.callback(os.close, pidfd)
             os.set_blocking(pipe, False)
-            try:
-                pidfd = os.pidfd_open(leader if isinstance(leader, int) else leader.pid)
-                return cls(leader, pidfd=pidfd, pipe=pipe, output=output)
-            except OSError:
-                _kill_unwatched(leader)
-                raise
-        except BaseException:
-            os.close(pipe)
-            raise
+            events.register(pipe, select.EPOLLIN)
+            events.register(pidfd, select.EPOLLIN)
+            undo.pop_all()
+        return cls(leader, pidfd=pidfd, pipe=pipe, events=events, output=output)
 
     def collecting_output(self) -> AbstractAsyncContextManager[None]:
         # Every wait below collects the output: nothing to run beside them.
@@ -421,13 +422,16 @@ def _spawn_leader(
     )
 
 
+def _pid_of(leader: subprocess.Popen[bytes] | int) -> int:
+    return leader if isinstance(leader, int) else leader.pid
+
+
 def _kill_unwatched(leader: subprocess.Popen[bytes] | int) -> None:
-    """Kill and reap a leader that cannot be awaited (no pidfd for it): it has only just
-    started, so SIGKILL ends it at once, and the blocking wait is short."""
-    pid = leader if isinstance(leader, int) else leader.pid
-    signal_group(pid, signal.SIGKILL)
+    """Kill and reap a leader that cannot be awaited (no pidfd for it, say): it has only
+    just started, so SIGKILL ends its group at once, and the blocking wait is short."""
+    signal_group(_pid_of(leader), signal.SIGKILL)
     if isinstance(leader, int):
-        os.waitpid(pid, 0)
+        os.waitpid(leader, 0)
     else:
         leader.wait()
 
