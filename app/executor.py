@@ -13,10 +13,11 @@ is started with ``os.posix_spawn`` (``subprocess.Popen`` when it needs a working
 directory or a search of ``PATH``, which ``posix_spawn`` lacks), and one task waits
 for its output pipe and its exit (a pidfd) together, through an epoll set holding both:
 no transport, no task group, no thread, on asyncio and trio alike. Measured side by
-side on this project's 2-core machine under load (``python -m tests.bench.spawn_rate
--n 500 --repeat 3``, asyncio, ``sh -c true``): parent CPU per command 0.75-0.81 ms
-through AnyIO, 0.32-0.33 ms here (0.39-0.44x); commands per second 1.8-2.1x, at
-concurrency 1 and 8. (On trio, AnyIO spawns from worker threads, which overlap the
+side on this project's 2-core machine (``python -m tests.bench.spawn_rate -n 500
+--repeat 3``, asyncio, ``sh -c true``, concurrency 1 and 8, with and without the
+watchdog): parent CPU per command 0.46-0.64 ms through AnyIO, 0.22-0.28 ms here
+(0.44-0.51x); commands per second 1.15-1.3x (1.5-2.1x in a run while the machine was
+busy with other work, CPU 0.39-0.44x). (On trio, AnyIO spawns from worker threads, which overlap the
 wait for a child's exec: at concurrency 8 on a loaded machine that way started more
 commands per second, for more CPU each. The service runs on asyncio.)
 AnyIO's API remains the fallback where the kernel has no pidfd (before Linux 5.3, or
