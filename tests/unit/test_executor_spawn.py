@@ -44,7 +44,6 @@ async def run(
     cwd: str | None = None,
     time_limit: float | None = None,
     output: CappedOutput | None = None,
-    kill_grace: float = 5.0,
 ) -> Outcome:
     with anyio.fail_after(WAIT):
         return await run_command(
@@ -53,7 +52,6 @@ async def run(
             cwd=cwd,
             time_limit=time_limit,
             output=CappedOutput(LIMIT) if output is None else output,
-            kill_grace=kill_grace,
         )
 
 
