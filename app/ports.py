@@ -129,7 +129,11 @@ class TaskStore(Protocol):
 
     async def commit_each(self, changes: Sequence[TaskChange]) -> list[bool]:
         """Apply each change atomically on its own (in one round trip where the store
-        can); report which were applied. A conflict or an existing id is ``False``."""
+        can); report which were applied. A conflict or an existing id is ``False``.
+
+        Sending a change again after ``StoreUnavailable`` is safe: one that was applied
+        (its answer lost) reports ``True`` instead of a conflict.
+        """
         ...
 
     async def create_each(self, changes: Sequence[TaskChange]) -> list[bool]:
@@ -145,6 +149,13 @@ class TaskStore(Protocol):
 
     async def get_task_and_run(self, task_id: str, run_id: str) -> tuple[Task | None, Run | None]:
         """The task and one of its runs, read together (one round trip where possible)."""
+        ...
+
+    async def get_tasks_and_runs(
+        self, pairs: Sequence[tuple[str, str]]
+    ) -> list[tuple[Task | None, Run | None]]:
+        """``get_task_and_run`` for each (task id, run id) pair, in order, all in one
+        round trip where the store can."""
         ...
 
     async def list_runs(self, task_id: str, *, limit: int) -> list[Run]:

@@ -136,6 +136,8 @@ class MemoryStore:
     def _commit_now(self, change: TaskChange) -> None:
         task_id = change.task_id
         current_doc = self._tasks.get(task_id)
+        if change.task is not None and current_doc == msgspec.json.encode(change.task):
+            return  # sent again after its answer was lost (as Redis's commit script)
         current = None if current_doc is None else _task_decoder.decode(current_doc)
         if change.expected_revision is None:
             if current is not None:
@@ -206,6 +208,11 @@ class MemoryStore:
 
     async def get_task_and_run(self, task_id: str, run_id: str) -> tuple[Task | None, Run | None]:
         return await self.get_task(task_id), await self.get_run(task_id, run_id)
+
+    async def get_tasks_and_runs(
+        self, pairs: Sequence[tuple[str, str]]
+    ) -> list[tuple[Task | None, Run | None]]:
+        return [await self.get_task_and_run(task_id, run_id) for task_id, run_id in pairs]
 
     async def list_runs(self, task_id: str, *, limit: int) -> list[Run]:
         await anyio.lowlevel.checkpoint()

@@ -296,6 +296,25 @@ class RedisStore:
         )
 
     @_translate_errors
+    async def get_tasks_and_runs(
+        self, pairs: Sequence[tuple[str, str]]
+    ) -> list[tuple[Task | None, Run | None]]:
+        if not pairs:
+            return []
+        async with self._redis.pipeline(transaction=False) as pipe:
+            for task_id, run_id in pairs:
+                pipe.get(self.task_key(task_id))
+                pipe.hget(self.runs_key(task_id), run_id)
+            docs = cast(list[bytes | None], await pipe.execute())
+        return [
+            (
+                None if task_doc is None else _task_decoder.decode(task_doc),
+                None if run_doc is None else _run_decoder.decode(run_doc),
+            )
+            for task_doc, run_doc in zip(docs[::2], docs[1::2], strict=True)
+        ]
+
+    @_translate_errors
     async def list_runs(self, task_id: str, *, limit: int) -> list[Run]:
         docs = await self._list_runs(ListRunsKeys(self.runs_key(task_id)), ListRunsArgs(limit))
         return [_run_decoder.decode(doc) for doc in cast(list[bytes | None], docs) if doc]

@@ -207,6 +207,35 @@ async def test_commit_each_reports_each_change(store: Store) -> None:
     assert fetched is not None and fetched.name == "new"
 
 
+async def test_a_change_sent_again_after_it_was_applied_reports_applied(store: Store) -> None:
+    # What a caller does when the answer to a commit was lost in an outage.
+    task = await create(store, "a")
+    pending, run = unpack(queue_run(task, utcnow()))
+    change = TaskChange("a", task.revision, pending, runs=[run])
+    assert await store.commit_each([change]) == [True]
+    assert await store.commit_each([change]) == [True]
+    await store.commit(change)
+    assert await store.get_task("a") == pending
+    assert await store.list_runs("a", limit=10) == [run]
+    # A different change planned from the same old revision is still a conflict.
+    assert await store.commit_each([TaskChange("a", task.revision, next_revision(task))]) == [
+        False
+    ]
+
+
+async def test_get_tasks_and_runs_reads_each_pair_in_order(store: Store) -> None:
+    task = await create(store, "a")
+    pending, run = unpack(queue_run(task, utcnow()))
+    await store.commit(TaskChange("a", task.revision, pending, runs=[run]))
+    other = await create(store, "b")
+    assert await store.get_tasks_and_runs([]) == []
+    read = await store.get_tasks_and_runs(
+        [("a", run.run_id), ("b", run.run_id), ("gone", run.run_id), ("a", run.run_id)]
+    )
+    assert read == [(pending, run), (other, None), (None, None), (pending, run)]
+    assert read[0] == await store.get_task_and_run("a", run.run_id)
+
+
 async def test_wait_for_due_waits_for_the_earliest_entry(store: Store) -> None:
     task = await create(store, "a")
     due = time.time() + 0.3
