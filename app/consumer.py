@@ -19,6 +19,7 @@ from datetime import datetime, timedelta
 import anyio
 from anyio.abc import TaskStatus as StartedStatus
 
+from app.coalescing import Coalescer
 from app.domain import (
     CANCELLED_REASON,
     ENTROPY,
@@ -39,7 +40,7 @@ from app.domain import (
 from app.executor import CappedOutput, inherited_environment, run_command
 from app.live_output import OutputRelay
 from app.outages import Backoff, settle, until_available
-from app.ports import Broker, Delivery, Store, StoreUnavailable
+from app.ports import Broker, Delivery, Store, StoreUnavailable, TaskChange
 from app.stopping import cancel_after, cancel_when_set
 from app.transactions import transact
 from app.watchdog import Watchdog
@@ -122,6 +123,9 @@ class Consumer:
         self._watchdog = watchdog
         self._environment = inherited_environment()
         self._relay = OutputRelay(store, keep=output_limit)
+        # Concurrent runs read and commit together: a round trip each per batch, not per run.
+        self._reads = Coalescer(store.get_tasks_and_runs)
+        self._commits = Coalescer(store.commit_each)
 
     async def run(
         self, stopping: anyio.Event, *, task_status: StartedStatus[None] = anyio.TASK_STATUS_IGNORED
@@ -135,6 +139,8 @@ class Consumer:
                     timers.start_soon(cancel_when_set, stopping, intake)
                     timers.start_soon(self._renew_leases)
                     timers.start_soon(self._relay.forward)
+                    timers.start_soon(self._reads.serve)
+                    timers.start_soon(self._commits.serve)
                     await timers.start(self._watch_cancels)
                     async with self._broker.consume(prefetch=self._concurrency) as deliveries:
                         task_status.started()
@@ -169,19 +175,14 @@ class Consumer:
             return None
         # While the store is out of reach the delivery stays unsettled here, and the
         # prefetch limit stops more from arriving.
-        task, run = await until_available(
-            lambda: self._store.get_task_and_run(dispatch.task_id, dispatch.run_id),
-            "read a dispatched run",
-        )
+        pair = (dispatch.task_id, dispatch.run_id)
+        task, run = await until_available(lambda: self._reads.submit(pair), "read a dispatched run")
         started = None
         if task is None or run is None or run.status != RunStatus.QUEUED:
             log.info("skipping %s/%s: not a queued run", dispatch.task_id, dispatch.run_id)
         else:
-            queued_task, queued_run = task, run
             try:
-                started = await until_available(
-                    lambda: self._start(queued_task, queued_run), "record a start"
-                )
+                started = await self._start(task, run)
             except DomainError as exc:
                 log.info("skipping %s/%s: %s", dispatch.task_id, dispatch.run_id, exc)
         await settle(delivery.ack)
@@ -230,9 +231,7 @@ class Consumer:
             return finish_run(current, run, outcome, now(), entropy=self._entropy)
 
         try:
-            recorded = await until_available(
-                lambda: transact(self._store, run.task_id, plan, known=task), "record a result"
-            )
+            recorded = await self._commit_together(plan, task, "record a result")
         except DomainError as exc:
             log.warning("result of %s/%s not recorded: %s", run.task_id, run.run_id, exc)
             return
@@ -282,8 +281,24 @@ class Consumer:
             now = self._clock()
             return start_run(current, run, self._worker, now, lease_until=now + self._lease)
 
-        started = await transact(self._store, run.task_id, plan, known=task)
+        started = await self._commit_together(plan, task, "record a start")
         return started.task, started.run
+
+    async def _commit_together(
+        self, plan: Callable[[Task], Transition], known: Task, what: str
+    ) -> Transition:
+        """Plan from ``known`` and commit with the other runs' commits; if the task
+        changed since ``known`` was read, read it again and commit alone (``transact``).
+
+        Raises the ``DomainError`` of a plan the task does not allow; waits out outages.
+        """
+        planned = plan(known)
+        change = TaskChange.of(planned)
+        # Sending the very same change again after an outage is safe: a store that
+        # applied it (and lost the answer) reports it applied, not a conflict.
+        if await until_available(lambda: self._commits.submit(change), what):
+            return planned
+        return await until_available(lambda: transact(self._store, known.id, plan), what)
 
     async def _give_back(self, run: Run) -> None:
         """Close a run this worker could not finish and queue the task again."""

@@ -5,10 +5,13 @@ from __future__ import annotations
 import time
 from collections.abc import AsyncGenerator
 from contextlib import asynccontextmanager
+from contextvars import ContextVar
 from datetime import timedelta
 from pathlib import Path
+from typing import Any
 
 import anyio
+import pytest
 
 from app.adapters.memory_broker import MemoryBroker
 from app.adapters.memory_store import MemoryStore
@@ -260,3 +263,48 @@ async def test_a_cancel_notice_that_comes_before_its_command_stops_it_when_it_st
     assert commands.task_ids() == []
     with commands.register(task, run) as again:
         assert not again.cancel_called, "a notice stops one command, once"
+
+
+STORE_CALLS = ("get_task_and_run", "get_tasks_and_runs", "commit", "commit_each")
+"""The store calls a consumer makes for a run (a round trip each)."""
+
+
+def count_round_trips(
+    store: MemoryStore, monkeypatch: pytest.MonkeyPatch, *, latency: float
+) -> list[str]:
+    """Record every round trip the store serves from now on, each taking ``latency``
+    seconds, as a store a network hop away would."""
+    calls: list[str] = []
+    serving = ContextVar("serving", default=False)  # the memory store calls itself
+
+    for name in STORE_CALLS:
+        call = getattr(store, name)
+
+        async def counted(*args: Any, __name: str = name, __call: Any = call) -> Any:
+            if serving.get():
+                return await __call(*args)
+            calls.append(__name)
+            serving.set(True)
+            try:
+                await anyio.sleep(latency)
+                return await __call(*args)
+            finally:
+                serving.set(False)
+
+        monkeypatch.setattr(store, name, counted)
+    return calls
+
+
+async def test_concurrent_runs_share_their_store_round_trips(
+    store: MemoryStore, broker: MemoryBroker, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # One call each would be three round trips per run: read, start, finish.
+    runs = 8
+    for n in range(runs):
+        await submit(store, broker, f"t{n}", "true")
+    calls = count_round_trips(store, monkeypatch, latency=0.01)
+    async with consuming(store, broker, concurrency=runs):
+        for n in range(runs):
+            task = await finished(store, f"t{n}")
+            assert task.status == TaskStatus.COMPLETED
+    assert 0 < len(calls) <= 2 * runs, calls
