@@ -218,9 +218,7 @@ async def test_a_change_sent_again_after_it_was_applied_reports_applied(store: S
     assert await store.get_task("a") == pending
     assert await store.list_runs("a", limit=10) == [run]
     # A different change planned from the same old revision is still a conflict.
-    assert await store.commit_each([TaskChange("a", task.revision, next_revision(task))]) == [
-        False
-    ]
+    assert await store.commit_each([TaskChange("a", task.revision, next_revision(task))]) == [False]
 
 
 async def test_get_tasks_and_runs_reads_each_pair_in_order(store: Store) -> None:

@@ -1,0 +1,117 @@
+"""The consumer's batched store calls on the real Redis: a batch that fails in an outage
+loses nothing and repeats nothing, whether it never reached Redis or Redis applied it
+and the answer was lost."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import anyio
+import pytest
+
+from app.adapters import open_store
+from app.adapters.memory_broker import MemoryBroker
+from app.consumer import Consumer
+from app.domain import RunStatus, TaskStatus
+from app.ports import Store, StoreUnavailable, TaskChange
+from app.scheduler import Scheduler
+from app.schemas import TaskCreate
+from app.service import TaskService
+from tests.conftest import REDIS_URL, delete_keys, eventually
+
+RUNS = 8
+BATCH_LATENCY = 0.05
+"""Seconds each batched call takes until its outage: runs asking meanwhile queue up."""
+
+
+@pytest.fixture
+async def store(prefix: str) -> AsyncIterator[Store]:
+    try:
+        async with open_store(REDIS_URL, prefix=prefix, run_history=10) as opened:
+            yield opened
+    finally:
+        await delete_keys(prefix)
+
+
+def kind_of(request: Any) -> str:
+    """Which of the consumer's batched calls a request belongs to."""
+    if isinstance(request, TaskChange):
+        return "start" if request.runs[0].status == RunStatus.RUNNING else "finish"
+    return "read"
+
+
+class OneOutagePerKind:
+    """Fails the first batch of several reads, of several starts and of several
+    finishes: ``before`` Redis sees them, or ``after`` Redis applied them."""
+
+    def __init__(self, lost: str) -> None:
+        self.lost = lost
+        self.failed: dict[str, int] = {}  # kind -> size of the batch that failed
+
+    def wrap(self, call: Callable[[Sequence[Any]], Awaitable[list[Any]]]) -> Any:
+        async def batched(requests: Sequence[Any]) -> list[Any]:
+            kind = kind_of(requests[0]) if requests else ""
+            if not requests or kind in self.failed:
+                return await call(requests)
+            await anyio.sleep(BATCH_LATENCY)
+            if len(requests) < 2:
+                return await call(requests)
+            self.failed[kind] = len(requests)
+            if self.lost == "after":
+                await call(requests)
+            raise StoreUnavailable(f"injected: a batch of {len(requests)} {kind}s, {self.lost}")
+
+        return batched
+
+
+@pytest.mark.parametrize("lost", ["before", "after"])
+async def test_a_batch_failing_in_an_outage_loses_and_repeats_nothing(
+    store: Store, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, lost: str
+) -> None:
+    ran = tmp_path / "ran"
+    broker = MemoryBroker()
+    service = TaskService(store)
+    queued_revisions: dict[str, int] = {}
+    for n in range(RUNS):
+        task_id = f"t{n}"
+        await service.create(
+            TaskCreate(id=task_id, name=task_id, command=f"echo {task_id} >> {ran}")
+        )
+        await service.execute(task_id)
+        task = await store.get_task(task_id)
+        assert task is not None
+        queued_revisions[task_id] = task.revision
+    assert await Scheduler(store, broker, lease_seconds=30).dispatch_due() == RUNS
+
+    outage = OneOutagePerKind(lost)
+    monkeypatch.setattr(store, "get_tasks_and_runs", outage.wrap(store.get_tasks_and_runs))
+    monkeypatch.setattr(store, "commit_each", outage.wrap(store.commit_each))
+    consumer = Consumer(
+        store, broker, concurrency=RUNS, output_limit=4096, shutdown_grace=5, lease_seconds=30
+    )
+    stopping = anyio.Event()
+
+    async def all_recorded() -> bool:
+        tasks = [await store.get_task(task_id) for task_id in queued_revisions]
+        return all(t is not None and t.status == TaskStatus.COMPLETED for t in tasks)
+
+    async with anyio.create_task_group() as tg:
+        await tg.start(consumer.run, stopping)
+        await eventually(all_recorded)
+        await eventually(lambda: not broker.queue)
+        stopping.set()
+
+    assert set(outage.failed) == {"read", "start", "finish"}, outage.failed
+    assert all(size >= 2 for size in outage.failed.values()), outage.failed
+    assert sorted(ran.read_text().split()) == sorted(queued_revisions), "each ran once"
+    for task_id, queued_revision in queued_revisions.items():
+        task = await store.get_task(task_id)
+        assert task is not None
+        # Exactly two commits after the run was queued: its start and its result.
+        assert task.revision == queued_revision + 2, task_id
+        [run] = await store.list_runs(task_id, limit=10)
+        assert (run.status, run.exit_code) == (RunStatus.COMPLETED, 0)
+        assert task.last_run is not None and task.last_run.run_id == run.run_id
+    assert not broker.dead_letters
