@@ -171,27 +171,114 @@ class AmqpDelivery:
         return self._consumer.stopping or self._consumer.lost is not None
 
     async def ack(self) -> None:
-        await self._settle("ack", lambda channel, tag: channel.basic_ack(tag))
+        await self._settle(self._consumer.settlements.ack)
 
     async def requeue(self) -> None:
-        await self._settle("requeue", lambda channel, tag: channel.basic_nack(tag, requeue=True))
+        await self._settle(self._consumer.settlements.requeue)
 
     async def dead_letter(self) -> None:
-        await self._settle(
-            "dead-letter", lambda channel, tag: channel.basic_reject(tag, requeue=False)
-        )
+        await self._settle(self._consumer.settlements.dead_letter)
 
-    async def _settle(
-        self, what: str, settle: Callable[[AbstractChannel, int], Awaitable[None]]
-    ) -> None:
+    async def _settle(self, settle: Callable[[int], Awaitable[None]]) -> None:
         if self._settled or self.stale:
             # As with the memory broker: settling twice, or after the channel went (the
             # message is back in the queue, for a redelivery), does nothing.
             await anyio.lowlevel.checkpoint()
             return
         self._settled = True
-        with _unavailable_on_error(f"cannot {what} delivery {self.delivery_tag}"):
-            await settle(self._consumer.channel, self.delivery_tag)
+        await settle(self.delivery_tag)
+
+
+class _AckRound:
+    """Delivery tags acknowledged by one write, and how it went."""
+
+    __slots__ = ("done", "error", "tags")
+
+    def __init__(self, tags: set[int]) -> None:
+        self.tags = tags
+        self.done = anyio.Event()
+        self.error: BrokerUnavailable | None = None
+
+
+class _Settlements:
+    """Settles the deliveries of one channel, coalescing acknowledgements.
+
+    Each ack frame costs a write and a wake-up of the connection's writer, and a
+    consumer acknowledges concurrent runs at nearly the same time. So acks asked for
+    while one is being written go out together: the oldest deliveries still unsettled
+    as one ``basic_ack(tag, multiple=True)``, and those past a gap (an older delivery
+    still unsettled, or being requeued or rejected) one by one, since ``multiple``
+    would settle the gap too. An ack returns once the frame that carries it is written.
+    """
+
+    def __init__(self, channel: AbstractChannel) -> None:
+        self._channel = channel
+        self._unsettled: dict[int, None] = {}  # tags not settled on the wire, oldest first
+        self._wanted: set[int] = set()  # tags to ack with the next write
+        self._writing: _AckRound | None = None
+
+    def delivered(self, tag: int) -> None:
+        self._unsettled[tag] = None
+
+    async def ack(self, tag: int) -> None:
+        self._wanted.add(tag)
+        try:
+            while (writing := self._writing) is not None:
+                await writing.done.wait()
+                if tag in writing.tags:
+                    if writing.error is not None:
+                        raise writing.error
+                    return
+        except BaseException:
+            self._wanted.discard(tag)  # given up before a write took it: stays unsettled
+            raise
+        await self._write_acks()
+
+    async def requeue(self, tag: int) -> None:
+        await self._alone("requeue", tag, self._channel.basic_nack(tag, requeue=True))
+
+    async def dead_letter(self, tag: int) -> None:
+        await self._alone("dead-letter", tag, self._channel.basic_reject(tag, requeue=False))
+
+    async def _alone(self, what: str, tag: int, settling: Awaitable[None]) -> None:
+        """Settle ``tag`` with a frame of its own; until it is written, no ``multiple``
+        ack passes it."""
+        with _unavailable_on_error(f"cannot {what} delivery {tag}"):
+            await settling
+        del self._unsettled[tag]
+
+    async def _write_acks(self) -> None:
+        """Write the acks wanted now; later ones wait for the next write."""
+        writing = self._writing = _AckRound(self._wanted)
+        self._wanted = set()
+        try:
+            # Shielded: every ack of the round waits for this write, not only its writer's.
+            with (
+                _unavailable_on_error(f"cannot ack {len(writing.tags)} deliveries"),
+                anyio.fail_after(_RPC_TIMEOUT, shield=True),
+            ):
+                for tag, multiple in self._frames(writing.tags):
+                    await self._channel.basic_ack(tag, multiple=multiple)
+        except BrokerUnavailable as exc:
+            writing.error = exc
+            raise
+        else:
+            for tag in writing.tags:
+                del self._unsettled[tag]
+        finally:
+            self._writing = None
+            writing.done.set()
+
+    def _frames(self, tags: set[int]) -> list[tuple[int, bool]]:
+        """The (tag, multiple) acks that settle exactly ``tags``."""
+        oldest = covered = 0
+        for tag in self._unsettled:
+            if tag not in tags:
+                break
+            oldest, covered = tag, covered + 1
+        frames = [(oldest, covered > 1)] if covered else []
+        frames.extend((tag, False) for tag in sorted(tags) if tag > oldest)
+        return frames
 
 
 class _Consumer:
@@ -201,12 +288,14 @@ class _Consumer:
         self, channel: AbstractChannel, send: MemoryObjectSendStream[AmqpDelivery]
     ) -> None:
         self.channel = channel
+        self.settlements = _Settlements(channel)
         self.stopping = False
         self.lost: str | None = None
         self._send = send
 
     async def on_message(self, message: DeliveredMessage) -> None:
         delivery = AmqpDelivery(self, message)
+        self.settlements.delivered(delivery.delivery_tag)
         try:
             # The stream holds ``prefetch`` items, and RabbitMQ never has more unsettled
             # on this channel, so this does not block; waiting (in order) is the fallback.

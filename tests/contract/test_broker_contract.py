@@ -216,6 +216,51 @@ async def test_unsettled_comes_back_redelivered(broker: Broker) -> None:
         await assert_nothing_arrives(deliveries)
 
 
+async def test_acks_in_any_order_leave_exactly_the_unsettled_delivery(broker: Broker) -> None:
+    messages = dispatches(6)
+    with anyio.fail_after(WAIT):
+        await broker.publish(messages)
+    async with broker.consume(prefetch=6) as deliveries:
+        received = await receive(deliveries, 6)
+        assert [d.dispatch for d in received] == messages
+        with anyio.fail_after(WAIT):
+            await received[5].ack()  # the newest first, while older ones are unsettled
+            async with anyio.create_task_group() as tg:
+                for index in (4, 1, 0, 3):  # all but received[2], at once
+                    tg.start_soon(received[index].ack)
+    async with broker.consume(prefetch=6) as deliveries:
+        [again] = await receive(deliveries, 1)
+        assert again.dispatch == messages[2]
+        assert again.redelivered
+        await again.ack()
+        await assert_nothing_arrives(deliveries)
+
+
+async def test_acks_around_deliveries_requeued_or_dead_lettered_later_settle_only_their_own(
+    broker: Broker, dead_letters: TakeDeadLetters
+) -> None:
+    messages = dispatches(5)
+    with anyio.fail_after(WAIT):
+        await broker.publish(messages)
+    async with broker.consume(prefetch=5) as deliveries:
+        received = await receive(deliveries, 5)
+        with anyio.fail_after(WAIT):
+            async with anyio.create_task_group() as tg:
+                for index in (0, 2, 4):
+                    tg.start_soon(received[index].ack)
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(received[1].requeue)
+                tg.start_soon(received[3].dead_letter)
+        [again] = await receive(deliveries, 1)
+        assert again.dispatch == messages[1]
+        assert again.redelivered
+        await again.ack()
+    [dead] = await wait_for_dead_letters(dead_letters, 1)
+    assert msgspec.json.decode(dead, type=Dispatch) == messages[3]
+    async with broker.consume(prefetch=5) as deliveries:
+        await assert_nothing_arrives(deliveries)
+
+
 async def test_settling_after_the_consumer_stopped_does_nothing(broker: Broker) -> None:
     [message] = dispatches(1)
     with anyio.fail_after(WAIT):
