@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import codecs
 import logging
+import math
 import time
 from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from contextlib import AsyncExitStack
@@ -106,11 +107,13 @@ class RunOutput:
             now - self._opened >= FLUSH_SECONDS or len(self._pending) >= FLUSH_BYTES
         )
 
-    async def finish(self) -> None:
-        """Write what is left, if the live output is in use: a follower then has all of
-        it before the commit that ends the run marks the end."""
+    async def finish(self, *, within: float = math.inf) -> None:
+        """Write what is left, if the live output is in use, giving up after ``within``
+        seconds: a follower then has all of it before the commit that ends the run marks
+        the end. (Most runs have no follower: they pay for no timer here.)"""
         if self._in_use:
-            await self.flush()
+            with anyio.move_on_after(within):
+                await self.flush()
 
     async def flush(self) -> None:
         """Write the pending batch (one flush at a time, so chunks reach the store in order)."""
