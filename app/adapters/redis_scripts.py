@@ -133,7 +133,15 @@ class Script:
         source = (lua / _LIBRARY).read_text() + "\n" + (lua / f"{name}.lua").read_text()
         self._script = client.register_script(source)
 
-    async def __call__(
-        self, keys: NamedTuple, args: NamedTuple, *, client: Pipeline | None = None
-    ) -> Any:
-        return await self._script(keys=list(keys), args=list(args), client=client)
+    async def __call__(self, keys: NamedTuple, args: NamedTuple) -> Any:
+        return await self._script(keys=list(keys), args=list(args))
+
+    def queue(self, pipe: Pipeline, keys: NamedTuple, args: NamedTuple) -> None:
+        """Add a run to ``pipe`` by SHA alone: unlike a script registered with the
+        pipeline, it costs no ``SCRIPT EXISTS`` round trip before each batch. Where Redis
+        lost the script (restart, ``SCRIPT FLUSH``) the pipeline's reply for it is a
+        ``NoScriptError``: ``load`` it and send again."""
+        pipe.evalsha(self._script.sha, len(keys), *keys, *args)
+
+    async def load(self) -> None:
+        await self._script.registered_client.script_load(self._script.script)

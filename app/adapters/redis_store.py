@@ -45,6 +45,7 @@ from redis.asyncio.client import PubSub
 from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialBackoff, NoBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import NoScriptError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from app.adapters.output_followers import OutputEntry, OutputFollowers, Read, read_result
@@ -222,13 +223,22 @@ class RedisStore:
         """Apply each change atomically on its own, in one round trip; report which applied."""
         if not changes:
             return []
+        results = await self._commit_pipelined(changes)
+        if any(isinstance(result, NoScriptError) for result in results):
+            # Redis lost the script: load it and send every change again, which is
+            # safe as a commit already applied reports ``ok``.
+            await self._commit.load()
+            results = await self._commit_pipelined(changes)
+        for result in results:
+            if isinstance(result, Exception):
+                raise result
+        return [result == b"ok" for result in results]
+
+    async def _commit_pipelined(self, changes: Sequence[TaskChange]) -> list[object]:
         async with self._redis.pipeline(transaction=False) as pipe:
             for change in changes:
-                await self._commit(
-                    self._commit_keys(change), self._commit_args(change), client=pipe
-                )
-            results = await pipe.execute()
-        return [result == b"ok" for result in results]
+                self._commit.queue(pipe, self._commit_keys(change), self._commit_args(change))
+            return await pipe.execute(raise_on_error=False)
 
     @_translate_errors
     async def create_each(self, changes: Sequence[TaskChange]) -> list[bool]:
