@@ -19,6 +19,9 @@ from app.ports import ALL_ROLES, FOLLOW_KEEPALIVE, MAX_FOLLOWERS, Role
 DEFAULT_REDIS_URL = "redis://localhost:6379/0"
 DEFAULT_AMQP_URL = "amqp://guest:guest@localhost:5672/"
 MEMORY_URL = "memory://"
+MAX_LOOKAHEAD_SECONDS = 60.0
+"""A dispatch sent ahead of its time waits unacknowledged in a consumer: far less than
+RabbitMQ's consumer timeout, and than a lease."""
 
 
 def usable_cores() -> int:
@@ -48,6 +51,7 @@ class Settings:
     output_limit: int = 1_048_576
     run_history: int = 100
     lease_seconds: float = 30.0
+    lookahead_seconds: float = 1.0
     shutdown_grace: float = 30.0
     request_timeout: float = 10.0
     follow_keepalive: float = FOLLOW_KEEPALIVE
@@ -77,6 +81,11 @@ class Settings:
         for name, (attribute, kind, minimum) in _NUMBERS.items():
             if (raw := env.get(name)) is not None:
                 values[attribute] = _number(name, raw, kind, minimum)
+        if values.get("lookahead_seconds", 0) > MAX_LOOKAHEAD_SECONDS:
+            raise ConfigError(
+                f"TASKQ_LOOKAHEAD_SECONDS must be at most {MAX_LOOKAHEAD_SECONDS:g}, "
+                f"got {env['TASKQ_LOOKAHEAD_SECONDS']!r}"
+            )
         return cls(**values)
 
     def as_env(self) -> dict[str, str]:
@@ -126,6 +135,7 @@ _NUMBERS: dict[str, tuple[str, type[int] | type[float], float]] = {
     "TASKQ_OUTPUT_LIMIT": ("output_limit", int, 1024),
     "TASKQ_RUN_HISTORY": ("run_history", int, 1),
     "TASKQ_LEASE_SECONDS": ("lease_seconds", float, 1),
+    "TASKQ_LOOKAHEAD_SECONDS": ("lookahead_seconds", float, 0),
     "TASKQ_SHUTDOWN_GRACE": ("shutdown_grace", float, 0),
     "TASKQ_REQUEST_TIMEOUT": ("request_timeout", float, 0.1),
     "TASKQ_KEEPALIVE_SECONDS": ("follow_keepalive", float, 0.1),

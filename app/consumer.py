@@ -9,6 +9,11 @@ of the same queued run.
 
 Concurrent runs read and commit through ``Coalescer``s: one round trip per batch of
 reads, of starts or of results, instead of three per run.
+
+A dispatch sent ahead of its run's due time (``not_before``, see ``app.scheduler``) is
+held until this consumer's clock reaches that time, then claimed and started like any
+other. Held deliveries take no run slot, but they do take AMQP prefetch: the prefetch is
+``concurrency`` for runs plus as much room again for held deliveries.
 """
 
 from __future__ import annotations
@@ -17,9 +22,10 @@ import logging
 import time
 from collections.abc import Callable, Generator
 from contextlib import contextmanager
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 
 import anyio
+from anyio.abc import TaskGroup
 from anyio.abc import TaskStatus as StartedStatus
 
 from app.coalescing import Coalescer
@@ -28,6 +34,7 @@ from app.domain import (
     ENTROPY,
     DomainError,
     Entropy,
+    NotDueYet,
     Outcome,
     Run,
     RunStatus,
@@ -53,6 +60,10 @@ log = logging.getLogger(__name__)
 SHUTDOWN_BOOKKEEPING_SECONDS = 10.0
 EARLY_CANCEL_SECONDS = 60.0
 RENEW_RETRY_SECONDS = 0.5
+HELD_ROOM_PER_SLOT = 1
+"""Prefetch room for deliveries held until their due time, per run slot: a burst of
+early dispatches fills at most this much, and what is due now still gets through
+(or waits at most the scheduler's look-ahead, until held ones start)."""
 
 
 class RunningCommands:
@@ -145,9 +156,16 @@ class Consumer:
                     timers.start_soon(self._reads.serve)
                     timers.start_soon(self._commits.serve)
                     await timers.start(self._watch_cancels)
-                    async with self._broker.consume(prefetch=self._concurrency) as deliveries:
+                    prefetch = self._concurrency * (1 + HELD_ROOM_PER_SLOT)
+                    async with (
+                        self._broker.consume(prefetch=prefetch) as deliveries,
+                        anyio.create_task_group() as held,  # stops with the intake
+                    ):
                         task_status.started()
                         async for delivery in deliveries:
+                            if (due := self._not_before(delivery)) is not None:
+                                held.start_soon(self._hold, delivery, due, slots, runs)
+                                continue
                             await slots.acquire()
                             runs.start_soon(self._handle, delivery, slots)
                 if not intake.cancel_called:
@@ -157,6 +175,33 @@ class Consumer:
                 log.info("consumer stopped taking messages; waiting for running commands")
                 timers.start_soon(cancel_after, self._shutdown_grace, runs.cancel_scope)
             timers.cancel_scope.cancel()
+
+    def _not_before(self, delivery: Delivery) -> datetime | None:
+        """When a delivery's run is due, if that is still to come by this consumer's clock."""
+        dispatch = delivery.dispatch
+        if dispatch is None or dispatch.not_before is None:
+            return None
+        due = datetime.fromtimestamp(dispatch.not_before, UTC)
+        return due if due > self._clock() else None
+
+    async def _hold(
+        self, delivery: Delivery, due: datetime, slots: anyio.Semaphore, runs: TaskGroup
+    ) -> None:
+        """Hold a delivery, without a run slot, until its run is due; then handle it as
+        if it came then. Stopping the intake cancels this: the delivery goes back to the
+        queue unsettled."""
+        await self._wait_until(due)
+        await slots.acquire()
+        runs.start_soon(self._handle, delivery, slots)
+
+    async def _wait_until(self, moment: datetime) -> None:
+        """Sleep until this consumer's clock (the one that stamps ``started_at``) reads
+        ``moment``: between machines whose clocks differ, the consumer's decides."""
+        while True:
+            left = (moment - self._clock()).total_seconds()
+            if left <= 0:
+                return
+            await anyio.sleep(left)  # the wall clock may lag the sleep's: look again
 
     async def _handle(self, delivery: Delivery, slot: anyio.Semaphore) -> None:
         try:
@@ -283,8 +328,15 @@ class Consumer:
             now = self._clock()
             return start_run(current, run, self._worker, now, lease_until=now + self._lease)
 
-        started = await self._commit_together(plan, task, "record a start")
-        return started.task, started.run
+        while True:
+            try:
+                started = await self._commit_together(plan, task, "record a start")
+            except NotDueYet as early:
+                # Its message said it was due (an old one carries no time, or this
+                # clock stepped back): it starts when it is due, never before.
+                await self._wait_until(early.not_before)
+                continue
+            return started.task, started.run
 
     async def _commit_together(
         self, plan: Callable[[Task], Transition], known: Task, what: str

@@ -95,6 +95,16 @@ class InvalidTransition(DomainError):
     """The task's current status does not allow the requested operation."""
 
 
+class NotDueYet(InvalidTransition):
+    """A queued run was asked to start before its ``not_before``: wait until then."""
+
+    def __init__(self, run: Run, not_before: datetime) -> None:
+        super().__init__(
+            f"run {run.run_id!r} of {run.task_id!r} is not due before {_iso(not_before)}"
+        )
+        self.not_before = not_before
+
+
 class InvalidSchedule(DomainError):
     """A schedule that can never fire."""
 
@@ -119,6 +129,9 @@ class ActiveRun(msgspec.Struct, kw_only=True):
 
     run_id: str
     attempt: int
+    not_before: datetime | None = None
+    """When a queued run may start, if later than when it was queued: the due time of a
+    scheduled fire dispatched ahead of it (look-ahead dispatch), or a retry's time."""
 
 
 class Recurrence(msgspec.Struct, kw_only=True):
@@ -212,6 +225,8 @@ class Run(msgspec.Struct, kw_only=True):
     attempt: int
     status: RunStatus
     queued_at: datetime
+    not_before: datetime | None = None
+    """The run never starts before this (see ``ActiveRun.not_before``)."""
     started_at: datetime | None = None
     finished_at: datetime | None = None
     exit_code: int | None = None
@@ -418,7 +433,13 @@ def touch(task: Task, now: datetime, **changes: object) -> Transition:
 
 
 def _pending_with_new_run(
-    task: Task, attempt: int, now: datetime, entropy: Entropy, **changes: object
+    task: Task,
+    attempt: int,
+    now: datetime,
+    entropy: Entropy,
+    *,
+    not_before: datetime | None = None,
+    **changes: object,
 ) -> tuple[Task, Run]:
     run = Run(
         run_id=entropy.run_id(now),
@@ -426,8 +447,9 @@ def _pending_with_new_run(
         attempt=attempt,
         status=RunStatus.QUEUED,
         queued_at=now,
+        not_before=not_before,
     )
-    active = ActiveRun(run_id=run.run_id, attempt=run.attempt)
+    active = ActiveRun(run_id=run.run_id, attempt=run.attempt, not_before=not_before)
     pending = _advance(task, now, status=TaskStatus.PENDING, active_run=active, **changes)
     return pending, run
 
@@ -442,10 +464,10 @@ def queue_run(task: Task, now: datetime, *, entropy: Entropy = ENTROPY) -> Trans
     run is active. A one-shot time the task waits for is consumed: this is that run,
     brought forward."""
     _require_idle(task)
-    consumed: dict[str, object] = {}
     if waits_for_one_shot(task):
-        consumed = {"scheduled_at": None, "next_runs": []}
-    pending, run = _pending_with_new_run(task, 1, now, entropy, **consumed)
+        pending, run = _pending_with_new_run(task, 1, now, entropy, scheduled_at=None, next_runs=[])
+    else:
+        pending, run = _pending_with_new_run(task, 1, now, entropy)
     return _step(task, pending, [run], DueAt(timestamp(now)))
 
 
@@ -454,15 +476,21 @@ def fire_schedule(task: Task, now: datetime, *, entropy: Entropy = ENTROPY) -> T
 
     A one-shot time is consumed; a recurrence moves on to its next fire time after
     ``now``, so fires missed while nothing ran (downtime) give one run, not one each.
+    Fired ahead of its time (look-ahead dispatch: ``now`` is before ``scheduled_at``),
+    the run waits for it (``not_before``) and the recurrence moves on to the fire after
+    that time, never to that time again.
     A recurring task with ``misfire: skip`` whose fire is later than its grace time
     runs nothing: the run written is ``skipped`` and the task waits for its next fire.
     The queued run's entry stays the scheduler's claim until its dispatch is confirmed.
     """
     assert task.scheduled_at is not None
     _require_idle(task)
-    upcoming = [] if task.schedule is None else next_fires(task.schedule, now, NEXT_RUNS_SHOWN)
+    due = task.scheduled_at
+    ahead = due > now
+    after = due if ahead else now
+    upcoming = [] if task.schedule is None else next_fires(task.schedule, after, NEXT_RUNS_SHOWN)
     scheduled_at = upcoming[0] if upcoming else None
-    late = (now - task.scheduled_at).total_seconds()
+    late = (now - due).total_seconds()
     skips = task.misfire == MisfirePolicy.SKIP and late > task.misfire_grace
     if task.schedule is not None and skips:
         reason = (
@@ -473,7 +501,13 @@ def fire_schedule(task: Task, now: datetime, *, entropy: Entropy = ENTROPY) -> T
         waiting = _advance(task, now, scheduled_at=scheduled_at, next_runs=upcoming)
         return _step(task, waiting, [skipped], due_at(scheduled_at))
     pending, run = _pending_with_new_run(
-        task, 1, now, entropy, scheduled_at=scheduled_at, next_runs=upcoming
+        task,
+        1,
+        now,
+        entropy,
+        not_before=due if ahead else None,
+        scheduled_at=scheduled_at,
+        next_runs=upcoming,
     )
     return _step(task, pending, [run])
 
@@ -536,11 +570,14 @@ def start_run(
     task: Task, run: Run, worker: str, now: datetime, *, lease_until: datetime
 ) -> Transition:
     """A worker takes a queued run; the task's entry becomes the run's lease, which the
-    worker renews while the command runs."""
+    worker renews while the command runs. Refused before the run's ``not_before``
+    (``NotDueYet``): whatever a clock or a message says, no run starts early."""
     if task.status != TaskStatus.PENDING or task.active_run is None:
         raise InvalidTransition(f"task {task.id!r} is {task.status}, not pending")
     if task.active_run.run_id != run.run_id or run.status != RunStatus.QUEUED:
         raise InvalidTransition(f"run {run.run_id!r} is not the queued run of {task.id!r}")
+    if run.not_before is not None and run.not_before > now:
+        raise NotDueYet(run, run.not_before)
     started = msgspec.structs.replace(run, status=RunStatus.RUNNING, started_at=now, worker=worker)
     running = _advance(task, now, status=TaskStatus.RUNNING, retry_at=None)
     return _step(task, running, [started], DueAt(timestamp(lease_until)))
@@ -620,6 +657,7 @@ def _after_attempt(
             ended.attempt + 1,
             now,
             entropy,
+            not_before=retry_at,
             last_run=summary,
             retry_at=retry_at,
             cancel_requested=False,
@@ -779,29 +817,77 @@ def lose_run(task: Task, run: Run, now: datetime, *, entropy: Entropy = ENTROPY)
     return _ended(task, idle, [lost, *skipped])
 
 
-def reschedule(task: Task, at: datetime, now: datetime) -> Transition:
-    """Run once at ``at`` (replacing any recurrence): the task is ``pending`` until then."""
-    scheduled = _advance(task, now, scheduled_at=at, schedule=None, next_runs=[at], paused=False)
-    return _step(task, scheduled, schedule=_entry_unless_busy(task, scheduled))
+def fired_ahead(task: Task, now: datetime) -> bool:
+    """Whether the task's queued run is a scheduled fire dispatched ahead of its due time
+    (look-ahead dispatch) that is not due yet. A retry waiting for its time is not one."""
+    active = task.active_run
+    return (
+        task.status == TaskStatus.PENDING
+        and active is not None
+        and active.not_before is not None
+        and active.not_before > now
+        and task.retry_at is None
+    )
 
 
-def recur(task: Task, recurrence: Recurrence, now: datetime) -> Transition:
-    """Run on ``recurrence`` from now on; raises ``InvalidSchedule`` if it never fires."""
+def _withdraw_fire(
+    task: Task, active: Run | None, now: datetime, why: str
+) -> tuple[Task, list[Run]]:
+    """Take back a fire dispatched ahead of its due time, as if it had not been fired:
+    its run is recorded ``skipped`` (its message, when it comes, finds nothing to start)
+    and the task waits for that due time again, so that the change the caller makes next
+    (pause, a new schedule) decides whether and when it runs. Any other task is returned
+    as it is. ``active`` is the task's active run, if any."""
+    if not fired_ahead(task, now):
+        return task, []
+    assert task.active_run is not None and task.active_run.not_before is not None
+    assert active is not None and active.run_id == task.active_run.run_id
+    due = task.active_run.not_before
+    withdrawn = msgspec.structs.replace(
+        active,
+        status=RunStatus.SKIPPED,
+        finished_at=now,
+        error=f"withdrawn before its due time {_iso(due)}: the task was {why}",
+    )
+    upcoming = [due, *(fire for fire in task.next_runs if fire > due)][:NEXT_RUNS_SHOWN]
+    # ``pending`` settles into what an idle task shows (see ``_settled``).
+    idle = msgspec.structs.replace(
+        task, status=TaskStatus.PENDING, active_run=None, scheduled_at=due, next_runs=upcoming
+    )
+    return idle, [withdrawn]
+
+
+def reschedule(task: Task, at: datetime, now: datetime, active: Run | None = None) -> Transition:
+    """Run once at ``at`` (replacing any recurrence): the task is ``pending`` until then.
+    A fire dispatched ahead of its time is withdrawn: the task runs at ``at`` only."""
+    idle, withdrawn = _withdraw_fire(task, active, now, "rescheduled")
+    scheduled = _advance(idle, now, scheduled_at=at, schedule=None, next_runs=[at], paused=False)
+    return _step(task, scheduled, withdrawn, schedule=_entry_unless_busy(idle, scheduled))
+
+
+def recur(
+    task: Task, recurrence: Recurrence, now: datetime, active: Run | None = None
+) -> Transition:
+    """Run on ``recurrence`` from now on; raises ``InvalidSchedule`` if it never fires.
+    A fire dispatched ahead of its time is withdrawn: the new recurrence alone decides."""
     upcoming = next_fires(recurrence, now, NEXT_RUNS_SHOWN)
     if not upcoming:
         raise InvalidSchedule("the schedule never fires after now (is `end` in the past?)")
+    idle, withdrawn = _withdraw_fire(task, active, now, "rescheduled")
     recurring = _advance(
-        task, now, scheduled_at=upcoming[0], schedule=recurrence, next_runs=upcoming, paused=False
+        idle, now, scheduled_at=upcoming[0], schedule=recurrence, next_runs=upcoming, paused=False
     )
-    return _step(task, recurring, schedule=_entry_unless_busy(task, recurring))
+    return _step(task, recurring, withdrawn, schedule=_entry_unless_busy(idle, recurring))
 
 
-def pause(task: Task, now: datetime) -> Transition:
-    """Stop scheduled fires until ``resume``; running it by hand still works."""
-    if task.scheduled_at is None:
+def pause(task: Task, now: datetime, active: Run | None = None) -> Transition:
+    """Stop scheduled fires until ``resume``; running it by hand still works. A fire
+    dispatched ahead of its time is withdrawn: it does not run at its due time."""
+    idle, withdrawn = _withdraw_fire(task, active, now, "paused")
+    if idle.scheduled_at is None:
         raise InvalidTransition(f"task {task.id!r} has no schedule to pause")
-    paused = _advance(task, now, paused=True)
-    return _step(task, paused, schedule=_entry_unless_busy(task, paused))
+    paused = _advance(idle, now, paused=True)
+    return _step(task, paused, withdrawn, schedule=_entry_unless_busy(idle, paused))
 
 
 def resume(task: Task, now: datetime) -> Transition:
@@ -819,10 +905,12 @@ def resume(task: Task, now: datetime) -> Transition:
     return _step(task, resumed, schedule=_entry_unless_busy(task, resumed))
 
 
-def unschedule(task: Task, now: datetime) -> Transition:
-    """No more scheduled runs (a run already queued or running is not affected)."""
-    idle = _advance(task, now, scheduled_at=None, schedule=None, next_runs=[], paused=False)
-    return _step(task, idle, schedule=_entry_unless_busy(task, idle))
+def unschedule(task: Task, now: datetime, active: Run | None = None) -> Transition:
+    """No more scheduled runs (a run already queued or running is not affected, but a
+    fire dispatched ahead of its due time is withdrawn: it is not due yet)."""
+    waiting, withdrawn = _withdraw_fire(task, active, now, "unscheduled")
+    idle = _advance(waiting, now, scheduled_at=None, schedule=None, next_runs=[], paused=False)
+    return _step(task, idle, withdrawn, schedule=_entry_unless_busy(waiting, idle))
 
 
 def set_aside(task: Task, problem: str, now: datetime, *, entropy: Entropy = ENTROPY) -> Transition:

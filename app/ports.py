@@ -65,10 +65,12 @@ class TaskChange:
 
 @dataclass(frozen=True, slots=True)
 class Claim:
-    """A due task a scheduler leased from ``scheduled_tasks``; ``task`` is ``None`` if gone."""
+    """A due task a scheduler leased from ``scheduled_tasks``; ``task`` is ``None`` if gone.
+    ``due`` is the entry's time before the claim (unix seconds)."""
 
     task_id: str
     task: Task | None
+    due: float
 
 
 @dataclass(frozen=True, slots=True)
@@ -184,9 +186,10 @@ class TaskStore(Protocol):
         """
         ...
 
-    async def wait_for_due(self, *, max_wait: float) -> None:
-        """Return when the earliest entry of ``scheduled_tasks`` is due, when one may have
-        been added earlier than that (in any process), or after ``max_wait`` seconds."""
+    async def wait_for_due(self, *, max_wait: float, ahead: float = 0.0) -> None:
+        """Return ``ahead`` seconds before the earliest entry of ``scheduled_tasks`` is
+        due, when one may have been added earlier than that (in any process), or after
+        ``max_wait`` seconds."""
         ...
 
 
@@ -259,11 +262,14 @@ that stopped) before the broker dead-letters it: a poison message does not loop 
 
 
 class Dispatch(msgspec.Struct, frozen=True):
-    """The body of a dispatch message: which run of which task to execute."""
+    """The body of a dispatch message: which run of which task to execute, and from when
+    (``not_before``, unix seconds: a run dispatched ahead of its due time; ``None``, as
+    in messages from before it existed, means at once)."""
 
     task_id: str
     run_id: str
     attempt: int
+    not_before: float | None = None
 
 
 _dispatch_decoder = msgspec.json.Decoder(Dispatch)

@@ -11,6 +11,13 @@ It also consumes the dead-letter queue: a dispatch the broker gave up on (it wen
 to the queue more than ``DELIVERY_LIMIT`` times without its run starting) is sent again
 a lease period later, and after ``DEAD_LETTER_LIMIT`` times its run fails, so the task
 retries or fails instead of waiting in ``pending`` for ever.
+
+With a look-ahead (``TASKQ_LOOKAHEAD_SECONDS``) it wakes that long before a due time and
+fires what is due within it ahead of time: the run and its message carry the due time
+(``not_before``), and the consumer that receives it holds it and starts it at that
+instant, so the claim, commit, publish and delivery are paid before the due time rather
+than after it. Only fires are taken ahead: a run lease claimed inside the look-ahead is
+put back untouched, because a lease that has not run out is no lost run.
 """
 
 from __future__ import annotations
@@ -45,7 +52,7 @@ from app.domain import (
     worker_name,
 )
 from app.outages import OUTAGES, Backoff, settle, until_available
-from app.ports import Broker, Delivery, Dispatch, TaskChange, TaskStore
+from app.ports import Broker, Claim, Delivery, Dispatch, TaskChange, TaskStore
 from app.stopping import cancel_when_set
 from app.transactions import transact
 
@@ -61,18 +68,23 @@ DEAD_LETTER_PREFETCH = 10
 @dataclass(frozen=True, slots=True)
 class _Plan:
     """What dispatching one claimed task takes: a transition to commit first, and/or a
-    message. ``keep_claim`` leaves the entry leased (planned again when the lease ends)."""
+    message. ``keep_claim`` leaves the entry leased (planned again when the lease ends).
+    """
 
     change: Transition | None = None
     dispatch: Dispatch | None = None
     keep_claim: bool = False
+    lease_ahead: bool = False
+    """A run lease claimed within the look-ahead, put back: wait for it without looking
+    ahead (it would be claimed again at once)."""
 
 
 def _dispatch_of(task: Task) -> Dispatch:
-    """The message that dispatches the task's queued run."""
+    """The message that dispatches the task's queued run (from its ``not_before``)."""
     assert task.active_run is not None
     run = task.active_run
-    return Dispatch(task_id=task.id, run_id=run.run_id, attempt=run.attempt)
+    not_before = None if run.not_before is None else timestamp(run.not_before)
+    return Dispatch(task_id=task.id, run_id=run.run_id, attempt=run.attempt, not_before=not_before)
 
 
 def plan_dispatch(
@@ -80,18 +92,27 @@ def plan_dispatch(
     now: datetime,
     running: Run | None = None,
     *,
+    fire_until: datetime | None = None,
+    entry_due: datetime | None = None,
     extend_lease_to: datetime | None = None,
     entropy: Entropy = ENTROPY,
 ) -> _Plan:
     """Decide what a claimed entry of ``scheduled_tasks`` means for its task now.
 
-    ``running`` is the task's active run when the task is running. With
-    ``extend_lease_to``, an expired run lease is extended rather than taken for lost.
+    ``running`` is the task's active run when the task is running. A scheduled time up
+    to ``fire_until`` (default ``now``) is fired, ahead of its time if need be (the run
+    waits for it). ``entry_due`` is when the claimed entry was due: a run lease claimed
+    before it ran out is put back. With ``extend_lease_to``, an expired run lease is
+    extended rather than taken for lost.
     """
     if task.status == TaskStatus.PENDING and task.active_run is not None:
-        # Queued by "execute", or by a scheduler that died before its publish was confirmed.
+        # Queued by "execute", a retry (its message carries its time), or by a scheduler
+        # that died before its publish was confirmed.
         return _Plan(dispatch=_dispatch_of(task))
     if task.status == TaskStatus.RUNNING and running is not None:
+        if entry_due is not None and entry_due > now:
+            # Claimed within the look-ahead: the lease has not run out.
+            return _Plan(change=extend_lease(task, now, entry_due), lease_ahead=True)
         # A running task's entry is its run's lease: due means nobody renewed it ...
         if extend_lease_to is None:
             return _recover_lost_run(task, running, now, entropy)
@@ -99,12 +120,17 @@ def plan_dispatch(
         return _Plan(change=extend_lease(task, now, extend_lease_to))
     if task.active_run is not None or task.scheduled_at is None or task.paused:
         return _Plan()  # a stale entry
-    if task.scheduled_at > now:
+    if task.scheduled_at > (fire_until or now):
         return _Plan(change=restore_entry(task, now))
     fired = fire_schedule(task, now, entropy=entropy)
     if fired.task.active_run is None:  # a misfire the task's policy skips
         return _Plan(change=fired)
     return _Plan(change=fired, dispatch=_dispatch_of(fired.task))
+
+
+def _moment(seconds: float) -> datetime:
+    """The UTC time of unix ``seconds`` (a ``scheduled_tasks`` score)."""
+    return datetime.fromtimestamp(seconds, UTC)
 
 
 def _recover_lost_run(task: Task, run: Run, now: datetime, entropy: Entropy) -> _Plan:
@@ -135,6 +161,7 @@ class Scheduler:
         broker: Broker,
         *,
         lease_seconds: float,
+        lookahead_seconds: float = 0.0,
         batch_size: int = 500,
         clock: Callable[[], datetime] = utcnow,
         entropy: Entropy = ENTROPY,
@@ -142,6 +169,9 @@ class Scheduler:
         self._store = store
         self._broker = broker
         self._lease = timedelta(seconds=lease_seconds)
+        self._lookahead = timedelta(seconds=lookahead_seconds)
+        # Until then, wait for entries without looking ahead (a run lease is in reach).
+        self._no_lookahead_until = datetime.min.replace(tzinfo=UTC)
         self._batch_size = batch_size
         self._clock = clock
         self._entropy = entropy
@@ -165,7 +195,9 @@ class Scheduler:
             while True:
                 try:
                     if await self.dispatch_due() < self._batch_size:
-                        await self._store.wait_for_due(max_wait=RESYNC_SECONDS)
+                        await self._store.wait_for_due(
+                            max_wait=RESYNC_SECONDS, ahead=self._wait_ahead()
+                        )
                 except OUTAGES as exc:
                     # Claims already taken stay leased: nothing is lost while we wait.
                     # Consumers could not renew their leases meanwhile either: give them
@@ -178,29 +210,42 @@ class Scheduler:
                         self._in_outage = False
                         self._reap_not_before = self._clock() + self._lease
 
+    def _wait_ahead(self) -> float:
+        """How long before the earliest entry to wake: the look-ahead, unless a run lease
+        that has not run out is within it."""
+        if self._clock() < self._no_lookahead_until:
+            return 0.0
+        return self._lookahead.total_seconds()
+
     async def dispatch_due(self) -> int:
-        """Dispatch one batch of due tasks; return how many entries were claimed."""
+        """Dispatch one batch of tasks due within the look-ahead; return how many entries
+        were claimed."""
         now = self._clock()
         claims = await self._store.claim_due(
-            now=timestamp(now),
+            now=timestamp(now + self._lookahead),
             limit=self._batch_size,
             lease=self._lease.total_seconds(),
             token=self._token,
         )
         if not claims:
             return 0
+        claimed = {claim.task_id: claim for claim in claims if claim.task is not None}
         plans = {
-            claim.task_id: await self._plan(claim.task, now)
-            for claim in claims
+            task_id: await self._plan(claim.task, now, _moment(claim.due))
+            for task_id, claim in claimed.items()
             if claim.task is not None
         }
+        for task_id, plan in plans.items():
+            if plan.lease_ahead:
+                lease_end = _moment(claimed[task_id].due)
+                self._no_lookahead_until = max(self._no_lookahead_until, lease_end)
         finished = [c.task_id for c in claims if c.task is None]
         changes = [p.change for p in plans.values() if p.change is not None]
         applied = await self._store.commit_each([TaskChange.of(c) for c in changes])
         for change, ok in zip(changes, applied, strict=True):
             if not ok:
                 # The task changed since the claim read it: plan again from what it is now.
-                replanned = await self._replan(change.task_id, now)
+                replanned = await self._replan(claimed[change.task_id], now)
                 if replanned is None:
                     del plans[change.task_id]  # stays leased, so it is retried
                 else:
@@ -276,21 +321,34 @@ class Scheduler:
             return None
         return await self._store.get_run(task.id, task.active_run.run_id)
 
-    async def _plan(self, task: Task, now: datetime) -> _Plan:
+    async def _plan(self, task: Task, now: datetime, entry_due: datetime) -> _Plan:
         """``plan_dispatch`` for one claimed task; a task it fails on is set aside."""
         running = await self._running_run(task)
         extend = now + self._lease if self._in_outage or now < self._reap_not_before else None
         try:
-            return plan_dispatch(task, now, running, extend_lease_to=extend, entropy=self._entropy)
+            return plan_dispatch(
+                task,
+                now,
+                running,
+                fire_until=now + self._lookahead,
+                entry_due=entry_due,
+                extend_lease_to=extend,
+                entropy=self._entropy,
+            )
         except Exception as exc:
             return _set_aside(task, exc, now, self._entropy)
 
-    async def _replan(self, task_id: str, now: datetime) -> _Plan | None:
+    async def _replan(self, claim: Claim, now: datetime) -> _Plan | None:
+        task_id = claim.task_id
+        assert claim.task is not None
         for _ in range(MAX_REPLANS):
             task = await self._store.get_task(task_id)
             if task is None:
                 return _Plan()
-            plan = await self._plan(task, now)
+            if task.status == TaskStatus.RUNNING and claim.task.status != TaskStatus.RUNNING:
+                # It started meanwhile: its entry is its run's lease now, not our claim.
+                return _Plan()
+            plan = await self._plan(task, now, _moment(claim.due))
             if plan.change is None or await self._store.commit_each(
                 [TaskChange.of(plan.change)]
             ) == [True]:

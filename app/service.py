@@ -173,26 +173,33 @@ class TaskService:
     async def schedule(self, task_id: str, request: ScheduleRequest) -> Task:
         """Run the task once at a time (right away if it has passed) or on a recurrence.
 
-        While a run is active the new time is remembered and becomes due when it ends.
+        While a run is active the new time is remembered and becomes due when it ends;
+        a fire dispatched ahead of its due time is withdrawn instead (it is not due yet).
         """
 
-        def plan(task: Task) -> Transition:
+        def plan(task: Task, active: Run | None) -> Transition:
             now = self._clock()
             recurrence = request.recurrence(now)
             if recurrence is None:
                 assert request.at is not None
-                return reschedule(task, request.at.astimezone(UTC), now)
-            return recur(task, recurrence, now)
+                return reschedule(task, request.at.astimezone(UTC), now, active)
+            return recur(task, recurrence, now, active)
 
-        return await self._change(task_id, plan)
+        return await self._change_with_active_run(task_id, plan)
 
     async def unschedule(self, task_id: str) -> Task:
-        """Drop the task's schedule; a run already queued or running goes on."""
-        return await self._change(task_id, lambda task: unschedule(task, self._clock()))
+        """Drop the task's schedule; a run already queued or running goes on (but not a
+        fire dispatched ahead of its due time)."""
+        return await self._change_with_active_run(
+            task_id, lambda task, active: unschedule(task, self._clock(), active)
+        )
 
     async def pause(self, task_id: str) -> Task:
-        """Stop the task's scheduled fires until ``resume``."""
-        return await self._change(task_id, lambda task: pause(task, self._clock()))
+        """Stop the task's scheduled fires until ``resume``, including one dispatched
+        ahead of its due time."""
+        return await self._change_with_active_run(
+            task_id, lambda task, active: pause(task, self._clock(), active)
+        )
 
     async def resume(self, task_id: str) -> Task:
         """Fire the task on its schedule again."""
@@ -200,6 +207,11 @@ class TaskService:
 
     async def _change(self, task_id: str, plan: Callable[[Task], Transition]) -> Task:
         return (await transact(self._store, task_id, plan)).task
+
+    async def _change_with_active_run(
+        self, task_id: str, plan: Callable[[Task, Run | None], Transition]
+    ) -> Task:
+        return (await transact_with_active_run(self._store, task_id, plan)).task
 
     async def runs(self, task_id: str, *, limit: int) -> list[Run]:
         """The task's runs, newest first."""

@@ -189,7 +189,12 @@ def _role_bodies(
         serve = partial(serve_http, app, host=settings.host, port=settings.port, stopping=stopping)
         yield "api", serve, lambda port: f"api on http://{settings.host}:{port}"
     if "scheduler" in settings.roles:
-        scheduler = Scheduler(store, broker, lease_seconds=settings.lease_seconds)
+        scheduler = Scheduler(
+            store,
+            broker,
+            lease_seconds=settings.lease_seconds,
+            lookahead_seconds=settings.lookahead_seconds,
+        )
         yield "scheduler", partial(scheduler.run, stopping), lambda _: "scheduler"
     if "consumer" in settings.roles and settings.consumer_processes() > 1:
         yield (

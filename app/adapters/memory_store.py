@@ -226,11 +226,12 @@ class MemoryStore:
             ((when, task_id) for task_id, when in self._due.items() if when <= now),
         )[:limit]
         claims: list[Claim] = []
-        for _, task_id in due:
+        for when, task_id in due:
             self._due[task_id] = now + lease
             self._claims[task_id] = token
             doc = self._tasks.get(task_id)
-            claims.append(Claim(task_id, None if doc is None else _task_decoder.decode(doc)))
+            task = None if doc is None else _task_decoder.decode(doc)
+            claims.append(Claim(task_id, task, when))
         return claims
 
     async def release_claims(self, *, token: str, task_ids: Sequence[str]) -> None:
@@ -339,9 +340,9 @@ class MemoryStore:
             send.close()
             receive.close()
 
-    async def wait_for_due(self, *, max_wait: float) -> None:
+    async def wait_for_due(self, *, max_wait: float, ahead: float = 0.0) -> None:
         earliest = min(self._due.values(), default=math.inf)
-        delay = min(max_wait, earliest - time.time())
+        delay = min(max_wait, earliest - ahead - time.time())
         if delay <= 0:
             await anyio.lowlevel.checkpoint()
             return

@@ -339,10 +339,11 @@ class RedisStore:
             ),
         )
         claims: list[Claim] = []
-        for raw_id, doc in zip(flat[::2], flat[1::2], strict=True):
-            assert raw_id is not None
+        for raw_id, due, doc in zip(flat[::3], flat[1::3], flat[2::3], strict=True):
+            assert raw_id is not None and due is not None
             task_id = raw_id.decode()
-            claims.append(Claim(task_id, None if doc is None else _claimed_task(task_id, doc)))
+            task = None if doc is None else _claimed_task(task_id, doc)
+            claims.append(Claim(task_id, task, float(due)))
         return claims
 
     @_translate_errors
@@ -417,9 +418,9 @@ class RedisStore:
             with anyio.move_on_after(1, shield=True), contextlib.suppress(*_UNAVAILABLE):
                 await pubsub.aclose()
 
-    async def wait_for_due(self, *, max_wait: float) -> None:
+    async def wait_for_due(self, *, max_wait: float, ahead: float = 0.0) -> None:
         try:
-            await self._wait_for_due(max_wait)
+            await self._wait_for_due(max_wait, ahead)
         except _UNAVAILABLE as exc:
             # The subscription died with its connection: subscribe afresh next time.
             pubsub, self._pubsub = self._pubsub, None
@@ -428,7 +429,7 @@ class RedisStore:
                     await pubsub.aclose()
             raise StoreUnavailable(f"Redis: {exc}") from exc
 
-    async def _wait_for_due(self, max_wait: float) -> None:
+    async def _wait_for_due(self, max_wait: float, ahead: float) -> None:
         pubsub = await self._subscribed()
         # Drop notifications that arrived before we look at the earliest entry: the
         # look below sees what they announced.
@@ -441,7 +442,7 @@ class RedisStore:
             ),
         )
         earliest = first[0][1] if first else math.inf
-        delay = min(max_wait, earliest - time.time())
+        delay = min(max_wait, earliest - ahead - time.time())
         if delay > 0:
             await pubsub.get_message(ignore_subscribe_messages=True, timeout=delay)
 

@@ -38,6 +38,7 @@ def test_defaults() -> None:
     assert settings.output_limit == 1_048_576
     assert settings.run_history == 100
     assert settings.lease_seconds == 30.0
+    assert settings.lookahead_seconds == 1.0
     assert settings.shutdown_grace == 30.0
 
 
@@ -180,6 +181,9 @@ def test_no_role_at_all_is_an_error() -> None:
         ("TASKQ_RUN_HISTORY", "run_history", "5", 5),
         ("TASKQ_LEASE_SECONDS", "lease_seconds", "2.5", 2.5),
         ("TASKQ_LEASE_SECONDS", "lease_seconds", "1", 1.0),
+        ("TASKQ_LOOKAHEAD_SECONDS", "lookahead_seconds", "0", 0.0),
+        ("TASKQ_LOOKAHEAD_SECONDS", "lookahead_seconds", "0.25", 0.25),
+        ("TASKQ_LOOKAHEAD_SECONDS", "lookahead_seconds", "60", 60.0),
         ("TASKQ_SHUTDOWN_GRACE", "shutdown_grace", "0", 0.0),
         ("TASKQ_SHUTDOWN_GRACE", "shutdown_grace", "0.25", 0.25),
     ],
@@ -205,6 +209,9 @@ def test_numbers(name: str, attribute: str, raw: str, value: float) -> None:
         ("TASKQ_LEASE_SECONDS", "30s"),
         ("TASKQ_LEASE_SECONDS", "nan"),
         ("TASKQ_LEASE_SECONDS", "inf"),
+        ("TASKQ_LOOKAHEAD_SECONDS", "-1"),
+        ("TASKQ_LOOKAHEAD_SECONDS", "61"),
+        ("TASKQ_LOOKAHEAD_SECONDS", "1s"),
         ("TASKQ_SHUTDOWN_GRACE", "soon"),
         ("TASKQ_SHUTDOWN_GRACE", "nan"),
     ],
