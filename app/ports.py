@@ -261,10 +261,11 @@ DELIVERY_LIMIT = 5
 that stopped) before the broker dead-letters it: a poison message does not loop forever."""
 
 
-class Dispatch(msgspec.Struct, frozen=True):
+class Dispatch(msgspec.Struct, frozen=True, omit_defaults=True):
     """The body of a dispatch message: which run of which task to execute, and from when
     (``not_before``, unix seconds: a run dispatched ahead of its due time; ``None``, as
-    in messages from before it existed, means at once)."""
+    in messages from before it existed, means at once). Without one, the body is what
+    it was before ``not_before`` existed."""
 
     task_id: str
     run_id: str

@@ -86,8 +86,10 @@ def test_the_backoff_is_a_floor_that_jitter_only_adds_to(jitter: float, factor: 
 def test_the_last_attempt_fails_the_task() -> None:
     task, run = running_task(max_attempts=2)
     first_wait = finish_run(task, run, outcome(1), NOW)  # type: ignore[arg-type]
-    second = start_run(first_wait.task, first_wait.runs[1], "w", NOW, lease_until=NOW + LEASE)
-    ended = finish_run(second.task, second.run, outcome(2), NOW)
+    retry_at = first_wait.task.retry_at
+    assert retry_at is not None
+    second = start_run(first_wait.task, first_wait.runs[1], "w", retry_at, lease_until=NOW + LEASE)
+    ended = finish_run(second.task, second.run, outcome(2), retry_at)
     done, [last] = ended.task, ended.runs
     assert done.status == TaskStatus.FAILED and done.active_run is None
     assert done.retry_at is None
