@@ -13,7 +13,7 @@ reads, of starts or of results, instead of three per run.
 A dispatch sent ahead of its run's due time (``not_before``, see ``app.scheduler``) is
 held until this consumer's clock reaches that time, then claimed and started like any
 other. Held deliveries take no run slot, but they do take AMQP prefetch: the prefetch is
-``concurrency`` for runs plus as much room again for held deliveries.
+``concurrency`` for runs plus twice as much room for held deliveries.
 """
 
 from __future__ import annotations
@@ -60,10 +60,11 @@ log = logging.getLogger(__name__)
 SHUTDOWN_BOOKKEEPING_SECONDS = 10.0
 EARLY_CANCEL_SECONDS = 60.0
 RENEW_RETRY_SECONDS = 0.5
-HELD_ROOM_PER_SLOT = 1
-"""Prefetch room for deliveries held until their due time, per run slot: a burst of
-early dispatches fills at most this much, and what is due now still gets through
-(or waits at most the scheduler's look-ahead, until held ones start)."""
+HELD_ROOM_PER_SLOT = 2
+"""Prefetch room for deliveries held until their due time, per run slot. Deliveries come
+in queue order: a message due now gets through as long as fewer held ones than the
+whole prefetch are ahead of it; behind more, it waits until held ones start (at most the
+scheduler's look-ahead)."""
 
 
 class RunningCommands:
