@@ -614,6 +614,7 @@ async def test_execute_answers_202_with_the_queued_run(client: Client) -> None:
         "attempt": 1,
         "status": "queued",
         "queued_at": run["queued_at"],
+        "not_before": None,
         "started_at": None,
         "finished_at": None,
         "exit_code": None,
@@ -628,7 +629,7 @@ async def test_execute_answers_202_with_the_queued_run(client: Client) -> None:
     assert run["run_id"]
     task = await get_task(client, "t1")
     assert task["status"] == "pending"
-    assert task["active_run"] == {"run_id": run["run_id"], "attempt": 1}
+    assert task["active_run"] == {"run_id": run["run_id"], "attempt": 1, "not_before": None}
     assert task["revision"] == created["revision"] + 1
 
 
