@@ -131,6 +131,7 @@ async def test_claim_takes_only_due_entries_once_until_the_lease_expires(store: 
     claims = await store.claim_due(now=now, limit=10, lease=30, token="one")
     assert [c.task_id for c in claims] == ["past", "now"]
     assert all(c.task is not None and c.task.id == c.task_id for c in claims)
+    assert [c.due for c in claims] == pytest.approx([now - 5, now], abs=1e-3)  # before the claim
     assert await store.claim_due(now=now + 29, limit=10, lease=30, token="two") == []
     expired = await store.claim_due(now=now + 31, limit=10, lease=30, token="two")
     assert sorted(c.task_id for c in expired) == ["now", "past"]
@@ -242,6 +243,16 @@ async def test_wait_for_due_waits_for_the_earliest_entry(store: Store) -> None:
         while time.time() < due:
             await store.wait_for_due(max_wait=10)
     assert time.time() - due < 0.2
+
+
+async def test_wait_for_due_wakes_ahead_of_the_earliest_entry_when_asked(store: Store) -> None:
+    task = await create(store, "a")
+    due = time.time() + 1.3
+    await store.commit(TaskChange("a", 0, next_revision(task), schedule=DueAt(due)))
+    with anyio.fail_after(5):
+        while time.time() < due - 1:
+            await store.wait_for_due(max_wait=10, ahead=1)
+    assert time.time() < due - 0.8
 
 
 async def test_wait_for_due_wakes_when_an_earlier_entry_is_added_elsewhere(

@@ -356,3 +356,38 @@ async def test_a_dead_letter_for_a_run_that_moved_on_changes_nothing(
         await eventually(lambda: not broker.dead_letters)
         tg.cancel_scope.cancel()
     assert await store.get_task("t") == before
+
+
+async def test_a_look_ahead_fires_what_is_due_within_it_carrying_the_due_time(
+    store: MemoryStore, broker: MemoryBroker
+) -> None:
+    clock = Clock()
+    at = datetime.fromtimestamp(clock.now + 0.5, UTC)
+    await new_task(store, "a", at)
+    # Without a look-ahead (today's behaviour), nothing due in half a second fires.
+    assert await Scheduler(store, broker, lease_seconds=LEASE, clock=clock).dispatch_due() == 0
+    assert queued(broker) == []
+    ahead = Scheduler(store, broker, lease_seconds=LEASE, lookahead_seconds=1, clock=clock)
+    assert await ahead.dispatch_due() == 1
+    [dispatch] = queued(broker)
+    assert dispatch.not_before == timestamp(at)
+    task = await store.get_task("a")
+    assert task is not None and task.active_run is not None
+    assert task.active_run.not_before == at and task.status == TaskStatus.PENDING
+
+
+async def test_a_burst_due_within_the_look_ahead_goes_out_in_batches_each_once(
+    store: MemoryStore, broker: MemoryBroker
+) -> None:
+    clock = Clock()
+    at = datetime.fromtimestamp(clock.now + 0.5, UTC)
+    for n in range(1000):
+        await new_task(store, f"t{n:04}", at)
+    scheduler = Scheduler(
+        store, broker, lease_seconds=LEASE, lookahead_seconds=1, batch_size=100, clock=clock
+    )
+    batches = [await scheduler.dispatch_due() for _ in range(11)]
+    assert batches == [100] * 10 + [0]
+    dispatches = queued(broker)
+    assert len({d.task_id for d in dispatches}) == len(dispatches) == 1000
+    assert {d.not_before for d in dispatches} == {timestamp(at)}
