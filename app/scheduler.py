@@ -17,7 +17,7 @@ fires what is due within it ahead of time: the run and its message carry the due
 (``not_before``), and the consumer that receives it holds it and starts it at that
 instant, so the claim, commit, publish and delivery are paid before the due time rather
 than after it. Only fires are taken ahead: a run lease claimed inside the look-ahead is
-put back untouched, because a lease that has not run out is no lost run.
+put back at its time, because a lease that has not run out is no lost run.
 """
 
 from __future__ import annotations
@@ -68,15 +68,14 @@ DEAD_LETTER_PREFETCH = 10
 @dataclass(frozen=True, slots=True)
 class _Plan:
     """What dispatching one claimed task takes: a transition to commit first, and/or a
-    message. ``keep_claim`` leaves the entry leased (planned again when the lease ends).
-    """
+    message. ``keep_claim`` leaves the entry leased (planned again when the lease ends)."""
 
     change: Transition | None = None
     dispatch: Dispatch | None = None
     keep_claim: bool = False
     lease_ahead: bool = False
-    """A run lease claimed within the look-ahead, put back: wait for it without looking
-    ahead (it would be claimed again at once)."""
+    """A run lease claimed within the look-ahead and put back: until it ends, wait for
+    entries without looking ahead (it would be claimed again at once)."""
 
 
 def _dispatch_of(task: Task) -> Dispatch:
