@@ -13,7 +13,7 @@ reads, of starts or of results, instead of three per run.
 A dispatch sent ahead of its run's due time (``not_before``, see ``app.scheduler``) is
 held until this consumer's clock reaches that time, then claimed and started like any
 other. Held deliveries take no run slot, but they do take AMQP prefetch: the prefetch is
-``concurrency`` for runs plus twice as much room for held deliveries.
+``concurrency`` for runs plus room for held deliveries (``held_room``).
 """
 
 from __future__ import annotations
@@ -61,10 +61,10 @@ SHUTDOWN_BOOKKEEPING_SECONDS = 10.0
 EARLY_CANCEL_SECONDS = 60.0
 RENEW_RETRY_SECONDS = 0.5
 HELD_ROOM_PER_SLOT = 2
-"""Prefetch room for deliveries held until their due time, per run slot. Deliveries come
-in queue order: a message due now gets through as long as fewer held ones than the
-whole prefetch are ahead of it; behind more, it waits until held ones start (at most the
-scheduler's look-ahead)."""
+"""Prefetch room for deliveries held until their due time, per run slot (the default
+``held_room``). Deliveries come in queue order: a message due now gets through as long
+as fewer held ones than the whole prefetch are ahead of it; behind more, it waits until
+held ones start (at most the scheduler's look-ahead)."""
 
 
 class RunningCommands:
@@ -124,10 +124,15 @@ class Consumer:
         clock: Callable[[], datetime] = utcnow,
         entropy: Entropy = ENTROPY,
         watchdog: Watchdog | None = None,
+        held_room: int | None = None,
     ) -> None:
+        """``held_room`` is the prefetch beyond ``concurrency`` for deliveries held until
+        their due time (default ``HELD_ROOM_PER_SLOT`` per slot). With no scheduler
+        looking ahead, 0: a busy consumer then reserves no message another could run."""
         self._store = store
         self._broker = broker
         self._concurrency = concurrency
+        self._held_room = HELD_ROOM_PER_SLOT * concurrency if held_room is None else held_room
         self._output_limit = output_limit
         self._shutdown_grace = shutdown_grace
         self._lease = timedelta(seconds=lease_seconds)
@@ -157,7 +162,7 @@ class Consumer:
                     timers.start_soon(self._reads.serve)
                     timers.start_soon(self._commits.serve)
                     await timers.start(self._watch_cancels)
-                    prefetch = self._concurrency * (1 + HELD_ROOM_PER_SLOT)
+                    prefetch = self._concurrency + self._held_room
                     async with (
                         self._broker.consume(prefetch=prefetch) as deliveries,
                         anyio.create_task_group() as held,  # stops with the intake

@@ -213,6 +213,7 @@ def _role_bodies(
             shutdown_grace=settings.shutdown_grace,
             lease_seconds=settings.lease_seconds,
             watchdog=watchdog,
+            held_room=None if settings.lookahead_seconds > 0 else 0,
         )
         yield (
             "consumer",

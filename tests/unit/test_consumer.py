@@ -308,3 +308,37 @@ async def test_concurrent_runs_share_their_store_round_trips(
             task = await finished(store, f"t{n}")
             assert task.status == TaskStatus.COMPLETED
     assert 0 < len(calls) <= 2 * runs, calls
+
+
+class PrefetchRecordingBroker(MemoryBroker):
+    """The memory broker, remembering the prefetch each consumer asked for."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.prefetches: list[int] = []
+
+    def consume(self, *, prefetch: int):  # type: ignore[no-untyped-def]
+        self.prefetches.append(prefetch)
+        return super().consume(prefetch=prefetch)
+
+
+async def test_the_prefetch_has_room_for_held_deliveries_only_when_asked(
+    store: MemoryStore,
+) -> None:
+    broker = PrefetchRecordingBroker()
+    for held_room in (None, 0):
+        stopping = anyio.Event()
+        consumer = Consumer(
+            store,
+            broker,
+            concurrency=4,
+            output_limit=4096,
+            shutdown_grace=1,
+            lease_seconds=30,
+            held_room=held_room,
+        )
+        async with anyio.create_task_group() as tg:
+            await tg.start(consumer.run, stopping)
+            stopping.set()
+    # Room for twice as many held deliveries as run slots; none without a look-ahead.
+    assert broker.prefetches == [12, 4]
