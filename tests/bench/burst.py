@@ -39,6 +39,7 @@ from tests.bench.deployments import (
     bench_env,
     deployed,
     forget,
+    label,
     wait_finished,
 )
 from tests.bench.figures import percentile
@@ -74,7 +75,7 @@ def planned_lead(tasks: int, lead: float | None) -> float:
 
 
 async def taskq_burst(deployment: str, tasks: int, spread: float, lead: float) -> Lateness:
-    prefix = f"taskq-bench-{uuid.uuid4().hex[:8]}:"
+    prefix = f"taskq-burst-{uuid.uuid4().hex[:8]}:"
     try:
         async with deployed(deployment, bench_env(prefix)) as running, Api(running.api_url) as api:
             now = datetime.now(UTC).isoformat()
@@ -110,7 +111,7 @@ async def taskq_burst(deployment: str, tasks: int, spread: float, lead: float) -
     ]
     failed = sum(1 for i in due if runs[i][0]["status"] != "completed")
     note = f"created {ahead:.1f} s before the first due; {failed} failed"
-    return Lateness(f"taskq {deployment}", lateness, note)
+    return Lateness(label(deployment), lateness, note)
 
 
 def celery_venv() -> Path:

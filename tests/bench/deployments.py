@@ -34,6 +34,13 @@ IN_FLIGHT = 32
 """Requests a bulk client keeps in flight (as ``../shared/peers/taskq_bench.py``)."""
 
 
+def label(deployment: str) -> str:
+    """How a report names ``deployment``."""
+    if deployment == SPLIT:
+        return "taskq split (api+scheduler, 2 consumers)"
+    return f"taskq {deployment}"
+
+
 def command_lines(deployment: str) -> list[list[str]]:
     """The ``taskq`` arguments of each process of ``deployment`` (``+``-separated)."""
     processes: list[list[str]] = [[]]

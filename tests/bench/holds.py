@@ -42,7 +42,15 @@ from app.domain import (
 )
 from app.ports import TaskChange
 from app.service import encode_cursor
-from tests.bench.deployments import ONE_PROCESS, Api, bench_env, deployed, forget, wait_finished
+from tests.bench.deployments import (
+    ONE_PROCESS,
+    Api,
+    bench_env,
+    deployed,
+    forget,
+    label,
+    wait_finished,
+)
 from tests.bench.figures import family, memory_kib, percentile, reset_peak
 from tests.conftest import REDIS_URL
 
@@ -134,7 +142,7 @@ def latency_line(label: str, took: list[float]) -> str:
 
 
 async def listing_and_api_memory(deployment: str, count: int) -> None:
-    prefix = f"taskq-bench-{uuid.uuid4().hex[:8]}:"
+    prefix = f"taskq-holds-{uuid.uuid4().hex[:8]}:"
     try:
         async with deployed(deployment, bench_env(prefix)) as running, Api(running.api_url) as api:
             root = running.pids[0]
@@ -161,7 +169,7 @@ async def listing_and_api_memory(deployment: str, count: int) -> None:
     finally:
         await forget(prefix)
     first = rss["before writing"]
-    print(f"(b) API RSS ({deployment}; goal: flat, about +{RSS_GOAL_MIB:g} MiB at most):")
+    print(f"(b) API RSS ({label(deployment)}; goal: flat, about +{RSS_GOAL_MIB:g} MiB at most):")
     for moment, mib in rss.items():
         print(f"  {moment}: {mib:.1f} MiB ({mib - first:+.1f} MiB)")
 
@@ -177,7 +185,7 @@ async def peak_growth(pids: list[int], done: anyio.Event) -> dict[int, int]:
 
 
 async def consumer_memory(deployment: str, output_bytes: int, printer: str) -> None:
-    prefix = f"taskq-bench-{uuid.uuid4().hex[:8]}:"
+    prefix = f"taskq-holds-{uuid.uuid4().hex[:8]}:"
     command = printer.format(bytes=output_bytes)
     try:
         async with deployed(deployment, bench_env(prefix)) as running, Api(running.api_url) as api:
@@ -214,7 +222,7 @@ async def consumer_memory(deployment: str, output_bytes: int, printer: str) -> N
     mib = grown[worst] / 1024
     verdict = "ok" if mib < CONSUMER_GOAL_MIB else "MISSED"
     print(
-        f"(c) `{command}` through `taskq {deployment}` ({len(pids)} taskq process(es)), "
+        f"(c) `{command}` through `{label(deployment)}` ({len(pids)} taskq process(es)), "
         f"ran in {took:.1f} s:"
     )
     print(
