@@ -132,11 +132,11 @@ async def every_page(api: Api) -> tuple[int, list[float]]:
         params = {"limit": "100", "cursor": headers["X-Next-Cursor"]}
 
 
-def latency_line(label: str, took: list[float]) -> str:
+def latency_line(name: str, took: list[float]) -> str:
     p50 = percentile(took, 50)
     verdict = "ok" if p50 < LIST_GOAL_MS else "MISSED"
     return (
-        f"  {label}: p50 {p50:.2f} ms, p99 {percentile(took, 99):.2f} ms "
+        f"  {name}: p50 {p50:.2f} ms, p99 {percentile(took, 99):.2f} ms "
         f"({len(took)} requests; goal p50 < {LIST_GOAL_MS:g} ms: {verdict})"
     )
 
@@ -159,9 +159,9 @@ async def listing_and_api_memory(deployment: str, count: int) -> None:
                 "status=created": {"status": "created"},
                 "from a cursor half-way": {"cursor": encode_cursor(task_id(count // 2))},
             }
-            for label, query in queries.items():
+            for name, query in queries.items():
                 took = await timed_gets(api, {"limit": "100", **query}, TIMED_REQUESTS)
-                print(latency_line(label, took))
+                print(latency_line(name, took))
             rss["after the timed requests"] = rss_mib(root)
             listed, took = await every_page(api)
             print(latency_line(f"every page in turn ({listed:,} tasks listed)", took))
