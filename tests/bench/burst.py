@@ -54,6 +54,8 @@ WARM_UP = 32
 class Lateness:
     label: str
     lateness_ms: list[float]
+    drained_s: float
+    """From the first due time until the last run finished."""
     note: str
 
     def line(self) -> str:
@@ -61,7 +63,8 @@ class Lateness:
         early = sum(1 for value in late if value < 0)
         return (
             f"{self.label}: {len(late)} due over the burst: lateness p50 {self.p(50):.1f} ms, "
-            f"p99 {self.p(99):.1f} ms, max {max(late):.1f} ms, early {early} ({self.note})"
+            f"p99 {self.p(99):.1f} ms, max {max(late):.1f} ms, early {early}; all done "
+            f"{self.drained_s:.2f} s after the first due ({self.note})"
         )
 
     def p(self, rank: float) -> float:
@@ -109,9 +112,10 @@ async def taskq_burst(deployment: str, tasks: int, spread: float, lead: float) -
         (datetime.fromisoformat(runs[i][0]["started_at"]) - at).total_seconds() * 1000
         for i, at in due.items()
     ]
+    last = max(datetime.fromisoformat(runs[i][0]["finished_at"]) for i in due)
     failed = sum(1 for i in due if runs[i][0]["status"] != "completed")
     note = f"created {ahead:.1f} s before the first due; {failed} failed"
-    return Lateness(label(deployment), lateness, note)
+    return Lateness(label(deployment), lateness, (last - first_due).total_seconds(), note)
 
 
 def celery_venv() -> Path:
@@ -138,7 +142,7 @@ async def celery_burst(tasks: int, spread: float, lead: float) -> Lateness:
         f"sent {figures['sent_before_first_due_s']:.1f} s before the first due, "
         f"{figures['sent_after_due']} after their due time; {figures['failed']} failed"
     )
-    return Lateness(figures["label"], figures["lateness_ms"], note)
+    return Lateness(figures["label"], figures["lateness_ms"], figures["drained_s"], note)
 
 
 async def main(deployments: list[str], tasks: int, spread: float, lead: float | None) -> None:

@@ -7,8 +7,9 @@ Uses the peer benchmark's Celery app and worker control from ``../shared/peers/c
 Redis; ``bench.py``: readiness ping and warm shutdown) unchanged, with one difference: a
 queue of its own (``-Q``), so that it can neither take nor purge anyone else's messages on
 the shared broker. Sends every task with an ETA before the first one is due, then prints
-one JSON line: ``{"label", "lateness_ms", "sent_after_due", "failed"}``, lateness being the
-task's ``started`` (taken just before the spawn) minus its ETA.
+one JSON line: ``{"label", "lateness_ms", "drained_s", "sent_after_due",
+"sent_before_first_due_s", "failed"}``, lateness being the task's ``started`` (taken just
+before the spawn) minus its ETA, ``drained_s`` the last one's end minus the first ETA.
 """
 # pyright: reportMissingImports=false, reportMissingModuleSource=false
 
@@ -69,6 +70,7 @@ def burst(queue: str, tasks: int, spread: float, lead: float, ids: list[str]) ->
         "lateness_ms": [
             1000 * (value["started"] - eta) for value, eta in zip(values, due, strict=True)
         ],
+        "drained_s": max(value["started"] + value["duration"] for value in values) - first_due,
         "sent_after_due": sum(1 for eta in due if eta < sent),
         "sent_before_first_due_s": first_due - sent,
         "failed": sum(1 for value in values if value["exit_code"] != 0),
