@@ -173,6 +173,8 @@ if __name__ == "__main__":
     parser.add_argument("--lead", type=float, help="seconds between creating and the first due")
     parser.add_argument(
         "--taskq",
+        "--taskq-args",
+        dest="taskq",
         action="append",
         metavar="DEPLOYMENT",
         help=f"taskq processes, '+'-separated (repeatable; default {ONE_PROCESS!r} and {SPLIT!r})",
