@@ -2,7 +2,7 @@
 API's memory over them, and a consumer's memory under a command printing 1 GB.
 
     .venv/bin/python -m tests.bench.holds [--tasks 100000] [--output-bytes 1000000000] \
-        [--api "serve --roles api"] [--consumer "serve"]
+        [--api "serve --roles api"] [--consumer "serve"] [--printer "yes | head -c {bytes}"]
 
 (a) ``GET /tasks?limit=100`` with ``--tasks`` stored (60 % completed, 20 % failed, 20 %
     created, written through ``RedisStore.commit_each``, the path every change takes, so
@@ -12,10 +12,13 @@ API's memory over them, and a consumer's memory under a command printing 1 GB.
 (b) The API deployment's RSS (``VmRSS`` of its taskq processes) before the tasks are
     written, after, after the timed requests and after listing every page. Goal: flat
     (the issue measured 58 -> 62 MB).
-(c) A ``head -c N /dev/zero`` run by a real consumer (``--consumer``, default ``taskq
-    serve`` with default settings): the most any of its taskq processes grew above its
-    RSS before (sampled every 10 ms, and ``VmHWM`` reset just before), and the run's
-    stored output, which must be capped (``truncated``). Goal: < +10 MiB.
+(c) A command printing ``--output-bytes`` run by a real consumer (``--consumer``, default
+    ``taskq serve`` with default settings), once per ``--printer``: NUL bytes
+    (``head -c N /dev/zero``) and text (``yes | head -c N``), since JSON stores a NUL as
+    six characters and the stored output is JSON. The figure is the most any of the
+    deployment's taskq processes grew above its RSS before (sampled every 10 ms, and
+    ``VmHWM`` reset just before); the run's stored output must be capped
+    (``truncated``). Goal: < +10 MiB.
 
 Every figure is printed next to its goal; nothing is asserted (timings on these shared
 machines swing). Everything made is under a unique prefix, deleted at the end.
