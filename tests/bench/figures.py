@@ -6,6 +6,8 @@ import math
 import os
 from collections.abc import Sequence
 
+from tests.processes import children
+
 
 def percentile(values: Sequence[float], p: float) -> float:
     """Nearest-rank percentile, as ``../shared/peers`` computes it (so figures compare)."""
@@ -39,20 +41,11 @@ def reset_peak(pid: int) -> None:
 
 def family(root: int) -> list[int]:
     """``root`` and its descendants running the same executable (a supervisor's worker
-    processes, not the commands they run), from /proc."""
-    children: dict[int, list[int]] = {}
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                with open(f"/proc/{entry}/stat") as stat:
-                    parent = int(stat.read().rsplit(")", 1)[1].split()[1])
-            except (OSError, IndexError, ValueError):
-                continue
-            children.setdefault(parent, []).append(int(entry))
+    processes, the watchdog; not the commands they run), from /proc."""
     executable = _executable(root)
     found, todo = [root], [root]
     while todo:
-        for child in children.get(todo.pop(), []):
+        for child in children(todo.pop()):
             if _executable(child) == executable:
                 found.append(child)
             todo.append(child)
