@@ -30,6 +30,8 @@ from tests.e2e.harness import ServiceProcess, running, service_env
 ONE_PROCESS = "serve"
 SPLIT = "serve --roles api,scheduler + serve --roles consumer + serve --roles consumer"
 
+HARNESS_SETTINGS = ("TASKQ_CONCURRENCY", "TASKQ_PROCESSES")
+"""What the test harness sets for its own speed and a benchmark leaves at taskq's default."""
 IN_FLIGHT = 32
 """Requests a bulk client keeps in flight (as ``../shared/peers/taskq_bench.py``)."""
 
@@ -37,7 +39,7 @@ IN_FLIGHT = 32
 def label(deployment: str) -> str:
     """How a report names ``deployment``."""
     if deployment == SPLIT:
-        return "taskq split (api+scheduler, 2 consumers)"
+        return "taskq split (api+scheduler + 2 x serve --roles consumer)"
     return f"taskq {deployment}"
 
 
@@ -57,9 +59,10 @@ def command_lines(deployment: str) -> list[list[str]]:
 def bench_env(prefix: str) -> dict[str, str]:
     """The environment of a benchmarked process: the local servers under ``prefix``,
     an ephemeral port, and taskq's default settings otherwise (the test harness's
-    ``TASKQ_CONCURRENCY`` is dropped)."""
+    process count and concurrency are dropped)."""
     env = service_env(prefix)
-    del env["TASKQ_CONCURRENCY"]
+    for name in HARNESS_SETTINGS:
+        env.pop(name, None)
     return env
 
 
