@@ -2,7 +2,8 @@
 API's memory over them, and a consumer's memory under a command printing 1 GB.
 
     .venv/bin/python -m tests.bench.holds [--tasks 100000] [--output-bytes 1000000000] \
-        [--api "serve --roles api"] [--consumer "serve"] [--printer "yes | head -c {bytes}"]
+        [--api "serve --roles api"] [--consumer "serve"] [--printer "yes | head -c {bytes}"] \
+        [--parts abc]
 
 (a) ``GET /tasks?limit=100`` with ``--tasks`` stored (60 % completed, 20 % failed, 20 %
     created, written through ``RedisStore.commit_each``, the path every change takes, so
@@ -240,10 +241,14 @@ async def consumer_memory(deployment: str, output_bytes: int, printer: str) -> N
     )
 
 
-async def main(api: str, consumer: str, tasks: int, output_bytes: int, printers: list[str]) -> None:
-    await listing_and_api_memory(api, tasks)
-    for printer in printers:
-        await consumer_memory(consumer, output_bytes, printer)
+async def main(
+    parts: str, api: str, consumer: str, tasks: int, output_bytes: int, printers: list[str]
+) -> None:
+    if "a" in parts or "b" in parts:
+        await listing_and_api_memory(api, tasks)
+    if "c" in parts:
+        for printer in printers:
+            await consumer_memory(consumer, output_bytes, printer)
 
 
 if __name__ == "__main__":
@@ -259,9 +264,11 @@ if __name__ == "__main__":
         action="append",
         help=f"command printing {{bytes}} for (c) (repeatable; default {PRINTERS})",
     )
+    parser.add_argument("--parts", default="abc", help="which to measure: a, b (together), c")
     options = parser.parse_args()
     anyio.run(
         main,
+        options.parts,
         options.api,
         options.consumer,
         options.tasks,
