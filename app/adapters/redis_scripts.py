@@ -28,11 +28,11 @@ class CommitKeys(NamedTuple):
 
 
 class RunWrite(msgspec.Struct, frozen=True):
-    """A run record ``commit.lua`` writes; ``ended`` also ends the run's live output."""
+    """A run record ``commit.lua`` writes; ``ended`` also ends the run's live output.
+    Its document travels as an argument of its own, after ``CommitArgs``."""
 
     run_id: str
     ended: bool
-    doc: str
 
 
 class CommitArgs(NamedTuple):
@@ -45,7 +45,7 @@ class CommitArgs(NamedTuple):
     due_at: str  # with "at": the entry's score
     run_history: int
     ended_output_ttl: int
-    runs: bytes  # JSON array of RunWrite
+    runs: bytes  # JSON array of RunWrite; each run's document follows, in order
 
 
 class CreateKeys(NamedTuple):
@@ -133,15 +133,17 @@ class Script:
         source = (lua / _LIBRARY).read_text() + "\n" + (lua / f"{name}.lua").read_text()
         self._script = client.register_script(source)
 
-    async def __call__(self, keys: NamedTuple, args: NamedTuple) -> Any:
-        return await self._script(keys=list(keys), args=list(args))
+    async def __call__(self, keys: NamedTuple, args: NamedTuple, *more: bytes) -> Any:
+        """Run the script; ``more`` are arguments after ``args`` (documents passed as
+        they are, not inside another JSON document where each escape would grow)."""
+        return await self._script(keys=list(keys), args=[*args, *more])
 
-    def queue(self, pipe: Pipeline, keys: NamedTuple, args: NamedTuple) -> None:
+    def queue(self, pipe: Pipeline, keys: NamedTuple, args: NamedTuple, *more: bytes) -> None:
         """Add a run to ``pipe`` by SHA alone: unlike a script registered with the
         pipeline, it costs no ``SCRIPT EXISTS`` round trip before each batch. Where Redis
         lost the script (restart, ``SCRIPT FLUSH``) the pipeline's reply for it is a
         ``NoScriptError``: ``load`` it and send again."""
-        pipe.evalsha(self._script.sha, len(keys), *keys, *args)
+        pipe.evalsha(self._script.sha, len(keys), *keys, *args, *more)
 
     async def load(self) -> None:
         await self._script.registered_client.script_load(self._script.script)

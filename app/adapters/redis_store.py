@@ -215,7 +215,7 @@ class RedisStore:
 
     @_translate_errors
     async def commit(self, change: TaskChange) -> None:
-        result = await self._commit(self._commit_keys(change), self._commit_args(change))
+        result = await self._commit(self._commit_keys(change), *self._commit_args(change))
         _raise_for(change, result)
 
     @_translate_errors
@@ -237,7 +237,7 @@ class RedisStore:
     async def _commit_pipelined(self, changes: Sequence[TaskChange]) -> list[object]:
         async with self._redis.pipeline(transaction=False) as pipe:
             for change in changes:
-                self._commit.queue(pipe, self._commit_keys(change), self._commit_args(change))
+                self._commit.queue(pipe, self._commit_keys(change), *self._commit_args(change))
             return await pipe.execute(raise_on_error=False)
 
     @_translate_errors
@@ -261,7 +261,9 @@ class RedisStore:
             runs=self.runs_key(change.task_id),
         )
 
-    def _commit_args(self, change: TaskChange) -> CommitArgs:
+    def _commit_args(self, change: TaskChange) -> tuple[CommitArgs, *tuple[bytes, ...]]:
+        """The script's arguments, then each run's document on its own: a run carries its
+        output (up to the output limit), which must not be copied and escaped again."""
         match change.schedule:
             case Keep():
                 schedule, due_at = "keep", ""
@@ -270,11 +272,8 @@ class RedisStore:
             case DueAt(when=when):
                 schedule, due_at = "at", repr(when)
         task = change.task
-        runs = [
-            RunWrite(run.run_id, run.status in FINISHED_RUN_STATUSES, _encoder.encode(run).decode())
-            for run in change.runs
-        ]
-        return CommitArgs(
+        runs = [RunWrite(run.run_id, run.status in FINISHED_RUN_STATUSES) for run in change.runs]
+        args = CommitArgs(
             prefix=self._prefix,
             task_id=change.task_id,
             expected_revision=""
@@ -288,6 +287,7 @@ class RedisStore:
             ended_output_ttl=ENDED_OUTPUT_TTL,
             runs=encode_list(runs),
         )
+        return (args, *(_encoder.encode(run) for run in change.runs))
 
     @_translate_errors
     async def get_run(self, task_id: str, run_id: str) -> Run | None:

@@ -4,7 +4,7 @@
 local task_key, tasks_key, due_key, claims_key, runs_key = unpack(KEYS)
 local prefix, id, expected, doc, new_status = ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5]
 local schedule, due_at, history, ended_ttl = ARGV[6], ARGV[7], tonumber(ARGV[8]), ARGV[9]
-local runs = cjson.decode(ARGV[10])  -- [{run_id, ended, doc}]
+local runs = cjson.decode(ARGV[10])  -- [{run_id, ended}], each run's document after it
 
 local current = redis.call('GET', task_key)
 if current and current == doc then
@@ -41,8 +41,8 @@ if old_status ~= new_status then
 end
 
 if #runs > 0 then
-  for _, run in ipairs(runs) do
-    redis.call('HSET', runs_key, run.run_id, run.doc)
+  for i, run in ipairs(runs) do
+    redis.call('HSET', runs_key, run.run_id, ARGV[10 + i])
     if run.ended then  -- end the run's live output, if someone follows or it printed
       local output_key = prefix .. 'output:' .. run.run_id
       local newest = newest_fields(output_key)[1]
