@@ -1,10 +1,12 @@
-"""What the benchmarks measure with: percentiles, and a process's memory from /proc."""
+"""What the benchmarks measure with: percentiles, and a process's memory and CPU time
+from /proc."""
 
 from __future__ import annotations
 
 import math
 import os
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 from tests.processes import children
 
@@ -57,3 +59,79 @@ def _executable(pid: int) -> str | None:
         return os.readlink(f"/proc/{pid}/exe")
     except OSError:
         return None
+
+
+CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
+"""What ``/proc`` counts CPU time in, per second."""
+
+
+@dataclass(frozen=True)
+class CpuTicks:
+    """A process's CPU time so far, in clock ticks (``/proc/PID/stat``)."""
+
+    own: int
+    """utime + stime: the process itself, every thread of it."""
+    reaped: int
+    """cutime + cstime: its children, once waited for (never one still running)."""
+    started: int
+    """Start time since boot: tells the process from a later one given the same pid."""
+
+
+def parse_stat(text: str) -> CpuTicks:
+    """``/proc/PID/stat`` as ``CpuTicks``; the name in parentheses may hold anything, so
+    the fields are counted from its last ``)``."""
+    fields = text.rsplit(")", 1)[1].split()
+    # fields[0] is field 3 (state): utime..cstime are fields 14..17, starttime 22.
+    utime, stime, cutime, cstime = (int(value) for value in fields[11:15])
+    return CpuTicks(own=utime + stime, reaped=cutime + cstime, started=int(fields[19]))
+
+
+def cpu_ticks(pid: int) -> CpuTicks | None:
+    """``pid``'s CPU time so far, ``None`` once it is gone."""
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            return parse_stat(stat.read())
+    except (FileNotFoundError, ProcessLookupError):
+        return None
+
+
+def machine_busy_ticks() -> int:
+    """Clock ticks every core of the machine spent busy since boot (``/proc/stat``: user,
+    nice, system, irq, softirq; not idle, iowait or steal)."""
+    with open("/proc/stat") as stat:
+        user, nice, system, _idle, _iowait, irq, softirq = (
+            int(value) for value in stat.readline().split()[1:8]
+        )
+    return user + nice + system + irq + softirq
+
+
+def argv(pid: int) -> tuple[str, ...]:
+    """``pid``'s command line, empty once it is gone."""
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as cmdline:
+            return tuple(part.decode(errors="replace") for part in cmdline.read().split(b"\0")[:-1])
+    except (FileNotFoundError, ProcessLookupError):
+        return ()
+
+
+def parent_of(pid: int) -> int:
+    """``pid``'s parent (0 once it is gone)."""
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            return int(stat.read().rsplit(")", 1)[1].split()[1])
+    except (FileNotFoundError, ProcessLookupError):
+        return 0
+
+
+def named(comm: str) -> list[int]:
+    """Every running process whose name (``/proc/PID/comm``) is ``comm``."""
+    found: list[int] = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/comm") as name:
+                    if name.read().strip() == comm:
+                        found.append(int(entry))
+            except (FileNotFoundError, ProcessLookupError):
+                continue
+    return sorted(found)
