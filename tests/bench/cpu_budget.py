@@ -303,7 +303,8 @@ def report(measured: Budget) -> list[str]:
     return [
         f"{measured.label}: {measured.tasks} tasks in {measured.elapsed_s:.2f} s = "
         f"{measured.throughput:.0f}/s; CPU ceiling {measured.cores} x 1000 / "
-        f"{measured.total_ms:.2f} ms = {measured.ceiling:.0f}/s",
+        f"{measured.total_ms:.2f} ms = {measured.ceiling:.0f}/s; meanwhile the rest of the "
+        f"machine used {measured.elsewhere_ms * measured.throughput / 10:.0f} % of a core",
         *("  " + line for line in table(header, lines)),
         *(f"  note: {note}" for note in measured.notes),
     ]
@@ -325,6 +326,7 @@ def comparison(taskqs: Sequence[Budget], celery: Budget) -> list[str]:
     line("total", lambda b: b.total_ms)
     line("ceiling /s", lambda b: b.ceiling, 0)
     line("measured /s", lambda b: b.throughput, 0)
+    line("(elsewhere)", lambda b: b.elsewhere_ms)
     legend = [f"{number} = {b.label}" for number, b in zip(numbers, taskqs, strict=True)]
     return [*table(header, lines), f"  ({'; '.join(legend)}; celery = {celery.label})"]
 

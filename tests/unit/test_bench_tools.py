@@ -225,4 +225,5 @@ def test_the_comparison_divides_each_part_by_celery_s() -> None:
     assert cells["client"] == ["0.000", "0.000", "-"]
     assert cells["total"] == ["4.000", "2.000", "2.00x"]
     assert cells["ceiling"] == ["/s", "500", "1000", "0.50x"]
+    assert cells["measured"] == ["/s", "500", "500", "1.00x"]
     assert lines[-1] == "  (#1 = taskq serve; celery = celery)"
