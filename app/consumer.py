@@ -57,6 +57,8 @@ from app.watchdog import Watchdog
 
 log = logging.getLogger(__name__)
 
+_TaskAndRun = tuple[Task | None, Run | None]
+
 SHUTDOWN_BOOKKEEPING_SECONDS = 10.0
 EARLY_CANCEL_SECONDS = 60.0
 RENEW_RETRY_SECONDS = 0.5
@@ -194,11 +196,24 @@ class Consumer:
         self, delivery: Delivery, due: datetime, slots: anyio.Semaphore, runs: TaskGroup
     ) -> None:
         """Hold a delivery, without a run slot, until its run is due; then handle it as
-        if it came then. Stopping the intake cancels this: the delivery goes back to the
-        queue unsettled."""
+        if it came then. Its task and run are read while it waits, so that at the due
+        time only the start is left to commit (a task changed meanwhile fails that
+        commit's version check and is read again). Stopping the intake cancels this: the
+        delivery goes back to the queue unsettled."""
+        read_ahead = await self._read_ahead(delivery)
         await self._wait_until(due)
         await slots.acquire()
-        runs.start_soon(self._handle, delivery, slots)
+        runs.start_soon(self._handle, delivery, slots, read_ahead)
+
+    async def _read_ahead(self, delivery: Delivery) -> _TaskAndRun | None:
+        """The delivered run and its task now, or ``None`` to read them when due (the
+        store is out of reach: the wait is no reason to wait for it)."""
+        assert delivery.dispatch is not None
+        pair = (delivery.dispatch.task_id, delivery.dispatch.run_id)
+        try:
+            return await self._reads.submit(pair)
+        except StoreUnavailable:
+            return None
 
     async def _wait_until(self, moment: datetime) -> None:
         """Sleep until this consumer's clock (the one that stamps ``started_at``) reads
@@ -209,9 +224,11 @@ class Consumer:
                 return
             await anyio.sleep(left)  # the wall clock may lag the sleep's: look again
 
-    async def _handle(self, delivery: Delivery, slot: anyio.Semaphore) -> None:
+    async def _handle(
+        self, delivery: Delivery, slot: anyio.Semaphore, read: _TaskAndRun | None = None
+    ) -> None:
         try:
-            started = await self._claim(delivery)
+            started = await self._claim(delivery, read)
             if started is not None:
                 task, run = started
                 outcome, cancelled = await self._execute(task, run)
@@ -219,9 +236,13 @@ class Consumer:
         finally:
             slot.release()
 
-    async def _claim(self, delivery: Delivery) -> tuple[Task, Run] | None:
+    async def _claim(
+        self, delivery: Delivery, read: _TaskAndRun | None = None
+    ) -> tuple[Task, Run] | None:
         """Record the delivered run as started by this worker and acknowledge the delivery;
-        ``None`` (delivery settled) when there is nothing to run."""
+        ``None`` (delivery settled) when there is nothing to run. ``read`` is the task and
+        run if they were read already (a run's status only moves on from ``queued``, so a
+        run read as not queued is not queued now either)."""
         dispatch = delivery.dispatch
         if dispatch is None:
             log.error("dead-lettering a message whose body is not a dispatch")
@@ -230,7 +251,9 @@ class Consumer:
         # While the store is out of reach the delivery stays unsettled here, and the
         # prefetch limit stops more from arriving.
         pair = (dispatch.task_id, dispatch.run_id)
-        task, run = await until_available(lambda: self._reads.submit(pair), "read a dispatched run")
+        if read is None:
+            read = await until_available(lambda: self._reads.submit(pair), "read a dispatched run")
+        task, run = read
         started = None
         if task is None or run is None or run.status != RunStatus.QUEUED:
             log.info("skipping %s/%s: not a queued run", dispatch.task_id, dispatch.run_id)
