@@ -459,16 +459,22 @@ def _require_idle(task: Task) -> None:
         raise InvalidTransition(f"task {task.id!r} is already {task.status}")
 
 
-def queue_run(task: Task, now: datetime, *, entropy: Entropy = ENTROPY) -> Transition:
+def queue_run(
+    task: Task, now: datetime, active: Run | None = None, *, entropy: Entropy = ENTROPY
+) -> Transition:
     """Run the task now: ``pending`` with a new queued run, due at once. Refused while a
-    run is active. A one-shot time the task waits for is consumed: this is that run,
-    brought forward."""
-    _require_idle(task)
-    if waits_for_one_shot(task):
-        pending, run = _pending_with_new_run(task, 1, now, entropy, scheduled_at=None, next_runs=[])
+    run is active, except a fire dispatched ahead of its due time, which is withdrawn
+    first (it is not due yet: without the look-ahead there would be no run to refuse
+    for). A one-shot time the task waits for is consumed: this is that run, brought
+    forward. ``active`` is the task's active run, if any; the new run comes first in
+    ``runs``."""
+    idle, withdrawn = _withdraw_fire(task, active, now, "executed")
+    _require_idle(idle)
+    if waits_for_one_shot(idle):
+        pending, run = _pending_with_new_run(idle, 1, now, entropy, scheduled_at=None, next_runs=[])
     else:
-        pending, run = _pending_with_new_run(task, 1, now, entropy)
-    return _step(task, pending, [run], DueAt(timestamp(now)))
+        pending, run = _pending_with_new_run(idle, 1, now, entropy)
+    return _step(task, pending, [run, *withdrawn], DueAt(timestamp(now)))
 
 
 def fire_schedule(task: Task, now: datetime, *, entropy: Entropy = ENTROPY) -> Transition:

@@ -162,13 +162,14 @@ class TaskService:
         return cancelled.task
 
     async def execute(self, task_id: str) -> Run:
-        """Queue a run now; refused while the task has a run queued or running. A
-        one-shot time the task waits for is consumed: this is that run, brought forward."""
+        """Queue a run now; refused while the task has a run queued or running (but not
+        for a fire dispatched ahead of its due time: that one is withdrawn). A one-shot
+        time the task waits for is consumed: this is that run, brought forward."""
 
-        def plan(task: Task) -> Transition:
-            return queue_run(task, self._clock(), entropy=self._entropy)
+        def plan(task: Task, active: Run | None) -> Transition:
+            return queue_run(task, self._clock(), active, entropy=self._entropy)
 
-        return (await transact(self._store, task_id, plan)).run
+        return (await transact_with_active_run(self._store, task_id, plan)).run
 
     async def schedule(self, task_id: str, request: ScheduleRequest) -> Task:
         """Run the task once at a time (right away if it has passed) or on a recurrence.

@@ -275,6 +275,34 @@ async def test_a_change_before_the_due_time_stops_the_fire_dispatched_ahead(
         assert task.status != TaskStatus.RUNNING and task.active_run is None
 
 
+async def test_execute_before_the_due_time_runs_now_in_place_of_the_fire_sent_ahead(
+    store: Store, broker: Broker, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Without the look-ahead, "execute" 2 s before a one-shot time runs the task now and
+    # consumes that time; the fire already sent ahead must not make it a 409 instead.
+    caplog.set_level(logging.INFO, logger="app.consumer")
+    service = TaskService(store)
+    due = utcnow() + timedelta(seconds=2)
+    await one_shot(store, "t", due)
+    async with running(store, broker, lookahead=3):
+        task = await fired_ahead(store, "t")
+        assert task.active_run is not None
+        withdrawn = task.active_run.run_id
+        queued = await service.execute("t")
+        assert queued.run_id != withdrawn and queued.not_before is None
+        [run] = [r for r in await completed(store, "t") if r.status == RunStatus.COMPLETED]
+        assert run.run_id == queued.run_id
+        assert run.started_at is not None and run.started_at < due  # now, not at its time
+        await eventually(lambda: skips(caplog, withdrawn) == 1)  # the held message
+        await anyio.sleep((due - utcnow()).total_seconds() + 0.5)  # past the old time
+    runs = await runs_of(store, "t")
+    assert [r.run_id for r in runs if r.started_at is not None] == [queued.run_id]
+    [skipped] = [r for r in runs if r.run_id == withdrawn]
+    assert skipped.status == RunStatus.SKIPPED and "executed" in (skipped.error or "")
+    task = await service.get("t")
+    assert task.scheduled_at is None and task.active_run is None  # the time was consumed
+
+
 async def test_an_old_dispatch_without_a_due_time_runs_at_once(
     store: Store, broker: AmqpBroker
 ) -> None:
