@@ -25,6 +25,8 @@ import sys
 import tempfile
 import time
 import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 PEERS = os.environ.get("TASKQ_PEERS_CELERY", "/work/shared/peers/celery")
 sys.path.insert(0, PEERS)
@@ -53,6 +55,28 @@ def start_worker(
             command, cwd=PEERS, env=env, stdout=log, stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL,
         )  # fmt: skip
+
+
+@contextmanager
+def warm_worker(concurrency: int, warmup: int) -> Iterator[tuple[str, int, list[str]]]:
+    """A prefork worker on a queue of its own, warmed up with ``warmup`` runs: yields the
+    queue, the worker's pid and the list of result ids to forget (append to it); stops
+    the worker and deletes its queue and results on exit."""
+    queue = f"taskq-bench-celery-{uuid.uuid4().hex[:8]}"
+    nodename = f"{queue}@{os.uname().nodename}"
+    log_path = os.path.join(tempfile.gettempdir(), f"{queue}.log")
+    worker = start_worker(queue, concurrency, nodename, log_path)
+    ids: list[str] = []
+    try:
+        peer_bench.wait_ready(worker, nodename)
+        warm = [run.apply_async(("true",), queue=queue) for _ in range(warmup)]
+        ids.extend(result.id for result in warm)
+        ResultSet(warm).join_native(timeout=120)
+        yield queue, worker.pid, ids
+    finally:
+        peer_bench.stop_worker(worker)
+        forget(queue, ids)
+    os.unlink(log_path)
 
 
 def burst(queue: str, tasks: int, spread: float, lead: float, ids: list[str]) -> dict[str, object]:
@@ -95,21 +119,8 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=32)
     options = parser.parse_args()
 
-    queue = f"taskq-bench-celery-{uuid.uuid4().hex[:8]}"
-    nodename = f"{queue}@{os.uname().nodename}"
-    log_path = os.path.join(tempfile.gettempdir(), f"{queue}.log")
-    worker = start_worker(queue, options.concurrency, nodename, log_path)
-    ids: list[str] = []
-    try:
-        peer_bench.wait_ready(worker, nodename)
-        warm = [run.apply_async(("true",), queue=queue) for _ in range(options.warmup)]
-        ids.extend(result.id for result in warm)
-        ResultSet(warm).join_native(timeout=120)
+    with warm_worker(options.concurrency, options.warmup) as (queue, _, ids):
         figures = burst(queue, options.tasks, options.spread, options.lead, ids)
-    finally:
-        peer_bench.stop_worker(worker)
-        forget(queue, ids)
-    os.unlink(log_path)
     label = f"celery prefork c={options.concurrency}"
     print(json.dumps({"label": label, **figures}), flush=True)
 

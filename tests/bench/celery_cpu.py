@@ -20,14 +20,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
-import tempfile
 import time
-import uuid
 
 from celery.result import ResultSet
-from celery_burst import forget, peer_bench, run, start_worker
+from celery_burst import run, warm_worker
 
 
 def tell(message: dict[str, object]) -> None:
@@ -54,24 +51,11 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=100)
     options = parser.parse_args()
 
-    queue = f"taskq-bench-celery-{uuid.uuid4().hex[:8]}"
-    nodename = f"{queue}@{os.uname().nodename}"
-    log_path = os.path.join(tempfile.gettempdir(), f"{queue}.log")
-    worker = start_worker(queue, options.concurrency, nodename, log_path)
-    ids: list[str] = []
-    try:
-        peer_bench.wait_ready(worker, nodename)
-        warm = [run.apply_async(("true",), queue=queue) for _ in range(options.warmup)]
-        ids.extend(result.id for result in warm)
-        ResultSet(warm).join_native(timeout=120)
-        tell({"worker": worker.pid})
+    with warm_worker(options.concurrency, options.warmup) as (queue, worker, ids):
+        tell({"worker": worker})
         sys.stdin.readline()
         tell(throughput(queue, options.tasks, ids))
         sys.stdin.readline()
-    finally:
-        peer_bench.stop_worker(worker)
-        forget(queue, ids)
-    os.unlink(log_path)
 
 
 if __name__ == "__main__":
