@@ -54,6 +54,23 @@ FINISHED_RUN_STATUSES = frozenset(
 )
 
 
+class RunOutcome(StrEnum):
+    """How a finished run ended, finer than its status: what metrics count, events
+    report and notifications are sent for."""
+
+    COMPLETED = "completed"
+    FAILED = "failed"
+    """The command ran and exited with a code the task does not count as success."""
+    TIMED_OUT = "timed_out"
+    CANCELLED = "cancelled"
+    SKIPPED = "skipped"
+    LOST = "lost"
+    """Its worker stopped renewing the run's lease (died, or lost the store) mid-run."""
+    NOT_STARTED = "not_started"
+    """The command could not be started (no such program or cwd, ...), or its dispatch
+    kept being dead-lettered: it never ran."""
+
+
 class MisfirePolicy(StrEnum):
     """What a recurring task does with fires missed by more than its grace time
     (the scheduler was down): run once for all of them, or skip them."""
@@ -252,6 +269,27 @@ class Outcome(msgspec.Struct, kw_only=True):
 
     def succeeded(self, success_exit_codes: Sequence[int] = (0,)) -> bool:
         return self.exit_code in success_exit_codes and not self.timed_out and self.error is None
+
+
+def run_outcome(run: Run) -> RunOutcome | None:
+    """How ``run`` ended; ``None`` while it is queued or running."""
+    match run.status:
+        case RunStatus.QUEUED | RunStatus.RUNNING:
+            return None
+        case RunStatus.COMPLETED:
+            return RunOutcome.COMPLETED
+        case RunStatus.CANCELLED:
+            return RunOutcome.CANCELLED
+        case RunStatus.SKIPPED:
+            return RunOutcome.SKIPPED
+        case RunStatus.FAILED:
+            if run.timed_out:
+                return RunOutcome.TIMED_OUT
+            if run.error is not None and run.error.startswith(LOST_REASON_PREFIX):
+                return RunOutcome.LOST
+            if run.exit_code is None and run.error is not None:
+                return RunOutcome.NOT_STARTED  # no exit code: no process ever ran
+            return RunOutcome.FAILED
 
 
 def utcnow() -> datetime:
@@ -798,6 +836,8 @@ def requeue_run(
     return _step(task, pending, [closed, fresh], DueAt(timestamp(now)))
 
 
+LOST_REASON_PREFIX = "lost:"
+"""How the error of a lost run begins (``run_outcome`` tells lost runs by it)."""
 LOST_RUN_LIMIT = 3
 """Attempts a task gets when its runs keep being lost (their worker dies mid-run)."""
 
@@ -812,7 +852,7 @@ def lose_run(task: Task, run: Run, now: datetime, *, entropy: Entropy = ENTROPY)
     _require_running(task, run)
     if task.cancel_requested:
         return _ended(task, *_close_cancelled(task, run, now, entropy))
-    reason = f"lost: worker {run.worker} stopped renewing its lease"
+    reason = f"{LOST_REASON_PREFIX} worker {run.worker} stopped renewing its lease"
     lost = msgspec.structs.replace(run, status=RunStatus.FAILED, finished_at=now, error=reason)
     if run.attempt < LOST_RUN_LIMIT:
         pending, fresh = _pending_with_new_run(task, run.attempt + 1, now, entropy)
