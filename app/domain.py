@@ -196,6 +196,39 @@ def next_fires(recurrence: Recurrence, after: datetime, count: int) -> list[date
 _TICK = timedelta(microseconds=1)
 
 
+WEBHOOK_URL_PATTERN = r"^https?://[^\s/?#]+(?:[/?#]\S*)?$(?!\n)"
+MAX_WEBHOOK_URL = 2048
+MAX_STILL_RUNNING_AFTER = 7 * 86400
+WebhookUrl = Annotated[
+    str,
+    msgspec.Meta(
+        min_length=8,
+        max_length=MAX_WEBHOOK_URL,
+        pattern=WEBHOOK_URL_PATTERN,
+        description="An http:// or https:// URL",
+    ),
+]
+
+
+class StillRunning(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    """Notify ``url`` once when a run is still running ``after`` seconds after it started."""
+
+    url: WebhookUrl
+    after: Annotated[float, msgspec.Meta(gt=0, le=MAX_STILL_RUNNING_AFTER)]
+
+
+class Notify(msgspec.Struct, kw_only=True, omit_defaults=True, forbid_unknown_fields=True):
+    """Where to send a task's notifications (webhooks), each optional; see
+    ``app.notifications`` for when each one is sent."""
+
+    on_start: WebhookUrl | None = None
+    on_success: WebhookUrl | None = None
+    on_failure: WebhookUrl | None = None
+    on_not_started: WebhookUrl | None = None
+    on_still_running: StillRunning | None = None
+    success_ping: WebhookUrl | None = None
+
+
 class TaskView(msgspec.Struct, kw_only=True):
     """A task as the API shows it: everything stored but the workers' own bookkeeping."""
 
@@ -223,6 +256,7 @@ class TaskView(msgspec.Struct, kw_only=True):
     last_run: RunSummary | None = None
     active_run: ActiveRun | None = None
     retry_at: datetime | None = None
+    notify: Notify | None = None
     revision: int = 0
 
 

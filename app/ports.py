@@ -1,5 +1,6 @@
 """The ports every role talks through: the store's (``TaskStore`` for task state,
-``CancelNotices``, ``LiveOutput``; ``Store`` is all three) and ``Broker`` (dispatch).
+``CancelNotices``, ``LiveOutput``, ``NotificationOutbox``; ``Store`` is all four) and
+``Broker`` (dispatch).
 
 Each has a real adapter (Redis, AMQP) and an in-memory one that is the reference
 behaviour; the contract suites in ``tests/contract`` run both through the same cases.
@@ -23,6 +24,7 @@ from app.domain import DueAt as DueAt
 from app.domain import Keep as Keep
 from app.domain import Run, ScheduleChange, Task, TaskStatus, Transition
 from app.domain import Unschedule as Unschedule
+from app.notifications import Notification, NotificationRecord, OutboxEntry, notifications_for
 
 
 class StoreUnavailable(Exception):
@@ -40,7 +42,8 @@ class TaskChange:
     ``expected_revision`` is the revision the change was computed from (``None``: the
     task must not exist yet). ``task`` is the new document (``None`` deletes the task,
     its runs and its schedule). ``runs`` are run records to write alongside. Any change
-    to the schedule also invalidates a scheduler's claim on the task.
+    to the schedule also invalidates a scheduler's claim on the task. ``notifications``
+    go into the outbox (``NotificationOutbox``), each with a pending record on its run.
     """
 
     task_id: str
@@ -48,6 +51,7 @@ class TaskChange:
     task: Task | None
     runs: Sequence[Run] = ()
     schedule: ScheduleChange = field(default=KEEP)
+    notifications: Sequence[Notification] = ()
 
     @classmethod
     def of(cls, transition: Transition) -> TaskChange:
@@ -60,6 +64,7 @@ class TaskChange:
             task=transition.after,
             runs=transition.runs,
             schedule=transition.schedule,
+            notifications=notifications_for(transition),
         )
 
 
@@ -242,7 +247,52 @@ class LiveOutput(Protocol):
         ...
 
 
-class Store(TaskStore, CancelNotices, LiveOutput, Protocol):
+class NotificationOutbox(Protocol):
+    """Notifications waiting for delivery, written by ``TaskStore.commit`` with the change
+    that causes them, and how each one's delivery went (the records a run shows).
+
+    Any number of notifiers may deliver from one outbox: a claimed entry is leased to
+    one of them at a time, and comes back when the lease ends unless it is settled.
+    The records of a run go with it (deleted with its task, or dropped from its run
+    history).
+    Every method raises ``StoreUnavailable`` when the store cannot be reached.
+    """
+
+    async def claim_notifications(
+        self, *, now: float, limit: int, lease: float, token: str
+    ) -> list[OutboxEntry]:
+        """Lease up to ``limit`` entries due at ``now`` (unix seconds), earliest first,
+        until ``now + lease``; two callers never hold the same entry at once."""
+        ...
+
+    async def settle_notification(
+        self, entry: OutboxEntry, *, token: str, retry_at: float | None
+    ) -> None:
+        """Record ``entry.record`` on its run and, with ``retry_at``, put the entry back
+        in the outbox due then (as ``entry``), else remove it. Nothing happens when
+        ``token`` no longer holds the entry (its lease ran out and another notifier took
+        it), nor to the record when its run or task is gone."""
+        ...
+
+    async def drop_notification(self, entry: OutboxEntry, *, token: str) -> None:
+        """Remove ``entry`` from the outbox and its record from its run, unsent (a
+        still-running notification for a run that ended); as ``settle_notification``,
+        only while ``token`` holds it."""
+        ...
+
+    async def next_notification_due(self) -> float | None:
+        """When the earliest entry of the outbox is due (unix seconds), if any."""
+        ...
+
+    async def notification_records(
+        self, run_ids: Sequence[str]
+    ) -> dict[str, list[NotificationRecord]]:
+        """The records of these runs, by run id (runs without any left out), in
+        ``NotifyEvent`` order."""
+        ...
+
+
+class Store(TaskStore, CancelNotices, LiveOutput, NotificationOutbox, Protocol):
     """Every store port at once: what ``open_store`` opens (one connection for all)."""
 
 

@@ -31,6 +31,13 @@ from app.domain import (
     TaskAlreadyExists,
     TaskStatus,
 )
+from app.notifications import (
+    Notification,
+    NotificationRecord,
+    NotifyEvent,
+    OutboxEntry,
+    new_entry,
+)
 from app.ports import (
     ENDED_OUTPUT_TTL,
     FOLLOW_KEEPALIVE,
@@ -47,6 +54,8 @@ from app.ports import (
 
 _task_decoder = msgspec.json.Decoder(Task)
 _run_decoder = msgspec.json.Decoder(Run)
+_entry_decoder = msgspec.json.Decoder(OutboxEntry)
+_record_decoder = msgspec.json.Decoder(NotificationRecord)
 
 _READ_PAGE_SIZE = 100
 """Entries one read after a cursor returns at most (as Redis does)."""
@@ -70,7 +79,8 @@ class _LiveOutput:
 
 
 class MemoryStore:
-    """Implements ``TaskStore``, ``CancelNotices`` and ``LiveOutput`` in process memory."""
+    """Implements ``TaskStore``, ``CancelNotices``, ``LiveOutput`` and
+    ``NotificationOutbox`` in process memory."""
 
     def __init__(
         self,
@@ -86,6 +96,7 @@ class MemoryStore:
         self._runs: dict[str, dict[str, bytes]] = {}
         self._due: dict[str, float] = {}
         self._claims: dict[str, str] = {}
+        self._outbox = _Outbox()
         self._wakeup = anyio.Event()
         self._cancel_listeners: list[MemoryObjectSendStream[str]] = []
         self._outputs: dict[str, _LiveOutput] = {}
@@ -155,11 +166,13 @@ class MemoryStore:
         if current is None or current.status != change.task.status:
             bisect.insort(self._ids_by_status[change.task.status], task_id)
         self._tasks[task_id] = msgspec.json.encode(change.task)
+        self._outbox.add(change.notifications)
         runs = self._runs.setdefault(task_id, {})
         for run in change.runs:
             runs[run.run_id] = msgspec.json.encode(run)
         for old in sorted(runs)[: max(0, len(runs) - self._run_history)]:
             del runs[old]
+            self._outbox.records.pop(old, None)
         self._end_outputs(run.run_id for run in change.runs if run.status in FINISHED_RUN_STATUSES)
         self._apply_schedule(task_id, change.schedule)
 
@@ -180,7 +193,8 @@ class MemoryStore:
         del self._tasks[task_id]
         _discard_sorted(self._ids, task_id)
         _discard_sorted(self._ids_by_status[current.status], task_id)
-        self._runs.pop(task_id, None)
+        for run_id in self._runs.pop(task_id, {}):
+            self._outbox.records.pop(run_id, None)
         self._due.pop(task_id, None)
         self._claims.pop(task_id, None)
 
@@ -349,6 +363,86 @@ class MemoryStore:
         wakeup = self._wakeup
         with anyio.move_on_after(delay):
             await wakeup.wait()
+
+
+    async def claim_notifications(
+        self, *, now: float, limit: int, lease: float, token: str
+    ) -> list[OutboxEntry]:
+        await anyio.lowlevel.checkpoint()
+        return self._outbox.claim(now=now, limit=limit, lease=lease, token=token)
+
+    async def settle_notification(
+        self, entry: OutboxEntry, *, token: str, retry_at: float | None
+    ) -> None:
+        await anyio.lowlevel.checkpoint()
+        self._outbox.settle(entry, token=token, retry_at=retry_at, keep_record=True)
+
+    async def drop_notification(self, entry: OutboxEntry, *, token: str) -> None:
+        await anyio.lowlevel.checkpoint()
+        self._outbox.settle(entry, token=token, retry_at=None, keep_record=False)
+
+    async def next_notification_due(self) -> float | None:
+        await anyio.lowlevel.checkpoint()
+        return min(self._outbox.due.values(), default=None)
+
+    async def notification_records(
+        self, run_ids: Sequence[str]
+    ) -> dict[str, list[NotificationRecord]]:
+        await anyio.lowlevel.checkpoint()
+        found: dict[str, list[NotificationRecord]] = {}
+        for run_id in run_ids:
+            if records := self._outbox.records.get(run_id):
+                found[run_id] = [
+                    _record_decoder.decode(records[event]) for event in NotifyEvent if event in records
+                ]
+        return found
+
+
+@dataclass(slots=True)
+class _Outbox:
+    """The notification outbox, shaped as in Redis: due times, entries and claims by
+    notification id, and the delivery records of each run by event."""
+
+    due: dict[str, float] = field(default_factory=dict[str, float])
+    entries: dict[str, bytes] = field(default_factory=dict[str, bytes])
+    claims: dict[str, str] = field(default_factory=dict[str, str])
+    records: dict[str, dict[str, bytes]] = field(default_factory=dict[str, dict[str, bytes]])
+
+    def add(self, notifications: Iterable[Notification]) -> None:
+        for notification in notifications:
+            entry = new_entry(notification)
+            self.due[notification.id] = notification.due
+            self.entries[notification.id] = msgspec.json.encode(entry)
+            records = self.records.setdefault(notification.run_id, {})
+            records[notification.event] = msgspec.json.encode(entry.record)
+
+    def claim(self, *, now: float, limit: int, lease: float, token: str) -> list[OutboxEntry]:
+        due = sorted((when, note_id) for note_id, when in self.due.items() if when <= now)
+        claimed: list[OutboxEntry] = []
+        for _, note_id in due[:limit]:
+            self.due[note_id] = now + lease
+            self.claims[note_id] = token
+            claimed.append(_entry_decoder.decode(self.entries[note_id]))
+        return claimed
+
+    def settle(
+        self, entry: OutboxEntry, *, token: str, retry_at: float | None, keep_record: bool
+    ) -> None:
+        note_id = entry.notification.id
+        if self.claims.get(note_id) != token:
+            return
+        del self.claims[note_id]
+        if retry_at is None:
+            del self.due[note_id], self.entries[note_id]
+        else:
+            self.due[note_id] = retry_at
+            self.entries[note_id] = msgspec.json.encode(entry)
+        records = self.records.get(entry.notification.run_id, {})
+        event = entry.notification.event
+        if not keep_record:
+            records.pop(event, None)
+        elif event in records:
+            records[event] = msgspec.json.encode(entry.record)
 
 
 def _as_read(entries: Iterable[_OutputEntry]) -> Iterable[OutputEntry]:

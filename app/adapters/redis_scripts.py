@@ -25,6 +25,8 @@ class CommitKeys(NamedTuple):
     due: str
     claims: str
     runs: str
+    notify_due: str
+    notify_entries: str
 
 
 class RunWrite(msgspec.Struct, frozen=True):
@@ -45,7 +47,50 @@ class CommitArgs(NamedTuple):
     due_at: str  # with "at": the entry's score
     run_history: int
     ended_output_ttl: int
+    notifications: bytes  # JSON array of NotificationWrite; b"" for none
     runs: bytes  # JSON array of RunWrite; each run's document follows, in order
+
+
+class NotificationWrite(msgspec.Struct, frozen=True):
+    """A notification ``commit.lua`` puts in the outbox: its entry (JSON) due at ``due``
+    (a string: Lua's JSON numbers keep only 14 digits), and its pending ``record`` kept
+    in its run's records (``notifications:{run id}``) under its ``event``."""
+
+    id: str
+    run_id: str
+    event: str
+    due: str
+    entry: str
+    record: str
+
+
+class OutboxKeys(NamedTuple):
+    due: str
+    entries: str
+    claims: str
+
+
+class ClaimNotificationsArgs(NamedTuple):
+    now: str
+    limit: int
+    lease_until: str
+    token: str
+
+
+class SettleKeys(NamedTuple):
+    due: str
+    entries: str
+    claims: str
+    records: str  # the run's notification records
+
+
+class SettleArgs(NamedTuple):
+    id: str
+    token: str
+    retry_at: str  # "" removes the entry from the outbox
+    entry: bytes  # the entry due again at retry_at
+    event: str
+    record: bytes  # b"" removes the record
 
 
 class CreateKeys(NamedTuple):

@@ -11,6 +11,13 @@ Redis Cluster slot, which the scripts need because they derive some key names):
                         score is its lease expiry
 - ``claims``            hash, id -> token of the scheduler holding the entry
 - ``runs:{id}``         hash, run id -> run document (run ids sort by creation time)
+- ``notify_due``        sorted set, notification id -> when it is due (unix seconds); a
+                        claimed entry's score is its lease expiry (the notification outbox)
+- ``notify_entries``    hash, notification id -> outbox entry (the notification and its
+                        delivery so far, JSON)
+- ``notify_claims``     hash, notification id -> token of the notifier delivering it
+- ``notifications:{run id}``  hash, event -> delivery record shown on the run; deleted
+                        with the run (task deleted, or dropped from the run history)
 - ``wake``              pub/sub channel: an entry earlier than every other was added
                         (once per commit, or per batch of new tasks)
 - ``output:{run id}``   stream, a run's live output: data entries ``o`` (byte offset in
@@ -53,6 +60,7 @@ from app.adapters.redis_scripts import (
     AppendArgs,
     ClaimArgs,
     ClaimKeys,
+    ClaimNotificationsArgs,
     CommitArgs,
     CommitKeys,
     CreateArgs,
@@ -62,10 +70,14 @@ from app.adapters.redis_scripts import (
     ListRunsKeys,
     ListTasksArgs,
     ListTasksKeys,
+    NotificationWrite,
+    OutboxKeys,
     OutputKeys,
     ReleaseArgs,
     RunWrite,
     Script,
+    SettleArgs,
+    SettleKeys,
     TaskWrite,
     encode_list,
 )
@@ -76,6 +88,13 @@ from app.domain import (
     Task,
     TaskAlreadyExists,
     TaskStatus,
+)
+from app.notifications import (
+    Notification,
+    NotificationRecord,
+    NotifyEvent,
+    OutboxEntry,
+    new_entry,
 )
 from app.ports import (
     ENDED_OUTPUT_TTL,
@@ -99,6 +118,8 @@ log = logging.getLogger(__name__)
 
 _task_decoder = msgspec.json.Decoder(Task)
 _run_decoder = msgspec.json.Decoder(Run)
+_entry_decoder = msgspec.json.Decoder(OutboxEntry)
+_record_decoder = msgspec.json.Decoder(NotificationRecord)
 
 
 def _claimed_task(task_id: str, doc: bytes) -> Task | None:
@@ -142,8 +163,8 @@ def _translate_errors(
 
 
 class RedisStore:
-    """Implements ``TaskStore``, ``CancelNotices`` and ``LiveOutput`` on one Redis server
-    (or one Cluster slot)."""
+    """Implements ``TaskStore``, ``CancelNotices``, ``LiveOutput`` and
+    ``NotificationOutbox`` on one Redis server (or one Cluster slot)."""
 
     def __init__(
         self,
@@ -165,6 +186,9 @@ class RedisStore:
         self._claims_key = f"{prefix}claims"
         self._wake_channel = f"{prefix}wake"
         self._cancel_channel = f"{prefix}cancel"
+        self._outbox_keys = OutboxKeys(
+            f"{prefix}notify_due", f"{prefix}notify_entries", f"{prefix}notify_claims"
+        )
         self._commit = Script(client, "commit")
         self._create_tasks = Script(client, "create_tasks")
         self._claim_due = Script(client, "claim_due")
@@ -173,6 +197,8 @@ class RedisStore:
         self._list_runs = Script(client, "list_runs")
         self._append_output = Script(client, "append_output")
         self._start_following_script = Script(client, "start_following")
+        self._claim_notifications = Script(client, "claim_notifications")
+        self._settle_notification = Script(client, "settle_notification")
         self._pubsub: PubSub | None = None
         self._followers = OutputFollowers(
             start=self._start_following,
@@ -192,6 +218,9 @@ class RedisStore:
 
     def output_key(self, run_id: str) -> str:
         return f"{self._prefix}output:{run_id}"
+
+    def records_key(self, run_id: str) -> str:
+        return f"{self._prefix}notifications:{run_id}"
 
     @_translate_errors
     async def ping(self) -> None:
@@ -259,6 +288,8 @@ class RedisStore:
             due=self._due_key,
             claims=self._claims_key,
             runs=self.runs_key(change.task_id),
+            notify_due=self._outbox_keys.due,
+            notify_entries=self._outbox_keys.entries,
         )
 
     def _commit_args(self, change: TaskChange) -> tuple[CommitArgs, *tuple[bytes, ...]]:
@@ -285,6 +316,7 @@ class RedisStore:
             due_at=due_at,
             run_history=self._run_history,
             ended_output_ttl=ENDED_OUTPUT_TTL,
+            notifications=_notification_writes(change.notifications),
             runs=encode_list(runs),
         )
         return (args, *(_encoder.encode(run) for run in change.runs))
@@ -358,6 +390,71 @@ class RedisStore:
     async def extend_leases(self, task_ids: Sequence[str], *, until: float) -> None:
         if task_ids:
             await self._redis.zadd(self._due_key, dict.fromkeys(task_ids, until), xx=True)
+
+    @_translate_errors
+    async def claim_notifications(
+        self, *, now: float, limit: int, lease: float, token: str
+    ) -> list[OutboxEntry]:
+        entries = await self._claim_notifications(
+            self._outbox_keys, ClaimNotificationsArgs(repr(now), limit, repr(now + lease), token)
+        )
+        return [_entry_decoder.decode(entry) for entry in cast(list[bytes], entries)]
+
+    @_translate_errors
+    async def settle_notification(
+        self, entry: OutboxEntry, *, token: str, retry_at: float | None
+    ) -> None:
+        await self._settle(entry, token, retry_at, _encoder.encode(entry.record))
+
+    @_translate_errors
+    async def drop_notification(self, entry: OutboxEntry, *, token: str) -> None:
+        await self._settle(entry, token, None, b"")
+
+    async def _settle(
+        self, entry: OutboxEntry, token: str, retry_at: float | None, record: bytes
+    ) -> None:
+        note = entry.notification
+        await self._settle_notification(
+            SettleKeys(*self._outbox_keys, self.records_key(note.run_id)),
+            SettleArgs(
+                id=note.id,
+                token=token,
+                retry_at="" if retry_at is None else repr(retry_at),
+                entry=b"" if retry_at is None else _encoder.encode(entry),
+                event=note.event.value,
+                record=record,
+            ),
+        )
+
+    @_translate_errors
+    async def next_notification_due(self) -> float | None:
+        first = cast(
+            list[tuple[bytes, float]],
+            await self._redis.zrange(  # pyright: ignore[reportUnknownMemberType]
+                self._outbox_keys.due, 0, 0, withscores=True
+            ),
+        )
+        return first[0][1] if first else None
+
+    @_translate_errors
+    async def notification_records(
+        self, run_ids: Sequence[str]
+    ) -> dict[str, list[NotificationRecord]]:
+        if not run_ids:
+            return {}
+        async with self._redis.pipeline(transaction=False) as pipe:
+            for run_id in run_ids:
+                pipe.hgetall(self.records_key(run_id))
+            found = cast(list[dict[bytes, bytes]], await pipe.execute())
+        return {
+            run_id: [
+                _record_decoder.decode(records[event.encode()])
+                for event in NotifyEvent
+                if event.encode() in records
+            ]
+            for run_id, records in zip(run_ids, found, strict=True)
+            if records
+        }
 
     @_translate_errors
     async def append_output(self, run_id: str, chunk: OutputChunk, *, keep: int) -> None:
@@ -491,6 +588,27 @@ def _task_write(change: TaskChange) -> TaskWrite:
         raise ValueError(f"not the creation of a task: {change!r}")
     due_at = repr(change.schedule.when) if isinstance(change.schedule, DueAt) else ""
     return TaskWrite(task.id, _encoder.encode(task).decode(), task.status.value, due_at)
+
+
+def _notification_writes(notifications: Sequence[Notification]) -> bytes:
+    """``commit.lua``'s notifications argument: b"" when there are none (the common case,
+    which then costs nothing)."""
+    if not notifications:
+        return b""
+    writes: list[NotificationWrite] = []
+    for notification in notifications:
+        entry = new_entry(notification)
+        writes.append(
+            NotificationWrite(
+                id=notification.id,
+                run_id=notification.run_id,
+                event=notification.event.value,
+                due=repr(notification.due),
+                entry=_encoder.encode(entry).decode(),
+                record=_encoder.encode(entry.record).decode(),
+            )
+        )
+    return encode_list(writes)
 
 
 def _raise_for(change: TaskChange, result: object) -> None:

@@ -1,10 +1,17 @@
 -- Apply one change of a task, or report why not: 'ok', 'exists' or 'conflict'.
 -- Idempotent: a resent script whose first attempt was applied reports 'ok'.
 -- Argument layout: CommitKeys and CommitArgs in redis_scripts.py.
-local task_key, tasks_key, due_key, claims_key, runs_key = unpack(KEYS)
+local task_key, tasks_key, due_key, claims_key, runs_key = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5]
+local notify_due_key, notify_entries_key = KEYS[6], KEYS[7]
 local prefix, id, expected, doc, new_status = ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5]
 local schedule, due_at, history, ended_ttl = ARGV[6], ARGV[7], tonumber(ARGV[8]), ARGV[9]
-local runs = cjson.decode(ARGV[10])  -- [{run_id, ended}], each run's document after it
+local notifications = ARGV[10]  -- "" or [{id, run_id, event, due, entry, record}]
+local runs = cjson.decode(ARGV[11])  -- [{run_id, ended}], each run's document after it
+local docs_from = 11  -- run i's document is ARGV[docs_from + i]
+
+local function records_key(run_id)  -- a run's notification records, by event
+  return prefix .. 'notifications:' .. run_id
+end
 
 local current = redis.call('GET', task_key)
 if current and current == doc then
@@ -21,7 +28,11 @@ else
 end
 
 if doc == '' then
-  redis.call('DEL', task_key, runs_key)
+  local doomed = {task_key, runs_key}
+  for _, run_id in ipairs(redis.call('HKEYS', runs_key)) do
+    doomed[#doomed + 1] = records_key(run_id)
+  end
+  redis.call('DEL', unpack(doomed))
   redis.call('ZREM', tasks_key, id)
   redis.call('ZREM', prefix .. 'status:' .. old_status, id)
   redis.call('ZREM', due_key, id)
@@ -40,9 +51,18 @@ if old_status ~= new_status then
   redis.call('ZADD', prefix .. 'status:' .. new_status, 0, id)
 end
 
+-- Notifications the change causes: into the outbox, each with its pending record.
+if notifications ~= '' then
+  for _, note in ipairs(cjson.decode(notifications)) do
+    redis.call('ZADD', notify_due_key, note.due, note.id)
+    redis.call('HSET', notify_entries_key, note.id, note.entry)
+    redis.call('HSET', records_key(note.run_id), note.event, note.record)
+  end
+end
+
 if #runs > 0 then
   for i, run in ipairs(runs) do
-    redis.call('HSET', runs_key, run.run_id, ARGV[10 + i])
+    redis.call('HSET', runs_key, run.run_id, ARGV[docs_from + i])
     if run.ended then  -- end the run's live output, if someone follows or it printed
       local output_key = prefix .. 'output:' .. run.run_id
       local newest = newest_fields(output_key)[1]
@@ -58,6 +78,7 @@ if #runs > 0 then
     table.sort(run_ids)
     for i = 1, count - history do
       redis.call('HDEL', runs_key, run_ids[i])
+      redis.call('DEL', records_key(run_ids[i]))
     end
   end
 end
