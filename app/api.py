@@ -84,6 +84,7 @@ from app.domain import (
     TaskView,
 )
 from app.live_output import KEEPALIVE_SECONDS, KeepAlive, OutputEnd, OutputEvent, OutputText
+from app.notifications import NotificationRecord
 from app.openapi_contract import describe_contract
 from app.outages import DependencyDown, OutageGate, probe
 from app.ports import StoreUnavailable, TooManyFollowers
@@ -145,7 +146,15 @@ def _shown(task: Task) -> TaskView:
     return msgspec.convert(task, TaskView, from_attributes=True)
 
 
-class RunListed(Run, kw_only=True):
+class RunShown(Run, kw_only=True):
+    """A run as the API shows it: with how its notifications went (``notify``)."""
+
+    notifications: list[NotificationRecord] = msgspec.field(
+        default_factory=list[NotificationRecord]
+    )
+
+
+class RunListed(RunShown, kw_only=True):
     """A run in a list: its ``output`` only when asked for (``GET /tasks/{id}/runs/{run_id}``
     always has it)."""
 
@@ -440,16 +449,21 @@ class TaskController(Controller):
     ) -> list[RunListed]:
         runs = await service.runs(task_id, limit=limit)
         if output:
-            return [_listed(run, output=True) for run in _within_budget(runs)]
-        return [_listed(run, output=False) for run in runs]
+            runs = _within_budget(runs)
+        records = await service.notifications([run.run_id for run in runs])
+        return [_listed(run, records.get(run.run_id, []), output=output) for run in runs]
 
     @get(
         "/{task_id:str}/runs/{run_id:str}",
         summary="Get one run with its output",
         raises=[NotFoundException, NotAuthorizedException],
     )
-    async def get_run(self, task_id: FromPath[str], run_id: FromPath[str], service: Service) -> Run:
-        return await service.run(task_id, run_id)
+    async def get_run(
+        self, task_id: FromPath[str], run_id: FromPath[str], service: Service
+    ) -> RunShown:
+        run = await service.run(task_id, run_id)
+        records = await service.notifications([run_id])
+        return RunShown(**msgspec.structs.asdict(run), notifications=records.get(run_id, []))
 
     @get(
         "/{task_id:str}/runs/{run_id:str}/output",
@@ -537,11 +551,11 @@ def _within_budget(items: list[T]) -> list[T]:
     return items
 
 
-def _listed(run: Run, *, output: bool) -> RunListed:
+def _listed(run: Run, notifications: list[NotificationRecord], *, output: bool) -> RunListed:
     fields = msgspec.structs.asdict(run)
     if not output:
         del fields["output"]
-    return RunListed(**fields)
+    return RunListed(**fields, notifications=notifications)
 
 
 async def _server_sent(

@@ -2,14 +2,16 @@
 
 The variable names are those of the system taskq replaces (``REDIS_ADDRESS``,
 ``REDIS_MQ_URL``, ``SERVER_HOST``/``SERVER_PORT``) plus taskq's own ``TASKQ_*``. A secret
-(``TASKQ_API_TOKENS``, ``REDIS_URL``, ``AMQP_URL``, ``REDIS_MQ_URL``) may be given as a
-file instead, through ``NAME_FILE``, so that it need never be in any environment.
+(``TASKQ_API_TOKENS``, ``REDIS_URL``, ``AMQP_URL``, ``REDIS_MQ_URL``,
+``TASKQ_WEBHOOK_SECRET``) may be given as a file instead, through ``NAME_FILE``, so that
+it need never be in any environment.
 """
 
 from __future__ import annotations
 
 import math
 import os
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from typing import Any
@@ -58,6 +60,15 @@ class Settings:
     max_followers: int = MAX_FOLLOWERS
     # Processes the consumer role runs as; None: see ``consumer_processes``.
     processes: int | None = None
+    # Notifications (``app.notifier``): the HMAC key of their signature (None: unsigned),
+    # the base of the run links in their bodies (None: see ``run_links_base``), and how
+    # they are delivered.
+    webhook_secret: str | None = None
+    public_url: str | None = None
+    notify_timeout: float = 10.0
+    notify_attempts: int = 8
+    notify_backoff: float = 5.0
+    notify_concurrency: int = 16
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
@@ -78,6 +89,10 @@ class Settings:
             values["api_tokens"] = parse_tokens(tokens)
         if roles := env.get("TASKQ_ROLES"):
             values["roles"] = parse_roles(roles)
+        if secret := _secret(env, "TASKQ_WEBHOOK_SECRET"):
+            values["webhook_secret"] = secret
+        if public_url := env.get("TASKQ_PUBLIC_URL"):
+            values["public_url"] = parse_public_url(public_url)
         for name, (attribute, kind, minimum) in _NUMBERS.items():
             if (raw := env.get(name)) is not None:
                 values[attribute] = _number(name, raw, kind, minimum)
@@ -100,6 +115,10 @@ class Settings:
         }
         if self.api_tokens:
             env["TASKQ_API_TOKENS"] = ",".join(self.api_tokens)
+        if self.webhook_secret:
+            env["TASKQ_WEBHOOK_SECRET"] = self.webhook_secret
+        if self.public_url:
+            env["TASKQ_PUBLIC_URL"] = self.public_url
         for name, (attribute, _, _) in _NUMBERS.items():
             if (value := getattr(self, attribute)) is not None:
                 env[name] = repr(value)
@@ -122,6 +141,14 @@ class Settings:
             return self.concurrency
         return -(-2 * usable_cores() // self.consumer_processes())
 
+    def run_links_base(self) -> str:
+        """Where the API is reached, for the run links in notifications:
+        ``TASKQ_PUBLIC_URL``, else ``http://SERVER_HOST:SERVER_PORT``."""
+        if self.public_url:
+            return self.public_url
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"http://{host}:{self.port}"
+
     def with_overrides(self, **overrides: Any) -> Settings:
         """These settings with every non-``None`` override applied (CLI flags)."""
         return replace(self, **{k: v for k, v in overrides.items() if v is not None})
@@ -140,7 +167,18 @@ _NUMBERS: dict[str, tuple[str, type[int] | type[float], float]] = {
     "TASKQ_REQUEST_TIMEOUT": ("request_timeout", float, 0.1),
     "TASKQ_KEEPALIVE_SECONDS": ("follow_keepalive", float, 0.1),
     "TASKQ_MAX_FOLLOWERS": ("max_followers", int, 1),
+    "TASKQ_NOTIFY_TIMEOUT": ("notify_timeout", float, 0.1),
+    "TASKQ_NOTIFY_ATTEMPTS": ("notify_attempts", int, 1),
+    "TASKQ_NOTIFY_BACKOFF": ("notify_backoff", float, 0.01),
+    "TASKQ_NOTIFY_CONCURRENCY": ("notify_concurrency", int, 1),
 }
+
+
+def parse_public_url(text: str) -> str:
+    """``TASKQ_PUBLIC_URL``: an http(s) URL, without a trailing slash."""
+    if not re.fullmatch(r"https?://[^\s/?#]+(/\S*)?", text):
+        raise ConfigError(f"TASKQ_PUBLIC_URL must be an http:// or https:// URL, got {text!r}")
+    return text.rstrip("/")
 
 
 def parse_tokens(text: str) -> tuple[str, ...]:

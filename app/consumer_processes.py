@@ -94,6 +94,7 @@ async def _start(settings: Settings) -> Process:
         processes=1,
         concurrency=settings.commands_per_process(),
         api_tokens=(),
+        webhook_secret=None,  # notifications are the scheduler role's
     )
     read_end = handover_pipe(own.as_env())
     try:

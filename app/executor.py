@@ -59,6 +59,8 @@ SERVER_SECRETS = frozenset(
         "REDIS_URL_FILE",
         "AMQP_URL_FILE",
         "REDIS_MQ_URL_FILE",
+        "TASKQ_WEBHOOK_SECRET",
+        "TASKQ_WEBHOOK_SECRET_FILE",
     }
 )
 _READ_CHUNK = 65536

@@ -128,8 +128,10 @@ def _events(
     if run.status == RunStatus.RUNNING:
         yield NotifyEvent.ON_START, notify.on_start, run.started_at
         if (still := notify.on_still_running) is not None and run.started_at is not None:
-            yield NotifyEvent.ON_STILL_RUNNING, still.url, run.started_at + timedelta(
-                seconds=still.after
+            yield (
+                NotifyEvent.ON_STILL_RUNNING,
+                still.url,
+                run.started_at + timedelta(seconds=still.after),
             )
         return
     outcome = run_outcome(run)
@@ -145,7 +147,9 @@ def _events(
         yield NotifyEvent.ON_NOT_STARTED, notify.on_not_started, ended
 
 
-def _notification(task: Task, run: Run, event: NotifyEvent, url: str, due: datetime) -> Notification:
+def _notification(
+    task: Task, run: Run, event: NotifyEvent, url: str, due: datetime
+) -> Notification:
     return Notification(
         id=f"{task.id}/{run.run_id}/{event}",
         event=event,

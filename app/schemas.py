@@ -18,6 +18,7 @@ from app.domain import (
     MAX_COMMAND_BYTES,
     TASK_ID_PATTERN,
     MisfirePolicy,
+    Notify,
     OverlapPolicy,
     Recurrence,
 )
@@ -160,6 +161,7 @@ class TaskCreate(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     misfire_grace: MisfireGrace = 60.0
     overlap: Overlap = OverlapPolicy.QUEUE
     scheduled_at: Moment | None = None
+    notify: Notify | None = None
 
     def __post_init__(self) -> None:
         _check_program(self.command, self.args, required=True)
@@ -197,6 +199,7 @@ class TaskUpdate(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     misfire: Misfire | UnsetType = UNSET
     misfire_grace: MisfireGrace | UnsetType = UNSET
     overlap: Overlap | UnsetType = UNSET
+    notify: Notify | UnsetType | None = UNSET
 
     def __post_init__(self) -> None:
         _check_program(

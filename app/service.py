@@ -36,6 +36,7 @@ from app.domain import (
     utcnow,
 )
 from app.live_output import OutputEvent, follow_output
+from app.notifications import NotificationRecord
 from app.ports import Store, TaskChange
 from app.schemas import ScheduleRequest, TaskCreate, TaskUpdate
 from app.transactions import transact, transact_with_active_run
@@ -111,6 +112,7 @@ class TaskService:
             misfire=spec.misfire,
             misfire_grace=spec.misfire_grace,
             overlap=spec.overlap,
+            notify=spec.notify,
             created_at=now,
             updated_at=now,
             scheduled_at=scheduled_at,
@@ -220,6 +222,10 @@ class TaskService:
         if not runs:
             await self.get(task_id)
         return runs
+
+    async def notifications(self, run_ids: Sequence[str]) -> dict[str, list[NotificationRecord]]:
+        """How the notifications of these runs went, by run id."""
+        return await self._store.notification_records(run_ids)
 
     async def run(self, task_id: str, run_id: str) -> Run:
         run = await self._store.get_run(task_id, run_id)

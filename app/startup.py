@@ -26,7 +26,14 @@ import sys
 from collections.abc import Mapping, Sequence
 
 # Settings that carry secrets, as environment variables (``app.config`` reads them).
-SECRET_VARIABLES = ("TASKQ_API_TOKENS", "TASKQ_TOKEN", "REDIS_URL", "AMQP_URL", "REDIS_MQ_URL")
+SECRET_VARIABLES = (
+    "TASKQ_API_TOKENS",
+    "TASKQ_TOKEN",
+    "REDIS_URL",
+    "AMQP_URL",
+    "REDIS_MQ_URL",
+    "TASKQ_WEBHOOK_SECRET",
+)
 # Command-line flags that carry them, and the variable each stands for.
 SECRET_FLAGS = {"--redis-url": "REDIS_URL", "--amqp-url": "AMQP_URL", "--token": "TASKQ_TOKEN"}
 SERVICE_COMMANDS = ("serve", "dev")

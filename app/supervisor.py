@@ -32,6 +32,7 @@ from app.api import create_app
 from app.config import MEMORY_URL, ConfigError, Settings
 from app.consumer import Consumer
 from app.consumer_processes import parent_gone, report_ready, run_consumer_process
+from app.notifier import NO_SECRET_WARNING, Notifier
 from app.ports import Broker, Role, Store
 from app.scheduler import Scheduler
 from app.service import TaskService
@@ -196,6 +197,7 @@ def _role_bodies(
             lookahead_seconds=settings.lookahead_seconds,
         )
         yield "scheduler", partial(scheduler.run, stopping), lambda _: "scheduler"
+        yield "scheduler", partial(_notifier(settings, store).run, stopping), lambda _: "notifier"
     if "consumer" in settings.roles and settings.consumer_processes() > 1:
         yield (
             "consumer",
@@ -220,6 +222,22 @@ def _role_bodies(
             partial(consumer.run, stopping),
             lambda _: f"consumer ({settings.commands_per_process()} at a time)",
         )
+
+
+def _notifier(settings: Settings, store: Store) -> Notifier:
+    """The scheduler role's notifier (``app.notifier``)."""
+    if not settings.webhook_secret:
+        log.warning(NO_SECRET_WARNING)
+    return Notifier(
+        store,
+        secret=settings.webhook_secret,
+        public_url=settings.run_links_base(),
+        lease_seconds=settings.lease_seconds,
+        timeout=settings.notify_timeout,
+        max_attempts=settings.notify_attempts,
+        first_delay=settings.notify_backoff,
+        concurrency=settings.notify_concurrency,
+    )
 
 
 async def run_consumer_processes(

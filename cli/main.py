@@ -283,10 +283,67 @@ def _program_body(
     return {k: v for k, v in body.items() if v is not None}
 
 
+_NOTIFY_URLS = {
+    "on_start": "when a run starts",
+    "on_success": "when a run completes",
+    "on_failure": "when the task's run fails for good (after its last attempt)",
+    "on_not_started": "when a run could not start (or a fire was skipped)",
+    "on_still_running": "once when a run still runs --still-running-after seconds after it started",
+    "success_ping": "GET without a body when a run completes (healthchecks.io, Cronitor)",
+}
+
+
+def _notify_options(function: Callable[P, Awaitable[T]]) -> Callable[P, Awaitable[T]]:
+    options = [
+        click.option(f"--{event.replace('_', '-')}", event, metavar="URL", help=f"Webhook {what}.")
+        for event, what in _NOTIFY_URLS.items()
+    ]
+    options += [
+        click.option(
+            "--still-running-after",
+            type=float,
+            metavar="SECONDS",
+            help="With --on-still-running: seconds after the start.",
+        ),
+        click.option("--no-notify", is_flag=True, help="Remove every notification (update)."),
+    ]
+    for option in reversed(options):
+        function = option(function)
+    return function
+
+
+def _notify_body(
+    current: dict[str, Any] | None,
+    *,
+    still_running_after: float | None,
+    no_notify: bool,
+    **urls: str | None,
+) -> dict[str, Any] | None:
+    """The task's ``notify`` with the options given over ``current``; ``None`` when
+    none was given (nothing to change)."""
+    if no_notify:
+        return {}
+    given = {event: url for event, url in urls.items() if url is not None}
+    if not given and still_running_after is None:
+        return None
+    current = current or {}
+    notify: dict[str, Any] = {**current, **given}
+    before = cast(dict[str, Any], current.get("on_still_running") or {})
+    url = given.get("on_still_running", before.get("url"))
+    after = before.get("after") if still_running_after is None else still_running_after
+    notify.pop("on_still_running", None)
+    if url is not None or after is not None:
+        if url is None or after is None:
+            raise click.UsageError("--on-still-running and --still-running-after go together")
+        notify["on_still_running"] = {"url": url, "after": after}
+    return notify
+
+
 @cli.command()
 @click.option("--id", "task_id", help="Task id (generated when omitted).")
 @click.option("--name", help="Human-readable name (required unless --from).")
 @_program_options
+@_notify_options
 @click.option("--at", help="Schedule for this time (RFC 3339, e.g. 2025-12-01T15:00:00Z).")
 @click.option(
     "--from",
@@ -304,11 +361,15 @@ async def create(
     at: str | None,
     from_file: IO[str] | None,
     as_json: bool,
+    still_running_after: float | None,
+    no_notify: bool,
     **program: Any,
 ) -> None:
     """Create a task (or, with --from, many)."""
+    urls = {event: program.pop(event) for event in _NOTIFY_URLS}
+    notify = _notify_body(None, still_running_after=still_running_after, no_notify=False, **urls)
     body = {"id": task_id, "name": name, "scheduled_at": at, **_program_body(**program)}
-    body = {k: v for k, v in body.items() if v is not None}
+    body = {k: v for k, v in {**body, "notify": notify or None}.items() if v is not None}
     if from_file is not None:
         if body:
             raise click.UsageError(
@@ -395,13 +456,28 @@ async def get(client: ApiClient, task_id: str, as_json: bool) -> None:
 @click.option("--id", "task_id", required=True)
 @click.option("--name")
 @_program_options
+@_notify_options
 @_client_command
 async def update(
-    client: ApiClient, task_id: str, name: str | None, as_json: bool, **program: Any
+    client: ApiClient,
+    task_id: str,
+    name: str | None,
+    as_json: bool,
+    still_running_after: float | None,
+    no_notify: bool,
+    **program: Any,
 ) -> None:
-    """Change a task; options not given stay as they are."""
+    """Change a task; options not given stay as they are (notifications too: each
+    --on-... option replaces that one only)."""
+    urls = {event: program.pop(event) for event in _NOTIFY_URLS}
     body = {"name": name, **_program_body(**program)}
     body = {k: v for k, v in body.items() if v is not None}
+    if no_notify or still_running_after is not None or any(urls.values()):
+        current = None if no_notify else (await client.get_task(task_id)).get("notify")
+        notify = _notify_body(
+            current, still_running_after=still_running_after, no_notify=no_notify, **urls
+        )
+        body["notify"] = notify or None
     if not body:
         raise click.UsageError("nothing to update: give at least one option")
     _emit(await client.update_task(task_id, body), as_json, _task_details)
@@ -611,6 +687,7 @@ def _task_details(task: dict[str, Any]) -> str:
         ("retry at", task.get("retry_at") or "-"),
         ("cwd", task.get("cwd") or "-"),
         ("env", ", ".join(f"{k}={v}" for k, v in _env_of(task).items()) or "-"),
+        ("notify", _notify_summary(task.get("notify"))),
         ("last run", _last_run(task)),
         ("created", task["created_at"]),
         ("updated", task["updated_at"]),
@@ -628,6 +705,18 @@ def _recurrence(schedule: dict[str, Any] | None) -> str:
     )
     bounds = [f"{word} {schedule[word]}" for word in ("start", "end") if schedule.get(word)]
     return ", ".join([what, *bounds])
+
+
+def _notify_summary(notify: dict[str, Any] | None) -> str:
+    if not notify:
+        return "-"
+    parts = [
+        f"{event} {value['url']} after {value['after']:g} s"
+        if isinstance(value, dict)
+        else f"{event} {value}"
+        for event, value in notify.items()
+    ]
+    return ", ".join(parts)
 
 
 def _env_of(task: dict[str, Any]) -> dict[str, str]:
@@ -663,8 +752,17 @@ def _run_details(run: dict[str, Any]) -> str:
     notes = [note for note in (run.get("error"),) if note]
     if run.get("truncated"):
         notes.append("output truncated (head and tail kept)")
+    records = cast(list[dict[str, Any]], run.get("notifications") or [])
+    notes += [_delivery_note(record) for record in records]
     body = run["output"].rstrip("\n")
     return "\n".join([head, *(f"note: {n}" for n in notes), "", body])
+
+
+def _delivery_note(record: dict[str, Any]) -> str:
+    """How one notification of a run went, in a line."""
+    tries = f"{record['attempts']} attempt" + ("" if record["attempts"] == 1 else "s")
+    line = f"{record['event']} to {record['url']}: {record['state']} ({tries})"
+    return line + (f", last error: {record['last_error']}" if record.get("last_error") else "")
 
 
 def _requested_backend(argv: Sequence[str]) -> str:

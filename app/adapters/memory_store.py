@@ -364,7 +364,6 @@ class MemoryStore:
         with anyio.move_on_after(delay):
             await wakeup.wait()
 
-
     async def claim_notifications(
         self, *, now: float, limit: int, lease: float, token: str
     ) -> list[OutboxEntry]:
@@ -393,7 +392,9 @@ class MemoryStore:
         for run_id in run_ids:
             if records := self._outbox.records.get(run_id):
                 found[run_id] = [
-                    _record_decoder.decode(records[event]) for event in NotifyEvent if event in records
+                    _record_decoder.decode(records[event])
+                    for event in NotifyEvent
+                    if event in records
                 ]
         return found
 
