@@ -7,7 +7,7 @@ the test's own event loop. The app is open unless a module overrides ``api_token
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager
 from typing import NamedTuple
 
@@ -17,7 +17,8 @@ import pytest
 import tests.conftest
 from app.adapters import open_broker, open_store
 from app.api import create_app
-from app.ports import Store
+from app.domain import Outcome, finish_run, start_run, utcnow
+from app.ports import Store, TaskChange
 from app.service import TaskService
 from tests.conftest import delete_keys
 from tests.store_cases import adapter_and_backend_fixture, anyio_backend_fixture  # noqa: F401
@@ -76,3 +77,21 @@ async def served(
 @pytest.fixture
 def client(served: Served) -> httpx.AsyncClient:
     return served.client
+
+
+@pytest.fixture
+def finish_active_run(served: Served) -> Callable[[str], Awaitable[None]]:
+    """Play a worker's part: start the task's queued run and record a successful exit."""
+
+    async def finish(task_id: str) -> None:
+        store = served.store
+        task = await store.get_task(task_id)
+        assert task is not None and task.active_run is not None
+        run = await store.get_run(task_id, task.active_run.run_id)
+        assert run is not None
+        started = start_run(task, run, "test-worker", utcnow(), lease_until=utcnow())
+        await store.commit(TaskChange.of(started))
+        outcome = Outcome(exit_code=0, duration=0.01, output="hello\n", truncated=False)
+        await store.commit(TaskChange.of(finish_run(started.task, started.run, outcome, utcnow())))
+
+    return finish

@@ -17,9 +17,8 @@ import httpx
 import pytest
 
 from app.api import HEALTH_CHECK_SECONDS, MAX_BODY_BYTES, MAX_PAGE
-from app.domain import MAX_COMMAND_BYTES, Outcome, finish_run, start_run, utcnow
-from app.ports import TaskChange
-from tests.api.conftest import Served, serve_api
+from app.domain import MAX_COMMAND_BYTES, utcnow
+from tests.api.conftest import serve_api
 
 Client = httpx.AsyncClient
 Json = dict[str, Any]
@@ -29,24 +28,6 @@ TOO_LONG_COMMAND = "é" * (MAX_COMMAND_BYTES // 2 + 1)  # within the limit in ch
 CALENDAR_END = "9999-12-31T23:59:00Z"
 BEFORE_YEAR_ONE_IN_UTC = "0001-01-01T00:00:00+23:59"
 AFTER_YEAR_9999_IN_UTC = "9999-12-31T23:59:59-23:59"
-
-
-@pytest.fixture
-def finish_active_run(served: Served) -> Callable[[str], Awaitable[None]]:
-    """Play a worker's part: start the task's queued run and record a successful exit."""
-
-    async def finish(task_id: str) -> None:
-        store = served.store
-        task = await store.get_task(task_id)
-        assert task is not None and task.active_run is not None
-        run = await store.get_run(task_id, task.active_run.run_id)
-        assert run is not None
-        started = start_run(task, run, "test-worker", utcnow(), lease_until=utcnow())
-        await store.commit(TaskChange.of(started))
-        outcome = Outcome(exit_code=0, duration=0.01, output="hello\n", truncated=False)
-        await store.commit(TaskChange.of(finish_run(started.task, started.run, outcome, utcnow())))
-
-    return finish
 
 
 # helpers
@@ -848,7 +829,7 @@ ENDPOINTS = [
     ("/tasks/{task_id}/pause", "post", "200", "TaskView", {"404", "409"}),
     ("/tasks/{task_id}/resume", "post", "200", "TaskView", {"404", "409"}),
     ("/tasks/{task_id}/runs", "get", "200", "[RunListed]", {"400", "404"}),
-    ("/tasks/{task_id}/runs/{run_id}", "get", "200", "Run", {"404"}),
+    ("/tasks/{task_id}/runs/{run_id}", "get", "200", "RunShown", {"404"}),
     ("/tasks/{task_id}/runs/{run_id}/output", "get", "200", "text/event-stream", {"400", "404"}),
 ]
 

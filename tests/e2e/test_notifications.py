@@ -22,7 +22,7 @@ import redis.asyncio as redis
 
 from app.supervisor import serve_http
 from tests.conftest import eventually
-from tests.e2e.harness import running, service_env, wait_for_task
+from tests.e2e.harness import cli, running, service_env, wait_for_task
 
 pytestmark = pytest.mark.e2e
 
@@ -307,3 +307,49 @@ async def test_still_running_comes_once_for_a_long_run_and_not_for_a_short_one(
     )
     assert receiver.at("ok/short") == []
     assert short_records == {}  # dropped unsent: the run had ended
+
+
+async def test_the_cli_sets_notifications_and_shows_their_delivery(prefix: str) -> None:
+    env = service_env(prefix)  # no TASKQ_WEBHOOK_SECRET: unsigned, with a warning
+    async with receiving() as receiver, running(["dev", "--port", "0"], env) as service:
+        api = service.api_url
+        assert api is not None
+        created = await cli(
+            api,
+            *("create", "--id", "c", "--name", "c", "--command", "true", "--json"),
+            *("--on-success", receiver.to("ok/success")),
+            *("--on-still-running", receiver.to("ok/slow"), "--still-running-after", "60"),
+        )
+        still = {"url": receiver.to("ok/slow"), "after": 60}
+        assert json.loads(created)["notify"] == {
+            "on_success": receiver.to("ok/success"),
+            "on_still_running": still,
+        }
+        updated = await cli(
+            api, "update", "--id", "c", "--on-failure", receiver.to("ok/failure"), "--json"
+        )
+        assert json.loads(updated)["notify"] == {
+            "on_success": receiver.to("ok/success"),
+            "on_failure": receiver.to("ok/failure"),
+            "on_still_running": still,
+        }
+        shown = await cli(api, "get", "--id", "c")
+        assert f"on_still_running {receiver.to('ok/slow')} after 60 s" in shown
+        refused = await cli(
+            api, "create", "--id", "d", "--name", "d", "--command", "true",
+            "--on-still-running", receiver.to("ok/slow"), expect_code=2,
+        )  # fmt: skip
+        assert "--still-running-after" in refused
+
+        await cli(api, "execute", "--id", "c")
+        async with httpx.AsyncClient(base_url=api) as http:
+            await wait_for_task(http, "c", {"completed"})
+            await settled(http, "c", {"on_success"})
+            [run] = (await http.get("/tasks/c/runs")).json()
+        details = await cli(api, "runs", "--id", "c", "--run", run["run_id"])
+        assert f"on_success to {receiver.to('ok/success')}: delivered (1 attempt)" in details
+        cleared = await cli(api, "update", "--id", "c", "--no-notify", "--json")
+        assert json.loads(cleared)["notify"] is None
+    [hook] = receiver.at("ok/success")
+    assert "x-taskq-signature" not in hook.headers
+    assert any("TASKQ_WEBHOOK_SECRET is not set" in line for line in service.log)
