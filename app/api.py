@@ -371,8 +371,9 @@ class TaskController(Controller):
         status_code=HTTP_202_ACCEPTED,
         raises=[NotFoundException, ConflictException, NotAuthorizedException],
     )
-    async def execute_task(self, task_id: FromPath[str], service: Service) -> Run:
-        return await service.execute(task_id)
+    async def execute_task(self, task_id: FromPath[str], service: Service) -> RunShown:
+        queued = await service.execute(task_id)  # queueing a run notifies nothing
+        return RunShown(**msgspec.structs.asdict(queued))
 
     @post(
         "/{task_id:str}/schedule",

@@ -196,7 +196,8 @@ def next_fires(recurrence: Recurrence, after: datetime, count: int) -> list[date
 _TICK = timedelta(microseconds=1)
 
 
-WEBHOOK_URL_PATTERN = r"^https?://[^\s/?#]+(?:[/?#]\S*)?$(?!\n)"
+# No whitespace or control characters (no newline: `$(?!\n)`), a host before any path.
+WEBHOOK_URL_PATTERN = r"^https?://[^\s/?#\x00-\x1f\x7f]+(?:[/?#][^\s\x00-\x1f\x7f]*)?$(?!\n)"
 MAX_WEBHOOK_URL = 2048
 MAX_STILL_RUNNING_AFTER = 7 * 86400
 WebhookUrl = Annotated[

@@ -25,6 +25,7 @@ from litestar.openapi.spec import (
     Schema,
 )
 
+from app.domain import Notify, StillRunning
 from app.schemas import MAX_BULK_TASKS, BulkCreate, ScheduleRequest, TaskCreate, TaskUpdate
 
 REF_TEMPLATE = "#/components/schemas/{name}"
@@ -63,6 +64,10 @@ REQUEST_BODIES: list[tuple[type[msgspec.Struct], dict[str, Any]]] = [
     (TaskUpdate, _AT_MOST_ONE_PROGRAM),
     (ScheduleRequest, _EXACTLY_ONE_WHEN),
 ]
+# Structs inside request bodies that answers show too: Litestar describes them for the
+# answers, without their rules (unknown fields refused, URL patterns); msgspec's schema
+# replaces its one.
+EXACT_COMPONENTS = frozenset({Notify.__name__, StillRunning.__name__})
 # Problem details, as every error answer carries them.
 PROBLEM = Schema(
     type=OpenAPIType.OBJECT,
@@ -81,7 +86,10 @@ def describe_contract(document: OpenAPI, *, max_body_bytes: int) -> None:
     for struct, rules in REQUEST_BODIES:
         (_,), components = msgspec.json.schema_components([struct], ref_template=REF_TEMPLATE)
         for name, component in components.items():  # the enums it refers to, unless there
-            schemas.setdefault(name, cast(Schema, _spec(component)))
+            if name in EXACT_COMPONENTS:
+                schemas[name] = cast(Schema, _spec(component))
+            else:
+                schemas.setdefault(name, cast(Schema, _spec(component)))
         schemas[struct.__name__] = cast(Schema, _spec({**components[struct.__name__], **rules}))
     for path, item in (document.paths or {}).items():
         for operation in (item.get, item.put, item.post, item.delete):

@@ -607,6 +607,7 @@ async def test_execute_answers_202_with_the_queued_run(client: Client) -> None:
         "error": None,
         "worker": None,
         "dead_letters": 0,
+        "notifications": [],
     }
     assert run["run_id"]
     task = await get_task(client, "t1")
@@ -822,7 +823,7 @@ ENDPOINTS = [
     ("/tasks/{task_id}", "get", "200", "TaskView", {"404"}),
     ("/tasks/{task_id}", "put", "200", "TaskView", {"400", "404"}),
     ("/tasks/{task_id}", "delete", "204", None, {"404"}),
-    ("/tasks/{task_id}/execute", "post", "202", "Run", {"404", "409"}),
+    ("/tasks/{task_id}/execute", "post", "202", "RunShown", {"404", "409"}),
     ("/tasks/{task_id}/schedule", "post", "200", "TaskView", {"400", "404"}),
     ("/tasks/{task_id}/schedule", "delete", "200", "TaskView", {"404"}),
     ("/tasks/{task_id}/cancel", "post", "202", "TaskView", {"404", "409"}),

@@ -51,6 +51,7 @@ async def test_notify_is_stored_shown_replaced_and_cleared(client: Client) -> No
         pytest.param({"on_start": "https://"}, "on_start", id="no-host"),
         pytest.param({"on_start": "https://a.example/ x"}, "on_start", id="space"),
         pytest.param({"on_start": "https://a.example/\n"}, "on_start", id="newline"),
+        pytest.param({"on_start": "https://a.example/\x01"}, "on_start", id="control"),
         pytest.param({"on_start": "https://a.example/" + "x" * 2048}, "on_start", id="too-long"),
         pytest.param({"on_start": 1}, "on_start", id="not-a-string"),
         pytest.param({"on_finish": HOOK}, "on_finish", id="unknown-event"),
