@@ -53,6 +53,19 @@ class DeliveryState(StrEnum):
     FAILED = "failed"
 
 
+class RunFacts(msgspec.Struct, frozen=True, kw_only=True):
+    """What a notification says about its run (as the body's ``run`` shows it)."""
+
+    id: str
+    attempt: int
+    outcome: RunOutcome | None
+    exit_code: int | None
+    duration: float | None
+    started_at: datetime | None
+    finished_at: datetime | None
+    error: str | None
+
+
 class Notification(msgspec.Struct, frozen=True, kw_only=True):
     """One notification to deliver: what happened to which run, to which URL, from when
     (``due``, unix seconds). ``id`` is the delivery id: the same for every attempt, so a
@@ -64,14 +77,11 @@ class Notification(msgspec.Struct, frozen=True, kw_only=True):
     due: float
     task_id: str
     task_name: str
-    run_id: str
-    attempt: int
-    outcome: RunOutcome | None
-    exit_code: int | None
-    duration: float | None
-    started_at: datetime | None
-    finished_at: datetime | None
-    error: str | None
+    run: RunFacts
+
+    @property
+    def run_id(self) -> str:
+        return self.run.id
 
 
 class NotificationRecord(msgspec.Struct, kw_only=True):
@@ -157,14 +167,16 @@ def _notification(
         due=timestamp(due),
         task_id=task.id,
         task_name=task.name,
-        run_id=run.run_id,
-        attempt=run.attempt,
-        outcome=run_outcome(run),
-        exit_code=run.exit_code,
-        duration=run.duration,
-        started_at=run.started_at,
-        finished_at=run.finished_at,
-        error=run.error,
+        run=RunFacts(
+            id=run.run_id,
+            attempt=run.attempt,
+            outcome=run_outcome(run),
+            exit_code=run.exit_code,
+            duration=run.duration,
+            started_at=run.started_at,
+            finished_at=run.finished_at,
+            error=run.error,
+        ),
     )
 
 
@@ -173,15 +185,7 @@ class _TaskNamed(msgspec.Struct):
     name: str
 
 
-class _RunDescribed(msgspec.Struct):
-    id: str
-    attempt: int
-    outcome: RunOutcome | None
-    exit_code: int | None
-    duration: float | None
-    started_at: datetime | None
-    finished_at: datetime | None
-    error: str | None
+class _RunLinked(RunFacts, frozen=True, kw_only=True):
     url: str
 
 
@@ -190,7 +194,7 @@ class _Body(msgspec.Struct):
     delivery_id: str
     sent_at: datetime
     task: _TaskNamed
-    run: _RunDescribed
+    run: _RunLinked
 
 
 def run_link(public_url: str, task_id: str, run_id: str) -> str:
@@ -202,17 +206,8 @@ def body_of(notification: Notification, *, public_url: str, sent_at: datetime) -
     """The JSON body of a webhook (a success ping has none). ``sent_at`` is part of what
     is signed, so a receiver can refuse an old body sent again (a replay)."""
     n = notification
-    run = _RunDescribed(
-        id=n.run_id,
-        attempt=n.attempt,
-        outcome=n.outcome,
-        exit_code=n.exit_code,
-        duration=n.duration,
-        started_at=n.started_at,
-        finished_at=n.finished_at,
-        error=n.error,
-        url=run_link(public_url, n.task_id, n.run_id),
-    )
+    link = run_link(public_url, n.task_id, n.run_id)
+    run = _RunLinked(**msgspec.structs.asdict(n.run), url=link)
     body = _Body(
         event=n.event,
         delivery_id=n.id,

@@ -40,7 +40,7 @@ from app.notifications import (
     retryable_status,
     signature,
 )
-from app.outages import OUTAGES, Backoff, describe, until_available
+from app.outages import OUTAGES, Backoff, until_available
 from app.ports import Store
 from app.stopping import cancel_when_set
 
@@ -189,7 +189,7 @@ class Notifier:
             try:
                 response = await client.send(request, stream=True)
             except httpx.TransportError as exc:
-                return describe(exc), True
+                return f"{type(exc).__name__}: {exc}", True  # ConnectError: ...
             await response.aclose()  # the answer's body is not needed
             if response.is_success:
                 return None, False

@@ -4,105 +4,24 @@ fails, and never in a run's way."""
 
 from __future__ import annotations
 
-import hashlib
-import hmac
 import json
 import signal
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from dataclasses import dataclass, field
 from datetime import datetime
-from functools import partial
 from typing import Any
 
-import anyio
 import httpx
 import pytest
 import redis.asyncio as redis
 
-from app.supervisor import serve_http
 from tests.conftest import eventually
 from tests.e2e.harness import cli, running, service_env, wait_for_task
+from tests.webhook_receiver import SECRET, Receiver, receiving
 
 pytestmark = pytest.mark.e2e
 
-SECRET = "webhook-secret-for-tests"
 PUBLIC_URL = "https://taskq.example"
-
-
-@dataclass
-class Hook:
-    """A request the receiver got."""
-
-    method: str
-    path: str
-    headers: dict[str, str]
-    body: bytes
-
-    @property
-    def json(self) -> Any:
-        return json.loads(self.body)
-
-    @property
-    def signed(self) -> bool:
-        expected = hmac.new(SECRET.encode(), self.body, hashlib.sha256).hexdigest()
-        return hmac.compare_digest(self.headers.get("x-taskq-signature", ""), f"sha256={expected}")
-
-
-@dataclass
-class Receiver:
-    """A webhook receiver (an ASGI app served by Hypercorn). By the first part of the
-    path: ``ok`` answers 200; ``flaky`` 500 to the first two requests of a path, then
-    200; ``hang`` never answers; ``hold`` never answers the first request of a path,
-    then 200. Every request is recorded, answered or not."""
-
-    hooks: list[Hook] = field(default_factory=list[Hook])
-    base: str = ""
-
-    def to(self, path: str) -> str:
-        return f"{self.base}/{path}"
-
-    def at(self, path: str) -> list[Hook]:
-        return [hook for hook in self.hooks if hook.path == f"/{path}"]
-
-    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
-        if scope["type"] == "lifespan":
-            while (message := await receive())["type"] != "lifespan.shutdown":
-                await send({"type": "lifespan.startup.complete"})
-            await send({"type": "lifespan.shutdown.complete"})
-            return
-        body = b""
-        while True:
-            message = await receive()
-            body += message.get("body", b"")
-            if not message.get("more_body"):
-                break
-        path: str = scope["path"]
-        headers = {k.decode().lower(): v.decode() for k, v in scope["headers"]}
-        self.hooks.append(Hook(scope["method"], path, headers, body))
-        seen = len(self.at(path.lstrip("/")))
-        kind = path.split("/")[1]
-        if kind == "hang" or (kind == "hold" and seen == 1):
-            while (await receive())["type"] != "http.disconnect":
-                pass
-            return
-        status = 500 if kind == "flaky" and seen <= 2 else 200
-        await send({"type": "http.response.start", "status": status, "headers": []})
-        await send({"type": "http.response.body", "body": b"ok"})
-
-
-@asynccontextmanager
-async def receiving() -> AsyncIterator[Receiver]:
-    receiver = Receiver()
-    stopping = anyio.Event()
-    async with anyio.create_task_group() as tg:
-        serve = partial(serve_http, receiver, host="127.0.0.1", port=0, stopping=stopping)
-        port = await tg.start(serve)
-        receiver.base = f"http://127.0.0.1:{port}"
-        try:
-            yield receiver
-        finally:
-            stopping.set()  # Hypercorn stops within its graceful timeout
 
 
 def notify_env(prefix: str, **extra: str) -> dict[str, str]:
@@ -113,6 +32,15 @@ def notify_env(prefix: str, **extra: str) -> dict[str, str]:
         TASKQ_NOTIFY_BACKOFF="0.2",
         **extra,
     )
+
+
+@asynccontextmanager
+async def notifying(prefix: str, **env: str) -> AsyncIterator[tuple[Receiver, httpx.AsyncClient]]:
+    """A receiver, and a client of a ``taskq serve`` that signs what it sends it."""
+    async with receiving() as receiver, running(["serve"], notify_env(prefix, **env)) as service:
+        assert service.api_url is not None
+        async with httpx.AsyncClient(base_url=service.api_url) as http:
+            yield receiver, http
 
 
 async def records_of(http: httpx.AsyncClient, task_id: str) -> dict[str, dict[str, Any]]:
@@ -134,22 +62,20 @@ async def settled(http: httpx.AsyncClient, task_id: str, events: set[str]) -> No
 async def test_each_hook_comes_once_signed_also_after_two_server_errors(
     prefix: str, servers: redis.Redis
 ) -> None:
-    async with receiving() as receiver, running(["serve"], notify_env(prefix)) as service:
-        assert service.api_url is not None
-        async with httpx.AsyncClient(base_url=service.api_url) as http:
-            notify = {
-                "on_start": receiver.to("ok/start"),
-                "on_success": receiver.to("flaky/success"),
-                "on_failure": receiver.to("ok/failure"),
-                "success_ping": receiver.to("ok/ping"),
-            }
-            body = {"id": "job", "name": "Nightly job", "command": "echo hi", "notify": notify}
-            assert (await http.post("/tasks", json=body)).status_code == 201
-            await http.post("/tasks/job/execute")
-            await wait_for_task(http, "job", {"completed"})
-            await settled(http, "job", {"on_start", "on_success", "success_ping"})
-            [run] = (await http.get("/tasks/job/runs")).json()
-            shown = (await http.get(f"/tasks/job/runs/{run['run_id']}")).json()
+    async with notifying(prefix) as (receiver, http):
+        notify = {
+            "on_start": receiver.to("ok/start"),
+            "on_success": receiver.to("flaky/success"),
+            "on_failure": receiver.to("ok/failure"),
+            "success_ping": receiver.to("ok/ping"),
+        }
+        body = {"id": "job", "name": "Nightly job", "command": "echo hi", "notify": notify}
+        assert (await http.post("/tasks", json=body)).status_code == 201
+        await http.post("/tasks/job/execute")
+        await wait_for_task(http, "job", {"completed"})
+        await settled(http, "job", {"on_start", "on_success", "success_ping"})
+        [run] = (await http.get("/tasks/job/runs")).json()
+        shown = (await http.get(f"/tasks/job/runs/{run['run_id']}")).json()
     records = {record["event"]: record for record in run["notifications"]}
     assert shown["notifications"] == run["notifications"]
     assert {event: (r["state"], r["attempts"]) for event, r in records.items()} == {
@@ -187,23 +113,21 @@ async def test_each_hook_comes_once_signed_also_after_two_server_errors(
 
 
 async def test_failure_is_notified_once_after_the_last_attempt(prefix: str) -> None:
-    async with receiving() as receiver, running(["serve"], notify_env(prefix)) as service:
-        assert service.api_url is not None
-        async with httpx.AsyncClient(base_url=service.api_url) as http:
-            notify = {"on_failure": receiver.to("ok/failure"), "on_success": receiver.to("ok/s")}
-            body = {
-                "id": "flaky",
-                "name": "flaky",
-                "command": "exit 3",
-                "max_attempts": 2,
-                "retry_backoff": 0.1,
-                "notify": notify,
-            }
-            await http.post("/tasks", json=body)
-            await http.post("/tasks/flaky/execute")
-            await wait_for_task(http, "flaky", {"failed"})
-            await settled(http, "flaky", {"on_failure"})
-            first, last = reversed((await http.get("/tasks/flaky/runs")).json())
+    async with notifying(prefix) as (receiver, http):
+        notify = {"on_failure": receiver.to("ok/failure"), "on_success": receiver.to("ok/s")}
+        body = {
+            "id": "flaky",
+            "name": "flaky",
+            "command": "exit 3",
+            "max_attempts": 2,
+            "retry_backoff": 0.1,
+            "notify": notify,
+        }
+        await http.post("/tasks", json=body)
+        await http.post("/tasks/flaky/execute")
+        await wait_for_task(http, "flaky", {"failed"})
+        await settled(http, "flaky", {"on_failure"})
+        first, last = reversed((await http.get("/tasks/flaky/runs")).json())
     assert first["notifications"] == []  # retried: not a failure of the task yet
     [failure] = receiver.at("ok/failure")
     assert failure.signed
@@ -214,22 +138,20 @@ async def test_failure_is_notified_once_after_the_last_attempt(prefix: str) -> N
 
 
 async def test_a_receiver_that_never_answers_does_not_delay_the_next_runs(prefix: str) -> None:
-    env = notify_env(prefix, TASKQ_NOTIFY_TIMEOUT="30", TASKQ_NOTIFY_CONCURRENCY="1")
-    async with receiving() as receiver, running(["serve"], env) as service:
-        assert service.api_url is not None
-        async with httpx.AsyncClient(base_url=service.api_url) as http:
-            notify = {"on_start": receiver.to("hang/start"), "on_success": receiver.to("hang/ok")}
-            body = {"id": "tick", "name": "tick", "command": "true", "notify": notify}
-            await http.post("/tasks", json=body)
-            await http.post("/tasks/tick/schedule", json={"every": 1})
+    env = {"TASKQ_NOTIFY_TIMEOUT": "30", "TASKQ_NOTIFY_CONCURRENCY": "1"}
+    async with notifying(prefix, **env) as (receiver, http):
+        notify = {"on_start": receiver.to("hang/start"), "on_success": receiver.to("hang/ok")}
+        body = {"id": "tick", "name": "tick", "command": "true", "notify": notify}
+        await http.post("/tasks", json=body)
+        await http.post("/tasks/tick/schedule", json={"every": 1})
 
-            async def four_runs() -> bool:
-                runs = (await http.get("/tasks/tick/runs")).json()
-                return sum(run["status"] == "completed" for run in runs) >= 4
-
-            await eventually(four_runs, within=15, every=0.1)
-            task = (await http.get("/tasks/tick")).json()
+        async def four_runs() -> bool:
             runs = (await http.get("/tasks/tick/runs")).json()
+            return sum(run["status"] == "completed" for run in runs) >= 4
+
+        await eventually(four_runs, within=15, every=0.1)
+        task = (await http.get("/tasks/tick")).json()
+        runs = (await http.get("/tasks/tick/runs")).json()
     # The one notifier slot hangs on the first hook for 30 s: the runs go on regardless.
     assert len(receiver.at("hang/start")) == 1
     start = datetime.fromisoformat(task["schedule"]["start"])
@@ -273,28 +195,26 @@ async def test_a_delivery_cut_short_by_a_killed_notifier_is_sent_again(
 async def test_still_running_comes_once_for_a_long_run_and_not_for_a_short_one(
     prefix: str, servers: redis.Redis
 ) -> None:
-    async with receiving() as receiver, running(["serve"], notify_env(prefix)) as service:
-        assert service.api_url is not None
-        async with httpx.AsyncClient(base_url=service.api_url) as http:
-            for task_id, command in (("long", "sleep 3"), ("short", "true")):
-                still = {"url": receiver.to(f"ok/{task_id}"), "after": 1}
-                body = {
-                    "id": task_id,
-                    "name": task_id,
-                    "command": command,
-                    "notify": {"on_still_running": still},
-                }
-                await http.post("/tasks", json=body)
-                await http.post(f"/tasks/{task_id}/execute")
-            await wait_for_task(http, "long", {"completed"})
-            await wait_for_task(http, "short", {"completed"})
+    async with notifying(prefix) as (receiver, http):
+        for task_id, command in (("long", "sleep 3"), ("short", "true")):
+            still = {"url": receiver.to(f"ok/{task_id}"), "after": 1}
+            body = {
+                "id": task_id,
+                "name": task_id,
+                "command": command,
+                "notify": {"on_still_running": still},
+            }
+            await http.post("/tasks", json=body)
+            await http.post(f"/tasks/{task_id}/execute")
+        await wait_for_task(http, "long", {"completed"})
+        await wait_for_task(http, "short", {"completed"})
 
-            async def outbox_empty() -> bool:
-                return await servers.zcard(f"{prefix}notify_due") == 0
+        async def outbox_empty() -> bool:
+            return await servers.zcard(f"{prefix}notify_due") == 0
 
-            await eventually(outbox_empty, within=10, every=0.1)
-            long_records = await records_of(http, "long")
-            short_records = await records_of(http, "short")
+        await eventually(outbox_empty, within=10, every=0.1)
+        long_records = await records_of(http, "long")
+        short_records = await records_of(http, "short")
     [still] = receiver.at("ok/long")
     assert still.signed and still.json["event"] == "on_still_running"
     assert still.json["run"]["outcome"] is None  # it was still running

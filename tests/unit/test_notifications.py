@@ -91,8 +91,16 @@ def test_a_start_notifies_at_once_and_still_running_after_its_delay() -> None:
 def test_a_completed_run_notifies_success_and_the_ping() -> None:
     success, ping = notifications_for(finished(task()))
     assert (success.event, ping.event) == (NotifyEvent.ON_SUCCESS, NotifyEvent.SUCCESS_PING)
-    assert (success.outcome, success.exit_code, success.duration) == ("completed", 0, 7.0)
-    assert (success.started_at, success.finished_at, success.due) == (NOW, LATER, timestamp(LATER))
+    assert (success.run.outcome, success.run.exit_code, success.run.duration) == (
+        "completed",
+        0,
+        7.0,
+    )
+    assert (success.run.started_at, success.run.finished_at, success.due) == (
+        NOW,
+        LATER,
+        timestamp(LATER),
+    )
     assert success.id == "t/" + success.run_id + "/on_success"
 
 
@@ -103,7 +111,7 @@ def test_a_failed_attempt_with_a_retry_coming_notifies_nothing() -> None:
 def test_the_last_failed_attempt_notifies_failure() -> None:
     assert events(finished(task(max_attempts=1), exit_code=1)) == [NotifyEvent.ON_FAILURE]
     [timed_out] = notifications_for(finished(task(), exit_code=None, timed_out=True))
-    assert (timed_out.event, timed_out.outcome) == (NotifyEvent.ON_FAILURE, "timed_out")
+    assert (timed_out.event, timed_out.run.outcome) == (NotifyEvent.ON_FAILURE, "timed_out")
 
 
 def test_a_command_that_could_not_start_notifies_failure_and_not_started() -> None:
@@ -113,8 +121,8 @@ def test_a_command_that_could_not_start_notifies_failure_and_not_started() -> No
         NotifyEvent.ON_FAILURE,
         NotifyEvent.ON_NOT_STARTED,
     )
-    assert failure.outcome == "not_started"
-    assert failure.error == "no such file: /bin/nope"
+    assert failure.run.outcome == "not_started"
+    assert failure.run.error == "no such file: /bin/nope"
 
 
 def test_a_lost_run_notifies_failure_only_once_out_of_attempts() -> None:
@@ -123,7 +131,7 @@ def test_a_lost_run_notifies_failure_only_once_out_of_attempts() -> None:
     last = started(task())
     last_run = msgspec.structs.replace(last.run, attempt=LOST_RUN_LIMIT)
     [failure] = notifications_for(lose_run(last.task, last_run, LATER))
-    assert (failure.event, failure.outcome) == (NotifyEvent.ON_FAILURE, "lost")
+    assert (failure.event, failure.run.outcome) == (NotifyEvent.ON_FAILURE, "lost")
 
 
 def test_a_cancelled_run_notifies_nothing() -> None:
@@ -140,7 +148,7 @@ def test_a_skipped_fire_notifies_not_started() -> None:
         misfire_grace=1,
     )
     [skipped] = notifications_for(fire_schedule(recurring, NOW + timedelta(seconds=30)))
-    assert (skipped.event, skipped.outcome) == (NotifyEvent.ON_NOT_STARTED, "skipped")
+    assert (skipped.event, skipped.run.outcome) == (NotifyEvent.ON_NOT_STARTED, "skipped")
 
 
 def test_a_fire_withdrawn_by_a_person_notifies_nothing() -> None:
