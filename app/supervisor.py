@@ -196,8 +196,9 @@ def _role_bodies(
             lease_seconds=settings.lease_seconds,
             lookahead_seconds=settings.lookahead_seconds,
         )
-        yield "scheduler", partial(scheduler.run, stopping), lambda _: "scheduler"
-        yield "scheduler", partial(_notifier(settings, store).run, stopping), lambda _: "notifier"
+        notifier = _notifier(settings, store)
+        body = partial(_dispatch_and_notify, scheduler, notifier, stopping)
+        yield "scheduler", body, lambda _: "scheduler"
     if "consumer" in settings.roles and settings.consumer_processes() > 1:
         yield (
             "consumer",
@@ -222,6 +223,36 @@ def _role_bodies(
             partial(consumer.run, stopping),
             lambda _: f"consumer ({settings.commands_per_process()} at a time)",
         )
+
+
+async def _dispatch_and_notify(
+    scheduler: Scheduler,
+    notifier: Notifier,
+    stopping: anyio.Event,
+    *,
+    task_status: StartedStatus[None] = anyio.TASK_STATUS_IGNORED,
+) -> None:
+    """The scheduler role: its scheduler, and its notifier (``app.notifier``)."""
+    async with anyio.create_task_group() as role:
+        for part in (scheduler.run, notifier.run):
+            await role.start(_part, part, stopping)
+            if stopping.is_set():
+                break  # a stop during start-up: start nothing more
+        task_status.started()
+
+
+async def _part(
+    body: Callable[..., Awaitable[None]],
+    stopping: anyio.Event,
+    *,
+    task_status: StartedStatus[None] = anyio.TASK_STATUS_IGNORED,
+) -> None:
+    """Run one part of a role; one stopped before it was ready counts as started (the
+    role is stopping anyway)."""
+    report = _StartReport(task_status)
+    await body(stopping, task_status=report)
+    if not report.reported:
+        task_status.started()
 
 
 def _notifier(settings: Settings, store: Store) -> Notifier:
