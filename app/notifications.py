@@ -120,13 +120,16 @@ def notifications_for(transition: Transition) -> tuple[Notification, ...]:
     if task is None or task.notify is None:
         return ()
     before = transition.before
-    withdrawn = None if before is None or before.active_run is None else before.active_run.run_id
+    # A skipped run that was the active one is a fire a person withdrew (pause, a new
+    # schedule, execute); one its policy skips is a run of its own.
+    was_active = None if before is None or before.active_run is None else before.active_run.run_id
+    # A run ends with the task still active only when its next attempt is queued.
     retry_follows = task.active_run is not None
     return tuple(
         _notification(task, run, event, url, due)
         for run in transition.runs
         for event, url, due in _events(
-            task.notify, run, retry_follows=retry_follows, withdrawn=run.run_id == withdrawn
+            task.notify, run, retry_follows=retry_follows, withdrawn=run.run_id == was_active
         )
         if url is not None and due is not None
     )
@@ -135,6 +138,8 @@ def notifications_for(transition: Transition) -> tuple[Notification, ...]:
 def _events(
     notify: Notify, run: Run, *, retry_follows: bool, withdrawn: bool
 ) -> Iterator[tuple[NotifyEvent, str | None, datetime | None]]:
+    """The events ``run``, as written, is at: each with its URL (``None``: not wanted)
+    and when it is due."""
     if run.status == RunStatus.RUNNING:
         yield NotifyEvent.ON_START, notify.on_start, run.started_at
         if (still := notify.on_still_running) is not None and run.started_at is not None:

@@ -113,6 +113,7 @@ def test_secrets_can_be_read_from_files(tmp_path: Path) -> None:
         "TASKQ_API_TOKENS": "one,two\n",
         "REDIS_URL": "redis://:pw@db:6379/1\n",
         "AMQP_URL": "amqp://u:pw@mq:5672/",
+        "TASKQ_WEBHOOK_SECRET": "hmac key\n",
     }
     env: dict[str, str] = {}
     for name, text in files.items():
@@ -122,6 +123,7 @@ def test_secrets_can_be_read_from_files(tmp_path: Path) -> None:
     assert settings.api_tokens == ("one", "two")
     assert settings.store_url == "redis://:pw@db:6379/1"
     assert settings.broker_url == "amqp://u:pw@mq:5672/"
+    assert settings.webhook_secret == "hmac key"
 
 
 def test_an_empty_tokens_file_is_refused(tmp_path: Path) -> None:
@@ -186,6 +188,10 @@ def test_no_role_at_all_is_an_error() -> None:
         ("TASKQ_LOOKAHEAD_SECONDS", "lookahead_seconds", "60", 60.0),
         ("TASKQ_SHUTDOWN_GRACE", "shutdown_grace", "0", 0.0),
         ("TASKQ_SHUTDOWN_GRACE", "shutdown_grace", "0.25", 0.25),
+        ("TASKQ_NOTIFY_TIMEOUT", "notify_timeout", "2.5", 2.5),
+        ("TASKQ_NOTIFY_ATTEMPTS", "notify_attempts", "1", 1),
+        ("TASKQ_NOTIFY_BACKOFF", "notify_backoff", "0.5", 0.5),
+        ("TASKQ_NOTIFY_CONCURRENCY", "notify_concurrency", "64", 64),
     ],
 )
 def test_numbers(name: str, attribute: str, raw: str, value: float) -> None:
@@ -288,10 +294,27 @@ def test_settings_read_back_from_their_variables_are_the_same(tmp_path: Path) ->
             "TASKQ_PROCESSES": "5",
             "TASKQ_LEASE_SECONDS": "2.5",
             "TASKQ_SHUTDOWN_GRACE": "0.1",
+            "TASKQ_WEBHOOK_SECRET": "hmac key",
+            "TASKQ_PUBLIC_URL": "https://ops.example/taskq/",
+            "TASKQ_NOTIFY_ATTEMPTS": "3",
         }
     )
     assert Settings.from_env(settings.as_env()) == settings
     assert Settings.from_env(Settings().as_env()) == Settings()
+
+
+def test_run_links_point_at_the_public_url_or_else_at_the_api_address() -> None:
+    assert Settings.from_env({}).run_links_base() == "http://127.0.0.1:8080"
+    ipv6 = Settings.from_env({"SERVER_HOST": "::1", "SERVER_PORT": "9000"})
+    assert ipv6.run_links_base() == "http://[::1]:9000"
+    public = Settings.from_env({"TASKQ_PUBLIC_URL": "https://ops.example/taskq/"})
+    assert public.run_links_base() == "https://ops.example/taskq"
+
+
+@pytest.mark.parametrize("raw", ["ops.example", "ftp://ops.example", "https://", "https://a b"])
+def test_a_public_url_that_is_not_http_is_refused(raw: str) -> None:
+    with pytest.raises(ConfigError, match="TASKQ_PUBLIC_URL"):
+        Settings.from_env({"TASKQ_PUBLIC_URL": raw})
 
 
 async def test_consumer_processes_with_an_in_memory_store_are_refused_at_start() -> None:
