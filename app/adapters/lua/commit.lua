@@ -1,8 +1,8 @@
 -- Apply one change of a task, or report why not: 'ok', 'exists' or 'conflict'.
 -- Idempotent: a resent script whose first attempt was applied reports 'ok'.
 -- Argument layout: CommitKeys and CommitArgs in redis_scripts.py.
-local task_key, tasks_key, due_key, claims_key, runs_key = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5]
-local notify_due_key, notify_entries_key = KEYS[6], KEYS[7]
+local task_key, tasks_key, due_key, claims_key, runs_key = unpack(KEYS, 1, 5)
+local notify_due_key, notify_entries_key = unpack(KEYS, 6, 7)  -- the notification outbox
 local prefix, id, expected, doc, new_status = ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5]
 local schedule, due_at, history, ended_ttl = ARGV[6], ARGV[7], tonumber(ARGV[8]), ARGV[9]
 local notifications = ARGV[10]  -- "" or [{id, run_id, event, due, entry, record}]
