@@ -191,6 +191,11 @@ class TaskStore(Protocol):
         """
         ...
 
+    async def count_due(self, *, now: float) -> int:
+        """How many entries of ``scheduled_tasks`` are due at ``now`` and not claimed
+        (a claim or a run's lease moves its entry to when it ends), read cheaply."""
+        ...
+
     async def wait_for_due(self, *, max_wait: float, ahead: float = 0.0) -> None:
         """Return ``ahead`` seconds before the earliest entry of ``scheduled_tasks`` is
         due, when one may have been added earlier than that (in any process), or after
@@ -367,6 +372,10 @@ class Broker(Protocol):
 
     async def ping(self) -> None:
         """Raise if the broker cannot be reached."""
+        ...
+
+    async def queue_depth(self) -> int:
+        """How many messages wait in the queue, not yet delivered to a consumer."""
         ...
 
     async def publish(self, messages: Sequence[Dispatch]) -> list[Dispatch]:

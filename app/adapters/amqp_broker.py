@@ -520,13 +520,17 @@ class AmqpBroker:
             await _close_connection(link.connection)
 
     async def ping(self) -> None:
+        await self.queue_depth()
+
+    async def queue_depth(self) -> int:
         link = self._current("RabbitMQ did not answer")
         with _unavailable_on_error("RabbitMQ did not answer"), anyio.fail_after(_RPC_TIMEOUT):
             async with self._control_lock:
                 # A failed passive declare (queue deleted) closes the channel: open another.
                 if link.control_channel.is_closed:
                     link.control_channel = await link.connection.channel(publisher_confirms=False)
-                await link.control_channel.queue_declare(self.queue_name, passive=True)
+                declared = await link.control_channel.queue_declare(self.queue_name, passive=True)
+        return declared.message_count or 0
 
     async def publish(self, messages: Sequence[Dispatch]) -> list[Dispatch]:
         confirmed = await self._publish_bodies([msgspec.json.encode(m) for m in messages])

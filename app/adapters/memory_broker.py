@@ -153,6 +153,10 @@ class MemoryBroker:
     async def ping(self) -> None:
         await anyio.lowlevel.checkpoint()
 
+    async def queue_depth(self) -> int:
+        await anyio.lowlevel.checkpoint()
+        return len(self._queue.messages)
+
     async def publish(self, messages: Sequence[Dispatch]) -> list[Dispatch]:
         await anyio.lowlevel.checkpoint()
         self._queue.put([_Message(msgspec.json.encode(m)) for m in messages])

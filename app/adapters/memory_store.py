@@ -255,6 +255,10 @@ class MemoryStore:
                 del self._claims[task_id]
                 self._due.pop(task_id, None)
 
+    async def count_due(self, *, now: float) -> int:
+        await anyio.lowlevel.checkpoint()
+        return sum(1 for when in self._due.values() if when <= now)
+
     async def extend_leases(self, task_ids: Sequence[str], *, until: float) -> None:
         await anyio.lowlevel.checkpoint()
         for task_id in task_ids:

@@ -387,6 +387,10 @@ class RedisStore:
             )
 
     @_translate_errors
+    async def count_due(self, *, now: float) -> int:
+        return await self._redis.zcount(self._due_key, "-inf", repr(now))
+
+    @_translate_errors
     async def extend_leases(self, task_ids: Sequence[str], *, until: float) -> None:
         if task_ids:
             await self._redis.zadd(self._due_key, dict.fromkeys(task_ids, until), xx=True)

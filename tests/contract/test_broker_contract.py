@@ -23,7 +23,7 @@ from app.adapters.memory_broker import MemoryBroker
 from app.ports import DELIVERY_LIMIT, Broker, Delivery, Dispatch
 from tests.brokers import publish_raw as publish_raw_amqp
 from tests.brokers import put_raw, take_dead_letters
-from tests.conftest import AMQP_URL
+from tests.conftest import AMQP_URL, eventually
 
 WAIT = 10.0
 """Bound for anything that should happen."""
@@ -140,6 +140,21 @@ async def assert_nothing_arrives(deliveries: AsyncIterator[Delivery]) -> None:
 async def test_ping(broker: Broker) -> None:
     with anyio.fail_after(WAIT):
         await broker.ping()
+
+
+async def test_queue_depth_counts_messages_not_yet_delivered(broker: Broker) -> None:
+    with anyio.fail_after(WAIT):
+        assert await broker.queue_depth() == 0
+        await broker.publish(dispatches(3))
+        await eventually(lambda: depth_is(broker, 3))
+    async with broker.consume(prefetch=1) as deliveries:
+        (delivery,) = await receive(deliveries, 1)
+        await eventually(lambda: depth_is(broker, 2))  # one delivered, unsettled
+        await delivery.ack()
+
+
+async def depth_is(broker: Broker, expected: int) -> bool:
+    return await broker.queue_depth() == expected
 
 
 async def test_publish_nothing(broker: Broker) -> None:

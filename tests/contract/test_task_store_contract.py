@@ -289,6 +289,20 @@ async def test_extend_leases_moves_only_existing_entries(store: Store) -> None:
     assert [c.task_id for c in claims] == ["held"]
 
 
+async def test_count_due_counts_due_entries_not_claimed(store: Store) -> None:
+    now = time.time()
+    assert await store.count_due(now=now) == 0
+    for task_id, when in (("past", now - 5), ("now", now), ("later", now + 20), ("p2", now - 1)):
+        task = await create(store, task_id)
+        await store.commit(
+            TaskChange(task_id, task.revision, next_revision(task), schedule=DueAt(when))
+        )
+    assert await store.count_due(now=now) == 3
+    await store.claim_due(now=now, limit=1, lease=30, token="one")  # leases "past"
+    assert await store.count_due(now=now) == 2
+    assert await store.count_due(now=now + 25) == 3  # "later" is due; the lease is not over
+
+
 def creation(task_id: str, *, due: float | None = None, **changes: object) -> TaskChange:
     """The change ``create_each`` takes for a new task (due at ``due``, when given)."""
     task = make_task(task_id, **changes)
