@@ -3,7 +3,8 @@
 No store or broker code lives here; controllers get the service through ``Provide``.
 
 With API tokens configured, every route needs ``Authorization: Bearer <token>`` except
-``GET``/``HEAD /health`` (orchestrators and load balancers probe it without credentials)
+``GET``/``HEAD /health`` (orchestrators and load balancers probe it without credentials),
+``GET /metrics`` (Prometheus scrapes it without credentials)
 and the OpenAPI UI and document under ``/schema`` with the ``/swagger/index.html``
 redirect (they describe the API, not its data). Those routes opt out through
 ``opt={EXCLUDE_FROM_AUTH: True}``.
@@ -84,6 +85,7 @@ from app.domain import (
     TaskView,
 )
 from app.live_output import KEEPALIVE_SECONDS, KeepAlive, OutputEnd, OutputEvent, OutputText
+from app.metrics_http import RequestMetrics, metrics_handler
 from app.notifications import NotificationRecord
 from app.openapi_contract import describe_contract
 from app.outages import DependencyDown, OutageGate, probe
@@ -781,6 +783,7 @@ def create_app(
             ),
             *_health_handlers({**checks, "store": store_gate.check_now}),
             swagger_redirect,
+            metrics_handler(opt={EXCLUDE_FROM_AUTH: True}),
         ],
         middleware=[
             BodyDeadline(body_seconds),
@@ -818,4 +821,7 @@ def create_app(
         debug=debug,
     )
     describe_contract(app.openapi_schema, max_body_bytes=MAX_BODY_BYTES)
+    # Around Litestar's own handler rather than a middleware: a middleware runs only for
+    # a route that matched, and requests no route matched (404) are counted too.
+    app.asgi_handler = RequestMetrics(app.asgi_handler)
     return app

@@ -69,6 +69,8 @@ class Settings:
     notify_attempts: int = 8
     notify_backoff: float = 5.0
     notify_concurrency: int = 16
+    # Where a process without the api role serves /metrics; None: nowhere.
+    metrics_port: int | None = None
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
@@ -133,6 +135,10 @@ class Settings:
             return 1
         return usable_cores()
 
+    def spawns_consumer_processes(self) -> bool:
+        """Whether this service runs its consumer role as processes of its own."""
+        return "consumer" in self.roles and self.consumer_processes() > 1
+
     def commands_per_process(self) -> int:
         """Commands one consumer process runs at once: ``concurrency`` when set, else
         2 x cores shared by the consumer processes (rounded up), so that the default
@@ -171,6 +177,7 @@ _NUMBERS: dict[str, tuple[str, type[int] | type[float], float]] = {
     "TASKQ_NOTIFY_ATTEMPTS": ("notify_attempts", int, 1),
     "TASKQ_NOTIFY_BACKOFF": ("notify_backoff", float, 0.01),
     "TASKQ_NOTIFY_CONCURRENCY": ("notify_concurrency", int, 1),
+    "TASKQ_METRICS_PORT": ("metrics_port", int, 0),
 }
 
 

@@ -49,6 +49,7 @@ from app.domain import (
 )
 from app.executor import CappedOutput, inherited_environment, run_command
 from app.live_output import OutputRelay
+from app.metrics import FREE_SLOTS, RUNNING_COMMANDS, count_committed
 from app.outages import Backoff, settle, until_available
 from app.ports import Broker, Delivery, Store, StoreUnavailable, TaskChange
 from app.stopping import cancel_after, cancel_when_set
@@ -67,6 +68,32 @@ HELD_ROOM_PER_SLOT = 2
 ``held_room``). Deliveries come in queue order: a message due now gets through as long
 as fewer held ones than the whole prefetch are ahead of it; behind more, it waits until
 held ones start (at most the scheduler's look-ahead)."""
+
+
+class RunSlots:
+    """The commands a consumer may run at once, as slots taken and given back; the free
+    ones are counted (``taskq_consumer_free_slots``) while the consumer runs."""
+
+    def __init__(self, count: int) -> None:
+        self._count = count
+        self._free = anyio.Semaphore(count)
+
+    @contextmanager
+    def counted(self) -> Generator[RunSlots]:
+        """These slots, counted as free until they are taken, for the context's length."""
+        FREE_SLOTS.inc(self._count)
+        try:
+            yield self
+        finally:
+            FREE_SLOTS.dec(self._free.value)
+
+    async def take(self) -> None:
+        await self._free.acquire()
+        FREE_SLOTS.dec()
+
+    def give_back(self) -> None:
+        self._free.release()
+        FREE_SLOTS.inc()
 
 
 class RunningCommands:
@@ -91,9 +118,11 @@ class RunningCommands:
         self._running[task.id] = (run.run_id, stop)
         if task.cancel_requested or self._early_cancels.pop(run.run_id, None) is not None:
             stop.cancel()
+        RUNNING_COMMANDS.inc()
         try:
             yield stop
         finally:
+            RUNNING_COMMANDS.dec()
             del self._running[task.id]
 
     def stop(self, run_id: str) -> None:
@@ -154,7 +183,12 @@ class Consumer:
     ) -> None:
         """Consume until ``stopping`` is set, then let running commands finish for the
         grace period and give back the ones still running after it."""
-        slots = anyio.Semaphore(self._concurrency)
+        with RunSlots(self._concurrency).counted() as slots:
+            await self._consume(stopping, slots, task_status)
+
+    async def _consume(
+        self, stopping: anyio.Event, slots: RunSlots, task_status: StartedStatus[None]
+    ) -> None:
         async with anyio.create_task_group() as timers:
             async with anyio.create_task_group() as runs:
                 with anyio.CancelScope() as intake:
@@ -174,7 +208,7 @@ class Consumer:
                             if (due := self._not_before(delivery)) is not None:
                                 held.start_soon(self._hold, delivery, due, slots, runs)
                                 continue
-                            await slots.acquire()
+                            await slots.take()
                             runs.start_soon(self._handle, delivery, slots)
                 if not intake.cancel_called:
                     raise RuntimeError("the broker stopped delivering messages")
@@ -193,7 +227,7 @@ class Consumer:
         return due if due > self._clock() else None
 
     async def _hold(
-        self, delivery: Delivery, due: datetime, slots: anyio.Semaphore, runs: TaskGroup
+        self, delivery: Delivery, due: datetime, slots: RunSlots, runs: TaskGroup
     ) -> None:
         """Hold a delivery, without a run slot, until its run is due; then handle it as
         if it came then. Its task and run are read while it waits, so that at the due
@@ -202,7 +236,7 @@ class Consumer:
         delivery goes back to the queue unsettled."""
         read_ahead = await self._read_ahead(delivery)
         await self._wait_until(due)
-        await slots.acquire()
+        await slots.take()
         runs.start_soon(self._handle, delivery, slots, read_ahead)
 
     async def _read_ahead(self, delivery: Delivery) -> _TaskAndRun | None:
@@ -225,7 +259,7 @@ class Consumer:
             await anyio.sleep(left)  # the wall clock may lag the sleep's: look again
 
     async def _handle(
-        self, delivery: Delivery, slot: anyio.Semaphore, read: _TaskAndRun | None = None
+        self, delivery: Delivery, slot: RunSlots, read: _TaskAndRun | None = None
     ) -> None:
         try:
             started = await self._claim(delivery, read)
@@ -234,7 +268,7 @@ class Consumer:
                 outcome, cancelled = await self._execute(task, run)
                 await self._record(task, run, outcome, cancelled=cancelled)
         finally:
-            slot.release()
+            slot.give_back()
 
     async def _claim(
         self, delivery: Delivery, read: _TaskAndRun | None = None
@@ -380,6 +414,7 @@ class Consumer:
         # Sending the very same change again after an outage is safe: a store that
         # applied it (and lost the answer) reports it applied, not a conflict.
         if await until_available(lambda: self._commits.submit(change), what):
+            count_committed(planned)
             return planned
         return await until_available(lambda: transact(self._store, known.id, plan), what)
 

@@ -34,6 +34,7 @@ from anyio.abc import TaskStatus as StartedStatus
 from anyio.streams.buffered import BufferedByteReceiveStream
 
 from app.config import Settings
+from app.metrics import process_exited
 from app.startup import (
     HANDOVER_VARIABLE,
     environment_without_secrets,
@@ -73,6 +74,7 @@ async def run_consumer_process(
     finally:
         with anyio.CancelScope(shield=True):
             await _stop(process, stop_within)
+        process_exited(process.pid)
     code = process.returncode
     if code != 0 or not stopping.is_set():
         raise ConsumerProcessExited(f"process {process.pid} {describe_exit(code)}")
@@ -95,6 +97,7 @@ async def _start(settings: Settings) -> Process:
         concurrency=settings.commands_per_process(),
         api_tokens=(),
         webhook_secret=None,  # notifications are the scheduler role's
+        metrics_port=None,  # its metrics are scraped through its parent's /metrics
     )
     read_end = handover_pipe(own.as_env())
     try:

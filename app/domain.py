@@ -327,6 +327,28 @@ def run_outcome(run: Run) -> RunOutcome | None:
             return RunOutcome.FAILED
 
 
+def started_runs(transition: Transition) -> list[Run]:
+    """The runs ``transition`` starts: its task's queued run, taken by a worker."""
+    before = transition.before
+    if before is None or before.active_run is None:
+        return []
+    active = before.active_run.run_id
+    return [r for r in transition.runs if r.status == RunStatus.RUNNING and r.run_id == active]
+
+
+def ended_runs(transition: Transition) -> list[Run]:
+    """The runs ``transition`` ends: its task's active run when it closes it, and the
+    fires it skips (written already skipped). A finished run written again is not one."""
+    before = transition.before
+    active = None if before is None or before.active_run is None else before.active_run.run_id
+    return [
+        run
+        for run in transition.runs
+        if run.status in FINISHED_RUN_STATUSES
+        and (run.run_id == active or run.status == RunStatus.SKIPPED)
+    ]
+
+
 def utcnow() -> datetime:
     """The wall clock, in UTC: the default ``clock`` of every role."""
     return datetime.now(UTC)

@@ -42,6 +42,7 @@ import anyio
 from anyio.abc import Process
 
 from app.domain import Outcome
+from app.metrics_directory import MULTIPROCESS_VARIABLE
 from app.process_groups import group_has_live_members, signal_group
 from app.watchdog import Watchdog
 
@@ -134,9 +135,11 @@ class CappedOutput:
 
 
 def inherited_environment() -> dict[str, str]:
-    """The worker's environment without the server's secrets: what every command gets,
-    before the task's own ``env``."""
-    return {k: v for k, v in os.environ.items() if k not in SERVER_SECRETS}
+    """The worker's environment without the server's secrets, nor its metrics directory
+    (a command using prometheus_client would write its own metrics there): what every
+    command gets, before the task's own ``env``."""
+    hidden = {*SERVER_SECRETS, MULTIPROCESS_VARIABLE}
+    return {k: v for k, v in os.environ.items() if k not in hidden}
 
 
 def _kernel_has_pidfd() -> bool:

@@ -51,6 +51,7 @@ from app.domain import (
     utcnow,
     worker_name,
 )
+from app.metrics import CLAIMS, DEAD_LETTERS, DISPATCHES, count_committed
 from app.outages import OUTAGES, Backoff, settle, until_available
 from app.ports import Broker, Claim, Delivery, Dispatch, TaskChange, TaskStore
 from app.stopping import cancel_when_set
@@ -228,6 +229,7 @@ class Scheduler:
         )
         if not claims:
             return 0
+        CLAIMS.inc(len(claims))
         claimed = {claim.task_id: claim for claim in claims if claim.task is not None}
         plans = {
             task_id: await self._plan(claim.task, now, _moment(claim.due))
@@ -240,7 +242,7 @@ class Scheduler:
                 self._no_lookahead_until = max(self._no_lookahead_until, lease_end)
         finished = [c.task_id for c in claims if c.task is None]
         changes = [p.change for p in plans.values() if p.change is not None]
-        applied = await self._store.commit_each([TaskChange.of(c) for c in changes])
+        applied = await self._commit_each(changes)
         for change, ok in zip(changes, applied, strict=True):
             if not ok:
                 # The task changed since the claim read it: plan again from what it is now.
@@ -257,6 +259,7 @@ class Scheduler:
             elif not plan.keep_claim:
                 finished.append(task_id)
         confirmed = await self._broker.publish(dispatches) if dispatches else []
+        DISPATCHES.inc(len(confirmed))
         if len(confirmed) < len(dispatches):
             log.warning(
                 "broker confirmed %d of %d dispatches; the rest are retried when their lease ends",
@@ -266,6 +269,14 @@ class Scheduler:
         finished += [d.task_id for d in confirmed]
         await self._store.release_claims(token=self._token, task_ids=finished)
         return len(claims)
+
+    async def _commit_each(self, changes: list[Transition]) -> list[bool]:
+        """Commit each change on its own; whether each was applied (and counted)."""
+        applied = await self._store.commit_each([TaskChange.of(c) for c in changes])
+        for change, ok in zip(changes, applied, strict=True):
+            if ok:
+                count_committed(change)
+        return applied
 
     async def reap_dead_letters(
         self, *, task_status: StartedStatus[None] = anyio.TASK_STATUS_IGNORED
@@ -279,6 +290,7 @@ class Scheduler:
                 await self._reap(delivery)
 
     async def _reap(self, delivery: Delivery) -> None:
+        DEAD_LETTERS.inc()
         dispatch = delivery.dispatch
         if dispatch is None:
             # A consumer rejected it as not a dispatch: nobody can act on it.
@@ -348,9 +360,7 @@ class Scheduler:
                 # It started meanwhile: its entry is its run's lease now, not our claim.
                 return _Plan()
             plan = await self._plan(task, now, _moment(claim.due))
-            if plan.change is None or await self._store.commit_each(
-                [TaskChange.of(plan.change)]
-            ) == [True]:
+            if plan.change is None or await self._commit_each([plan.change]) == [True]:
                 return plan
         log.warning("task %r kept changing; its dispatch is retried when the lease ends", task_id)
         return None

@@ -32,11 +32,14 @@ from app.api import create_app
 from app.config import MEMORY_URL, ConfigError, Settings
 from app.consumer import Consumer
 from app.consumer_processes import parent_gone, report_ready, run_consumer_process
+from app.metrics import describe_process, sample
+from app.metrics_http import METRICS_PATH, metrics_app
 from app.notifier import NO_SECRET_WARNING, Notifier
-from app.ports import Broker, Role, Store
+from app.ports import Broker, Store
 from app.scheduler import Scheduler
 from app.service import TaskService
 from app.startup import stop_requested
+from app.stopping import cancel_when_set
 from app.watchdog import Watchdog, watching_commands
 
 log = logging.getLogger("taskq")
@@ -107,11 +110,12 @@ async def run_service(
     process of a ``taskq serve`` (``supervised``), until that parent asks it to stop."""
     _check_processes(settings)
     _watch_children_with_pidfd()
+    describe_process(settings.roles)
     stopping = anyio.Event()
     roles = settings.roles
     async with AsyncExitStack() as stack:
         watchdog = None
-        if "consumer" in roles and settings.consumer_processes() == 1:
+        if "consumer" in roles and not settings.spawns_consumer_processes():
             watchdog = await stack.enter_async_context(watching_commands())
         store = await stack.enter_async_context(
             open_store(
@@ -137,12 +141,13 @@ async def run_service(
             async with anyio.create_task_group() as role_group:
                 started: list[str] = []
                 for name, body, describe in _role_bodies(
-                    settings, store, broker, watchdog, stopping
+                    settings, store, broker, watchdog, stopping, supervised=supervised
                 ):
                     result = await role_group.start(_role, name, body, stopping)
                     if stopping.is_set():
                         break  # a stop during start-up: start nothing more
-                    started.append(describe(result))
+                    if description := describe(result):
+                        started.append(description)
                 else:
                     message = "taskq ready: " + ", ".join(started)
                     if supervised:
@@ -158,10 +163,9 @@ async def run_service(
 
 
 def _check_processes(settings: Settings) -> None:
-    if (
-        settings.consumer_processes() > 1
-        and "consumer" in settings.roles
-        and MEMORY_URL in (settings.store_url, settings.broker_url)
+    if settings.spawns_consumer_processes() and MEMORY_URL in (
+        settings.store_url,
+        settings.broker_url,
     ):
         raise ConfigError(
             f"an in-memory store or broker ({MEMORY_URL}) lives in one process:"
@@ -175,9 +179,12 @@ def _role_bodies(
     broker: Broker,
     watchdog: Watchdog | None,
     stopping: anyio.Event,
-) -> Iterator[tuple[Role, Callable[..., Awaitable[None]], Callable[[Any], str]]]:
-    """Each role of ``settings.roles``, in start order: its name, its body, and how the
-    ready line describes it (from what it reported when started)."""
+    *,
+    supervised: bool,
+) -> Iterator[tuple[str, Callable[..., Awaitable[None]], Callable[[Any], str]]]:
+    """Each role of ``settings.roles``, in start order, then the metrics: its name, its
+    body, and how the ready line describes it (from what it reported when started;
+    empty: it goes unsaid)."""
     if "api" in settings.roles:
         if not settings.api_tokens:
             log.warning(OPEN_API_WARNING)
@@ -199,7 +206,7 @@ def _role_bodies(
         notifier = _notifier(settings, store)
         body = partial(_dispatch_and_notify, scheduler, notifier, stopping)
         yield "scheduler", body, lambda _: "scheduler"
-    if "consumer" in settings.roles and settings.consumer_processes() > 1:
+    if settings.spawns_consumer_processes():
         yield (
             "consumer",
             partial(run_consumer_processes, settings, stopping),
@@ -223,6 +230,54 @@ def _role_bodies(
             partial(consumer.run, stopping),
             lambda _: f"consumer ({settings.commands_per_process()} at a time)",
         )
+    yield from _metrics_role(settings, store, broker, stopping, supervised=supervised)
+
+
+def _metrics_role(
+    settings: Settings, store: Store, broker: Broker, stopping: anyio.Event, *, supervised: bool
+) -> Iterator[tuple[str, Callable[..., Awaitable[None]], Callable[[Any], str]]]:
+    """The metrics role, where this process's metrics are scraped: on the API's port,
+    on ``TASKQ_METRICS_PORT`` without the api role, or on the parent's (a consumer
+    process of ``taskq serve --processes N``); none without either port."""
+    body = partial(
+        run_metrics, store, broker, stopping, whole_service=not supervised, host=settings.host
+    )
+    if "api" in settings.roles:
+        if settings.metrics_port is not None:
+            log.info("TASKQ_METRICS_PORT is not used: the api role serves %s", METRICS_PATH)
+        yield "metrics", body, lambda _: ""  # on the api's port, which the line names
+    elif supervised:
+        yield "metrics", body, lambda _: ""  # through its parent's /metrics
+    elif settings.metrics_port is not None:
+        yield (
+            "metrics",
+            partial(body, port=settings.metrics_port),
+            lambda port: f"metrics on http://{settings.host}:{port}{METRICS_PATH}",
+        )
+    else:
+        log.info("no metrics endpoint: without the api role, TASKQ_METRICS_PORT sets one")
+
+
+async def run_metrics(
+    store: Store,
+    broker: Broker,
+    stopping: anyio.Event,
+    *,
+    whole_service: bool,
+    host: str,
+    port: int | None = None,
+    task_status: StartedStatus[int | None] = anyio.TASK_STATUS_IGNORED,
+) -> None:
+    """Sample the gauges (``app.metrics.sample``) and, given a ``port``, serve
+    ``/metrics`` there until ``stopping`` is set; reports the bound port."""
+    async with anyio.create_task_group() as metrics:
+        metrics.start_soon(cancel_when_set, stopping, metrics.cancel_scope)
+        await metrics.start(partial(sample, store, broker, whole_service=whole_service))
+        bound = None
+        if port is not None:
+            serve = partial(serve_http, metrics_app(), host=host, port=port, stopping=stopping)
+            bound = await metrics.start(serve)
+        task_status.started(bound)
 
 
 async def _dispatch_and_notify(

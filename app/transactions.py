@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections.abc import Awaitable, Callable
 
 from app.domain import RevisionConflict, Run, Task, TaskNotFound, Transition
+from app.metrics import count_committed
 from app.ports import TaskChange, TaskStore
 
 MAX_COMMIT_ATTEMPTS = 50
@@ -74,6 +75,7 @@ async def _commit(store: TaskStore, transition: Transition) -> Transition | None
         await store.commit(TaskChange.of(transition))
     except RevisionConflict:
         return None
+    count_committed(transition)
     return transition
 
 

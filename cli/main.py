@@ -13,6 +13,7 @@ import asyncclick as click
 import sniffio
 
 from app.config import MEMORY_URL, ConfigError, Settings, parse_roles
+from app.metrics_directory import metrics_directory
 from app.schemas import MAX_BULK_TASKS
 from app.startup import service_environment
 from cli.bulk import batches, read_tasks
@@ -55,15 +56,17 @@ def _configure_logging(*, supervised: bool = False) -> None:
 
 
 async def _run(settings: Settings, *, supervised: bool = False) -> None:
-    from app.supervisor import root_cause, run_service
+    # Before the service's imports: prometheus_client reads its directory at import.
+    with metrics_directory(several_processes=settings.spawns_consumer_processes()):
+        from app.supervisor import root_cause, run_service
 
-    try:
-        await run_service(settings, supervised=supervised)
-    except ConfigError as exc:
-        raise click.ClickException(str(exc)) from exc
-    except Exception as exc:
-        # A crash of a running role was logged by the supervisor with its traceback.
-        raise click.ClickException(f"taskq stopped: {root_cause(exc)}") from None
+        try:
+            await run_service(settings, supervised=supervised)
+        except ConfigError as exc:
+            raise click.ClickException(str(exc)) from exc
+        except Exception as exc:
+            # A crash of a running role was logged by the supervisor with its traceback.
+            raise click.ClickException(f"taskq stopped: {root_cause(exc)}") from None
 
 
 def _service_options(function: Callable[P, Awaitable[T]]) -> Callable[P, Awaitable[T]]:

@@ -18,6 +18,7 @@ import pytest
 
 from app.api import HEALTH_CHECK_SECONDS, MAX_BODY_BYTES, MAX_PAGE
 from app.domain import MAX_COMMAND_BYTES, utcnow
+from app.metrics import CONTENT_TYPE
 from tests.api.conftest import serve_api
 
 Client = httpx.AsyncClient
@@ -817,6 +818,7 @@ ENDPOINTS = [
     # path, method, success status, response schema ("[X]": array of X), error statuses
     ("/health", "get", "200", "Health", {"503"}),
     ("/health", "head", "200", None, {"503"}),
+    ("/metrics", "get", "200", CONTENT_TYPE, set()),
     ("/tasks", "post", "201", "TaskView", {"400", "409"}),
     ("/tasks", "get", "200", "[TaskView]", {"400"}),
     ("/bulk/tasks", "post", "200", "[CreateResult]", {"400", "413"}),

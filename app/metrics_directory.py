@@ -1,0 +1,43 @@
+"""Where the processes of one ``taskq serve --processes N`` keep their metrics.
+
+Each process counts in memory of its own, so the parent's ``/metrics`` cannot see its
+consumer processes' counts by itself. prometheus_client's multiprocess mode has every
+process write its values to files in one directory, which the parent's scrape reads
+together (``app.metrics``). The parent makes a private directory for its service, its
+consumer processes inherit it (``PROMETHEUS_MULTIPROC_DIR``), and it is removed when the
+service stops.
+
+Standard library only: prometheus_client reads the variable when it is first imported,
+so it must be set before anything imports ``app.metrics``.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from collections.abc import Generator
+from contextlib import contextmanager
+
+MULTIPROCESS_VARIABLE = "PROMETHEUS_MULTIPROC_DIR"
+
+
+@contextmanager
+def metrics_directory(*, several_processes: bool) -> Generator[str | None]:
+    """For a service of ``several_processes``, a private directory for their metrics,
+    named by ``PROMETHEUS_MULTIPROC_DIR`` in this process's environment (and so in its
+    consumer processes') while the context lasts, then removed; yields its path.
+
+    Yields the directory already named when there is one (a consumer process, which
+    inherited its parent's), and ``None`` for a service of one process."""
+    inherited = os.environ.get(MULTIPROCESS_VARIABLE)
+    if inherited or not several_processes:
+        yield inherited
+        return
+    path = tempfile.mkdtemp(prefix="taskq-metrics-")
+    os.environ[MULTIPROCESS_VARIABLE] = path
+    try:
+        yield path
+    finally:
+        del os.environ[MULTIPROCESS_VARIABLE]
+        shutil.rmtree(path, ignore_errors=True)
