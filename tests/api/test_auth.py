@@ -39,7 +39,7 @@ PROTECTED = [
     # "schema" as a task id: only the real /schema routes are open.
     ("GET", "/tasks/{task_id}", "/tasks/schema"),
 ]
-OPEN = ["/health", "/schema", "/schema/openapi.json", "/swagger/index.html"]
+OPEN = ["/health", "/metrics", "/schema", "/schema/openapi.json", "/swagger/index.html"]
 TASK = {"id": "t1", "name": "first", "command": "echo hello"}
 
 
@@ -188,15 +188,18 @@ async def test_openapi_declares_the_bearer_scheme(client: Client) -> None:
         "description": "One of the server's TASKQ_API_TOKENS",
     }
     assert document["paths"]["/health"]["get"].get("security") is None
+    assert document["paths"]["/metrics"]["get"].get("security") is None
 
 
-async def test_openapi_lists_exactly_health_and_the_protected_operations(client: Client) -> None:
+async def test_openapi_lists_exactly_the_open_and_protected_operations(
+    client: Client,
+) -> None:
     paths = (await openapi(client))["paths"]
 
     documented = {(method.upper(), path) for path, ops in paths.items() for method in ops}
 
-    health = {("GET", "/health"), ("HEAD", "/health")}
-    assert documented == health | {(m, path) for m, path, _ in PROTECTED}
+    open_operations = {("GET", "/health"), ("HEAD", "/health"), ("GET", "/metrics")}
+    assert documented == open_operations | {(m, path) for m, path, _ in PROTECTED}
 
 
 @pytest.mark.parametrize(("method", "documented", "url"), PROTECTED[:-1], ids=PROTECTED_IDS[:-1])
