@@ -290,7 +290,6 @@ class Scheduler:
                 await self._reap(delivery)
 
     async def _reap(self, delivery: Delivery) -> None:
-        DEAD_LETTERS.inc()
         dispatch = delivery.dispatch
         if dispatch is None:
             # A consumer rejected it as not a dispatch: nobody can act on it.
@@ -298,6 +297,7 @@ class Scheduler:
         else:
             await until_available(lambda: self._dead_lettered(dispatch), "record a dead letter")
         await settle(delivery.ack)
+        DEAD_LETTERS.inc()
 
     async def _dead_lettered(self, dispatch: Dispatch) -> None:
         task, run = await self._store.get_task_and_run(dispatch.task_id, dispatch.run_id)

@@ -8,12 +8,13 @@ from prometheus_client import REGISTRY
 from prometheus_client.parser import text_string_to_metric_families
 
 from app.metrics_http import UNMATCHED_ROUTE
+from tests.metrics_samples import value
 
 Client = httpx.AsyncClient
 
 
 def requests_counted(**labels: str) -> float:
-    return REGISTRY.get_sample_value("taskq_http_requests_total", labels) or 0.0
+    return value("taskq_http_requests_total", **labels)
 
 
 async def test_requests_are_counted_by_route_template_never_by_raw_path(client: Client) -> None:

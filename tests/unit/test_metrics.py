@@ -10,7 +10,6 @@ from pathlib import Path
 
 import msgspec
 import pytest
-from prometheus_client import REGISTRY
 
 from app.domain import (
     DEAD_LETTER_LIMIT,
@@ -30,13 +29,10 @@ from app.domain import (
 )
 from app.metrics import count_committed
 from app.metrics_directory import MULTIPROCESS_VARIABLE, metrics_directory
+from tests.metrics_samples import value
 
 NOW = datetime(2026, 1, 1, tzinfo=UTC)
 LEASE = timedelta(seconds=30)
-
-
-def value(name: str, **labels: str) -> float:
-    return REGISTRY.get_sample_value(name, labels) or 0.0
 
 
 class Counts:

@@ -30,6 +30,7 @@ from app.schemas import TaskCreate
 from app.service import TaskService
 from tests.brokers import put_raw
 from tests.conftest import eventually
+from tests.metrics_samples import Samples
 
 LEASE = 30.0
 
@@ -312,6 +313,8 @@ async def test_a_dead_lettered_dispatch_is_sent_again_then_its_run_fails(
     first = await service.execute("t")
     clock = Clock()
     scheduler = Scheduler(store, broker, lease_seconds=LEASE, clock=clock)
+    counted = Samples("taskq_scheduler_dead_letters_total", "taskq_scheduler_dispatches_total")
+    not_started = Samples(("taskq_runs_finished_total", {"outcome": "not_started"}))
     assert await scheduler.dispatch_due() == 1
     async with anyio.create_task_group() as tg:
         tg.start_soon(scheduler.reap_dead_letters)
@@ -327,7 +330,11 @@ async def test_a_dead_lettered_dispatch_is_sent_again_then_its_run_fails(
                 clock.now += LEASE
                 assert await scheduler.dispatch_due() == 1
                 assert queued(broker) == [Dispatch(task_id="t", run_id=first.run_id, attempt=1)]
+        await eventually(lambda: counted.changes()[0] == DEAD_LETTER_LIMIT)
         tg.cancel_scope.cancel()
+    # Sent DEAD_LETTER_LIMIT times, handled as often, then the run did not start.
+    assert counted.changes() == [DEAD_LETTER_LIMIT, DEAD_LETTER_LIMIT]
+    assert not_started.changes() == [1]
     failed = await store.get_run("t", first.run_id)
     assert failed is not None
     assert failed.status == RunStatus.FAILED and failed.error == DEAD_LETTERED_REASON
