@@ -20,7 +20,7 @@ from __future__ import annotations
 import logging
 import os
 import time
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from importlib.metadata import version
 
 import anyio
@@ -177,11 +177,13 @@ async def sample(
 ) -> None:
     """Refresh the sampled gauges every ``SAMPLE_SECONDS`` until cancelled: store and
     broker up, and with ``whole_service`` (not in a consumer process, whose parent
-    samples them) the queue's depth and the due entries waiting."""
+    samples them) the queue's depth and the due entries waiting. Reports started once
+    they hold a first sample (within ``PROBE_SECONDS``)."""
+    await _sample_once(store, broker, whole_service=whole_service)
     task_status.started()
     while True:
-        await _sample_once(store, broker, whole_service=whole_service)
         await anyio.sleep(SAMPLE_SECONDS)
+        await _sample_once(store, broker, whole_service=whole_service)
 
 
 async def _sample_once(store: Store, broker: Broker, *, whole_service: bool) -> None:
@@ -196,5 +198,9 @@ async def _sample_once(store: Store, broker: Broker, *, whole_service: bool) -> 
         if whole_service:
             QUEUE_MESSAGES.set(depth)
 
-    STORE_UP.set(await probe(store_sample, within=PROBE_SECONDS) is None)
-    BROKER_UP.set(await probe(broker_sample, within=PROBE_SECONDS) is None)
+    async def probed(check: Callable[[], Awaitable[None]], up: Gauge) -> None:
+        up.set(await probe(check, within=PROBE_SECONDS) is None)
+
+    async with anyio.create_task_group() as probes:
+        probes.start_soon(probed, store_sample, STORE_UP)
+        probes.start_soon(probed, broker_sample, BROKER_UP)

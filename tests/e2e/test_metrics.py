@@ -9,6 +9,7 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
+import anyio
 import httpx
 import pytest
 import redis.asyncio as redis
@@ -193,3 +194,15 @@ async def test_a_process_without_the_api_serves_metrics_on_its_own_port(
         assert value(families, "taskq_runs_started_total") == 0  # counted where it started
         assert value(families, "taskq_scheduler_due_entries") is not None
         assert not families["taskq_http_requests"].samples  # no API in this process
+
+
+async def test_a_scrape_answers_at_once_and_says_so_while_the_broker_is_down(
+    prefix: str, servers: redis.Redis
+) -> None:
+    nowhere = f"amqp://guest:guest@127.0.0.1:{free_port()}/"
+    env = service_env(prefix, AMQP_URL=nowhere)
+    async with running(["serve", "--roles", "api"], env, name="api") as api:
+        with anyio.fail_after(1):
+            families = await scrape(f"{api.api_url}/metrics")
+        assert value(families, "taskq_store_up") == 1
+        assert value(families, "taskq_broker_up") == 0
