@@ -12,6 +12,7 @@ from typing import Any, cast
 from litestar import Litestar, Response, get
 from litestar.handlers import HTTPRouteHandler
 from litestar.types import ASGIApp, Message, Receive, Scope, Send
+from prometheus_client import Counter, Histogram
 
 from app.metrics import CONTENT_TYPE, HTTP_LATENCY, HTTP_REQUESTS, exposition
 
@@ -47,6 +48,10 @@ class RequestMetrics:
 
     def __init__(self, app: ASGIApp) -> None:
         self._app = app
+        # The series of each (method, route, status) seen, so that a request does not
+        # pay for prometheus_client's label lookup (a lock and a dict) twice over. As
+        # few as the labels' values: methods, route templates and status codes.
+        self._series: dict[tuple[str, str, int], tuple[Counter, Histogram]] = {}
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -69,12 +74,15 @@ class RequestMetrics:
                 self._observe(scope, 500, arrived)
             raise
 
-    @staticmethod
-    def _observe(scope: Scope, status: int, arrived: float) -> None:
+    def _observe(self, scope: Scope, status: int, arrived: float) -> None:
         values = cast(dict[str, Any], scope)
         method = values.get("method", "")
         method = method if method in _METHODS else "other"
         # The router writes the template it matched into the scope (this one dict).
         route = str(values.get("path_template") or UNMATCHED_ROUTE)
-        HTTP_REQUESTS.labels(method, route, str(status)).inc()
-        HTTP_LATENCY.labels(method, route).observe(time.perf_counter() - arrived)
+        key = (method, route, status)
+        if (series := self._series.get(key)) is None:
+            requests = HTTP_REQUESTS.labels(method, route, str(status))
+            series = self._series[key] = (requests, HTTP_LATENCY.labels(method, route))
+        series[0].inc()
+        series[1].observe(time.perf_counter() - arrived)
