@@ -4,6 +4,8 @@ multiprocess directory."""
 from __future__ import annotations
 
 import os
+import subprocess
+import tempfile
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -192,3 +194,22 @@ def test_a_consumer_process_uses_the_directory_it_inherited(
     with metrics_directory(several_processes=False) as directory:
         assert directory == str(tmp_path)
     assert tmp_path.is_dir()  # its parent's to remove
+
+
+def test_the_directory_of_a_service_killed_before_it_removed_it_goes_at_the_next_start(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    monkeypatch.setenv("TMPDIR", str(tmp_path))
+    monkeypatch.setattr(tempfile, "tempdir", None)  # read TMPDIR again
+    with subprocess.Popen(["true"]) as gone:  # a pid that ran and no longer runs
+        gone.wait()
+    dead = tmp_path / f"taskq-metrics-{gone.pid}-abc"
+    alive = tmp_path / f"taskq-metrics-{os.getppid()}-abc"
+    other = tmp_path / "taskq-metrics-notapid"
+    for path in (dead, alive, other):
+        path.mkdir()
+    with metrics_directory(several_processes=True) as directory:
+        assert directory is not None
+        assert Path(directory).name.startswith(f"taskq-metrics-{os.getpid()}-")
+        assert not dead.exists()
+        assert alive.is_dir() and other.is_dir()
