@@ -55,7 +55,7 @@ from litestar.middleware import (
 from litestar.openapi import OpenAPIConfig, ResponseSpec
 from litestar.openapi.plugins import SwaggerRenderPlugin
 from litestar.openapi.spec import Components, SecurityRequirement, SecurityScheme
-from litestar.params import FromPath, FromQuery, JSONBody, Parameter
+from litestar.params import FromPath, FromQuery, JSONBody, Parameter, QueryParameter
 from litestar.response import Redirect, ServerSentEvent, ServerSentEventMessage
 from litestar.status_codes import (
     HTTP_200_OK,
@@ -90,9 +90,24 @@ from app.notifications import NotificationRecord
 from app.openapi_contract import describe_contract
 from app.outages import DependencyDown, OutageGate, probe
 from app.ports import StoreUnavailable, TooManyFollowers
-from app.schemas import MAX_BULK_TASKS, BulkCreate, ScheduleRequest, TaskCreate, TaskUpdate
+from app.schemas import (
+    MAX_BULK_TASKS,
+    UPCOMING_ROUTE_ID,
+    BulkCreate,
+    ScheduleRequest,
+    TaskCreate,
+    TaskUpdate,
+)
 from app.service import InvalidCursor, TaskService, encode_cursor
 from app.transactions import StoreContention
+from app.upcoming import (
+    MAX_TASKS_PER_PAGE,
+    MAX_WINDOW,
+    READ_BATCH,
+    InvalidWindow,
+    TooManyScheduled,
+    UpcomingFire,
+)
 
 log = logging.getLogger(__name__)
 
@@ -303,6 +318,16 @@ def _invalid_body(message: str) -> ValidationException:
     return ValidationException(detail=message, extra=[error])
 
 
+NEXT_CURSOR_HEADER = ResponseHeader(
+    name="X-Next-Cursor",
+    description="Pass as `cursor` to get the next page",
+    documentation_only=True,
+    required=False,
+)
+PageLimit = Annotated[int, Parameter(ge=1, le=MAX_PAGE)]
+PageCursor = Annotated[str | None, Parameter(max_length=1024)]
+
+
 class TaskController(Controller):
     path = "/tasks"
     tags = ["tasks"]  # noqa: RUF012 (Litestar reads it as a class attribute)
@@ -320,29 +345,55 @@ class TaskController(Controller):
         summary="List tasks",
         description="Pages in id order. The next page's cursor is in `X-Next-Cursor`, "
         "absent on the last page.",
-        response_headers=[
-            ResponseHeader(
-                name="X-Next-Cursor",
-                description="Pass as `cursor` to get the next page",
-                documentation_only=True,
-                required=False,
-            )
-        ],
+        response_headers=[NEXT_CURSOR_HEADER],
         raises=[ValidationException, NotAuthorizedException],
     )
     async def list_tasks(
         self,
         service: Service,
         status: FromQuery[TaskStatus | None] = None,
-        limit: Annotated[int, Parameter(ge=1, le=MAX_PAGE)] = 100,
-        cursor: Annotated[str | None, Parameter(max_length=1024)] = None,
+        limit: PageLimit = 100,
+        cursor: PageCursor = None,
     ) -> Response[list[TaskView]]:
         tasks, next_cursor = await service.list(status=status, limit=limit, cursor=cursor)
         page = _within_budget([_shown(task) for task in tasks])
         if len(page) < len(tasks):
             next_cursor = encode_cursor(page[-1].id)
-        headers = {} if next_cursor is None else {"X-Next-Cursor": next_cursor}
-        return Response(page, headers=headers)
+        return _page(page, next_cursor)
+
+    @get(
+        f"/{UPCOMING_ROUTE_ID}",
+        summary="List upcoming fires",
+        description="Every fire due from `from` (default: now) to before `to` (default: 24 h "
+        f"after `from`; at most {MAX_WINDOW.days} days after it), recurrences expanded, in "
+        "time order (ties in task id order): scheduled times of tasks not paused, and "
+        "failed runs' retries (`retry`). The next page's cursor is in `X-Next-Cursor`, "
+        "absent on the last page; it carries the window. Cost: a page reads the running "
+        "tasks, then `scheduled_tasks` in score order, "
+        f"{READ_BATCH} entries with their documents per "
+        f"round trip, at most {MAX_TASKS_PER_PAGE}: a page can stop short of `limit` (follow "
+        f"the cursor), and with more than {MAX_TASKS_PER_PAGE} tasks due before its "
+        "position it cannot list the fires after that (400). A task whose id is "
+        "`scheduled` (no longer allowed) is hidden from `GET` by this route.",
+        response_headers=[NEXT_CURSOR_HEADER],
+        raises=[ValidationException, NotAuthorizedException],
+    )
+    async def list_upcoming(
+        self,
+        service: Service,
+        start: Annotated[
+            str | None, QueryParameter(name="from", max_length=64, description="RFC 3339")
+        ] = None,
+        end: Annotated[
+            str | None, QueryParameter(name="to", max_length=64, description="RFC 3339")
+        ] = None,
+        limit: PageLimit = 100,
+        cursor: PageCursor = None,
+    ) -> Response[list[UpcomingFire]]:
+        fires, next_cursor = await service.upcoming(
+            start=start, end=end, limit=limit, cursor=cursor
+        )
+        return _page(fires, next_cursor)
 
     @get("/{task_id:str}", summary="Get a task", raises=[NotFoundException, NotAuthorizedException])
     async def get_task(self, task_id: FromPath[str], service: Service) -> TaskView:
@@ -366,6 +417,32 @@ class TaskController(Controller):
     )
     async def delete_task(self, task_id: FromPath[str], service: Service) -> None:
         await service.delete(task_id)
+
+    # ``/tasks/scheduled`` is a static route (the upcoming fires): without these, a task
+    # stored with the id ``scheduled`` before it was reserved would get 405 for them.
+    @put(
+        f"/{UPCOMING_ROUTE_ID}",
+        summary="Update the task whose id is `scheduled`",
+        description="`PUT /tasks/{task_id}` for a task stored with the id `scheduled` "
+        "before that id was reserved (`GET` of this path lists the upcoming fires).",
+        deprecated=True,
+        raises=[ValidationException, NotFoundException, NotAuthorizedException],
+    )
+    async def update_task_named_scheduled(
+        self, data: JSONBody[TaskUpdate], service: Service
+    ) -> TaskView:
+        return _shown(await service.update(UPCOMING_ROUTE_ID, data))
+
+    @delete(
+        f"/{UPCOMING_ROUTE_ID}",
+        summary="Delete the task whose id is `scheduled`",
+        description="`DELETE /tasks/{task_id}` for a task stored with the id `scheduled` "
+        "before that id was reserved.",
+        deprecated=True,
+        raises=[NotFoundException, NotAuthorizedException],
+    )
+    async def delete_task_named_scheduled(self, service: Service) -> None:
+        await service.delete(UPCOMING_ROUTE_ID)
 
     @post(
         "/{task_id:str}/execute",
@@ -544,6 +621,12 @@ def _created(outcome: Task | TaskAlreadyExists) -> CreateResult:
     return CreateResult(status=HTTP_201_CREATED, task=_shown(outcome))
 
 
+def _page(items: list[T], next_cursor: str | None) -> Response[list[T]]:
+    """A page of a listing, the next page's cursor in ``X-Next-Cursor`` (none on the last)."""
+    headers = {} if next_cursor is None else {"X-Next-Cursor": next_cursor}
+    return Response(items, headers=headers)
+
+
 def _within_budget(items: list[T]) -> list[T]:
     """The longest prefix of ``items`` (at least one) whose JSON fits ``PAGE_BUDGET_BYTES``."""
     size = 0
@@ -648,6 +731,8 @@ _STATUS_OF: list[tuple[type[Exception], int]] = [
     (InvalidTransition, HTTP_409_CONFLICT),
     (InvalidSchedule, HTTP_400_BAD_REQUEST),
     (InvalidCursor, HTTP_400_BAD_REQUEST),
+    (InvalidWindow, HTTP_400_BAD_REQUEST),
+    (TooManyScheduled, HTTP_400_BAD_REQUEST),
     (StoreContention, HTTP_503_SERVICE_UNAVAILABLE),
     (StoreUnavailable, HTTP_503_SERVICE_UNAVAILABLE),
 ]

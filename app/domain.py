@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import os
 import random
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from enum import StrEnum
@@ -228,6 +228,52 @@ class Notify(msgspec.Struct, kw_only=True, omit_defaults=True, forbid_unknown_fi
     on_not_started: WebhookUrl | None = None
     on_still_running: StillRunning | None = None
     success_ping: WebhookUrl | None = None
+
+
+class Fire(msgspec.Struct, frozen=True, kw_only=True):
+    """A time a task is due to run: a scheduled fire, or a failed run's retry."""
+
+    due_at: datetime
+    retry: bool = False
+
+
+_EXPANSION_STEP = 16
+"""Fire times computed at once at most while expanding a recurrence (from 1, doubling:
+most readers of a task's fires need its first one only, and cron arithmetic is slow)."""
+
+
+def coming_fires(task: Task, start: datetime) -> Iterator[Fire]:
+    """The task's fires at or after ``start``, in time order, from its document alone.
+
+    A queued run waiting for its time comes first: a retry at ``retry_at`` (recurrence
+    fires before it are not listed: the task is busy until its retry has run, and its
+    ``overlap`` policy decides then), or a fire dispatched ahead at its ``not_before``.
+    Then, unless paused, ``scheduled_at`` and the recurrence's fires after it, within
+    its ``start``/``end``. Lazy: a recurrence is expanded only as far as it is read.
+    """
+    floor = start
+    active = task.active_run
+    if task.status == TaskStatus.PENDING and active and active.not_before is not None:
+        retry = task.retry_at is not None
+        if active.not_before >= start:
+            yield Fire(due_at=active.not_before, retry=retry)
+        if retry:
+            floor = max(floor, active.not_before + _TICK)
+    if task.paused or task.scheduled_at is None:
+        return
+    if task.scheduled_at >= floor:
+        yield Fire(due_at=task.scheduled_at)
+    if task.schedule is not None:
+        yield from _recurring_fires(task.schedule, max(task.scheduled_at, floor - _TICK))
+
+
+def _recurring_fires(recurrence: Recurrence, after: datetime) -> Iterator[Fire]:
+    step = 1
+    while fires := next_fires(recurrence, after, step):
+        yield from (Fire(due_at=fire) for fire in fires)
+        if len(fires) < step:
+            return
+        after, step = fires[-1], min(2 * step, _EXPANSION_STEP)
 
 
 class TaskView(msgspec.Struct, kw_only=True):

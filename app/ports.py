@@ -79,6 +79,17 @@ class Claim:
 
 
 @dataclass(frozen=True, slots=True)
+class ScheduledEntry:
+    """An entry of ``scheduled_tasks`` with its task (``None`` if gone, or unreadable).
+    ``score`` (unix seconds) is when something must happen to the task: its next due
+    time while it is idle, else its run's claim, lease or retry (see ``Transition``)."""
+
+    task_id: str
+    score: float
+    task: Task | None
+
+
+@dataclass(frozen=True, slots=True)
 class OutputChunk:
     """Bytes a running command printed, starting at byte ``offset`` of its output."""
 
@@ -122,6 +133,20 @@ class TaskStore(Protocol):
         self, *, status: TaskStatus | None, limit: int, after: str | None
     ) -> list[Task]:
         """Up to ``limit`` tasks in id order, starting after the id ``after``."""
+        ...
+
+    async def scheduled_entries(
+        self, *, until: float, offset: int, limit: int
+    ) -> list[ScheduledEntry]:
+        """Up to ``limit`` entries of ``scheduled_tasks`` with a score up to ``until``, in
+        score order (ties in id order), skipping the first ``offset`` of them, each with
+        its task read in the same step."""
+        ...
+
+    async def busy_tasks(self, *, limit: int) -> list[Task]:
+        """Up to ``limit`` of the tasks whose entry in ``scheduled_tasks`` is not their
+        next due time: the running ones (it is their run's lease) and those a scheduler
+        holds a claim on (it is the claim's expiry); read in one step."""
         ...
 
     async def commit(self, change: TaskChange) -> None:

@@ -126,6 +126,22 @@ def _check_moment(field: str, moment: datetime | None) -> None:
         raise ValueError(f"`{field}` must be in the years {FIRST_YEAR:04d} to {LAST_YEAR}")
 
 
+_moment_decoder = msgspec.json.Decoder(Moment)
+
+
+def parse_moment(field: str, text: str) -> datetime:
+    """A time written as text (a query parameter) read by the rules of a body's times;
+    raises ``ValueError`` naming ``field`` when it is not one."""
+    try:
+        moment = _moment_decoder.decode(msgspec.json.encode(text))
+    except msgspec.ValidationError:
+        raise ValueError(
+            f"`{field}` must be an RFC 3339 time with a UTC offset, got {text!r}"
+        ) from None
+    _check_moment(field, moment)
+    return moment.astimezone(UTC)
+
+
 def _check_env(env: dict[str, str]) -> None:
     size = sum(len(name.encode()) + len(value.encode()) for name, value in env.items())
     if size > MAX_ENV_BYTES:
@@ -141,6 +157,11 @@ def _check_program(command: str | None, args: list[str] | None, *, required: boo
         raise ValueError(f"`command` is longer than {MAX_COMMAND_BYTES} bytes")
     if args is not None and sum(len(a.encode()) for a in args) > MAX_COMMAND_BYTES:
         raise ValueError(f"`args` are longer than {MAX_COMMAND_BYTES} bytes in all")
+
+
+UPCOMING_ROUTE_ID = "scheduled"
+"""A new task may not take this id: ``GET /tasks/scheduled`` (the upcoming fires) would
+hide it. A task stored with it before it was reserved can still be changed and deleted."""
 
 
 class TaskCreate(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
@@ -164,6 +185,10 @@ class TaskCreate(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     notify: Notify | None = None
 
     def __post_init__(self) -> None:
+        if self.id == UPCOMING_ROUTE_ID:
+            raise ValueError(
+                f"task id {self.id!r} is reserved: GET /tasks/{self.id} lists the upcoming fires"
+            )
         _check_program(self.command, self.args, required=True)
         _check_env(self.env)
         _check_moment("scheduled_at", self.scheduled_at)

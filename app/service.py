@@ -40,6 +40,12 @@ from app.notifications import NotificationRecord
 from app.ports import Store, TaskChange
 from app.schemas import ScheduleRequest, TaskCreate, TaskUpdate
 from app.transactions import transact, transact_with_active_run
+from app.upcoming import (
+    UpcomingFire,
+    Window,
+    resume_window,
+    upcoming_page,
+)
 
 
 class InvalidCursor(DomainError):
@@ -135,6 +141,17 @@ class TaskService:
             return tasks, None
         page = tasks[:limit]
         return page, encode_cursor(page[-1].id)
+
+    async def upcoming(
+        self, *, start: str | None, end: str | None, limit: int, cursor: str | None
+    ) -> tuple[list[UpcomingFire], str | None]:
+        """A page of the fires due from ``start`` to ``end`` (query texts; defaults: now,
+        24 h later), in time order, and the next page's cursor (``None`` at the end)."""
+        if cursor is None:
+            window = Window.of(start, end, self._clock())
+        else:
+            window = resume_window(cursor, start, end)
+        return await upcoming_page(self._store, window, limit=limit)
 
     async def update(self, task_id: str, patch: TaskUpdate) -> Task:
         changes = patch.changes()

@@ -65,6 +65,14 @@ class ApiClient:
         response = await self.request("GET", "/tasks", params=params)
         return response.json(), response.headers.get("x-next-cursor")
 
+    async def upcoming(
+        self, *, start: str | None, end: str | None, limit: int, cursor: str | None
+    ) -> tuple[list[Any], str | None]:
+        """A page of ``GET /tasks/scheduled`` and the next page's cursor."""
+        params = {"from": start, "to": end, "limit": limit, "cursor": cursor}
+        response = await self.request("GET", "/tasks/scheduled", params=params)
+        return response.json(), response.headers.get("x-next-cursor")
+
     async def get_task(self, task_id: str) -> Any:
         return (await self.request("GET", f"/tasks/{task_id}")).json()
 

@@ -25,6 +25,8 @@ T = TypeVar("T")
 BACKENDS = ("asyncio", "trio")
 NOTE_WIDTH = 60  # characters of a run's error shown in the runs table
 RUNS_SEARCHED = 20  # runs `logs` looks through for the newest one that ran
+UPCOMING_PAGE = 1000  # fires `upcoming` asks for per request (the API's most)
+MAX_UPCOMING_SHOWN = 100_000
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -448,6 +450,39 @@ async def list_tasks(
 
 
 @cli.command()
+@click.option("--from", "start", help="RFC 3339 time (default: now).")
+@click.option("--to", "end", help="RFC 3339 time (default: 24 h after --from; at most 7 days).")
+@click.option(
+    "--limit",
+    type=click.IntRange(1, MAX_UPCOMING_SHOWN),
+    default=100,
+    show_default=True,
+    help="Fires shown at most.",
+)
+@_client_command
+async def upcoming(
+    client: ApiClient, start: str | None, end: str | None, limit: int, as_json: bool
+) -> None:
+    """List the fires due in a window, recurrences expanded, in time order."""
+    fires: list[Any] = []
+    cursor: str | None = None
+    while True:
+        page_size = min(limit - len(fires), UPCOMING_PAGE)
+        page, cursor = await client.upcoming(
+            start=None if cursor else start,
+            end=None if cursor else end,
+            limit=page_size,
+            cursor=cursor,
+        )
+        fires += page
+        if cursor is None or len(fires) >= limit:
+            break
+    _emit(fires, as_json, _fire_table)
+    if cursor is not None and not as_json:
+        click.echo(f"more fires after {fires[-1]['due_at']}: raise --limit", err=True)
+
+
+@cli.command()
 @click.option("--id", "task_id", required=True)
 @_client_command
 async def get(client: ApiClient, task_id: str, as_json: bool) -> None:
@@ -669,6 +704,21 @@ def _task_table(tasks: list[dict[str, Any]]) -> str:
         for t in tasks
     ]
     return _table(rows, ["ID", "NAME", "STATUS", "SCHEDULED", "LAST RUN"])
+
+
+def _fire_table(fires: list[dict[str, Any]]) -> str:
+    if not fires:
+        return "no fires due"
+    rows = [
+        [
+            _short_time(f["due_at"]),
+            f["task_id"],
+            f["name"],
+            ("yes" if f["recurring"] else "no") + (" (retry)" if f.get("retry") else ""),
+        ]
+        for f in fires
+    ]
+    return _table(rows, ["DUE (UTC)", "TASK", "NAME", "RECURRING"])
 
 
 def _task_details(task: dict[str, Any]) -> str:

@@ -48,6 +48,7 @@ from app.ports import (
     Keep,
     OutputChunk,
     OutputPage,
+    ScheduledEntry,
     TaskChange,
     Unschedule,
 )
@@ -114,8 +115,7 @@ class MemoryStore:
 
     async def get_task(self, task_id: str) -> Task | None:
         await anyio.lowlevel.checkpoint()
-        doc = self._tasks.get(task_id)
-        return None if doc is None else _task_decoder.decode(doc)
+        return self._task(task_id)
 
     async def list_tasks(
         self, *, status: TaskStatus | None, limit: int, after: str | None
@@ -124,6 +124,26 @@ class MemoryStore:
         ids = self._ids if status is None else self._ids_by_status[status]
         start = 0 if after is None else bisect.bisect_right(ids, after)
         return [_task_decoder.decode(self._tasks[i]) for i in ids[start : start + limit]]
+
+    async def scheduled_entries(
+        self, *, until: float, offset: int, limit: int
+    ) -> list[ScheduledEntry]:
+        await anyio.lowlevel.checkpoint()
+        entries = sorted((when, task_id) for task_id, when in self._due.items() if when <= until)
+        return [
+            ScheduledEntry(task_id, when, self._task(task_id))
+            for when, task_id in entries[offset : offset + limit]
+        ]
+
+    async def busy_tasks(self, *, limit: int) -> list[Task]:
+        await anyio.lowlevel.checkpoint()
+        running = self._ids_by_status[TaskStatus.RUNNING]
+        ids = list(dict.fromkeys([*running, *self._claims]))[:limit]
+        return [task for task in map(self._task, ids) if task is not None]
+
+    def _task(self, task_id: str) -> Task | None:
+        doc = self._tasks.get(task_id)
+        return None if doc is None else _task_decoder.decode(doc)
 
     async def commit(self, change: TaskChange) -> None:
         await anyio.lowlevel.checkpoint()
@@ -243,9 +263,7 @@ class MemoryStore:
         for when, task_id in due:
             self._due[task_id] = now + lease
             self._claims[task_id] = token
-            doc = self._tasks.get(task_id)
-            task = None if doc is None else _task_decoder.decode(doc)
-            claims.append(Claim(task_id, task, when))
+            claims.append(Claim(task_id, self._task(task_id), when))
         return claims
 
     async def release_claims(self, *, token: str, task_ids: Sequence[str]) -> None:

@@ -142,6 +142,27 @@ class ListTasksArgs(NamedTuple):
     limit: int
 
 
+class BusyKeys(NamedTuple):
+    running: str  # status:running
+    claims: str
+
+
+class BusyArgs(NamedTuple):
+    prefix: str
+    limit: int
+
+
+class ScheduledKeys(NamedTuple):
+    due: str
+
+
+class ScheduledArgs(NamedTuple):
+    prefix: str
+    until: str  # the highest score, as ZRANGEBYSCORE reads it
+    offset: int
+    limit: int
+
+
 class ListRunsKeys(NamedTuple):
     runs: str
 

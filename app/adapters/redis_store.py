@@ -8,7 +8,8 @@ Redis Cluster slot, which the scripts need because they derive some key names):
 - ``tasks``             sorted set of every task id, all scores 0 (lexicographic paging)
 - ``status:{status}``   sorted set of the ids in that status, scores 0
 - ``scheduled_tasks``   sorted set, id -> due time (unix seconds); a claimed entry's
-                        score is its lease expiry
+                        score is its lease expiry (``scheduled_entries`` reads it in
+                        score order with the documents, for the upcoming fires)
 - ``claims``            hash, id -> token of the scheduler holding the entry
 - ``runs:{id}``         hash, run id -> run document (run ids sort by creation time)
 - ``notify_due``        sorted set, notification id -> when it is due (unix seconds); a
@@ -58,6 +59,8 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 from app.adapters.output_followers import OutputEntry, OutputFollowers, Read, read_result
 from app.adapters.redis_scripts import (
     AppendArgs,
+    BusyArgs,
+    BusyKeys,
     ClaimArgs,
     ClaimKeys,
     ClaimNotificationsArgs,
@@ -75,6 +78,8 @@ from app.adapters.redis_scripts import (
     OutputKeys,
     ReleaseArgs,
     RunWrite,
+    ScheduledArgs,
+    ScheduledKeys,
     Script,
     SettleArgs,
     SettleKeys,
@@ -106,6 +111,7 @@ from app.ports import (
     Keep,
     OutputChunk,
     OutputPage,
+    ScheduledEntry,
     StoreUnavailable,
     TaskChange,
     Unschedule,
@@ -135,6 +141,18 @@ def _claimed_task(task_id: str, doc: bytes) -> Task | None:
             task_id,
             exc_info=True,
         )
+        return None
+
+
+def _readable_task(task_id: bytes, doc: bytes | None) -> Task | None:
+    """The task, or ``None`` when it is gone or its document cannot be read (logged):
+    one unreadable document must not fail a listing of many tasks."""
+    if doc is None:
+        return None
+    try:
+        return _task_decoder.decode(doc)
+    except msgspec.DecodeError:
+        log.warning("task %r: its stored document cannot be read", task_id.decode())
         return None
 
 
@@ -195,6 +213,8 @@ class RedisStore:
         self._release_claims = Script(client, "release_claims")
         self._list_tasks = Script(client, "list_tasks")
         self._list_runs = Script(client, "list_runs")
+        self._scheduled_entries = Script(client, "scheduled_entries")
+        self._busy_tasks = Script(client, "busy_tasks")
         self._append_output = Script(client, "append_output")
         self._start_following_script = Script(client, "start_following")
         self._claim_notifications = Script(client, "claim_notifications")
@@ -241,6 +261,35 @@ class RedisStore:
             ListTasksKeys(index), ListTasksArgs(self._prefix, start, limit)
         )
         return [_task_decoder.decode(doc) for doc in cast(list[bytes | None], docs) if doc]
+
+    @_translate_errors
+    async def scheduled_entries(
+        self, *, until: float, offset: int, limit: int
+    ) -> list[ScheduledEntry]:
+        entries, docs = await self._scheduled_entries(
+            ScheduledKeys(self._due_key), ScheduledArgs(self._prefix, repr(until), offset, limit)
+        )
+        pairs = cast(list[bytes], entries)
+        return [
+            ScheduledEntry(task_id.decode(), float(score), _readable_task(task_id, doc))
+            for task_id, score, doc in zip(
+                pairs[::2], pairs[1::2], cast(list[bytes | None], docs), strict=True
+            )
+        ]
+
+    @_translate_errors
+    async def busy_tasks(self, *, limit: int) -> list[Task]:
+        ids, docs = await self._busy_tasks(
+            BusyKeys(self.status_key(TaskStatus.RUNNING), self._claims_key),
+            BusyArgs(self._prefix, limit),
+        )
+        tasks = (
+            _readable_task(task_id, doc)
+            for task_id, doc in zip(
+                cast(list[bytes], ids), cast(list[bytes | None], docs), strict=True
+            )
+        )
+        return [task for task in tasks if task is not None]
 
     @_translate_errors
     async def commit(self, change: TaskChange) -> None:

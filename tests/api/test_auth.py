@@ -22,6 +22,9 @@ TOKENS = ("first-token-0123456789", "second-token-abcdef")
 # Every operation of the API but ``GET /health``, with a path that reaches its handler.
 PROTECTED = [
     ("GET", "/tasks", "/tasks"),
+    ("GET", "/tasks/scheduled", "/tasks/scheduled"),
+    ("PUT", "/tasks/scheduled", "/tasks/scheduled"),
+    ("DELETE", "/tasks/scheduled", "/tasks/scheduled"),
     ("POST", "/tasks", "/tasks"),
     ("POST", "/bulk/tasks", "/bulk/tasks"),
     ("GET", "/tasks/{task_id}", "/tasks/t1"),

@@ -17,13 +17,14 @@ from app.domain import (
     queue_run,
     utcnow,
 )
-from app.ports import UNSCHEDULE, DueAt, Store, TaskChange
+from app.ports import KEEP, UNSCHEDULE, DueAt, Store, TaskChange
 from tests.contract.stores import (
     RUN_HISTORY,
     StoreOpener,
     create,
     make_task,
     next_revision,
+    running_run,
     unpack,
 )
 
@@ -366,3 +367,45 @@ async def test_create_each_wakes_a_waiting_scheduler_elsewhere(
                 added_at = time.time()
                 await other.create_each([creation("a", due=added_at + 3600)])
     assert woke_at and woke_at[0] - added_at < 1
+
+
+async def test_scheduled_entries_read_by_score_then_id_with_their_tasks(store: Store) -> None:
+    for task_id, when in (("b", 20.0), ("a", 20.0), ("c", 10.5), ("late", 99.0), ("gone", 15.0)):
+        task = await create(store, task_id)
+        await store.commit(
+            TaskChange(task_id, task.revision, next_revision(task), schedule=DueAt(when))
+        )
+    unscheduled = await create(store, "idle")
+    gone = await store.get_task("gone")
+    assert gone is not None
+    await store.commit(TaskChange("gone", gone.revision, None, schedule=KEEP))
+
+    entries = await store.scheduled_entries(until=20.0, offset=0, limit=10)
+    assert [(e.task_id, e.score) for e in entries] == [("c", 10.5), ("a", 20.0), ("b", 20.0)]
+    assert [e.task.id if e.task else None for e in entries] == ["c", "a", "b"]
+    assert await store.get_task("idle") == unscheduled
+
+    paged = await store.scheduled_entries(until=100.0, offset=1, limit=2)
+    assert [e.task_id for e in paged] == ["a", "b"]
+    assert await store.scheduled_entries(until=100.0, offset=4, limit=2) == []
+    assert await store.scheduled_entries(until=5.0, offset=0, limit=2) == []
+
+
+async def test_busy_tasks_are_the_running_and_the_claimed(store: Store) -> None:
+    now = time.time()
+    for task_id in ("claimed", "idle"):
+        task = await create(store, task_id)
+        due = now - 1 if task_id == "claimed" else now + 60
+        await store.commit(
+            TaskChange(task_id, task.revision, next_revision(task), schedule=DueAt(due))
+        )
+    await store.claim_due(now=now, limit=10, lease=30, token="s")
+    await running_run(store, "running")
+    await create(store, "unscheduled")
+
+    busy = await store.busy_tasks(limit=10)
+    assert sorted(task.id for task in busy) == ["claimed", "running"]
+    assert len(await store.busy_tasks(limit=1)) == 1
+
+    await store.release_claims(token="s", task_ids=["claimed"])
+    assert [task.id for task in await store.busy_tasks(limit=10)] == ["running"]
