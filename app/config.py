@@ -16,6 +16,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from typing import Any
 
+from app.logs import LOG_FORMATS
 from app.ports import ALL_ROLES, FOLLOW_KEEPALIVE, MAX_FOLLOWERS, Role
 
 DEFAULT_REDIS_URL = "redis://localhost:6379/0"
@@ -71,6 +72,7 @@ class Settings:
     notify_concurrency: int = 16
     # Where a process without the api role serves /metrics; None: nowhere.
     metrics_port: int | None = None
+    log_format: str = "text"
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
@@ -95,6 +97,8 @@ class Settings:
             values["webhook_secret"] = secret
         if public_url := env.get("TASKQ_PUBLIC_URL"):
             values["public_url"] = parse_public_url(public_url)
+        if (log_format := env.get("TASKQ_LOG_FORMAT")) is not None:
+            values["log_format"] = parse_log_format(log_format)
         for name, (attribute, kind, minimum) in _NUMBERS.items():
             if (raw := env.get(name)) is not None:
                 values[attribute] = _number(name, raw, kind, minimum)
@@ -114,6 +118,7 @@ class Settings:
             "SERVER_HOST": self.host,
             "TASKQ_KEY_PREFIX": self.key_prefix,
             "TASKQ_ROLES": ",".join(self.roles),
+            "TASKQ_LOG_FORMAT": self.log_format,
         }
         if self.api_tokens:
             env["TASKQ_API_TOKENS"] = ",".join(self.api_tokens)
@@ -213,6 +218,12 @@ def _secret(env: Mapping[str, str], name: str) -> str | None:
             return file.read().rstrip("\r\n")
     except (OSError, UnicodeDecodeError) as exc:
         raise ConfigError(f"{name}_FILE: cannot read {path!r}: {exc}") from None
+
+
+def parse_log_format(text: str) -> str:
+    if text not in LOG_FORMATS:
+        raise ConfigError(f"TASKQ_LOG_FORMAT must be one of {', '.join(LOG_FORMATS)}, got {text!r}")
+    return text
 
 
 def parse_roles(text: str) -> tuple[Role, ...]:

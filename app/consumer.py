@@ -21,7 +21,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable, Generator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from datetime import UTC, datetime, timedelta
 
 import anyio
@@ -37,12 +37,14 @@ from app.domain import (
     NotDueYet,
     Outcome,
     Run,
+    RunOutcome,
     RunStatus,
     Task,
     Transition,
     cancel_running,
     finish_run,
     requeue_run,
+    run_outcome,
     start_run,
     utcnow,
     worker_name,
@@ -50,6 +52,7 @@ from app.domain import (
 from app.executor import CappedOutput, inherited_environment, run_command
 from app.live_output import OutputRelay
 from app.metrics import FREE_SLOTS, RUNNING_COMMANDS, count_committed
+from app.logs import about, handling
 from app.outages import Backoff, settle, until_available
 from app.ports import Broker, Delivery, Store, StoreUnavailable, TaskChange
 from app.stopping import cancel_after, cancel_when_set
@@ -129,7 +132,7 @@ class RunningCommands:
         """Stop the command of ``run_id``, now or as soon as it is registered."""
         for task_id, (running_id, scope) in self._running.items():
             if running_id == run_id:
-                log.info("stopping %s/%s: cancelled", task_id, run_id)
+                log.info("stopping %s/%s: cancelled", task_id, run_id, extra=about(task_id, run_id))
                 scope.cancel()
                 return
         now = time.monotonic()
@@ -137,6 +140,24 @@ class RunningCommands:
             r: at for r, at in self._early_cancels.items() if now - at < EARLY_CANCEL_SECONDS
         }
         self._early_cancels[run_id] = now
+
+
+def _log_ended(run: Run, outcome: Outcome) -> None:
+    """A line for a run that just ended: at INFO when it did not complete (failed, timed
+    out, could not start, ...), else at DEBUG (a busy consumer completes thousands)."""
+    ended = run_outcome(run)
+    level = logging.DEBUG if ended == RunOutcome.COMPLETED else logging.INFO
+    if log.isEnabledFor(level):
+        log.log(
+            level,
+            "run %s/%s %s after %.3f s%s%s",
+            run.task_id,
+            run.run_id,
+            ended,
+            outcome.duration,
+            "" if outcome.exit_code is None else f", exit code {outcome.exit_code}",
+            "" if run.error is None else f": {run.error}",
+        )
 
 
 class Consumer:
@@ -261,12 +282,14 @@ class Consumer:
     async def _handle(
         self, delivery: Delivery, slot: RunSlots, read: _TaskAndRun | None = None
     ) -> None:
+        dispatch = delivery.dispatch
         try:
-            started = await self._claim(delivery, read)
-            if started is not None:
-                task, run = started
-                outcome, cancelled = await self._execute(task, run)
-                await self._record(task, run, outcome, cancelled=cancelled)
+            with nullcontext() if dispatch is None else handling(dispatch.task_id, dispatch.run_id):
+                started = await self._claim(delivery, read)
+                if started is not None:
+                    task, run = started
+                    outcome, cancelled = await self._execute(task, run)
+                    await self._record(task, run, outcome, cancelled=cancelled)
         finally:
             slot.give_back()
 
@@ -345,14 +368,7 @@ class Consumer:
         except DomainError as exc:
             log.warning("result of %s/%s not recorded: %s", run.task_id, run.run_id, exc)
             return
-        log.debug(
-            "%s/%s %s (exit %s, %.3fs)",
-            run.task_id,
-            run.run_id,
-            recorded.task.status,
-            outcome.exit_code,
-            outcome.duration,
-        )
+        _log_ended(recorded.run, outcome)
 
     async def _watch_cancels(
         self, *, task_status: StartedStatus[None] = anyio.TASK_STATUS_IGNORED

@@ -52,6 +52,7 @@ from app.domain import (
     worker_name,
 )
 from app.metrics import CLAIMS, DEAD_LETTERS, DISPATCHES, count_committed
+from app.logs import about
 from app.outages import OUTAGES, Backoff, settle, until_available
 from app.ports import Broker, Claim, Delivery, Dispatch, TaskChange, TaskStore
 from app.stopping import cancel_when_set
@@ -135,7 +136,13 @@ def _moment(seconds: float) -> datetime:
 
 def _recover_lost_run(task: Task, run: Run, now: datetime, entropy: Entropy) -> _Plan:
     recovered = lose_run(task, run, now, entropy=entropy)
-    log.warning("run %s/%s was lost (%s)", task.id, run.run_id, recovered.run.error)
+    log.warning(
+        "run %s/%s was lost (%s)",
+        task.id,
+        run.run_id,
+        recovered.run.error,
+        extra=about(task.id, run.run_id),
+    )
     if recovered.task.active_run is None:  # out of attempts: failed
         return _Plan(change=recovered)
     return _Plan(change=recovered, dispatch=_dispatch_of(recovered.task))
@@ -146,7 +153,9 @@ def _set_aside(task: Task, problem: Exception, now: datetime, entropy: Entropy) 
     compute): unscheduled, with a skipped run saying why, so that one bad document neither
     stops the batch nor comes back on every pass. A run still active keeps its entry:
     its claim is left to run out, and the task planned again then."""
-    log.error("cannot plan task %r; unscheduling it", task.id, exc_info=problem)
+    log.error(
+        "cannot plan task %r; unscheduling it", task.id, exc_info=problem, extra=about(task.id)
+    )
     reason = f"{type(problem).__name__}: {problem}"
     change = set_aside(task, reason, now, entropy=entropy)
     return _Plan(change=change, keep_claim=task.active_run is not None)
@@ -314,7 +323,13 @@ class Scheduler:
         try:
             change = await transact(self._store, task.id, plan, known=task)
         except DomainError as exc:
-            log.info("dead letter for %s/%s: %s", dispatch.task_id, dispatch.run_id, exc)
+            log.info(
+                "dead letter for %s/%s: %s",
+                dispatch.task_id,
+                dispatch.run_id,
+                exc,
+                extra=about(dispatch.task_id, dispatch.run_id),
+            )
             return
         counted = change.run
         log.warning(
@@ -324,6 +339,7 @@ class Scheduler:
             counted.dead_letters,
             DEAD_LETTER_LIMIT,
             "the run failed" if counted.status == RunStatus.FAILED else "sending it again later",
+            extra=about(dispatch.task_id, dispatch.run_id),
         )
 
     async def _running_run(self, task: Task) -> Run | None:
@@ -362,5 +378,9 @@ class Scheduler:
             plan = await self._plan(task, now, _moment(claim.due))
             if plan.change is None or await self._commit_each([plan.change]) == [True]:
                 return plan
-        log.warning("task %r kept changing; its dispatch is retried when the lease ends", task_id)
+        log.warning(
+            "task %r kept changing; its dispatch is retried when the lease ends",
+            task_id,
+            extra=about(task_id),
+        )
         return None

@@ -14,6 +14,7 @@ import sniffio
 
 from app.config import MEMORY_URL, ConfigError, Settings, parse_roles
 from app.metrics_directory import metrics_directory
+from app.logs import configure_logging
 from app.schemas import MAX_BULK_TASKS
 from app.startup import service_environment
 from cli.bulk import batches, read_tasks
@@ -45,16 +46,6 @@ async def cli(ctx: click.Context, api_url: str, token: str | None) -> None:
 
 
 # --------------------------------------------------------------------------- service
-
-
-def _configure_logging(*, supervised: bool = False) -> None:
-    # A consumer process shares its parent's stderr: its pid tells its lines apart.
-    name = "%(name)s[%(process)d]" if supervised else "%(name)s"
-    logging.basicConfig(
-        level=logging.INFO,
-        format=f"%(asctime)s %(levelname)s {name}: %(message)s",
-        stream=sys.stderr,
-    )
 
 
 async def _run(settings: Settings, *, supervised: bool = False) -> None:
@@ -123,7 +114,6 @@ async def serve(
 ) -> None:
     """Run the service against Redis and RabbitMQ (all roles unless --roles), its
     consumer role in one process per core unless --processes."""
-    _configure_logging(supervised=supervised)
     try:
         settings = Settings.from_env(service_environment()).with_overrides(
             roles=None if roles is None else parse_roles(roles),
@@ -137,6 +127,7 @@ async def serve(
         )
     except ConfigError as exc:
         raise click.ClickException(str(exc)) from exc
+    configure_logging(settings.log_format, supervised=supervised)
     await _run(settings, supervised=supervised)
 
 
@@ -155,7 +146,6 @@ async def dev(backend: str, host: str | None, port: int | None, concurrency: int
     Nothing else is needed, and nothing survives the exit. Always one process:
     TASKQ_PROCESSES is ignored.
     """
-    _configure_logging()
     assert sniffio.current_async_library() == backend
     try:
         settings = Settings.from_env(service_environment()).with_overrides(
@@ -163,6 +153,7 @@ async def dev(backend: str, host: str | None, port: int | None, concurrency: int
         )
     except ConfigError as exc:
         raise click.ClickException(str(exc)) from exc
+    configure_logging(settings.log_format)
     settings = settings.with_overrides(store_url=MEMORY_URL, broker_url=MEMORY_URL, processes=1)
     logging.getLogger("taskq").warning(
         "DEV MODE: tasks live in this process's memory only; NOTHING SURVIVES EXIT"

@@ -94,6 +94,7 @@ from app.domain import (
     TaskAlreadyExists,
     TaskStatus,
 )
+from app.logs import about
 from app.notifications import (
     Notification,
     NotificationRecord,
@@ -140,6 +141,7 @@ def _claimed_task(task_id: str, doc: bytes) -> Task | None:
             "and the document left as it is",
             task_id,
             exc_info=True,
+            extra=about(task_id),
         )
         return None
 
@@ -152,7 +154,10 @@ def _readable_task(task_id: bytes, doc: bytes | None) -> Task | None:
     try:
         return _task_decoder.decode(doc)
     except msgspec.DecodeError:
-        log.warning("task %r: its stored document cannot be read", task_id.decode())
+        readable_id = task_id.decode()
+        log.warning(
+            "task %r: its stored document cannot be read", readable_id, extra=about(readable_id)
+        )
         return None
 
 

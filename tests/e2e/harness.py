@@ -19,7 +19,7 @@ from anyio.abc import Process
 from tests.conftest import AMQP_URL, REDIS_URL, eventually
 
 READY = re.compile(r"taskq ready: (.*)")
-API_URL = re.compile(r"api on (http://[^\s,]+)")
+API_URL = re.compile(r"api on (http://[^\s,\"]+)")  # also inside a JSON log line
 START_SECONDS = 20
 
 

@@ -40,6 +40,15 @@ def test_defaults() -> None:
     assert settings.lease_seconds == 30.0
     assert settings.lookahead_seconds == 1.0
     assert settings.shutdown_grace == 30.0
+    assert settings.log_format == "text"
+
+
+@pytest.mark.parametrize("raw", ["JSON", "yaml", "", " json"])
+def test_an_unknown_log_format_is_named(raw: str) -> None:
+    with pytest.raises(
+        ConfigError, match=f"TASKQ_LOG_FORMAT must be one of text, json, got {raw!r}"
+    ):
+        Settings.from_env({"TASKQ_LOG_FORMAT": raw})
 
 
 def test_unrelated_variables_are_ignored() -> None:
@@ -297,8 +306,10 @@ def test_settings_read_back_from_their_variables_are_the_same(tmp_path: Path) ->
             "TASKQ_WEBHOOK_SECRET": "hmac key",
             "TASKQ_PUBLIC_URL": "https://ops.example/taskq/",
             "TASKQ_NOTIFY_ATTEMPTS": "3",
+            "TASKQ_LOG_FORMAT": "json",
         }
     )
+    assert settings.log_format == "json"
     assert Settings.from_env(settings.as_env()) == settings
     assert Settings.from_env(Settings().as_env()) == Settings()
 
