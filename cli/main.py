@@ -55,11 +55,12 @@ async def _run(settings: Settings, *, supervised: bool = False) -> None:
 
         try:
             await run_service(settings, supervised=supervised)
-        except ConfigError as exc:
-            raise click.ClickException(str(exc)) from exc
         except Exception as exc:
-            # A crash of a running role was logged by the supervisor with its traceback.
-            raise click.ClickException(f"taskq stopped: {root_cause(exc)}") from None
+            # The last line of the log, in its format (a crash of a running role was
+            # logged by the supervisor with its traceback).
+            why = str(exc) if isinstance(exc, ConfigError) else f"taskq stopped: {root_cause(exc)}"
+            logging.getLogger("taskq").error(why)
+            raise SystemExit(1) from None
 
 
 def _service_options(function: Callable[P, Awaitable[T]]) -> Callable[P, Awaitable[T]]:

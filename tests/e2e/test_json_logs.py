@@ -82,6 +82,17 @@ async def test_every_line_is_json_and_a_runs_lines_carry_its_ids(
         assert line["time"].endswith("Z")
 
 
+async def test_a_failed_start_is_logged_as_json_too(prefix: str) -> None:
+    env = service_env(prefix, TASKQ_LOG_FORMAT="json", REDIS_URL="redis://127.0.0.1:1/0")
+    with anyio.fail_after(30):
+        result = await anyio.run_process([*taskq_command(), "serve"], env=env, check=False)
+    assert result.returncode == 1
+    lines = [json.loads(line) for line in result.stderr.decode().splitlines()]
+    assert lines[-1]["level"] == "ERROR"
+    assert lines[-1]["message"].startswith("taskq stopped: ")
+    assert "127.0.0.1:1" in lines[-1]["message"] or "Connect" in lines[-1]["message"]
+
+
 async def test_an_unknown_log_format_is_refused_at_start(prefix: str) -> None:
     env = service_env(prefix, TASKQ_LOG_FORMAT="yaml")
     with anyio.fail_after(20):
