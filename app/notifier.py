@@ -30,6 +30,7 @@ from anyio.abc import TaskGroup
 from anyio.abc import TaskStatus as StartedStatus
 
 from app.domain import ENTROPY, Entropy, RunStatus, utcnow, worker_name
+from app.logs import handling
 from app.notifications import (
     Notification,
     NotifyEvent,
@@ -134,8 +135,10 @@ class Notifier:
         return min(POLL_SECONDS, max(0.0, due - time.time()))
 
     async def _deliver(self, client: httpx.AsyncClient, entry: OutboxEntry) -> None:
+        note = entry.notification
         try:
-            await self._attempt(client, entry)
+            with handling(note.task_id, note.run_id):
+                await self._attempt(client, entry)
         finally:
             self._in_flight -= 1
             self._slot_freed.set()
