@@ -51,8 +51,8 @@ from app.domain import (
 )
 from app.executor import CappedOutput, inherited_environment, run_command
 from app.live_output import OutputRelay
-from app.metrics import FREE_SLOTS, RUNNING_COMMANDS, count_committed
 from app.logs import about, handling
+from app.metrics import FREE_SLOTS, RUNNING_COMMANDS, count_committed
 from app.outages import Backoff, settle, until_available
 from app.ports import Broker, Delivery, Store, StoreUnavailable, TaskChange
 from app.stopping import cancel_after, cancel_when_set

@@ -51,8 +51,8 @@ from app.domain import (
     utcnow,
     worker_name,
 )
-from app.metrics import CLAIMS, DEAD_LETTERS, DISPATCHES, count_committed
 from app.logs import about
+from app.metrics import CLAIMS, DEAD_LETTERS, DISPATCHES, count_committed
 from app.outages import OUTAGES, Backoff, settle, until_available
 from app.ports import Broker, Claim, Delivery, Dispatch, TaskChange, TaskStore
 from app.stopping import cancel_when_set

@@ -13,8 +13,8 @@ import asyncclick as click
 import sniffio
 
 from app.config import MEMORY_URL, ConfigError, Settings, parse_roles
-from app.metrics_directory import metrics_directory
 from app.logs import configure_logging
+from app.metrics_directory import metrics_directory
 from app.schemas import MAX_BULK_TASKS
 from app.startup import service_environment
 from cli.bulk import batches, read_tasks
