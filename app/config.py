@@ -17,7 +17,7 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 from app.logs import LOG_FORMATS
-from app.ports import ALL_ROLES, FOLLOW_KEEPALIVE, MAX_FOLLOWERS, Role
+from app.ports import ALL_ROLES, EVENT_HISTORY, FOLLOW_KEEPALIVE, MAX_FOLLOWERS, Role
 
 DEFAULT_REDIS_URL = "redis://localhost:6379/0"
 DEFAULT_AMQP_URL = "amqp://guest:guest@localhost:5672/"
@@ -53,6 +53,7 @@ class Settings:
     concurrency: int | None = None
     output_limit: int = 1_048_576
     run_history: int = 100
+    event_history: int = EVENT_HISTORY
     lease_seconds: float = 30.0
     lookahead_seconds: float = 1.0
     shutdown_grace: float = 30.0
@@ -172,6 +173,7 @@ _NUMBERS: dict[str, tuple[str, type[int] | type[float], float]] = {
     "TASKQ_PROCESSES": ("processes", int, 1),
     "TASKQ_OUTPUT_LIMIT": ("output_limit", int, 1024),
     "TASKQ_RUN_HISTORY": ("run_history", int, 1),
+    "TASKQ_EVENT_HISTORY": ("event_history", int, 1),
     "TASKQ_LEASE_SECONDS": ("lease_seconds", float, 1),
     "TASKQ_LOOKAHEAD_SECONDS": ("lookahead_seconds", float, 0),
     "TASKQ_SHUTDOWN_GRACE": ("shutdown_grace", float, 0),

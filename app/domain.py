@@ -14,7 +14,7 @@ from __future__ import annotations
 import os
 import random
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from enum import StrEnum
 from typing import Annotated
@@ -471,13 +471,15 @@ class Transition:
     ``before`` is the document it was computed from (``None``: a new task), ``after``
     the next one (``None``: the task is deleted), ``runs`` the run records to write and
     ``schedule`` what becomes of the task's entry in ``scheduled_tasks``: its next due
-    time, or while a run is active, that run's dispatch claim or lease.
+    time, or while a run is active, that run's dispatch claim or lease. ``at`` is when
+    it happens (the ``now`` it was computed for).
     """
 
     before: Task | None
     after: Task | None
     runs: tuple[Run, ...] = ()
     schedule: ScheduleChange = KEEP
+    at: datetime = field(kw_only=True)
 
     @property
     def task_id(self) -> str:
@@ -500,7 +502,14 @@ class Transition:
 def _step(
     before: Task | None, after: Task, runs: Sequence[Run] = (), schedule: ScheduleChange = KEEP
 ) -> Transition:
-    return Transition(before=before, after=_settled(after), runs=tuple(runs), schedule=schedule)
+    # Every step sets ``updated_at`` to its ``now`` (a new task: to its creation time).
+    return Transition(
+        before=before,
+        after=_settled(after),
+        runs=tuple(runs),
+        schedule=schedule,
+        at=after.updated_at,
+    )
 
 
 def waits_for_one_shot(task: Task) -> bool:
@@ -563,9 +572,9 @@ def create(task: Task) -> Transition:
     return _step(None, task, schedule=due_at(task.scheduled_at))
 
 
-def delete(task: Task) -> Transition:
+def delete(task: Task, now: datetime) -> Transition:
     """The task goes, with its runs and its entry."""
-    return Transition(before=task, after=None, schedule=UNSCHEDULE)
+    return Transition(before=task, after=None, schedule=UNSCHEDULE, at=now)
 
 
 def touch(task: Task, now: datetime, **changes: object) -> Transition:

@@ -1,6 +1,6 @@
 """The ports every role talks through: the store's (``TaskStore`` for task state,
-``CancelNotices``, ``LiveOutput``, ``NotificationOutbox``; ``Store`` is all four) and
-``Broker`` (dispatch).
+``CancelNotices``, ``LiveOutput``, ``NotificationOutbox``, ``EventLog``; ``Store`` is all
+five) and ``Broker`` (dispatch).
 
 Each has a real adapter (Redis, AMQP) and an in-memory one that is the reference
 behaviour; the contract suites in ``tests/contract`` run both through the same cases.
@@ -25,6 +25,7 @@ from app.domain import Keep as Keep
 from app.domain import Run, ScheduleChange, Task, TaskStatus, Transition
 from app.domain import Unschedule as Unschedule
 from app.notifications import Notification, NotificationRecord, OutboxEntry, notifications_for
+from app.events import Event, lifecycle_events
 
 
 class StoreUnavailable(Exception):
@@ -44,6 +45,7 @@ class TaskChange:
     its runs and its schedule). ``runs`` are run records to write alongside. Any change
     to the schedule also invalidates a scheduler's claim on the task. ``notifications``
     go into the outbox (``NotificationOutbox``), each with a pending record on its run.
+    ``events`` go to the event log (``EventLog``) in the same step.
     """
 
     task_id: str
@@ -52,6 +54,7 @@ class TaskChange:
     runs: Sequence[Run] = ()
     schedule: ScheduleChange = field(default=KEEP)
     notifications: Sequence[Notification] = ()
+    events: Sequence[Event] = ()
 
     @classmethod
     def of(cls, transition: Transition) -> TaskChange:
@@ -65,6 +68,7 @@ class TaskChange:
             runs=transition.runs,
             schedule=transition.schedule,
             notifications=notifications_for(transition),
+            events=lifecycle_events(transition),
         )
 
 
@@ -107,12 +111,22 @@ class OutputPage:
 
 
 class TooManyFollowers(Exception):
-    """This process follows as many live outputs as it may (``TASKQ_MAX_FOLLOWERS``);
-    try again later or elsewhere."""
+    """This process follows as many live outputs (or event logs) as it may
+    (``TASKQ_MAX_FOLLOWERS``); try again later or elsewhere."""
 
-    def __init__(self, limit: int) -> None:
-        super().__init__(f"this server already streams {limit} live outputs; try again shortly")
+    def __init__(self, limit: int, what: str = "live outputs") -> None:
+        super().__init__(f"this server already streams {limit} {what}; try again shortly")
         self.limit = limit
+
+
+@dataclass(frozen=True, slots=True)
+class EventBatch:
+    """Events of the event log in order, each with its id. ``missed`` is set (to the
+    oldest event kept) when events after the point read from were dropped from the log
+    before they could be read: the reader missed some and should reload its state."""
+
+    events: Sequence[Event]
+    missed: str | None = None
 
 
 class TaskStore(Protocol):
@@ -322,7 +336,40 @@ class NotificationOutbox(Protocol):
         ...
 
 
-class Store(TaskStore, CancelNotices, LiveOutput, NotificationOutbox, Protocol):
+class EventLog(Protocol):
+    """The lifecycle events of every task (``app.events``), in the order they happened:
+    each commit writes its change's events in the same step, so an event is never seen
+    for a change that did not happen. The log keeps at least the newest
+    ``TASKQ_EVENT_HISTORY`` events (a few more while it trims in steps).
+
+    Event ids are increasing strings (``1732838400000-0``); ``after`` is such an id,
+    validated by the caller (``app.events.event_key``). Both methods raise
+    ``StoreUnavailable`` when the store cannot be reached.
+    """
+
+    async def read_events(self, after: str | None, *, limit: int) -> EventBatch:
+        """Up to ``limit`` events after the id ``after`` (``None``: from the oldest kept),
+        oldest first, with ``missed`` set when events after ``after`` are gone."""
+        ...
+
+    def follow_events(
+        self, after: str | None
+    ) -> AbstractAsyncContextManager[AsyncIterator[EventBatch]]:
+        """Follow the event log from after the id ``after`` (``None``: from now on):
+        batches of events not seen yet, never repeating or skipping one; the first says
+        ``missed`` if events after ``after`` are gone (it then starts from the oldest
+        kept), as does a later one if the follower fell so far behind that the log
+        dropped events before it read them. An empty batch comes whenever nothing
+        happened for the store's quiet interval (``FOLLOW_KEEPALIVE`` by default).
+
+        The point to follow from is fixed on entry. Raises ``TooManyFollowers`` on entry
+        when this process already follows its limit of event logs (every follower in
+        a process shares one read of the store).
+        """
+        ...
+
+
+class Store(TaskStore, CancelNotices, LiveOutput, NotificationOutbox, EventLog, Protocol):
     """Every store port at once: what ``open_store`` opens (one connection for all)."""
 
 
@@ -333,7 +380,10 @@ ENDED_OUTPUT_TTL = 60
 FOLLOW_KEEPALIVE = 10.0
 """Seconds without output after which ``LiveOutput.follow`` hands out an empty page."""
 MAX_FOLLOWERS = 1000
-"""Live outputs one process follows at most (``TASKQ_MAX_FOLLOWERS``)."""
+"""Live outputs one process follows at most (``TASKQ_MAX_FOLLOWERS``), and event log
+followers at most."""
+EVENT_HISTORY = 10_000
+"""Events the event log keeps at least (``TASKQ_EVENT_HISTORY``)."""
 
 
 DELIVERY_LIMIT = 5

@@ -159,7 +159,7 @@ class TaskService:
 
     async def delete(self, task_id: str) -> None:
         """Delete the task and its runs; a command still running is stopped first."""
-        deleted = await transact(self._store, task_id, delete)
+        deleted = await transact(self._store, task_id, lambda task: delete(task, self._clock()))
         assert deleted.before is not None
         active = deleted.before.active_run
         if active is not None:

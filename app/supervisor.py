@@ -122,6 +122,7 @@ async def run_service(
                 settings.store_url,
                 prefix=settings.key_prefix,
                 run_history=settings.run_history,
+                event_history=settings.event_history,
                 follow_keepalive=settings.follow_keepalive,
                 max_followers=settings.max_followers,
             )

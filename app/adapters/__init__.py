@@ -7,7 +7,7 @@ from contextlib import asynccontextmanager
 from urllib.parse import urlsplit
 
 from app.config import ConfigError
-from app.ports import FOLLOW_KEEPALIVE, MAX_FOLLOWERS, Broker, Store
+from app.ports import EVENT_HISTORY, FOLLOW_KEEPALIVE, MAX_FOLLOWERS, Broker, Store
 
 
 @asynccontextmanager
@@ -16,19 +16,25 @@ async def open_store(
     *,
     prefix: str = "",
     run_history: int = 100,
+    event_history: int = EVENT_HISTORY,
     follow_keepalive: float = FOLLOW_KEEPALIVE,
     max_followers: int = MAX_FOLLOWERS,
 ) -> AsyncGenerator[Store]:
     """A connected ``Store`` for ``url``, closed on exit.
 
-    ``follow_keepalive`` and ``max_followers`` shape ``LiveOutput.follow`` (see there).
+    ``event_history`` is how many events the event log keeps at least;
+    ``follow_keepalive`` and ``max_followers`` shape ``LiveOutput.follow`` and
+    ``EventLog.follow_events`` (see there).
     """
     scheme = urlsplit(url).scheme
     if scheme == "memory":
         from app.adapters.memory_store import MemoryStore
 
         yield MemoryStore(
-            run_history=run_history, follow_keepalive=follow_keepalive, max_followers=max_followers
+            run_history=run_history,
+            event_history=event_history,
+            follow_keepalive=follow_keepalive,
+            max_followers=max_followers,
         )
     elif scheme in ("redis", "rediss", "unix"):
         from app.adapters.redis_store import open_redis_store
@@ -37,6 +43,7 @@ async def open_store(
             url,
             prefix=prefix,
             run_history=run_history,
+            event_history=event_history,
             follow_keepalive=follow_keepalive,
             max_followers=max_followers,
         ) as store:

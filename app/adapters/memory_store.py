@@ -22,6 +22,7 @@ import anyio.lowlevel
 import msgspec
 from anyio.streams.memory import MemoryObjectSendStream
 
+from app.adapters.event_followers import EventFollowers
 from app.adapters.output_followers import OutputEntry, OutputFollowers, Read, read_result
 from app.domain import (
     FINISHED_RUN_STATUSES,
@@ -31,6 +32,7 @@ from app.domain import (
     TaskAlreadyExists,
     TaskStatus,
 )
+from app.events import Event, event_key
 from app.notifications import (
     Notification,
     NotificationRecord,
@@ -40,11 +42,13 @@ from app.notifications import (
 )
 from app.ports import (
     ENDED_OUTPUT_TTL,
+    EVENT_HISTORY,
     FOLLOW_KEEPALIVE,
     LIVE_OUTPUT_TTL,
     MAX_FOLLOWERS,
     Claim,
     DueAt,
+    EventBatch,
     Keep,
     OutputChunk,
     OutputPage,
@@ -80,17 +84,26 @@ class _LiveOutput:
 
 
 class MemoryStore:
-    """Implements ``TaskStore``, ``CancelNotices``, ``LiveOutput`` and
-    ``NotificationOutbox`` in process memory."""
+    """Implements ``TaskStore``, ``CancelNotices``, ``LiveOutput``, ``NotificationOutbox``
+    and ``EventLog`` in process memory."""
 
     def __init__(
         self,
         *,
         run_history: int,
+        event_history: int = EVENT_HISTORY,
         follow_keepalive: float = FOLLOW_KEEPALIVE,
         max_followers: int = MAX_FOLLOWERS,
     ) -> None:
         self._run_history = run_history
+        self._event_log = _EventLog(event_history)
+        self._event_followers = EventFollowers(
+            read=self._event_log.read,
+            newest=self._event_log.newest,
+            wait_after=self._event_log.wait_after,
+            quiet=follow_keepalive,
+            limit=max_followers,
+        )
         self._tasks: dict[str, bytes] = {}
         self._ids: list[str] = []
         self._ids_by_status: dict[TaskStatus, list[str]] = {s: [] for s in TaskStatus}
@@ -176,6 +189,7 @@ class MemoryStore:
         elif current is None or current.revision != change.expected_revision:
             raise RevisionConflict(task_id)
 
+        self._event_log.write(change.events)
         if change.task is None:
             self._delete(task_id, current)
             return
@@ -359,6 +373,14 @@ class MemoryStore:
         for run_id in expired:
             del self._outputs[run_id]
 
+    async def read_events(self, after: str | None, *, limit: int) -> EventBatch:
+        return await self._event_log.read(after, limit)
+
+    def follow_events(
+        self, after: str | None
+    ) -> AbstractAsyncContextManager[AsyncIterator[EventBatch]]:
+        return self._event_followers.follow(after)
+
     async def announce_cancel(self, run_id: str) -> None:
         await anyio.lowlevel.checkpoint()
         for listener in self._cancel_listeners:
@@ -466,6 +488,52 @@ class _Outbox:
             records.pop(event, None)
         elif event in records:
             records[event] = msgspec.json.encode(entry.record)
+
+
+class _EventLog:
+    """The event log, shaped like its Redis stream: ids from the wall clock's
+    milliseconds and a sequence number, increasing; the newest ``history`` kept."""
+
+    def __init__(self, history: int) -> None:
+        self._history = history
+        self._events: list[Event] = []
+        self._keys: list[tuple[int, int]] = []
+        self._last = (0, 0)
+        self._trimmed = False
+        self._added = anyio.Event()
+
+    def write(self, events: Sequence[Event]) -> None:
+        for event in events:
+            millis, sequence = time.time_ns() // 1_000_000, 0
+            if millis <= self._last[0]:  # the same millisecond, or the clock went back
+                millis, sequence = self._last[0], self._last[1] + 1
+            self._last = (millis, sequence)
+            self._keys.append(self._last)
+            self._events.append(event.logged_as(f"{self._last[0]}-{self._last[1]}"))
+        if len(self._events) > self._history:
+            del self._events[: -self._history], self._keys[: -self._history]
+            self._trimmed = True
+        if events:
+            self._added.set()
+            self._added = anyio.Event()
+
+    async def read(self, after: str | None, limit: int) -> EventBatch:
+        await anyio.lowlevel.checkpoint()
+        start = 0 if after is None else bisect.bisect_right(self._keys, event_key(after))
+        missed = None
+        if after is not None and self._trimmed and start == 0 and self._events:
+            missed = self._events[0].id
+        return EventBatch(self._events[start : start + limit], missed)
+
+    async def newest(self) -> str:
+        await anyio.lowlevel.checkpoint()
+        return "0-0" if not self._events else self._events[-1].id
+
+    async def wait_after(self, after: str, wait: float) -> list[Event]:
+        with anyio.move_on_after(wait):
+            while not (self._keys and self._keys[-1] > event_key(after)):
+                await self._added.wait()
+        return list((await self.read(after, _READ_PAGE_SIZE)).events)
 
 
 def _as_read(entries: Iterable[_OutputEntry]) -> Iterable[OutputEntry]:

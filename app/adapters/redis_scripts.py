@@ -27,6 +27,7 @@ class CommitKeys(NamedTuple):
     runs: str
     notify_due: str
     notify_entries: str
+    events: str
 
 
 class RunWrite(msgspec.Struct, frozen=True):
@@ -49,6 +50,8 @@ class CommitArgs(NamedTuple):
     ended_output_ttl: int
     notifications: bytes  # JSON array of NotificationWrite; b"" for none
     runs: bytes  # JSON array of RunWrite; each run's document follows, in order
+    event_history: int  # events the event log keeps at least
+    events: bytes  # the change's events (JSON documents), one a line
 
 
 class NotificationWrite(msgspec.Struct, frozen=True):
@@ -97,6 +100,7 @@ class CreateKeys(NamedTuple):
     tasks: str
     due: str
     claims: str
+    events: str
 
 
 class TaskWrite(msgspec.Struct, frozen=True):
@@ -107,11 +111,22 @@ class TaskWrite(msgspec.Struct, frozen=True):
     doc: str
     status: str
     due_at: str
+    events: str  # its events (JSON documents), one a line
 
 
 class CreateArgs(NamedTuple):
     prefix: str
     tasks: bytes  # JSON array of TaskWrite
+    event_history: int
+
+
+class ReadEventsKeys(NamedTuple):
+    events: str
+
+
+class ReadEventsArgs(NamedTuple):
+    after: str  # an event id
+    limit: int
 
 
 class ClaimKeys(NamedTuple):

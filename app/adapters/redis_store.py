@@ -21,6 +21,9 @@ Redis Cluster slot, which the scripts need because they derive some key names):
                         with the run (task deleted, or dropped from the run history)
 - ``wake``              pub/sub channel: an entry earlier than every other was added
                         (once per commit, or per batch of new tasks)
+- ``events``            stream, the event log (``EventLog``): one entry per lifecycle
+                        event, field ``e`` = the event's JSON (without its id, which is
+                        the entry's id); trimmed to about ``TASKQ_EVENT_HISTORY`` entries
 - ``output:{run id}``   stream, a run's live output: data entries ``o`` (byte offset in
                         the whole output, decimal) and ``d`` (the bytes), oldest dropped
                         beyond the bytes to keep; a follow mark ``f`` standing in for
@@ -56,6 +59,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import NoScriptError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
+from app.adapters.event_followers import PAGE_SIZE, EventFollowers
 from app.adapters.output_followers import OutputEntry, OutputFollowers, Read, read_result
 from app.adapters.redis_scripts import (
     AppendArgs,
@@ -76,6 +80,8 @@ from app.adapters.redis_scripts import (
     NotificationWrite,
     OutboxKeys,
     OutputKeys,
+    ReadEventsArgs,
+    ReadEventsKeys,
     ReleaseArgs,
     RunWrite,
     ScheduledArgs,
@@ -94,6 +100,7 @@ from app.domain import (
     TaskAlreadyExists,
     TaskStatus,
 )
+from app.events import Event, event_key
 from app.logs import about
 from app.notifications import (
     Notification,
@@ -104,11 +111,13 @@ from app.notifications import (
 )
 from app.ports import (
     ENDED_OUTPUT_TTL,
+    EVENT_HISTORY,
     FOLLOW_KEEPALIVE,
     LIVE_OUTPUT_TTL,
     MAX_FOLLOWERS,
     Claim,
     DueAt,
+    EventBatch,
     Keep,
     OutputChunk,
     OutputPage,
@@ -127,6 +136,7 @@ _task_decoder = msgspec.json.Decoder(Task)
 _run_decoder = msgspec.json.Decoder(Run)
 _entry_decoder = msgspec.json.Decoder(OutboxEntry)
 _record_decoder = msgspec.json.Decoder(NotificationRecord)
+_event_decoder = msgspec.json.Decoder(Event)
 
 
 def _claimed_task(task_id: str, doc: bytes) -> Task | None:
@@ -186,8 +196,8 @@ def _translate_errors(
 
 
 class RedisStore:
-    """Implements ``TaskStore``, ``CancelNotices``, ``LiveOutput`` and
-    ``NotificationOutbox`` on one Redis server (or one Cluster slot)."""
+    """Implements ``TaskStore``, ``CancelNotices``, ``LiveOutput``, ``NotificationOutbox``
+    and ``EventLog`` on one Redis server (or one Cluster slot)."""
 
     def __init__(
         self,
@@ -196,10 +206,13 @@ class RedisStore:
         blocking: redis.Redis,
         prefix: str,
         run_history: int,
+        event_history: int,
         follow_keepalive: float,
         max_followers: int,
     ) -> None:
         self._redis = client
+        self._event_history = event_history
+        self._events_key = f"{prefix}events"
         self._probe = _probe_client(client)
         self._blocking = blocking  # for reads that wait: its read timeout outlasts them
         self._prefix = prefix
@@ -224,10 +237,18 @@ class RedisStore:
         self._start_following_script = Script(client, "start_following")
         self._claim_notifications = Script(client, "claim_notifications")
         self._settle_notification = Script(client, "settle_notification")
+        self._read_events_script = Script(client, "read_events")
         self._pubsub: PubSub | None = None
         self._followers = OutputFollowers(
             start=self._start_following,
             read_after=self._read_after,
+            quiet=follow_keepalive,
+            limit=max_followers,
+        )
+        self._event_followers = EventFollowers(
+            read=self._read_events,
+            newest=self._newest_event,
+            wait_after=self._wait_for_events,
             quiet=follow_keepalive,
             limit=max_followers,
         )
@@ -330,8 +351,8 @@ class RedisStore:
             return []
         writes = [_task_write(change) for change in changes]
         results = await self._create_tasks(
-            CreateKeys(self._tasks_key, self._due_key, self._claims_key),
-            CreateArgs(self._prefix, encode_list(writes)),
+            CreateKeys(self._tasks_key, self._due_key, self._claims_key, self._events_key),
+            CreateArgs(self._prefix, encode_list(writes), self._event_history),
         )
         return [result == b"ok" for result in cast(list[bytes], results)]
 
@@ -344,6 +365,7 @@ class RedisStore:
             runs=self.runs_key(change.task_id),
             notify_due=self._outbox_keys.due,
             notify_entries=self._outbox_keys.entries,
+            events=self._events_key,
         )
 
     def _commit_args(self, change: TaskChange) -> tuple[CommitArgs, *tuple[bytes, ...]]:
@@ -372,6 +394,8 @@ class RedisStore:
             ended_output_ttl=ENDED_OUTPUT_TTL,
             notifications=_notification_writes(change.notifications),
             runs=encode_list(runs),
+            event_history=self._event_history,
+            events=_event_lines(change.events),
         )
         return (args, *(_encoder.encode(run) for run in change.runs))
 
@@ -557,6 +581,54 @@ class RedisStore:
         return read_result((_output_entry(*entry) for entry in entries), cursor=cursor)
 
     @_translate_errors
+    async def read_events(self, after: str | None, *, limit: int) -> EventBatch:
+        batch = await self._read_events(after or "0-0", limit)
+        return batch if after is not None else EventBatch(batch.events)
+
+    def follow_events(
+        self, after: str | None
+    ) -> AbstractAsyncContextManager[AsyncIterator[EventBatch]]:
+        return self._event_followers.follow(after)
+
+    @_translate_errors
+    async def _read_events(self, after: str, limit: int) -> EventBatch:
+        entries, oldest = cast(
+            tuple[list[tuple[bytes, list[bytes]]], bytes],
+            await self._read_events_script(
+                ReadEventsKeys(self._events_key), ReadEventsArgs(after, limit)
+            ),
+        )
+        events = [_logged_event(entry_id, flat[1]) for entry_id, flat in entries]
+        trimmed = oldest.decode() if oldest else None
+        if trimmed is not None and event_key(after) < event_key(trimmed):
+            return EventBatch(events, missed=trimmed)
+        return EventBatch(events)
+
+    @_translate_errors
+    async def _newest_event(self) -> str:
+        newest = cast(
+            list[tuple[bytes, Any]],
+            await self._redis.xrevrange(self._events_key, count=1),  # pyright: ignore[reportUnknownMemberType]
+        )
+        return newest[0][0].decode() if newest else "0-0"
+
+    @_translate_errors
+    async def _wait_for_events(self, after: str, wait: float) -> list[Event]:
+        """Events after ``after``, waiting up to ``wait`` seconds for some; on the
+        blocking client (see ``_read_after``)."""
+        block = min(wait, _MAX_BLOCK)
+        streams = cast(
+            list[tuple[bytes, list[tuple[bytes, dict[bytes, bytes]]]]],
+            await self._blocking.xread(
+                {self._events_key: after},
+                count=PAGE_SIZE,
+                block=max(1, round(block * 1000)) if block > 0 else None,
+            ),
+        )
+        entries = streams[0][1] if streams else []
+        return [_logged_event(entry_id, fields[b"e"]) for entry_id, fields in entries]
+
+    @_translate_errors
     async def announce_cancel(self, run_id: str) -> None:
         await self._redis.publish(self._cancel_channel, run_id)  # pyright: ignore[reportUnknownMemberType]
 
@@ -639,13 +711,29 @@ def _output_entry(entry_id: bytes, fields: dict[bytes, bytes]) -> OutputEntry:
     return entry_id.decode(), None
 
 
+def _event_lines(events: Sequence[Event]) -> bytes:
+    """Events as the scripts write them: JSON documents one a line (JSON never holds
+    a raw newline), split in Lua without decoding them."""
+    return b"\n".join(_encoder.encode(event) for event in events)
+
+
+def _logged_event(entry_id: bytes, doc: bytes) -> Event:
+    return _event_decoder.decode(doc).logged_as(entry_id.decode())
+
+
 def _task_write(change: TaskChange) -> TaskWrite:
     """What ``create_tasks.lua`` writes for a change that creates a task."""
     task = change.task
     if change.expected_revision is not None or task is None or change.runs:
         raise ValueError(f"not the creation of a task: {change!r}")
     due_at = repr(change.schedule.when) if isinstance(change.schedule, DueAt) else ""
-    return TaskWrite(task.id, _encoder.encode(task).decode(), task.status.value, due_at)
+    return TaskWrite(
+        task.id,
+        _encoder.encode(task).decode(),
+        task.status.value,
+        due_at,
+        _event_lines(change.events).decode(),
+    )
 
 
 def _notification_writes(notifications: Sequence[Notification]) -> bytes:
@@ -699,6 +787,7 @@ async def open_redis_store(
     *,
     prefix: str,
     run_history: int,
+    event_history: int = EVENT_HISTORY,
     follow_keepalive: float = FOLLOW_KEEPALIVE,
     max_followers: int = MAX_FOLLOWERS,
 ) -> AsyncGenerator[RedisStore]:
@@ -726,6 +815,7 @@ async def open_redis_store(
         blocking=blocking,
         prefix=prefix,
         run_history=run_history,
+        event_history=event_history,
         follow_keepalive=follow_keepalive,
         max_followers=max_followers,
     )

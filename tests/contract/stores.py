@@ -19,6 +19,7 @@ from app.domain import (
     start_run,
     utcnow,
 )
+from app.domain import create as create_task
 from app.ports import LiveOutput, OutputPage, Store, TaskChange, TaskStore
 
 RUN_HISTORY = 5
@@ -49,20 +50,20 @@ def unpack(transition: Transition) -> tuple[Task, Run]:
 
 
 async def running_run(store: TaskStore, task_id: str) -> tuple[Task, Run]:
-    """A new task whose run a worker has started, as stored."""
-    task = await create(store, task_id)
-    pending, queued = unpack(queue_run(task, utcnow()))
-    await store.commit(TaskChange(task_id, task.revision, pending, runs=[queued]))
-    running, started = unpack(start_run(pending, queued, "worker", utcnow(), lease_until=utcnow()))
-    await store.commit(TaskChange(task_id, pending.revision, running, runs=[started]))
-    return running, started
+    """A new task whose run a worker has started, as stored (with its events)."""
+    created = create_task(make_task(task_id))
+    await store.commit(TaskChange.of(created))
+    queued = queue_run(created.task, utcnow())
+    await store.commit(TaskChange.of(queued))
+    started = start_run(queued.task, queued.run, "worker", utcnow(), lease_until=utcnow())
+    await store.commit(TaskChange.of(started))
+    return unpack(started)
 
 
 def finishing(task: Task, run: Run) -> TaskChange:
     """The change that records ``run`` as completed."""
     outcome = Outcome(exit_code=0, duration=0.1, output="", truncated=False)
-    finished = finish_run(task, run, outcome, utcnow())
-    return TaskChange(task.id, task.revision, finished.task, runs=finished.runs)
+    return TaskChange.of(finish_run(task, run, outcome, utcnow()))
 
 
 async def kept(store: LiveOutput, run_id: str) -> OutputPage:

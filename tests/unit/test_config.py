@@ -37,6 +37,7 @@ def test_defaults() -> None:
     assert Settings(broker_url=MEMORY_URL).commands_per_process() == 2 * cores
     assert settings.output_limit == 1_048_576
     assert settings.run_history == 100
+    assert settings.event_history == 10_000
     assert settings.lease_seconds == 30.0
     assert settings.lookahead_seconds == 1.0
     assert settings.shutdown_grace == 30.0
@@ -190,6 +191,7 @@ def test_no_role_at_all_is_an_error() -> None:
         ("TASKQ_OUTPUT_LIMIT", "output_limit", "2048", 2048),
         ("TASKQ_OUTPUT_LIMIT", "output_limit", "1024", 1024),
         ("TASKQ_RUN_HISTORY", "run_history", "5", 5),
+        ("TASKQ_EVENT_HISTORY", "event_history", "1", 1),
         ("TASKQ_LEASE_SECONDS", "lease_seconds", "2.5", 2.5),
         ("TASKQ_LEASE_SECONDS", "lease_seconds", "1", 1.0),
         ("TASKQ_LOOKAHEAD_SECONDS", "lookahead_seconds", "0", 0.0),
@@ -221,6 +223,7 @@ def test_numbers(name: str, attribute: str, raw: str, value: float) -> None:
         ("TASKQ_PROCESSES", ""),
         ("TASKQ_OUTPUT_LIMIT", "1MB"),
         ("TASKQ_RUN_HISTORY", "1e3"),
+        ("TASKQ_EVENT_HISTORY", "many"),
         ("TASKQ_LEASE_SECONDS", "30s"),
         ("TASKQ_LEASE_SECONDS", "nan"),
         ("TASKQ_LEASE_SECONDS", "inf"),
@@ -245,6 +248,7 @@ def test_bad_number_names_the_variable(name: str, raw: str) -> None:
         ("TASKQ_PROCESSES", "-2"),
         ("TASKQ_OUTPUT_LIMIT", "1023"),
         ("TASKQ_RUN_HISTORY", "0"),
+        ("TASKQ_EVENT_HISTORY", "0"),
         ("TASKQ_LEASE_SECONDS", "0.5"),
         ("TASKQ_SHUTDOWN_GRACE", "-0.1"),
     ],
@@ -307,6 +311,7 @@ def test_settings_read_back_from_their_variables_are_the_same(tmp_path: Path) ->
             "TASKQ_PUBLIC_URL": "https://ops.example/taskq/",
             "TASKQ_NOTIFY_ATTEMPTS": "3",
             "TASKQ_LOG_FORMAT": "json",
+            "TASKQ_EVENT_HISTORY": "50",
         }
     )
     assert settings.log_format == "json"

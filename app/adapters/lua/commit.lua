@@ -5,9 +5,11 @@ local task_key, tasks_key, due_key, claims_key, runs_key = unpack(KEYS, 1, 5)
 local notify_due_key, notify_entries_key = unpack(KEYS, 6, 7)  -- the notification outbox
 local prefix, id, expected, doc, new_status = ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5]
 local schedule, due_at, history, ended_ttl = ARGV[6], ARGV[7], tonumber(ARGV[8]), ARGV[9]
+local events_key = KEYS[8]  -- the event log
 local notifications = ARGV[10]  -- "" or [{id, run_id, event, due, entry, record}]
-local runs = cjson.decode(ARGV[11])  -- [{run_id, ended}], each run's document after it
-local docs_from = 11  -- run i's document is ARGV[docs_from + i]
+local runs = cjson.decode(ARGV[11])  -- [{run_id, ended}], each run's document after them
+local event_history, events = ARGV[12], ARGV[13]  -- events: their JSON, one a line
+local docs_from = 13  -- run i's document is ARGV[docs_from + i]
 
 local function records_key(run_id)  -- a run's notification records, by event
   return prefix .. 'notifications:' .. run_id
@@ -25,6 +27,12 @@ else
   local stored = cjson.decode(current)
   if tostring(stored.revision) ~= expected then return 'conflict' end
   old_status = stored.status
+end
+
+-- The change's lifecycle events, in the same step (after the checks above: a change
+-- refused, or resent after it was applied, adds none).
+for event in string.gmatch(events, '[^\n]+') do
+  redis.call('XADD', events_key, 'MAXLEN', '~', event_history, '*', 'e', event)
 end
 
 if doc == '' then

@@ -4,8 +4,9 @@
 -- earliest new entry comes before every entry there was.
 -- Idempotent: a resent script whose first attempt was applied reports the same.
 -- Argument layout: CreateKeys and CreateArgs in redis_scripts.py.
-local tasks_key, due_key, claims_key = unpack(KEYS)
-local prefix, tasks = ARGV[1], cjson.decode(ARGV[2])  -- [{id, doc, status, due_at}]
+local tasks_key, due_key, claims_key, events_key = unpack(KEYS)
+local prefix, tasks = ARGV[1], cjson.decode(ARGV[2])  -- [{id, doc, status, due_at, events}]
+local event_history = ARGV[3]
 
 local first = redis.call('ZRANGE', due_key, 0, 0, 'WITHSCORES')
 local earliest_before = tonumber(first[2])
@@ -25,6 +26,9 @@ for i, task in ipairs(tasks) do
       redis.call('ZADD', tasks_key, 0, task.id)
       redis.call('ZADD', prefix .. 'status:' .. task.status, 0, task.id)
       redis.call('HDEL', claims_key, task.id)
+      for event in string.gmatch(task.events, '[^\n]+') do
+        redis.call('XADD', events_key, 'MAXLEN', '~', event_history, '*', 'e', event)
+      end
       if task.due_at == '' then
         redis.call('ZREM', due_key, task.id)
       else
