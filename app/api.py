@@ -55,7 +55,14 @@ from litestar.middleware import (
 from litestar.openapi import OpenAPIConfig, ResponseSpec
 from litestar.openapi.plugins import SwaggerRenderPlugin
 from litestar.openapi.spec import Components, SecurityRequirement, SecurityScheme
-from litestar.params import FromPath, FromQuery, JSONBody, Parameter, QueryParameter
+from litestar.params import (
+    FromPath,
+    FromQuery,
+    HeaderParameter,
+    JSONBody,
+    Parameter,
+    QueryParameter,
+)
 from litestar.response import Redirect, ServerSentEvent, ServerSentEventMessage
 from litestar.status_codes import (
     HTTP_200_OK,
@@ -73,6 +80,7 @@ from msgspec import UNSET, UnsetType
 
 from app.body_deadline import DEFAULT_BODY_SECONDS, BodyDeadline
 from app.domain import (
+    TASK_ID_PATTERN,
     DomainError,
     InvalidSchedule,
     InvalidTransition,
@@ -84,12 +92,13 @@ from app.domain import (
     TaskStatus,
     TaskView,
 )
+from app.events import InvalidEventId, keep_task
 from app.live_output import KEEPALIVE_SECONDS, KeepAlive, OutputEnd, OutputEvent, OutputText
 from app.metrics_http import RequestMetrics, metrics_handler
 from app.notifications import NotificationRecord
 from app.openapi_contract import describe_contract
 from app.outages import DependencyDown, OutageGate, probe
-from app.ports import StoreUnavailable, TooManyFollowers
+from app.ports import EventBatch, StoreUnavailable, TooManyFollowers
 from app.schemas import (
     MAX_BULK_TASKS,
     UPCOMING_ROUTE_ID,
@@ -570,6 +579,56 @@ class TaskController(Controller):
         return ServerSentEvent(_server_sent(events))
 
 
+class EventController(Controller):
+    """The lifecycle events of every task, live (``app.events``)."""
+
+    path = "/events"
+    tags = ["events"]  # noqa: RUF012 (Litestar reads it as a class attribute)
+
+    @get(
+        "/",
+        summary="Task and run lifecycle events as Server-Sent Events, live",
+        description="Each event as `id: <event id>`, `event: <type>` (`task.created`, "
+        "`task.updated`, `task.deleted`, `run.queued`, `run.started`, `run.finished`) and "
+        '`data:` its JSON: `{"id", "type", "at", "task_id", "task_status", "run_id", '
+        '"attempt", "run_status", "outcome", "exit_code", "duration"}`, fields that do not '
+        "apply left out (`task_status` is not on `task.deleted`; the run fields are on "
+        "`run.*` only, `outcome`, `exit_code` and `duration` on `run.finished` only). "
+        "Events come in the order they happened. The stream resumes after the event id "
+        "in the `Last-Event-ID` header (what a browser's `EventSource` sends when it "
+        "reconnects) or else in `after`; without either, it starts with the events from "
+        "now on. If events after the resume point are no longer kept (the server keeps "
+        "the newest `TASKQ_EVENT_HISTORY`), it first sends `event: reset` with "
+        '`data: {"oldest": "<id>"}` and goes on from the oldest kept: reload what you '
+        f"know. A comment line comes every {KEEPALIVE_SECONDS:g} s "
+        "(`TASKQ_KEEPALIVE_SECONDS`) while nothing happens. 400 for a resume point that "
+        "is not an event id; 503 with `Retry-After` when the server streams "
+        "`TASKQ_MAX_FOLLOWERS` already.",
+        raises=[ValidationException, NotAuthorizedException],
+        media_type="text/event-stream",
+    )
+    async def events(
+        self,
+        service: Service,
+        after: Annotated[
+            str | None,
+            Parameter(description="Resume after this event id (e.g. `1732838400000-0`)"),
+        ] = None,
+        last_event_id: Annotated[
+            str | None,
+            HeaderParameter(
+                name="Last-Event-ID", description="Resume after this event id (wins over `after`)"
+            ),
+        ] = None,
+        task_id: Annotated[
+            str | None,
+            Parameter(pattern=TASK_ID_PATTERN, description="Only this task's events"),
+        ] = None,
+    ) -> ServerSentEvent:
+        batches = await service.events(last_event_id or after)
+        return ServerSentEvent(_event_stream(batches, task_id))
+
+
 class BulkController(Controller):
     """Operations on many tasks at once. Not under ``/tasks``: ``/tasks/bulk`` would hide a
     task whose id is ``bulk``."""
@@ -661,6 +720,32 @@ async def _server_sent(
                     yield ServerSentEventMessage(event="end", data=_json(ended))
 
 
+async def _event_stream(
+    batches: AsyncGenerator[EventBatch], task_id: str | None
+) -> AsyncGenerator[ServerSentEventMessage]:
+    """The SSE messages of the event batches; a keep-alive comment when nothing was sent
+    for a while. A store outage ends the stream (the client resumes after the last id)."""
+    quiet_since = anyio.current_time()
+    async with aclosing(batches):
+        try:
+            async for batch in batches:
+                if batch.missed is not None:
+                    yield ServerSentEventMessage(
+                        event="reset", data=_json({"oldest": batch.missed})
+                    )
+                shown = keep_task(batch.events, task_id)
+                for event in shown:
+                    yield ServerSentEventMessage(id=event.id, event=event.type, data=_json(event))
+                now = anyio.current_time()
+                if shown or batch.missed is not None:
+                    quiet_since = now
+                elif not batch.events or now - quiet_since >= KEEPALIVE_SECONDS:
+                    quiet_since = now
+                    yield ServerSentEventMessage(data=None, comment="keepalive")
+        except StoreUnavailable as exc:
+            log.warning("an event stream ended: %s", exc)
+
+
 def _json(value: object) -> str:
     return msgspec.json.encode(value).decode()
 
@@ -733,6 +818,7 @@ _STATUS_OF: list[tuple[type[Exception], int]] = [
     (InvalidCursor, HTTP_400_BAD_REQUEST),
     (InvalidWindow, HTTP_400_BAD_REQUEST),
     (TooManyScheduled, HTTP_400_BAD_REQUEST),
+    (InvalidEventId, HTTP_400_BAD_REQUEST),
     (StoreContention, HTTP_503_SERVICE_UNAVAILABLE),
     (StoreUnavailable, HTTP_503_SERVICE_UNAVAILABLE),
 ]
@@ -862,7 +948,7 @@ def create_app(
         route_handlers=[
             Router(
                 "/",
-                route_handlers=[TaskController, BulkController],
+                route_handlers=[TaskController, BulkController, EventController],
                 security=security,
                 before_request=admit_while_store_down,
             ),

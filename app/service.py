@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import base64
 import binascii
-from collections.abc import AsyncGenerator, Callable, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Sequence
+from contextlib import AsyncExitStack
 from datetime import UTC, datetime
 
 from app.domain import (
@@ -35,9 +36,10 @@ from app.domain import (
     unschedule,
     utcnow,
 )
+from app.events import event_key
 from app.live_output import OutputEvent, follow_output
 from app.notifications import NotificationRecord
-from app.ports import Store, TaskChange
+from app.ports import EventBatch, Store, TaskChange
 from app.schemas import ScheduleRequest, TaskCreate, TaskUpdate
 from app.transactions import transact, transact_with_active_run
 from app.upcoming import (
@@ -262,3 +264,24 @@ class TaskService:
         except RunNotFound:
             await self.get(task_id)
             raise
+
+    async def events(self, after: str | None) -> AsyncGenerator[EventBatch]:
+        """The lifecycle events after the event id ``after`` (``None``: from now on),
+        as they happen (see ``EventLog.follow_events``). Raises before the first batch
+        when ``after`` is not an event id (``InvalidEventId``), when this process
+        follows as many streams as it may, or when the store is out of reach."""
+        if after is not None:
+            event_key(after)
+        following = AsyncExitStack()
+        async with following:
+            batches = await following.enter_async_context(self._store.follow_events(after))
+            # The batches own the following from here on, and end it when they end.
+            return _owning(batches, following.pop_all())
+
+
+async def _owning(
+    batches: AsyncIterator[EventBatch], following: AsyncExitStack
+) -> AsyncGenerator[EventBatch]:
+    async with following:
+        async for batch in batches:
+            yield batch

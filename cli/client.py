@@ -44,11 +44,8 @@ class ApiClient:
             )
         except httpx.HTTPError as exc:
             raise ApiError(f"cannot reach the taskq API at {self._http.base_url}: {exc}") from exc
-        if response.status_code == 401:
-            hint = "is TASKQ_TOKEN (or --token) one of the server's TASKQ_API_TOKENS?"
-            raise ApiError(f"{_error_detail(response)}: {hint}", response.status_code)
         if response.is_error:
-            raise ApiError(_error_detail(response), response.status_code)
+            raise _api_error(response)
         return response
 
     async def create_task(self, body: dict[str, Any]) -> Any:
@@ -117,23 +114,44 @@ class ApiClient:
             async with self._http.stream("GET", path, params=params) as response:
                 if response.is_error:
                     await response.aread()
-                    raise ApiError(_error_detail(response), response.status_code)
-                async for event, data in _server_sent_events(response.aiter_lines()):
+                    raise _api_error(response)
+                async for event, data, _ in _server_sent_events(response.aiter_lines()):
                     if event in RUN_OUTPUT_EVENTS:
                         yield event, json.loads(data)
         except httpx.HTTPError as exc:
             raise ApiError(f"the output stream from {self._http.base_url} broke: {exc}") from exc
 
+    async def events(
+        self, *, after: str | None, task_id: str | None
+    ) -> AsyncGenerator[tuple[str, str, Any]]:
+        """The events of ``GET /events`` as (event, id, decoded data), as they arrive,
+        until the server closes the stream. ``ApiError`` without a status code: the
+        server could not be reached, or the stream broke."""
+        headers = {} if after is None else {"Last-Event-ID": after}
+        params = {} if task_id is None else {"task_id": task_id}
+        try:
+            async with self._http.stream(
+                "GET", "/events", params=params, headers=headers
+            ) as response:
+                if response.is_error:
+                    await response.aread()
+                    raise _api_error(response)
+                async for event, data, event_id in _server_sent_events(response.aiter_lines()):
+                    yield event, event_id, json.loads(data)
+        except httpx.HTTPError as exc:
+            raise ApiError(f"the event stream from {self._http.base_url} broke: {exc}") from exc
 
-async def _server_sent_events(lines: AsyncIterator[str]) -> AsyncGenerator[tuple[str, str]]:
-    """(event, data) of each event in a ``text/event-stream``, parsed as the HTML spec says:
-    comments (keep-alives) are skipped, ``data`` lines join with newlines, and a block
-    without any ``data`` line dispatches nothing."""
-    event, data = "", ""
+
+async def _server_sent_events(lines: AsyncIterator[str]) -> AsyncGenerator[tuple[str, str, str]]:
+    """(event, data, last event id) of each event in a ``text/event-stream``, parsed as the
+    HTML spec says: comments (keep-alives) are skipped, ``data`` lines join with newlines,
+    a block without any ``data`` line dispatches nothing, and the last event id is the
+    newest ``id`` field seen (it carries over to events without one)."""
+    event, data, last_id = "", "", ""
     async for line in lines:
         if not line:
             if data:
-                yield event or "message", data.removesuffix("\n")
+                yield event or "message", data.removesuffix("\n"), last_id
             event, data = "", ""
             continue
         field, colon, value = line.partition(":")
@@ -144,6 +162,15 @@ async def _server_sent_events(lines: AsyncIterator[str]) -> AsyncGenerator[tuple
             event = value
         elif field == "data":
             data += value + "\n"
+        elif field == "id" and "\0" not in value:
+            last_id = value
+
+
+def _api_error(response: httpx.Response) -> ApiError:
+    if response.status_code == 401:
+        hint = "is TASKQ_TOKEN (or --token) one of the server's TASKQ_API_TOKENS?"
+        return ApiError(f"{_error_detail(response)}: {hint}", response.status_code)
+    return ApiError(_error_detail(response), response.status_code)
 
 
 def _error_detail(response: httpx.Response) -> str:

@@ -9,6 +9,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from functools import wraps
 from typing import IO, Any, ParamSpec, TypeVar, cast
 
+import anyio
 import asyncclick as click
 import sniffio
 
@@ -645,6 +646,66 @@ async def logs(
             exit_code = "-" if ended["exit_code"] is None else ended["exit_code"]
             note = f": {ended['error']}" if ended.get("error") else ""
             click.echo(f"run {run_id} {ended['status']} (exit {exit_code}){note}", err=True)
+
+
+RECONNECT_DELAYS = (0.5, 1.0, 2.0, 4.0)
+"""Seconds ``events`` waits before each reconnection attempt (the last one repeats)."""
+RECONNECT_FOR = 60.0
+"""Seconds ``events`` goes on trying to reconnect before it gives up."""
+
+
+@cli.command()
+@click.option("--task", "task_id", help="Only this task's events.")
+@click.option("--after", help="Start after this event id (default: with what happens next).")
+@_client_command
+async def events(client: ApiClient, task_id: str | None, after: str | None, as_json: bool) -> None:
+    """Follow task and run lifecycle events as they happen, until interrupted.
+
+    One line per event (time, type, task, run, status or outcome), or with --json one JSON
+    object a line. When the connection drops, it reconnects and goes on after the last
+    event printed."""
+    connected = False
+    failing_since: float | None = None
+    while True:
+        try:
+            async for kind, event_id, data in client.events(after=after, task_id=task_id):
+                connected, failing_since = True, None
+                if kind == "reset":
+                    click.echo(
+                        f"events after {after} are no longer kept: going on from the oldest "
+                        f"kept ({data['oldest']})",
+                        err=True,
+                    )
+                    continue
+                click.echo(json.dumps(data) if as_json else _event_line(data))
+                after = event_id or after
+        except ApiError as exc:
+            if exc.status_code not in (None, 503) or not connected:
+                raise
+            now = anyio.current_time()
+            failing_since = now if failing_since is None else failing_since
+            if now - failing_since > RECONNECT_FOR:
+                raise ApiError(f"{exc} (gave up reconnecting after {RECONNECT_FOR:g} s)") from exc
+            attempt = min(int(now - failing_since), len(RECONNECT_DELAYS) - 1)
+            click.echo(f"{exc}; reconnecting", err=True)
+            await anyio.sleep(RECONNECT_DELAYS[attempt])
+
+
+def _event_line(event: dict[str, Any]) -> str:
+    """An event in words: time, type, task, then its run and how it stands."""
+    parts = [event["at"], f"{event['type']:<12}", event["task_id"]]
+    if "run_id" in event:
+        parts.append(f"run {event['run_id']} (attempt {event['attempt']})")
+    if "outcome" in event:
+        details = [f"exit {event['exit_code']}" if "exit_code" in event else ""]
+        details.append(f"{event['duration']:.2f} s" if "duration" in event else "")
+        shown = ", ".join(d for d in details if d)
+        parts.append(event["outcome"] + (f" ({shown})" if shown else ""))
+    elif "run_status" in event:
+        parts.append(event["run_status"])
+    elif "task_status" in event:
+        parts.append(event["task_status"])
+    return "  ".join(parts)
 
 
 async def _current_run_id(client: ApiClient, task_id: str) -> str:

@@ -84,7 +84,8 @@ class EventFollowers:
             raise TooManyFollowers(self._limit, "event streams")
         self._count += 1
         try:
-            follower = _Follower(position=after if after is not None else await self._newest())
+            newest = await self._newest()  # (also: the store answers, or this raises)
+            follower = _Follower(position=after if after is not None else newest)
             self._tail.followers.append(follower)
             try:
                 batches = self._batches(follower)

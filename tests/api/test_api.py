@@ -837,6 +837,7 @@ ENDPOINTS = [
     ("/tasks/{task_id}/runs", "get", "200", "[RunListed]", {"400", "404"}),
     ("/tasks/{task_id}/runs/{run_id}", "get", "200", "RunShown", {"404"}),
     ("/tasks/{task_id}/runs/{run_id}/output", "get", "200", "text/event-stream", {"400", "404"}),
+    ("/events", "get", "200", "text/event-stream", {"400"}),
 ]
 
 

@@ -39,6 +39,7 @@ PROTECTED = [
     ("GET", "/tasks/{task_id}/runs", "/tasks/t1/runs"),
     ("GET", "/tasks/{task_id}/runs/{run_id}", "/tasks/t1/runs/r1"),
     ("GET", "/tasks/{task_id}/runs/{run_id}/output", "/tasks/t1/runs/r1/output?follow=true"),
+    ("GET", "/events", "/events"),
     # "schema" as a task id: only the real /schema routes are open.
     ("GET", "/tasks/{task_id}", "/tasks/schema"),
 ]

@@ -17,7 +17,7 @@ async def lines_of(text: str) -> AsyncIterator[str]:
 
 
 async def events_of(text: str) -> list[tuple[str, str]]:
-    return [event async for event in _server_sent_events(lines_of(text))]
+    return [(event, data) async for event, data, _ in _server_sent_events(lines_of(text))]
 
 
 async def test_multi_line_data_joins_with_newlines_and_comments_are_skipped() -> None:
