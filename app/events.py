@@ -17,6 +17,7 @@ import re
 from collections.abc import Sequence
 from datetime import datetime
 from enum import StrEnum
+from operator import attrgetter
 
 import msgspec
 
@@ -64,65 +65,57 @@ class Event(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
         return msgspec.structs.replace(self, id=event_id)
 
 
-_SETTINGS = frozenset(
-    {
-        "name",
-        "description",
-        "command",
-        "args",
-        "env",
-        "cwd",
-        "timeout",
-        "max_attempts",
-        "retry_backoff",
-        "success_exit_codes",
-        "misfire",
-        "misfire_grace",
-        "overlap",
-        "schedule",
-        "paused",
-    }
+_settings = attrgetter(
+    "name",
+    "description",
+    "command",
+    "args",
+    "env",
+    "cwd",
+    "timeout",
+    "max_attempts",
+    "retry_backoff",
+    "success_exit_codes",
+    "misfire",
+    "misfire_grace",
+    "overlap",
+    "schedule",
+    "paused",
 )
 """The fields a user sets (update, schedule, pause): a change that also moves runs
 along is a ``task.updated`` only when one of these changed."""
 _BOOKKEEPING = frozenset({"updated_at", "revision", "cancel_requested"})
 """Fields that change on every step, or only for the workers: never a ``task.updated``."""
+_shown = attrgetter(*(name for name in Task.__struct_fields__ if name not in _BOOKKEEPING))
+"""The fields a user sees change."""
 
 
 def lifecycle_events(transition: Transition) -> tuple[Event, ...]:
     """The events ``transition`` makes, in the order they happened: the task's own
     (created, updated, deleted), then its runs', runs that ended before runs that began
     (a failed attempt ends before its retry is queued)."""
-    before, after = transition.before, transition.after
+    before, after, at = transition.before, transition.after, transition.at
     if after is None:
         assert before is not None
-        return (Event(type=EventType.TASK_DELETED, at=transition.at, task_id=before.id),)
-    runs = [
-        event
-        for run in sorted(transition.runs, key=lambda run: run.status not in FINISHED_RUN_STATUSES)
-        if (event := _run_event(before, after, run, transition.at)) is not None
+        return (Event(type=EventType.TASK_DELETED, at=at, task_id=before.id),)
+    if before is None:  # (a new task has no runs yet)
+        return (_task_event(EventType.TASK_CREATED, after, at),)
+    runs = transition.runs
+    if len(runs) > 1:
+        runs = sorted(runs, key=lambda run: run.status not in FINISHED_RUN_STATUSES)
+    run_events = [
+        event for run in runs if (event := _run_event(before, after, run, at)) is not None
     ]
-    if before is None:
-        kind: EventType | None = EventType.TASK_CREATED
-    elif _changed(before, after, _BOOKKEEPING if not runs else None):
-        kind = EventType.TASK_UPDATED
-    else:
-        kind = None
-    if kind is None:
-        return tuple(runs)
-    task = Event(type=kind, at=transition.at, task_id=after.id, task_status=after.status)
-    return (task, *runs)
+    # With runs moving, only a setting changing is news of its own; without, any
+    # change a user can see is.
+    seen = _settings if run_events else _shown
+    if seen(before) == seen(after):
+        return tuple(run_events)
+    return (_task_event(EventType.TASK_UPDATED, after, at), *run_events)
 
 
-def _changed(before: Task, after: Task, ignored: frozenset[str] | None) -> bool:
-    """Whether a field a user sees changed: any but ``ignored``, or with ``None``, one of
-    the settings (the rest moved with the runs, whose events tell)."""
-    fields = (
-        _SETTINGS
-        if ignored is None
-        else (name for name in after.__struct_fields__ if name not in ignored)
-    )
-    return any(getattr(before, name) != getattr(after, name) for name in fields)
+def _task_event(kind: EventType, task: Task, at: datetime) -> Event:
+    return Event(type=kind, at=at, task_id=task.id, task_status=task.status)
 
 
 def _run_event(before: Task | None, after: Task, run: Run, at: datetime) -> Event | None:
