@@ -92,7 +92,7 @@ from app.domain import (
     TaskStatus,
     TaskView,
 )
-from app.events import InvalidEventId, keep_task
+from app.events import EVENT_ID_PATTERN, InvalidEventId, keep_task
 from app.live_output import KEEPALIVE_SECONDS, KeepAlive, OutputEnd, OutputEvent, OutputText
 from app.metrics_http import RequestMetrics, metrics_handler
 from app.notifications import NotificationRecord
@@ -612,12 +612,17 @@ class EventController(Controller):
         service: Service,
         after: Annotated[
             str | None,
-            Parameter(description="Resume after this event id (e.g. `1732838400000-0`)"),
+            Parameter(
+                pattern=EVENT_ID_PATTERN,
+                description="Resume after this event id (e.g. `1732838400000-0`)",
+            ),
         ] = None,
         last_event_id: Annotated[
             str | None,
             HeaderParameter(
-                name="Last-Event-ID", description="Resume after this event id (wins over `after`)"
+                name="Last-Event-ID",
+                pattern=EVENT_ID_PATTERN,
+                description="Resume after this event id (wins over `after`)",
             ),
         ] = None,
         task_id: Annotated[

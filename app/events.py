@@ -153,6 +153,7 @@ class InvalidEventId(DomainError):
         )
 
 
+EVENT_ID_PATTERN = r"^\d{1,20}-\d{1,20}$(?!\n)"  # (?!\n): a full match
 _EVENT_ID = re.compile(r"(\d{1,20})-(\d{1,20})")
 _MAX_PART = 2**64 - 1
 

@@ -21,11 +21,16 @@ from tests.api.test_api import assert_problem
 AT = datetime(2026, 1, 1, tzinfo=UTC)
 
 
-@pytest.mark.parametrize("after", ["yesterday", "12", "1-2-3", "-1-0", "1-99999999999999999999"])
+@pytest.mark.parametrize("after", ["yesterday", "12", "1-2-3", "-1-0", "1-2 "])
 async def test_a_resume_point_that_is_no_event_id_is_a_400(served: Served, after: str) -> None:
-    assert_problem(await served.client.get("/events", params={"after": after}), 400, after)
+    assert_problem(await served.client.get("/events", params={"after": after}), 400, "(after)")
     response = await served.client.get("/events", headers={"Last-Event-ID": after})
-    assert_problem(response, 400, "not an event id")
+    assert_problem(response, 400, "(last_event_id)")
+
+
+async def test_an_event_id_beyond_what_a_stream_id_holds_is_a_400(served: Served) -> None:
+    too_big = "1-99999999999999999999"
+    assert_problem(await served.client.get("/events", params={"after": too_big}), 400, too_big)
 
 
 async def test_a_task_id_that_no_task_can_have_is_a_400(served: Served) -> None:
