@@ -24,8 +24,8 @@ from app.domain import DueAt as DueAt
 from app.domain import Keep as Keep
 from app.domain import Run, ScheduleChange, Task, TaskStatus, Transition
 from app.domain import Unschedule as Unschedule
-from app.notifications import Notification, NotificationRecord, OutboxEntry, notifications_for
 from app.events import Event, lifecycle_events
+from app.notifications import Notification, NotificationRecord, OutboxEntry, notifications_for
 
 
 class StoreUnavailable(Exception):
