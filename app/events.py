@@ -81,6 +81,7 @@ _settings = attrgetter(
     "overlap",
     "schedule",
     "paused",
+    "notify",
 )
 """The fields a user sets (update, schedule, pause): a change that also moves runs
 along is a ``task.updated`` only when one of these changed."""
