@@ -166,7 +166,9 @@ def test_a_queued_run_and_a_finished_run_written_again_count_nothing(counts: Cou
     count_committed(queue_run(idle_task(), NOW))
     running = started()
     finished = finish_run(running.task, running.run, outcome(), NOW)
-    count_committed(Transition(before=finished.task, after=finished.task, runs=finished.runs))
+    count_committed(
+        Transition(before=finished.task, after=finished.task, runs=finished.runs, at=NOW)
+    )
     assert counts.changed() == {}
 
 
