@@ -99,6 +99,7 @@ from app.notifications import NotificationRecord
 from app.openapi_contract import describe_contract
 from app.outages import DependencyDown, OutageGate, probe
 from app.ports import EventBatch, StoreUnavailable, TooManyFollowers
+from app.schedule_words import describe_schedule
 from app.schemas import (
     MAX_BULK_TASKS,
     UPCOMING_ROUTE_ID,
@@ -167,9 +168,17 @@ class Health(msgspec.Struct):
     checks: dict[str, DependencyCheck]
 
 
-def _shown(task: Task) -> TaskView:
-    """The task as the API answers with it: without the workers' own bookkeeping."""
-    return msgspec.convert(task, TaskView, from_attributes=True)
+class TaskResponse(TaskView, kw_only=True):
+    """A task as the API answers with it: what is stored but the workers' own bookkeeping,
+    and its recurrence in words (computed for the answer, never stored)."""
+
+    schedule_description: str | None = None
+
+
+def _shown(task: Task) -> TaskResponse:
+    shown = msgspec.convert(task, TaskResponse, from_attributes=True)
+    shown.schedule_description = describe_schedule(task.schedule)
+    return shown
 
 
 class RunShown(Run, kw_only=True):
@@ -193,7 +202,7 @@ class CreateResult(msgspec.Struct, kw_only=True, omit_defaults=True):
     or 409 (its id is taken) with the problem's ``detail``."""
 
     status: int
-    task: TaskView | None = None
+    task: TaskResponse | None = None
     detail: str | None = None
 
 
@@ -346,7 +355,7 @@ class TaskController(Controller):
         summary="Create a task",
         raises=[ValidationException, ConflictException, NotAuthorizedException],
     )
-    async def create_task(self, data: JSONBody[TaskCreate], service: Service) -> TaskView:
+    async def create_task(self, data: JSONBody[TaskCreate], service: Service) -> TaskResponse:
         return _shown(await service.create(data))
 
     @get(
@@ -363,7 +372,7 @@ class TaskController(Controller):
         status: FromQuery[TaskStatus | None] = None,
         limit: PageLimit = 100,
         cursor: PageCursor = None,
-    ) -> Response[list[TaskView]]:
+    ) -> Response[list[TaskResponse]]:
         tasks, next_cursor = await service.list(status=status, limit=limit, cursor=cursor)
         page = _within_budget([_shown(task) for task in tasks])
         if len(page) < len(tasks):
@@ -405,7 +414,7 @@ class TaskController(Controller):
         return _page(fires, next_cursor)
 
     @get("/{task_id:str}", summary="Get a task", raises=[NotFoundException, NotAuthorizedException])
-    async def get_task(self, task_id: FromPath[str], service: Service) -> TaskView:
+    async def get_task(self, task_id: FromPath[str], service: Service) -> TaskResponse:
         return _shown(await service.get(task_id))
 
     @put(
@@ -416,7 +425,7 @@ class TaskController(Controller):
     )
     async def update_task(
         self, task_id: FromPath[str], data: JSONBody[TaskUpdate], service: Service
-    ) -> TaskView:
+    ) -> TaskResponse:
         return _shown(await service.update(task_id, data))
 
     @delete(
@@ -473,7 +482,7 @@ class TaskController(Controller):
     )
     async def schedule_task(
         self, task_id: FromPath[str], data: JSONBody[ScheduleRequest], service: Service
-    ) -> TaskView:
+    ) -> TaskResponse:
         return _shown(await service.schedule(task_id, data))
 
     @delete(
@@ -483,7 +492,7 @@ class TaskController(Controller):
         status_code=HTTP_200_OK,
         raises=[NotFoundException, NotAuthorizedException],
     )
-    async def unschedule_task(self, task_id: FromPath[str], service: Service) -> TaskView:
+    async def unschedule_task(self, task_id: FromPath[str], service: Service) -> TaskResponse:
         return _shown(await service.unschedule(task_id))
 
     @post(
@@ -496,7 +505,7 @@ class TaskController(Controller):
         status_code=HTTP_202_ACCEPTED,
         raises=[NotFoundException, ConflictException, NotAuthorizedException],
     )
-    async def cancel_task(self, task_id: FromPath[str], service: Service) -> TaskView:
+    async def cancel_task(self, task_id: FromPath[str], service: Service) -> TaskResponse:
         return _shown(await service.cancel(task_id))
 
     @post(
@@ -506,7 +515,7 @@ class TaskController(Controller):
         status_code=HTTP_200_OK,
         raises=[NotFoundException, ConflictException, NotAuthorizedException],
     )
-    async def pause_task(self, task_id: FromPath[str], service: Service) -> TaskView:
+    async def pause_task(self, task_id: FromPath[str], service: Service) -> TaskResponse:
         return _shown(await service.pause(task_id))
 
     @post(
@@ -516,7 +525,7 @@ class TaskController(Controller):
         status_code=HTTP_200_OK,
         raises=[NotFoundException, ConflictException, NotAuthorizedException],
     )
-    async def resume_task(self, task_id: FromPath[str], service: Service) -> TaskView:
+    async def resume_task(self, task_id: FromPath[str], service: Service) -> TaskResponse:
         return _shown(await service.resume(task_id))
 
     @get(

@@ -784,6 +784,7 @@ def _task_details(task: dict[str, Any]) -> str:
         ("description", task.get("description") or "-"),
         ("scheduled at", task.get("scheduled_at") or "-"),
         ("recurrence", _recurrence(task.get("schedule"))),
+        ("in words", task.get("schedule_description") or "-"),
         ("next runs", ", ".join(task.get("next_runs") or []) or "-"),
         ("paused", "yes" if task.get("paused") else "no"),
         ("misfire", f"{task['misfire']} (grace {task['misfire_grace']:g} s)"),

@@ -157,6 +157,7 @@ async def test_create_answers_201_with_the_full_task(client: Client) -> None:
         "paused": False,
         "retry_at": None,
         "schedule": None,
+        "schedule_description": None,
         "next_runs": [],
         "active_run": None,
         "notify": None,
@@ -819,21 +820,21 @@ ENDPOINTS = [
     ("/health", "get", "200", "Health", {"503"}),
     ("/health", "head", "200", None, {"503"}),
     ("/metrics", "get", "200", CONTENT_TYPE, set()),
-    ("/tasks", "post", "201", "TaskView", {"400", "409"}),
-    ("/tasks", "get", "200", "[TaskView]", {"400"}),
+    ("/tasks", "post", "201", "TaskResponse", {"400", "409"}),
+    ("/tasks", "get", "200", "[TaskResponse]", {"400"}),
     ("/tasks/scheduled", "get", "200", "[UpcomingFire]", {"400"}),
-    ("/tasks/scheduled", "put", "200", "TaskView", {"400", "404"}),
+    ("/tasks/scheduled", "put", "200", "TaskResponse", {"400", "404"}),
     ("/tasks/scheduled", "delete", "204", None, {"404"}),
     ("/bulk/tasks", "post", "200", "[CreateResult]", {"400", "413"}),
-    ("/tasks/{task_id}", "get", "200", "TaskView", {"404"}),
-    ("/tasks/{task_id}", "put", "200", "TaskView", {"400", "404"}),
+    ("/tasks/{task_id}", "get", "200", "TaskResponse", {"404"}),
+    ("/tasks/{task_id}", "put", "200", "TaskResponse", {"400", "404"}),
     ("/tasks/{task_id}", "delete", "204", None, {"404"}),
     ("/tasks/{task_id}/execute", "post", "202", "RunShown", {"404", "409"}),
-    ("/tasks/{task_id}/schedule", "post", "200", "TaskView", {"400", "404"}),
-    ("/tasks/{task_id}/schedule", "delete", "200", "TaskView", {"404"}),
-    ("/tasks/{task_id}/cancel", "post", "202", "TaskView", {"404", "409"}),
-    ("/tasks/{task_id}/pause", "post", "200", "TaskView", {"404", "409"}),
-    ("/tasks/{task_id}/resume", "post", "200", "TaskView", {"404", "409"}),
+    ("/tasks/{task_id}/schedule", "post", "200", "TaskResponse", {"400", "404"}),
+    ("/tasks/{task_id}/schedule", "delete", "200", "TaskResponse", {"404"}),
+    ("/tasks/{task_id}/cancel", "post", "202", "TaskResponse", {"404", "409"}),
+    ("/tasks/{task_id}/pause", "post", "200", "TaskResponse", {"404", "409"}),
+    ("/tasks/{task_id}/resume", "post", "200", "TaskResponse", {"404", "409"}),
     ("/tasks/{task_id}/runs", "get", "200", "[RunListed]", {"400", "404"}),
     ("/tasks/{task_id}/runs/{run_id}", "get", "200", "RunShown", {"404"}),
     ("/tasks/{task_id}/runs/{run_id}/output", "get", "200", "text/event-stream", {"400", "404"}),
@@ -934,6 +935,8 @@ async def test_schedule_on_cron_shows_the_next_five_runs_in_utc(client: Client) 
     assert len(runs) == 5 and runs == sorted(runs) and runs[0] > utcnow()
     assert all(run.minute == 0 and run.hour in (7, 8) for run in runs)  # 09:00 in Berlin
     assert task["scheduled_at"] == task["next_runs"][0]
+    assert task["schedule_description"] == "At 09:00 (Europe/Berlin)"
+    assert (await get_task(client, "t1"))["schedule_description"] == "At 09:00 (Europe/Berlin)"
 
 
 async def test_schedule_every_is_anchored_at_its_start(client: Client) -> None:
@@ -945,6 +948,7 @@ async def test_schedule_every_is_anchored_at_its_start(client: Client) -> None:
 
     assert response.status_code == 200
     assert response.json()["next_runs"] == [f"2030-01-01T0{h}:00:00Z" for h in range(5)]
+    assert response.json()["schedule_description"] == "Every hour"
 
 
 async def test_a_schedule_that_never_fires_is_refused(client: Client) -> None:
@@ -1005,6 +1009,7 @@ async def test_unschedule_clears_the_schedule(client: Client) -> None:
     assert response.status_code == 200
     task = response.json()
     assert (task["scheduled_at"], task["schedule"], task["next_runs"]) == (None, None, [])
+    assert task["schedule_description"] is None
     assert (await get_task(client, "t1")) == task
 
 
