@@ -18,6 +18,7 @@ import hmac
 import logging
 from collections.abc import AsyncGenerator, Awaitable, Callable, Sequence
 from contextlib import aclosing
+from pathlib import Path
 from typing import Annotated, Any, TypeVar, cast
 
 import anyio
@@ -64,6 +65,7 @@ from litestar.params import (
     QueryParameter,
 )
 from litestar.response import Redirect, ServerSentEvent, ServerSentEventMessage
+from litestar.static_files import create_static_files_router  # pyright: ignore[reportUnknownVariableType]
 from litestar.status_codes import (
     HTTP_200_OK,
     HTTP_201_CREATED,
@@ -133,6 +135,8 @@ RETRY_AFTER_SECONDS = 1
 # always holds one item): a page of large tasks, or of runs with their output, stays small.
 PAGE_BUDGET_BYTES = 1_048_576
 SCHEMA_PATH = "/schema"
+UI_PATH = "/ui"
+UI_DIRECTORY = Path(__file__).with_name("ui")
 # Route ``opt`` key of the routes that answer without a token.
 EXCLUDE_FROM_AUTH = "exclude_from_auth"
 BEARER_SCHEME = "bearerToken"
@@ -820,6 +824,23 @@ async def swagger_redirect() -> Redirect:
     return Redirect(SCHEMA_PATH)
 
 
+@get("/", include_in_schema=False, opt={EXCLUDE_FROM_AUTH: True})
+async def dashboard_redirect() -> Redirect:
+    return Redirect(f"{UI_PATH}/")
+
+
+def _dashboard() -> Router:
+    """The dashboard's static files. They need no token: the page asks for one when the
+    API it calls answers 401."""
+    return create_static_files_router(
+        path=UI_PATH,
+        directories=[UI_DIRECTORY],
+        html_mode=True,
+        include_in_schema=False,
+        opt={EXCLUDE_FROM_AUTH: True},
+    )
+
+
 FOLLOWERS_RETRY_AFTER = 5
 """Seconds a client refused a live output stream is told to wait."""
 
@@ -969,6 +990,8 @@ def create_app(
             *_health_handlers({**checks, "store": store_gate.check_now}),
             swagger_redirect,
             metrics_handler(opt={EXCLUDE_FROM_AUTH: True}),
+            dashboard_redirect,
+            _dashboard(),
         ],
         middleware=[
             BodyDeadline(body_seconds),

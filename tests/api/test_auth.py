@@ -43,7 +43,17 @@ PROTECTED = [
     # "schema" as a task id: only the real /schema routes are open.
     ("GET", "/tasks/{task_id}", "/tasks/schema"),
 ]
-OPEN = ["/health", "/metrics", "/schema", "/schema/openapi.json", "/swagger/index.html"]
+# The dashboard's pages too: they ask for the token when the API answers them 401.
+OPEN = [
+    "/health",
+    "/metrics",
+    "/schema",
+    "/schema/openapi.json",
+    "/swagger/index.html",
+    "/",
+    "/ui/",
+    "/ui/js/main.js",
+]
 TASK = {"id": "t1", "name": "first", "command": "echo hello"}
 
 
@@ -161,7 +171,9 @@ async def test_a_missing_and_a_wrong_token_get_the_same_answer(client: Client) -
 
 
 @pytest.mark.parametrize("url", OPEN)
-async def test_health_and_the_openapi_pages_need_no_token(client: Client, url: str) -> None:
+async def test_health_the_openapi_and_the_dashboard_pages_need_no_token(
+    client: Client, url: str
+) -> None:
     response = await client.get(url, follow_redirects=False)
 
     assert response.status_code in {200, 302}, response.text

@@ -1,0 +1,192 @@
+// One task (#/tasks/<id>): its settings, its runs newest first, a run's output (live while
+// the command runs), and the actions on it. Kept up to date by events.
+
+import * as actions from "../actions.js";
+import { ApiError, call, json } from "../api.js";
+import { h, notify } from "../dom.js";
+import { badge, duration, program, time } from "../format.js";
+import { subscribe } from "../live.js";
+import { coalescing } from "../refresh.js";
+import { readEvents } from "../sse.js";
+
+const RUNS_SHOWN = 20;
+const RECONNECT_MS = 1000;
+
+export function taskPage(main, { taskId }) {
+  const path = `/tasks/${encodeURIComponent(taskId)}`;
+  const head = h("div", { class: "task-head" });
+  const settings = h("dl", { class: "settings" });
+  const runs = h("tbody");
+  const output = h("section", { class: "output", hidden: true });
+  let gone = false;
+  let selectedRun = null;
+  let stream = null; // the AbortController of the live output being read
+
+  main.append(head,
+    h("section", {}, h("h2", {}, "Settings"), settings),
+    h("section", {}, h("h2", {}, "Runs"),
+      h("table", { class: "runs" },
+        h("thead", {}, h("tr", {}, ["Run", "Attempt", "Status", "Queued", "Started", "Duration", "Exit code", "Worker"]
+          .map((title) => h("th", {}, title)))),
+        runs)),
+    output);
+
+  const refresh = coalescing(async () => {
+    let task;
+    try {
+      task = await json("GET", path);
+    } catch (error) {
+      if (error instanceof ApiError && error.status === 404) return showDeleted();
+      throw error;
+    }
+    const history = await json("GET", `${path}/runs`, { query: { limit: RUNS_SHOWN } });
+    if (gone) return;
+    showTask(task);
+    showRuns(history);
+  });
+
+  function act(action) {
+    return async () => {
+      if (await action(taskId)) refresh("task").catch(showError);
+    };
+  }
+
+  function showTask(task) {
+    const running = task.status === "pending" || task.status === "running";
+    head.replaceChildren(
+      h("h1", {}, task.name, " ", badge(h, task.status), task.paused ? badge(h, "paused") : null),
+      h("p", { class: "muted" }, "id ", h("code", {}, task.id)),
+      h("div", { class: "actions" },
+        h("button", { type: "button", onclick: act(actions.execute) }, "Run now"),
+        h("button", { type: "button", disabled: !running, onclick: act(actions.cancel) }, "Cancel"),
+        task.schedule
+          ? task.paused
+            ? h("button", { type: "button", onclick: act(actions.resume) }, "Resume")
+            : h("button", { type: "button", onclick: act(actions.pause) }, "Pause")
+          : null,
+        h("button", { type: "button", class: "danger", onclick: removeTask }, "Delete")),
+    );
+    settings.replaceChildren(...taskSettings(task).flatMap(([term, value]) => [
+      h("dt", {}, term), h("dd", {}, value),
+    ]));
+  }
+
+  async function removeTask() {
+    if (await actions.remove(taskId)) location.hash = "#/";
+  }
+
+  function showDeleted() {
+    head.replaceChildren(h("h1", {}, taskId), h("p", { class: "message error" }, "This task was deleted."));
+    settings.replaceChildren();
+    runs.replaceChildren();
+  }
+
+  function showRuns(history) {
+    runs.replaceChildren(...history.map((run) => h("tr", {
+      class: run.run_id === selectedRun ? "selected" : null,
+      dataset: { runId: run.run_id, status: run.status },
+      onclick: () => selectRun(run.run_id),
+    },
+    h("td", {}, h("button", { type: "button", class: "link" }, run.run_id)),
+    h("td", {}, run.attempt),
+    h("td", {}, badge(h, run.status), run.timed_out ? " timed out" : "",
+      run.error ? h("div", { class: "muted" }, run.error) : null),
+    h("td", {}, time(run.queued_at)),
+    h("td", {}, time(run.started_at)),
+    h("td", {}, duration(run.duration)),
+    h("td", {}, run.exit_code ?? "—"),
+    h("td", {}, run.worker ?? "—"))));
+    if (!history.length) runs.append(h("tr", {}, h("td", { colspan: 8 }, "No runs yet.")));
+  }
+
+  async function selectRun(runId) {
+    selectedRun = runId;
+    stream?.abort();
+    for (const row of runs.querySelectorAll("tr")) row.classList.toggle("selected", row.dataset.runId === runId);
+    const state = h("p", { class: "run-state" });
+    const text = h("pre", { class: "run-output" });
+    output.hidden = false;
+    output.replaceChildren(h("h2", {}, "Output of run ", h("code", {}, runId)), state, text);
+    try {
+      const run = await json("GET", `${path}/runs/${encodeURIComponent(runId)}`);
+      if (run.status === "queued" || run.status === "running") {
+        stream = new AbortController();
+        await followOutput(runId, state, text, stream.signal);
+      } else {
+        showRunEnd(state, run);
+        text.textContent = run.output || "(no output)";
+      }
+    } catch (error) {
+      if (error.name !== "AbortError") state.textContent = error.message;
+    }
+  }
+
+  /** Append the run's output as it is printed, until its `end` event; after a drop, read
+   * it again from the start (the stream begins with the output kept so far). */
+  async function followOutput(runId, state, text, signal) {
+    for (;;) {
+      state.replaceChildren(badge(h, "running"), " live output…");
+      text.textContent = "";
+      let ended = false;
+      const response = await call("GET", `${path}/runs/${encodeURIComponent(runId)}/output`, {
+        query: { follow: true }, signal,
+      });
+      try {
+        await readEvents(response, (message) => {
+          const data = JSON.parse(message.data);
+          if (message.event === "output") text.append(data.text);
+          if (message.event === "end") {
+            ended = true;
+            if (data) showRunEnd(state, data);
+            else state.textContent = "The run was deleted.";
+          }
+        });
+      } catch (error) {
+        if (signal.aborted) throw error;
+      }
+      if (ended || signal.aborted) return;
+      await new Promise((resolve) => setTimeout(resolve, RECONNECT_MS));
+    }
+  }
+
+  const unsubscribe = subscribe((event) => {
+    if (event.type === "reset" || event.task_id === taskId) refresh("task").catch(showError);
+  });
+  refresh("task").catch(showError);
+  return () => {
+    gone = true;
+    stream?.abort();
+    unsubscribe();
+  };
+}
+
+function showRunEnd(state, run) {
+  const exit = run.exit_code === null || run.exit_code === undefined ? "" : ` · exit ${run.exit_code}`;
+  state.replaceChildren(badge(h, run.status), ` ${duration(run.duration)}${exit}`,
+    run.truncated ? " · output truncated (head and tail kept)" : "",
+    run.error ? ` · ${run.error}` : "");
+}
+
+function taskSettings(task) {
+  const schedule = task.schedule;
+  return [
+    [task.command !== null ? "Command" : "Arguments", h("code", {}, program(task))],
+    ["Description", task.description || "—"],
+    ["Schedule", schedule
+      ? [task.schedule_description, " ", h("code", {}, schedule.cron ?? `every ${schedule.every} s`)]
+      : task.scheduled_at ? `once, at ${time(task.scheduled_at)}` : "—"],
+    ["Next runs", task.next_runs.length ? task.next_runs.map(time).join(", ") : time(task.scheduled_at)],
+    ["Timeout", task.timeout ? duration(task.timeout) : "none"],
+    ["Attempts", `${task.max_attempts} (backoff ${task.retry_backoff} s)`],
+    ["Misfires", `${task.misfire} (grace ${task.misfire_grace} s)`],
+    ["Overlap", task.overlap],
+    ["Working directory", task.cwd ?? "—"],
+    ["Environment", Object.entries(task.env).map(([name, value]) => `${name}=${value}`).join(" ") || "—"],
+    ["Created", time(task.created_at)],
+    ["Updated", time(task.updated_at)],
+  ];
+}
+
+function showError(error) {
+  notify(error.message, "error");
+}
