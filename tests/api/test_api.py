@@ -794,19 +794,34 @@ async def test_runs_refuse_a_bad_limit_with_400(client: Client, limit: int | str
 # OpenAPI
 
 
-async def test_schema_serves_the_openapi_ui(client: Client) -> None:
-    response = await client.get("/schema")
+@pytest.mark.parametrize(
+    ("path", "content"),
+    [
+        pytest.param("/schema", "swagger-ui", id="openapi-ui"),
+        # The dashboard (see test_dashboard_files.py), its script loaded as a module.
+        pytest.param("/ui/", '<script type="module" src="/ui/js/main.js">', id="dashboard"),
+    ],
+)
+async def test_html_pages(client: Client, path: str, content: str) -> None:
+    response = await client.get(path)
 
     assert response.status_code == 200
     assert response.headers["content-type"].startswith("text/html")
-    assert "swagger-ui" in response.text
+    assert content in response.text
 
 
-async def test_swagger_index_redirects_to_the_schema(client: Client) -> None:
-    response = await client.get("/swagger/index.html", follow_redirects=False)
+@pytest.mark.parametrize(
+    ("path", "target"),
+    [
+        pytest.param("/swagger/index.html", "/schema", id="swagger-to-the-schema"),
+        pytest.param("/", "/ui/", id="root-to-the-dashboard"),
+    ],
+)
+async def test_redirects(client: Client, path: str, target: str) -> None:
+    response = await client.get(path, follow_redirects=False)
 
     assert 300 <= response.status_code < 400
-    assert response.headers["location"] == "/schema"
+    assert response.headers["location"] == target
 
 
 async def openapi(client: Client) -> Json:

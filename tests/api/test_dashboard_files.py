@@ -1,4 +1,5 @@
-"""The dashboard's static files, shipped in the package and served under ``/ui``."""
+"""The dashboard's static files, shipped in the package and served under ``/ui`` (its page
+and the ``/`` redirect: ``test_api.test_html_pages`` and ``test_redirects``)."""
 
 from __future__ import annotations
 
@@ -8,21 +9,6 @@ import pytest
 from app.api import UI_DIRECTORY
 
 Client = httpx.AsyncClient
-
-
-async def test_the_root_redirects_to_the_dashboard(client: Client) -> None:
-    response = await client.get("/", follow_redirects=False)
-
-    assert 300 <= response.status_code < 400
-    assert response.headers["location"] == "/ui/"
-
-
-async def test_the_dashboard_page_loads_its_script_as_a_module(client: Client) -> None:
-    response = await client.get("/ui/")
-
-    assert response.status_code == 200
-    assert response.headers["content-type"].startswith("text/html")
-    assert '<script type="module" src="/ui/js/main.js">' in response.text
 
 
 @pytest.mark.parametrize(

@@ -1,13 +1,12 @@
 // How times, durations and outcomes read on the pages.
 
-const TIME = new Intl.DateTimeFormat(undefined, {
-  year: "numeric", month: "2-digit", day: "2-digit",
-  hour: "2-digit", minute: "2-digit", second: "2-digit", hour12: false,
-});
-
-/** An RFC 3339 time in the browser's time zone, or "—". */
+/** An RFC 3339 time in the browser's time zone as "2026-11-29 14:05:00", or "—". */
 export function time(value) {
-  return value ? TIME.format(new Date(value)) : "—";
+  if (!value) return "—";
+  const moment = new Date(value);
+  const two = (number) => String(number).padStart(2, "0");
+  const day = `${moment.getFullYear()}-${two(moment.getMonth() + 1)}-${two(moment.getDate())}`;
+  return `${day} ${two(moment.getHours())}:${two(moment.getMinutes())}:${two(moment.getSeconds())}`;
 }
 
 /** Seconds as "850 ms", "3.2 s", "4 min 5 s", "2 h 3 min". */

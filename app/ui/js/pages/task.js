@@ -137,6 +137,7 @@ export function taskPage(main, { taskId }) {
           if (message.event === "output") text.append(data.text);
           if (message.event === "end") {
             ended = true;
+            refresh("task").catch(showError);
             if (data) showRunEnd(state, data);
             else state.textContent = "The run was deleted.";
           }

@@ -61,7 +61,7 @@ export function upcomingPage(main, { query }) {
 }
 
 function fireRow(fire) {
-  return h("tr", { dataset: { taskId: fire.task_id } },
+  return h("tr", { dataset: { taskId: fire.task_id, due: fire.due_at } },
     h("td", {}, time(fire.due_at)),
     h("td", {}, h("a", { href: `#/tasks/${encodeURIComponent(fire.task_id)}` }, fire.task_id)),
     h("td", {}, fire.name),

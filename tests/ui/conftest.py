@@ -1,0 +1,68 @@
+"""Browser tests of the dashboard: Debian's chromium driven by Playwright's async API.
+
+One browser for the session and one ``taskq dev`` service shared by the tests that need no
+settings of their own (each test uses task ids of its own); a fresh page (its own browser
+context: its own session storage) per test. Every wait is Playwright's, bounded by
+``EXPECT_TIMEOUT_MS``.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import AsyncGenerator
+
+import httpx
+import pytest
+from playwright.async_api import Browser, Page, async_playwright, expect
+
+from tests.e2e.conftest import servers  # noqa: F401 (the real-stack test cleans up with it)
+from tests.e2e.harness import running, service_env
+
+CHROMIUM = "/usr/bin/chromium"
+EXPECT_TIMEOUT_MS = 15_000
+
+
+@pytest.fixture(scope="session")
+def anyio_backend() -> str:
+    """One event loop for the session, so that the browser outlives a test. Playwright's
+    driver needs asyncio."""
+    return "asyncio"
+
+
+@pytest.fixture(scope="session")
+async def browser() -> AsyncGenerator[Browser]:
+    expect.set_options(timeout=EXPECT_TIMEOUT_MS)
+    async with async_playwright() as playwright:
+        # The CI runs as root, where Chromium's sandbox cannot start.
+        browser = await playwright.chromium.launch(executable_path=CHROMIUM, chromium_sandbox=False)
+        yield browser
+        await browser.close()
+
+
+@pytest.fixture(scope="session")
+async def dev_url() -> AsyncGenerator[str]:
+    """The API of a ``taskq dev`` shared by the session (in memory: nothing to clean up)."""
+    env = service_env(f"taskq-ui-{uuid.uuid4().hex[:8]}:")
+    async with running(["dev", "--port", "0"], env, name="taskq dev") as service:
+        assert service.api_url is not None
+        yield service.api_url
+
+
+@pytest.fixture
+async def page(browser: Browser) -> AsyncGenerator[Page]:
+    """A page of its own; the test fails if a script on it threw and nothing caught it."""
+    context = await browser.new_context()
+    context.set_default_timeout(EXPECT_TIMEOUT_MS)
+    page = await context.new_page()
+    errors: list[str] = []
+    page.on("pageerror", lambda error: errors.append(str(error)))
+    yield page
+    await context.close()
+    assert not errors, f"uncaught errors in the page: {errors}"
+
+
+@pytest.fixture
+async def api(dev_url: str) -> AsyncGenerator[httpx.AsyncClient]:
+    """A client of the shared service, for what a test sets up or checks behind the page."""
+    async with httpx.AsyncClient(base_url=dev_url) as client:
+        yield client

@@ -1,0 +1,78 @@
+"""The dashboard with authentication on, and against the real stack (``taskq serve`` with
+Redis and RabbitMQ)."""
+
+from __future__ import annotations
+
+import re
+
+import httpx
+import pytest
+import redis.asyncio as redis
+from playwright.async_api import Page, Request, expect
+
+from tests.e2e.harness import running, service_env
+
+pytestmark = pytest.mark.e2e
+
+TOKEN = "ui-test-token-0123456789"
+
+
+async def test_a_token_entered_once_is_kept_for_the_session_and_never_put_in_a_url(
+    page: Page, prefix: str
+) -> None:
+    env = service_env(prefix, TASKQ_API_TOKENS=TOKEN)
+    async with running(["dev", "--port", "0"], env) as service:
+        assert service.api_url is not None
+        headers = {"Authorization": f"Bearer {TOKEN}"}
+        async with httpx.AsyncClient(base_url=service.api_url, headers=headers) as api:
+            created = await api.post(
+                "/tasks", json={"id": "ui-secret", "name": "secret", "command": "true"}
+            )
+            assert created.status_code == 201
+        requests: list[Request] = []
+        page.on("request", lambda request: requests.append(request))
+        login = page.locator("dialog#login")
+
+        await page.goto(f"{service.api_url}/ui/")
+        await expect(login).to_be_visible()
+        await expect(page.locator("tr[data-task-id='ui-secret']")).to_have_count(0)
+        await login.get_by_label("Token").fill("wrong-token")
+        await login.get_by_role("button", name="Sign in").click()
+        await expect(login).to_contain_text("That token was refused.")
+        await login.get_by_label("Token").fill(TOKEN)
+        await login.get_by_role("button", name="Sign in").click()
+
+        await expect(login).to_be_hidden()
+        await expect(page.locator("tr[data-task-id='ui-secret']")).to_contain_text("created")
+        # Kept for the tab's session: a reload asks for nothing.
+        await page.reload()
+        await expect(page.locator("tr[data-task-id='ui-secret']")).to_contain_text("created")
+        await expect(login).to_be_hidden()
+        assert all(TOKEN not in request.url for request in requests)
+        api_calls = [r for r in requests if "/tasks" in r.url and "/ui/" not in r.url]
+        authorized = [await r.header_value("authorization") for r in api_calls]
+        assert authorized and authorized[-1] == f"Bearer {TOKEN}"
+
+        await page.get_by_role("button", name="Forget token").click()
+        await expect(login).to_be_visible()
+
+
+async def test_the_dashboard_over_redis_and_rabbitmq(
+    page: Page, prefix: str, servers: redis.Redis
+) -> None:
+    async with running(["serve"], service_env(prefix)) as service:
+        assert service.api_url is not None
+        await page.goto(f"{service.api_url}/ui/#/new")
+        await page.get_by_label("Name").fill("on the real stack")
+        await page.get_by_label("Command").fill("echo stored in redis")
+        await page.get_by_label("ID (optional)").fill("ui-real")
+        await page.get_by_role("button", name="Create").click()
+        await expect(page).to_have_url(re.compile(r"#/tasks/ui-real$"))
+
+        await page.get_by_role("button", name="Run now").click()
+
+        heading = page.locator(".task-head h1 .badge", has_text=re.compile("^completed$"))
+        await expect(heading).to_be_visible()
+        await page.locator("table.runs tbody tr").first.click()
+        await expect(page.locator("pre.run-output")).to_have_text("stored in redis\n")
+        assert await servers.exists(f"{prefix}task:ui-real")
