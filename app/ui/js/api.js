@@ -84,7 +84,7 @@ function askForToken(reason) {
     dialog.querySelector("[data-role=reason]").textContent = reason;
     form.reset();
     // The dialog only closes by entering a token: every call waits for one.
-    dialog.addEventListener("cancel", (event) => event.preventDefault());
+    dialog.oncancel = (event) => event.preventDefault();
     form.addEventListener("submit", () => {
       sessionStorage.setItem(TOKEN_KEY, form.elements.token.value.trim());
       document.getElementById("sign-out").hidden = false;

@@ -102,12 +102,20 @@ export function tasksPage(main, { query }) {
     body.insertBefore(row, following ? following[1] : null);
   }
 
+  /** Whether an event can change what the page shows (a task it shows, or one that
+   * may join it), so that events about other tasks cost no request. */
+  function concerns(event) {
+    if (rows.has(event.task_id)) return true;
+    const statusMatches = !status || !event.task_status || event.task_status === status;
+    return statusMatches && belongsHere(event.task_id);
+  }
+
   const unsubscribe = subscribe((event) => {
     if (event.type === "reset") loadPage().catch(showError);
     else if (event.type === "task.deleted") {
       rows.get(event.task_id)?.remove();
       rows.delete(event.task_id);
-    } else if (event.task_id) refresh(event.task_id).catch(showError);
+    } else if (event.task_id && concerns(event)) refresh(event.task_id).catch(showError);
   });
 
   loadPage().catch(showError);
