@@ -63,6 +63,8 @@ async def test_a_seconds_cron_fires_on_each_second_until_unscheduled(
         )
         assert scheduled["schedule"]["cron"] == "* * * * * *"
         assert len(scheduled["next_runs"]) == 5
+        shown = await cli(url, "get", "--id", "tick")
+        assert "in words:     Every second (UTC)" in shown.splitlines()
         async with httpx.AsyncClient(base_url=url) as http:
 
             async def three_runs() -> bool:
