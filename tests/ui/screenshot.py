@@ -57,6 +57,7 @@ async def shoot(path: Path) -> None:
         page = await browser.new_page(viewport={"width": 1280, "height": 400})
         await page.goto(f"{service.api_url}/ui/")
         await expect(page.locator("table.tasks tbody tr")).to_have_count(len(TASKS))
+        await expect(page.locator("#live")).to_have_text("live")
         await page.screenshot(path=path, full_page=True)
         await browser.close()
 

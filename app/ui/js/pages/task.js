@@ -174,7 +174,7 @@ function taskSettings(task) {
     [task.command !== null ? "Command" : "Arguments", h("code", {}, program(task))],
     ["Description", task.description || "—"],
     ["Schedule", schedule
-      ? [task.schedule_description, " ", h("code", {}, schedule.cron ?? `every ${schedule.every} s`)]
+      ? [task.schedule_description, " ", h("code", { class: "muted" }, schedule.cron ?? `every ${schedule.every} s`)]
       : task.scheduled_at ? `once, at ${time(task.scheduled_at)}` : "—"],
     ["Next runs", task.next_runs.length ? task.next_runs.map(time).join(", ") : time(task.scheduled_at)],
     ["Timeout", task.timeout ? duration(task.timeout) : "none"],

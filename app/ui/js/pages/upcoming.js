@@ -65,7 +65,7 @@ function fireRow(fire) {
     h("td", {}, time(fire.due_at)),
     h("td", {}, h("a", { href: `#/tasks/${encodeURIComponent(fire.task_id)}` }, fire.task_id)),
     h("td", {}, fire.name),
-    h("td", {}, fire.recurring ? "recurring" : "once"));
+    h("td", {}, fire.retry ? "retry" : fire.recurring ? "recurring" : "once"));
 }
 
 function showError(error) {
