@@ -209,7 +209,8 @@ async def test_the_list_follows_tasks_created_run_and_deleted_elsewhere(
 async def test_a_running_command_s_output_arrives_line_by_line(
     page: Page, dev_url: str, api: httpx.AsyncClient
 ) -> None:
-    await create(api, "ui-ticker", "for i in 1 2 3 4; do echo tick $i; sleep 1; done")
+    # A line a second, for six seconds.
+    await create(api, "ui-ticker", "for i in 1 2 3 4 5 6; do echo tick $i; sleep 1; done")
     await open_task(page, dev_url, "ui-ticker")
     await page.get_by_role("button", name="Run now").click()
     run = page.locator("table.runs tbody tr[data-run-id]")
@@ -219,10 +220,10 @@ async def test_a_running_command_s_output_arrives_line_by_line(
     output = page.locator("pre.run-output")
     state = page.locator(".run-state")
     await expect(output).to_contain_text("tick 1\ntick 2\n")
-    # Seen while the command still runs: it prints its last line two seconds later.
-    assert "tick 4" not in await output.inner_text()
+    # Seen while the command still runs: it prints its last line four seconds later.
+    assert "tick 6" not in await output.inner_text()
     await expect(state).to_contain_text("running")
-    await expect(output).to_have_text("tick 1\ntick 2\ntick 3\ntick 4\n")
+    await expect(output).to_have_text("".join(f"tick {i}\n" for i in range(1, 7)))
     await expect(state).to_contain_text("completed")
     await expect(heading_status(page, "completed")).to_be_visible()
 
