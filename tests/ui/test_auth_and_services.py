@@ -4,6 +4,7 @@ Redis and RabbitMQ)."""
 from __future__ import annotations
 
 import re
+import socket
 
 import httpx
 import pytest
@@ -76,3 +77,42 @@ async def test_the_dashboard_over_redis_and_rabbitmq(
         await page.locator("table.runs tbody tr").first.click()
         await expect(page.locator("pre.run-output")).to_have_text("stored in redis\n")
         assert await servers.exists(f"{prefix}task:ui-real")
+
+
+def list_reads(requests: list[Request]) -> list[Request]:
+    return [r for r in requests if re.search(r"/tasks\?", r.url)]
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+async def test_live_updates_resume_after_a_drop_without_missing_an_event(
+    page: Page, prefix: str, servers: redis.Redis
+) -> None:
+    env = service_env(prefix, SERVER_PORT=str(free_port()))
+    requests: list[Request] = []
+    page.on("request", lambda request: requests.append(request))
+    async with running(["serve"], env) as service:
+        assert service.api_url is not None
+        url = service.api_url
+        await page.goto(f"{url}/ui/")
+        await expect(page.locator("#live")).to_have_text("live")
+        async with httpx.AsyncClient(base_url=url) as api:
+            await api.post("/tasks", json={"id": "ui-before", "name": "b", "command": "true"})
+        await expect(page.locator("tr[data-task-id='ui-before']")).to_be_visible()
+        # Hold the page's reconnects back until after a change it must not miss.
+        await page.route("**/events*", lambda route: route.abort())
+    await expect(page.locator("#live")).to_have_text("reconnecting…")
+
+    async with running(["serve"], env) as service, httpx.AsyncClient(base_url=url) as api:
+        await api.post("/tasks", json={"id": "ui-meanwhile", "name": "m", "command": "true"})
+        await page.unroute("**/events*")
+
+        await expect(page.locator("tr[data-task-id='ui-meanwhile']")).to_be_visible()
+        resumed = [r for r in requests if "/events" in r.url][-1]
+        assert await resumed.header_value("last-event-id")
+        # From the events replayed, not by reading the list again.
+        assert len(list_reads(requests)) == 1
