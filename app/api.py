@@ -6,8 +6,9 @@ With API tokens configured, every route needs ``Authorization: Bearer <token>`` 
 ``GET``/``HEAD /health`` (orchestrators and load balancers probe it without credentials),
 ``GET /metrics`` (Prometheus scrapes it without credentials)
 and the OpenAPI UI and document under ``/schema`` with the ``/swagger/index.html``
-redirect (they describe the API, not its data). Those routes opt out through
-``opt={EXCLUDE_FROM_AUTH: True}``.
+redirect (they describe the API, not its data), and the dashboard's static files under
+``/ui`` with the ``/`` redirect (its pages ask for a token when the API answers them 401).
+Those routes opt out through ``opt={EXCLUDE_FROM_AUTH: True}``.
 """
 
 from __future__ import annotations
@@ -180,6 +181,7 @@ class TaskResponse(TaskView, kw_only=True):
 
 
 def _shown(task: Task) -> TaskResponse:
+    """The task as the API answers with it."""
     shown = msgspec.convert(task, TaskResponse, from_attributes=True)
     shown.schedule_description = describe_schedule(task.schedule)
     return shown
@@ -826,6 +828,7 @@ async def swagger_redirect() -> Redirect:
 
 @get("/", include_in_schema=False, opt={EXCLUDE_FROM_AUTH: True})
 async def dashboard_redirect() -> Redirect:
+    """The root of the server is the dashboard."""
     return Redirect(f"{UI_PATH}/")
 
 
