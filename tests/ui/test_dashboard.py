@@ -212,11 +212,10 @@ async def test_a_running_command_s_output_arrives_line_by_line(
     # A line a second, for six seconds.
     await create(api, "ui-ticker", "for i in 1 2 3 4 5 6; do echo tick $i; sleep 1; done")
     await open_task(page, dev_url, "ui-ticker")
+    # The new run's output shows as it comes, with no further click.
     await page.get_by_role("button", name="Run now").click()
-    run = page.locator("table.runs tbody tr[data-run-id]")
-    await expect(run).to_have_count(1)
-    await run.click()
 
+    await expect(page.locator("table.runs tbody tr.selected")).to_have_count(1)
     output = page.locator("pre.run-output")
     state = page.locator(".run-state")
     await expect(output).to_contain_text("tick 1\ntick 2\n")

@@ -1,5 +1,6 @@
-// The actions on a task, shared by the list and the task page. Each resolves to true when
-// the API accepted it; a refusal is shown to the user with the API's own words.
+// The actions on a task, shared by the list and the task page. Each resolves to what the
+// API answered (true for a delete) when it accepted it, to null when it refused: the
+// refusal is shown to the user in the API's own words.
 
 import { json } from "./api.js";
 import { confirmAction, notify } from "./dom.js";
@@ -8,12 +9,12 @@ const path = (taskId) => `/tasks/${encodeURIComponent(taskId)}`;
 
 async function attempt(what, request) {
   try {
-    await request();
+    const answer = await request();
     notify(what);
-    return true;
+    return answer ?? true;
   } catch (error) {
     notify(error.message, "error");
-    return false;
+    return null;
   }
 }
 
@@ -29,8 +30,8 @@ export const pause = (taskId) =>
 export const resume = (taskId) =>
   attempt(`${taskId} resumed`, () => json("POST", `${path(taskId)}/resume`));
 
-/** Delete after the user confirmed it; false when they did not. */
+/** Delete after the user confirmed it; null when they did not. */
 export async function remove(taskId) {
-  if (!(await confirmAction(`Delete task ${taskId} and all its runs?`, "Delete"))) return false;
+  if (!(await confirmAction(`Delete task ${taskId} and all its runs?`, "Delete"))) return null;
   return attempt(`${taskId} deleted`, () => json("DELETE", path(taskId)));
 }

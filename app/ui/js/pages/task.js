@@ -57,7 +57,7 @@ export function taskPage(main, { taskId }) {
       h("h1", {}, task.name, " ", badge(h, task.status), task.paused ? badge(h, "paused") : null),
       h("p", { class: "muted" }, "id ", h("code", {}, task.id)),
       h("div", { class: "actions" },
-        h("button", { type: "button", onclick: act(actions.execute) }, "Run now"),
+        h("button", { type: "button", onclick: runNow }, "Run now"),
         h("button", { type: "button", disabled: !running, onclick: act(actions.cancel) }, "Cancel"),
         task.schedule
           ? task.paused
@@ -69,6 +69,14 @@ export function taskPage(main, { taskId }) {
     settings.replaceChildren(...taskSettings(task).flatMap(([term, value]) => [
       h("dt", {}, term), h("dd", {}, value),
     ]));
+  }
+
+  /** Run it, and show the new run's output as it comes. */
+  async function runNow() {
+    const run = await actions.execute(taskId);
+    if (!run) return;
+    await refresh("task").catch(showError);
+    selectRun(run.run_id);
   }
 
   async function removeTask() {
