@@ -10,7 +10,9 @@ import httpx
 import pytest
 from playwright.async_api import Page, expect
 
+from tests.conftest import eventually
 from tests.e2e.harness import wait_for_task
+from tests.webhook_receiver import receiving
 
 pytestmark = pytest.mark.e2e
 
@@ -271,3 +273,30 @@ async def test_the_upcoming_fires_of_the_next_hours(
     assert due == sorted(due), "in time order"
     await once.get_by_role("link", name="ui-once").click()
     await expect(page).to_have_url(re.compile(r"#/tasks/ui-once$"))
+
+
+async def test_a_run_s_page_shows_how_its_notifications_went(
+    page: Page, dev_url: str, api: httpx.AsyncClient
+) -> None:
+    async with receiving() as receiver:
+        notify = {"on_success": receiver.to("ok/ui"), "on_failure": receiver.to("ok/ui-failed")}
+        await create(api, "ui-notified", "true", notify=notify)
+        await api.post("/tasks/ui-notified/execute")
+        task = await wait_for_task(api, "ui-notified", {"completed"})
+        run_path = f"/tasks/ui-notified/runs/{task['last_run']['run_id']}"
+
+        async def delivered() -> bool:
+            records = (await api.get(run_path)).json()["notifications"]
+            return [r["state"] for r in records] == ["delivered"]
+
+        await eventually(delivered, within=10, every=0.05)
+
+    # A run's own address opens the task's page with that run shown.
+    await page.goto(f"{dev_url}/ui/#{run_path}")
+
+    hook = page.locator("ul.notifications li[data-event='on_success']")
+    await expect(hook).to_contain_text(f"{receiver.to('ok/ui')} delivered 1 attempt")
+    await expect(page.locator("table.runs tbody tr.selected")).to_have_count(1)
+    await expect(page.locator("dl.settings")).to_contain_text(
+        f"on_failure → {receiver.to('ok/ui-failed')}"
+    )

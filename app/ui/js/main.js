@@ -11,6 +11,7 @@ import { upcomingPage } from "./pages/upcoming.js";
 const ROUTES = [
   [/^\/?$/, tasksPage, []],
   [/^\/tasks\/([^/]+)$/, taskPage, ["taskId"]],
+  [/^\/tasks\/([^/]+)\/runs\/([^/]+)$/, taskPage, ["taskId", "runId"]],
   [/^\/upcoming$/, upcomingPage, []],
   [/^\/new$/, createPage, []],
 ];

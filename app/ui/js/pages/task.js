@@ -1,5 +1,6 @@
-// One task (#/tasks/<id>): its settings, its runs newest first, a run's output (live while
-// the command runs), and the actions on it. Kept up to date by events.
+// One task (#/tasks/<id>, or #/tasks/<id>/runs/<run_id> with that run open): its settings,
+// its runs newest first, a run's output (live while the command runs) and notifications,
+// and the actions on it. Kept up to date by events.
 
 import * as actions from "../actions.js";
 import { ApiError, call, json } from "../api.js";
@@ -12,7 +13,7 @@ import { readEvents } from "../sse.js";
 const RUNS_SHOWN = 20;
 const RECONNECT_MS = 1000;
 
-export function taskPage(main, { taskId }) {
+export function taskPage(main, { taskId, runId }) {
   const path = `/tasks/${encodeURIComponent(taskId)}`;
   const head = h("div", { class: "task-head" });
   const settings = h("dl", { class: "settings" });
@@ -110,11 +111,14 @@ export function taskPage(main, { taskId }) {
   async function selectRun(runId) {
     selectedRun = runId;
     stream?.abort();
+    // The address names the run shown (to share or bookmark), without a new page.
+    history.replaceState(null, "", `#${path}/runs/${encodeURIComponent(runId)}`);
     for (const row of runs.querySelectorAll("tr")) row.classList.toggle("selected", row.dataset.runId === runId);
     const state = h("p", { class: "run-state" });
     const text = h("pre", { class: "run-output" });
     output.hidden = false;
-    output.replaceChildren(h("h2", {}, "Output of run ", h("code", {}, runId)), state, text);
+    const hooks = h("ul", { class: "notifications" });
+    output.replaceChildren(h("h2", {}, "Output of run ", h("code", {}, runId)), state, hooks, text);
     try {
       const run = await json("GET", `${path}/runs/${encodeURIComponent(runId)}`);
       if (run.status === "queued" || run.status === "running") {
@@ -122,6 +126,7 @@ export function taskPage(main, { taskId }) {
         await followOutput(runId, state, text, stream.signal);
       } else {
         showRunEnd(state, run);
+        showNotifications(hooks, run.notifications ?? []);
         text.textContent = run.output || "(no output)";
       }
     } catch (error) {
@@ -162,6 +167,7 @@ export function taskPage(main, { taskId }) {
     if (event.type === "reset" || event.task_id === taskId) refresh("task").catch(showError);
   });
   refresh("task").catch(showError);
+  if (runId) selectRun(runId);
   return () => {
     gone = true;
     stream?.abort();
@@ -174,6 +180,22 @@ function showRunEnd(state, run) {
   state.replaceChildren(badge(h, run.status), ` ${duration(run.duration)}${exit}`,
     run.truncated ? " · output truncated (head and tail kept)" : "",
     run.error ? ` · ${run.error}` : "");
+}
+
+/** How the run's webhooks went: one line each, as the API records them. */
+function showNotifications(list, records) {
+  list.replaceChildren(...records.map((record) => h("li", { dataset: { event: record.event } },
+    h("code", {}, record.event), " → ", record.url, " ", badge(h, record.state),
+    ` ${record.attempts} attempt${record.attempts === 1 ? "" : "s"}`,
+    record.last_error ? ` · ${record.last_error}` : "",
+    record.delivered_at ? ` · delivered ${time(record.delivered_at)}` : "")));
+}
+
+/** The task's webhooks, one line each. */
+function notifySettings(notify) {
+  if (!notify) return "—";
+  return Object.entries(notify).map(([event, target]) => h("div", {}, h("code", {}, event), " → ",
+    typeof target === "string" ? target : `${target.url} after ${duration(target.after)}`));
 }
 
 function taskSettings(task) {
@@ -190,6 +212,7 @@ function taskSettings(task) {
     ["Misfires", `${task.misfire} (grace ${task.misfire_grace} s)`],
     ["Overlap", task.overlap],
     ["Working directory", task.cwd ?? "—"],
+    ["Notifications", notifySettings(task.notify)],
     ["Environment", Object.entries(task.env).map(([name, value]) => `${name}=${value}`).join(" ") || "—"],
     ["Created", time(task.created_at)],
     ["Updated", time(task.updated_at)],
