@@ -4,8 +4,8 @@ No store or broker code lives here; controllers get the service through ``Provid
 
 With API tokens configured, every route needs ``Authorization: Bearer <token>`` except
 ``GET``/``HEAD /health`` (orchestrators and load balancers probe it without credentials),
-``GET /metrics`` (Prometheus scrapes it without credentials)
-and the OpenAPI UI and document under ``/schema`` with the ``/swagger/index.html``
+``GET /metrics`` (Prometheus scrapes it without credentials),
+the OpenAPI UI and document under ``/schema`` with the ``/swagger/index.html``
 redirect (they describe the API, not its data), and the dashboard's static files under
 ``/ui`` with the ``/`` redirect (its pages ask for a token when the API answers them 401).
 Those routes opt out through ``opt={EXCLUDE_FROM_AUTH: True}``.
