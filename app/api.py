@@ -454,7 +454,7 @@ class TaskController(Controller):
     )
     async def update_task_named_scheduled(
         self, data: JSONBody[TaskUpdate], service: Service
-    ) -> TaskView:
+    ) -> TaskResponse:
         return _shown(await service.update(UPCOMING_ROUTE_ID, data))
 
     @delete(
