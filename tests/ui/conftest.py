@@ -8,6 +8,7 @@ context: its own session storage) per test. Every wait is Playwright's, bounded 
 
 from __future__ import annotations
 
+import os
 import uuid
 from collections.abc import AsyncGenerator
 
@@ -18,7 +19,8 @@ from playwright.async_api import Browser, Page, async_playwright, expect
 from tests.e2e.conftest import servers  # noqa: F401 (the real-stack test cleans up with it)
 from tests.e2e.harness import running, service_env
 
-CHROMIUM = "/usr/bin/chromium"
+CHROMIUM = os.environ.get("TASKQ_TEST_CHROMIUM", "/usr/bin/chromium")
+"""Playwright cannot download its own browsers here: the tests drive the system's."""
 EXPECT_TIMEOUT_MS = 15_000
 
 
@@ -31,6 +33,11 @@ def anyio_backend() -> str:
 
 @pytest.fixture(scope="session")
 async def browser() -> AsyncGenerator[Browser]:
+    if not os.access(CHROMIUM, os.X_OK):
+        pytest.fail(
+            f"the browser tests need Chromium at {CHROMIUM} (apt-get install chromium, "
+            "or TASKQ_TEST_CHROMIUM=/path/to/chromium)"
+        )
     expect.set_options(timeout=EXPECT_TIMEOUT_MS)
     async with async_playwright() as playwright:
         # The CI runs as root, where Chromium's sandbox cannot start.
