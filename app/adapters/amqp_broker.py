@@ -52,6 +52,8 @@ _CLOSE_TIMEOUT = 5.0
 _RETRY_FIRST = 0.1
 _RETRY_MAX = 5.0
 _HEARTBEAT_SECONDS = 10
+# How long a process that may start without RabbitMQ waits for its first attempt.
+_FIRST_ATTEMPT_SECONDS = 5.0
 
 log = logging.getLogger(__name__)
 
@@ -451,6 +453,15 @@ class AmqpBroker:
         """Connect and declare the layout; raises ``BrokerUnavailable`` if it cannot."""
         self._set_link(await self._connect())
 
+    async def try_connect(self, within: float) -> None:
+        """One attempt to connect, given at most ``within`` s; if it fails, the reason
+        is kept for ``BrokerUnavailable`` and ``keep_connected`` goes on trying."""
+        with anyio.move_on_after(within):
+            try:
+                await self.connect()
+            except BrokerUnavailable as exc:
+                self._connect_error = exc
+
     async def keep_connected(self) -> None:
         """Connect whenever there is no connection (lost, or not made yet by
         ``connect()``), with backoff, until cancelled."""
@@ -617,13 +628,15 @@ async def open_amqp_broker(
     """A connected ``AmqpBroker`` for ``url`` with its layout declared, closed on exit.
 
     The first connection must succeed (a wrong URL fails at once); later losses are
-    healed in the background. Without ``require_connection``, the first connection too
-    is made in the background: the broker opens while RabbitMQ is down, and raises
-    ``BrokerUnavailable`` (naming why) until it is up.
+    healed in the background. Without ``require_connection``, a first attempt that fails
+    (or takes over a few seconds) is carried on in the background: the broker opens
+    while RabbitMQ is down, and raises ``BrokerUnavailable`` (naming why) until it is up.
     """
     broker = AmqpBroker(_with_heartbeat(url), AmqpLayout.for_prefix(prefix))
     if require_connection:
         await broker.connect()
+    else:
+        await broker.try_connect(within=_FIRST_ATTEMPT_SECONDS)
     async with anyio.create_task_group() as tg:
         tg.start_soon(broker.keep_connected)
         try:
