@@ -334,7 +334,8 @@ class RedisStore:
         args: list[Any] = []
         for each in (change, *change.chained):
             keys += self._commit_keys(each)
-            args += self._commit_args(each)
+            commit_args, *docs = self._commit_args(each)
+            args += [*commit_args, *docs]
         return tuple(keys), args
 
     @_translate_errors
