@@ -75,6 +75,7 @@ from litestar.status_codes import (
     HTTP_404_NOT_FOUND,
     HTTP_409_CONFLICT,
     HTTP_413_REQUEST_ENTITY_TOO_LARGE,
+    HTTP_422_UNPROCESSABLE_ENTITY,
     HTTP_500_INTERNAL_SERVER_ERROR,
     HTTP_503_SERVICE_UNAVAILABLE,
 )
@@ -82,6 +83,7 @@ from litestar.types import ASGIApp, Message, Receive, Scope, Send
 from msgspec import UNSET, UnsetType
 
 from app.body_deadline import DEFAULT_BODY_SECONDS, BodyDeadline
+from app.chains import ChainRefused
 from app.domain import (
     TASK_ID_PATTERN,
     DomainError,
@@ -849,6 +851,7 @@ FOLLOWERS_RETRY_AFTER = 5
 
 _STATUS_OF: list[tuple[type[Exception], int]] = [
     (TaskNotFound, HTTP_404_NOT_FOUND),
+    (ChainRefused, HTTP_422_UNPROCESSABLE_ENTITY),
     (RunNotFound, HTTP_404_NOT_FOUND),
     (TaskAlreadyExists, HTTP_409_CONFLICT),
     (InvalidTransition, HTTP_409_CONFLICT),

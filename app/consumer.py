@@ -28,6 +28,7 @@ import anyio
 from anyio.abc import TaskGroup
 from anyio.abc import TaskStatus as StartedStatus
 
+from app.chains import involves_chain
 from app.coalescing import Coalescer
 from app.domain import (
     CANCELLED_REASON,
@@ -426,6 +427,8 @@ class Consumer:
         Raises the ``DomainError`` of a plan the task does not allow; waits out outages.
         """
         planned = plan(known)
+        if involves_chain(planned):  # reads the chain's tasks: committed on its own
+            return await until_available(lambda: transact(self._store, known.id, plan), what)
         change = TaskChange.of(planned)
         # Sending the very same change again after an outage is safe: a store that
         # applied it (and lost the answer) reports it applied, not a conflict.

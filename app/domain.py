@@ -230,6 +230,55 @@ class Notify(msgspec.Struct, kw_only=True, omit_defaults=True, forbid_unknown_fi
     success_ping: WebhookUrl | None = None
 
 
+MAX_CHAIN_TARGETS = 32
+ChainTargets = Annotated[
+    list[TaskId],
+    msgspec.Meta(max_length=MAX_CHAIN_TARGETS, description="Task ids, each at most once"),
+]
+
+
+class Chain(msgspec.Struct, kw_only=True, omit_defaults=True, forbid_unknown_fields=True):
+    """The tasks a task's run queues when it ends for good (after its last attempt): on
+    success, or on failure; see ``app.chains``. (``notify.on_success`` is a webhook.)"""
+
+    on_success: ChainTargets = []
+    on_failure: ChainTargets = []
+
+    def __post_init__(self) -> None:
+        for name, targets in (("on_success", self.on_success), ("on_failure", self.on_failure)):
+            if len(set(targets)) < len(targets):
+                raise ValueError(f"chain.{name} names a task more than once")
+
+
+class TriggeredBy(msgspec.Struct, frozen=True, kw_only=True):
+    """The run whose end queued this one (``chain``)."""
+
+    task_id: str
+    run_id: str
+
+
+class ChainOutcome(StrEnum):
+    """What a run's end did to one of its chain's targets."""
+
+    QUEUED = "queued"
+    """A run of the target was queued."""
+    DEFERRED = "deferred"
+    """The target was busy (``overlap: queue``): it runs once its active run has ended."""
+    SKIPPED = "skipped"
+    """The target was busy (``overlap: forbid``, or a triggered run already waits)."""
+    MISSING = "missing"
+    """The target no longer exists."""
+
+
+class ChainTriggered(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
+    """One target a run's end triggered, and what became of it."""
+
+    task_id: str
+    outcome: ChainOutcome
+    run_id: str | None = None
+    """The target's run queued (or skipped) for it."""
+
+
 class Fire(msgspec.Struct, frozen=True, kw_only=True):
     """A time a task is due to run: a scheduled fire, or a failed run's retry."""
 
@@ -304,6 +353,7 @@ class TaskView(msgspec.Struct, kw_only=True):
     active_run: ActiveRun | None = None
     retry_at: datetime | None = None
     notify: Notify | None = None
+    chain: Chain | None = None
     revision: int = 0
 
 
@@ -313,6 +363,9 @@ class Task(TaskView, kw_only=True):
     cancel_requested: bool = False
     """A cancel was asked for while it ran: its consumer stops the command. Internal: the
     API does not show it."""
+    chain_waiting: TriggeredBy | None = None
+    """A chain triggered the task while it was busy (``overlap: queue``): a run is queued
+    for it once the active run ends (``app.chains``). Internal."""
 
 
 class Run(msgspec.Struct, kw_only=True):
@@ -336,6 +389,10 @@ class Run(msgspec.Struct, kw_only=True):
     worker: str | None = None
     dead_letters: int = 0
     """Times the broker gave up on this run's dispatch message (see ``dead_lettered``)."""
+    triggered_by: TriggeredBy | None = None
+    """The run of another task whose end queued this one (``chain``)."""
+    triggered: list[ChainTriggered] = []
+    """What this run's end did to the targets of the task's ``chain``."""
 
 
 class Outcome(msgspec.Struct, kw_only=True):
@@ -589,6 +646,7 @@ def _pending_with_new_run(
     entropy: Entropy,
     *,
     not_before: datetime | None = None,
+    triggered_by: TriggeredBy | None = None,
     **changes: object,
 ) -> tuple[Task, Run]:
     run = Run(
@@ -598,6 +656,7 @@ def _pending_with_new_run(
         status=RunStatus.QUEUED,
         queued_at=now,
         not_before=not_before,
+        triggered_by=triggered_by,
     )
     active = ActiveRun(run_id=run.run_id, attempt=run.attempt, not_before=not_before)
     pending = _advance(task, now, status=TaskStatus.PENDING, active_run=active, **changes)
@@ -610,20 +669,28 @@ def _require_idle(task: Task) -> None:
 
 
 def queue_run(
-    task: Task, now: datetime, active: Run | None = None, *, entropy: Entropy = ENTROPY
+    task: Task,
+    now: datetime,
+    active: Run | None = None,
+    *,
+    entropy: Entropy = ENTROPY,
+    triggered_by: TriggeredBy | None = None,
 ) -> Transition:
     """Run the task now: ``pending`` with a new queued run, due at once. Refused while a
     run is active, except a fire dispatched ahead of its due time, which is withdrawn
     first (it is not due yet: without the look-ahead there would be no run to refuse
     for). A one-shot time the task waits for is consumed: this is that run, brought
     forward. ``active`` is the task's active run, if any; the new run comes first in
-    ``runs``."""
+    ``runs``. ``triggered_by``: the run of a chain that queues it."""
     idle, withdrawn = _withdraw_fire(task, active, now, "executed")
     _require_idle(idle)
+    by = triggered_by
     if waits_for_one_shot(idle):
-        pending, run = _pending_with_new_run(idle, 1, now, entropy, scheduled_at=None, next_runs=[])
+        pending, run = _pending_with_new_run(
+            idle, 1, now, entropy, scheduled_at=None, next_runs=[], triggered_by=by
+        )
     else:
-        pending, run = _pending_with_new_run(idle, 1, now, entropy)
+        pending, run = _pending_with_new_run(idle, 1, now, entropy, triggered_by=by)
     return _step(task, pending, [run, *withdrawn], DueAt(timestamp(now)))
 
 

@@ -45,7 +45,9 @@ class TaskChange:
     its runs and its schedule). ``runs`` are run records to write alongside. Any change
     to the schedule also invalidates a scheduler's claim on the task. ``notifications``
     go into the outbox (``NotificationOutbox``), each with a pending record on its run.
-    ``events`` go to the event log (``EventLog``) in the same step.
+    ``events`` go to the event log (``EventLog``) in the same step. ``chained`` are
+    changes of other tasks committed in the same step, all or none (the runs a run's end
+    triggers, ``app.chains``): each is checked against its own expected revision.
     """
 
     task_id: str
@@ -55,6 +57,7 @@ class TaskChange:
     schedule: ScheduleChange = field(default=KEEP)
     notifications: Sequence[Notification] = ()
     events: Sequence[Event] = ()
+    chained: Sequence[TaskChange] = ()
 
     @classmethod
     def of(cls, transition: Transition) -> TaskChange:

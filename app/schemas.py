@@ -17,6 +17,7 @@ from msgspec import UNSET, UnsetType
 from app.domain import (
     MAX_COMMAND_BYTES,
     TASK_ID_PATTERN,
+    Chain,
     MisfirePolicy,
     Notify,
     OverlapPolicy,
@@ -183,6 +184,7 @@ class TaskCreate(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     overlap: Overlap = OverlapPolicy.QUEUE
     scheduled_at: Moment | None = None
     notify: Notify | None = None
+    chain: Chain | None = None
 
     def __post_init__(self) -> None:
         if self.id == UPCOMING_ROUTE_ID:
@@ -225,6 +227,7 @@ class TaskUpdate(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     misfire_grace: MisfireGrace | UnsetType = UNSET
     overlap: Overlap | UnsetType = UNSET
     notify: Notify | UnsetType | None = UNSET
+    chain: Chain | UnsetType | None = UNSET
 
     def __post_init__(self) -> None:
         _check_program(

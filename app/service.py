@@ -13,8 +13,10 @@ from collections.abc import AsyncGenerator, AsyncIterator, Callable, Sequence
 from contextlib import AsyncExitStack
 from datetime import UTC, datetime
 
+from app.chains import check_chain
 from app.domain import (
     ENTROPY,
+    Chain,
     DomainError,
     Entropy,
     Run,
@@ -97,6 +99,8 @@ class TaskService:
         or by an earlier one of ``specs``)."""
         now = self._clock()
         transitions = [create(self._new_task(spec, now)) for spec in specs]
+        for transition in transitions:
+            await check_chain(self._store, transition.task_id, transition.task.chain)
         created = await self._store.create_each([TaskChange.of(t) for t in transitions])
         return [
             transition.task if applied else TaskAlreadyExists(transition.task_id)
@@ -121,6 +125,7 @@ class TaskService:
             misfire_grace=spec.misfire_grace,
             overlap=spec.overlap,
             notify=spec.notify,
+            chain=spec.chain,
             created_at=now,
             updated_at=now,
             scheduled_at=scheduled_at,
@@ -157,6 +162,9 @@ class TaskService:
 
     async def update(self, task_id: str, patch: TaskUpdate) -> Task:
         changes = patch.changes()
+        if "chain" in changes:
+            chain = patch.chain if isinstance(patch.chain, Chain) else None
+            await check_chain(self._store, task_id, chain)
         return await self._change(task_id, lambda task: touch(task, self._clock(), **changes))
 
     async def delete(self, task_id: str) -> None:

@@ -19,6 +19,7 @@ from app.metrics_directory import metrics_directory
 from app.schemas import MAX_BULK_TASKS
 from app.startup import service_environment
 from cli.bulk import batches, read_tasks
+from cli.chains import chain_body, chain_notes, chain_options, chain_summary, triggered_by_note
 from cli.client import ApiClient, ApiError, open_client
 
 P = ParamSpec("P")
@@ -342,6 +343,7 @@ def _notify_body(
 @click.option("--name", help="Human-readable name (required unless --from).")
 @_program_options
 @_notify_options
+@chain_options
 @click.option("--at", help="Schedule for this time (RFC 3339, e.g. 2025-12-01T15:00:00Z).")
 @click.option(
     "--from",
@@ -366,8 +368,10 @@ async def create(
     """Create a task (or, with --from, many)."""
     urls = {event: program.pop(event) for event in _NOTIFY_URLS}
     notify = _notify_body(None, still_running_after=still_running_after, no_notify=False, **urls)
+    chain = chain_body(None, **_chain_given(program))
     body = {"id": task_id, "name": name, "scheduled_at": at, **_program_body(**program)}
-    body = {k: v for k, v in {**body, "notify": notify or None}.items() if v is not None}
+    body = {"notify": notify or None, "chain": chain or None, **body}
+    body = {k: v for k, v in body.items() if v is not None}
     if from_file is not None:
         if body:
             raise click.UsageError(
@@ -488,6 +492,7 @@ async def get(client: ApiClient, task_id: str, as_json: bool) -> None:
 @click.option("--name")
 @_program_options
 @_notify_options
+@chain_options
 @_client_command
 async def update(
     client: ApiClient,
@@ -501,8 +506,13 @@ async def update(
     """Change a task; options not given stay as they are (notifications too: each
     --on-... option replaces that one only)."""
     urls = {event: program.pop(event) for event in _NOTIFY_URLS}
+    chain_given = _chain_given(program)
     body = {"name": name, **_program_body(**program)}
     body = {k: v for k, v in body.items() if v is not None}
+    if any(chain_given.values()):
+        current = None if chain_given["no_chain"] else await client.get_task(task_id)
+        chain = chain_body(current and current.get("chain"), **chain_given)
+        body["chain"] = chain or None
     if no_notify or still_running_after is not None or any(urls.values()):
         current = None if no_notify else (await client.get_task(task_id)).get("notify")
         notify = _notify_body(
@@ -795,6 +805,7 @@ def _task_details(task: dict[str, Any]) -> str:
         ("cwd", task.get("cwd") or "-"),
         ("env", ", ".join(f"{k}={v}" for k, v in _env_of(task).items()) or "-"),
         ("notify", _notify_summary(task.get("notify"))),
+        ("chain", chain_summary(task.get("chain"))),
         ("last run", _last_run(task)),
         ("created", task["created_at"]),
         ("updated", task["updated_at"]),
@@ -812,6 +823,11 @@ def _recurrence(schedule: dict[str, Any] | None) -> str:
     )
     bounds = [f"{word} {schedule[word]}" for word in ("start", "end") if schedule.get(word)]
     return ", ".join([what, *bounds])
+
+
+def _chain_given(options: dict[str, Any]) -> dict[str, Any]:
+    """Take the chain options out of ``options``."""
+    return {name: options.pop(name) for name in ("chain_success", "chain_failure", "no_chain")}
 
 
 def _notify_summary(notify: dict[str, Any] | None) -> str:
@@ -842,7 +858,7 @@ def _run_table(runs: list[dict[str, Any]]) -> str:
             "-" if r["duration"] is None else f"{r['duration']:.3f}s",
             _short_time(r.get("started_at")),
             r.get("worker") or "-",
-            _shorten(r.get("error") or "", NOTE_WIDTH),
+            _shorten(r.get("error") or triggered_by_note(r), NOTE_WIDTH),
         ]
         for r in runs
     ]
@@ -861,6 +877,7 @@ def _run_details(run: dict[str, Any]) -> str:
         notes.append("output truncated (head and tail kept)")
     records = cast(list[dict[str, Any]], run.get("notifications") or [])
     notes += [_delivery_note(record) for record in records]
+    notes += chain_notes(run)
     body = run["output"].rstrip("\n")
     return "\n".join([head, *(f"note: {n}" for n in notes), "", body])
 

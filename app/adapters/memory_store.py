@@ -178,17 +178,31 @@ class MemoryStore:
         return created
 
     def _commit_now(self, change: TaskChange) -> None:
+        if self._applied_already(change):
+            return  # sent again after its answer was lost (as Redis's commit script)
+        for chained in change.chained:  # all or none: check every one first
+            if not self._applied_already(chained):
+                continue
+            raise RevisionConflict(chained.task_id)
+        for each in (change, *change.chained):
+            self._apply(each, self._task(each.task_id))
+
+    def _applied_already(self, change: TaskChange) -> bool:
+        """Whether ``change`` is stored already; raise if it cannot apply."""
         task_id = change.task_id
         current_doc = self._tasks.get(task_id)
         if change.task is not None and current_doc == msgspec.json.encode(change.task):
-            return  # sent again after its answer was lost (as Redis's commit script)
+            return True
         current = None if current_doc is None else _task_decoder.decode(current_doc)
         if change.expected_revision is None:
             if current is not None:
                 raise TaskAlreadyExists(task_id)
         elif current is None or current.revision != change.expected_revision:
             raise RevisionConflict(task_id)
+        return False
 
+    def _apply(self, change: TaskChange, current: Task | None) -> None:
+        task_id = change.task_id
         self._event_log.write(change.events)
         if change.task is None:
             self._delete(task_id, current)

@@ -65,6 +65,7 @@ from app.adapters.redis_scripts import (
     AppendArgs,
     BusyArgs,
     BusyKeys,
+    ChainedArgs,
     ClaimArgs,
     ClaimKeys,
     ClaimNotificationsArgs,
@@ -226,6 +227,7 @@ class RedisStore:
             f"{prefix}notify_due", f"{prefix}notify_entries", f"{prefix}notify_claims"
         )
         self._commit = Script(client, "commit")
+        self._commit_chained = Script(client, "commit_chained", functions=("commit",))
         self._create_tasks = Script(client, "create_tasks")
         self._claim_due = Script(client, "claim_due")
         self._release_claims = Script(client, "release_claims")
@@ -319,8 +321,22 @@ class RedisStore:
 
     @_translate_errors
     async def commit(self, change: TaskChange) -> None:
-        result = await self._commit(self._commit_keys(change), *self._commit_args(change))
+        if change.chained:
+            keys, args = self._chained_call(change)
+            result = await self._commit_chained(keys, ChainedArgs.layout(), *args)
+        else:
+            result = await self._commit(self._commit_keys(change), *self._commit_args(change))
         _raise_for(change, result)
+
+    def _chained_call(self, change: TaskChange) -> tuple[tuple[str, ...], list[Any]]:
+        """``commit_chained.lua``'s keys and its arguments after ``ChainedArgs``."""
+        keys: list[str] = []
+        args: list[Any] = []
+        for each in (change, *change.chained):
+            keys += self._commit_keys(each)
+            commit_args, *docs = self._commit_args(each)
+            args += [*commit_args, *docs]
+        return tuple(keys), args
 
     @_translate_errors
     async def commit_each(self, changes: Sequence[TaskChange]) -> list[bool]:
@@ -332,6 +348,7 @@ class RedisStore:
             # Redis lost the script: load it and send every change again, which is
             # safe as a commit already applied reports ``ok``.
             await self._commit.load()
+            await self._commit_chained.load()
             results = await self._commit_pipelined(changes)
         for result in results:
             if isinstance(result, Exception):
@@ -341,7 +358,11 @@ class RedisStore:
     async def _commit_pipelined(self, changes: Sequence[TaskChange]) -> list[object]:
         async with self._redis.pipeline(transaction=False) as pipe:
             for change in changes:
-                self._commit.queue(pipe, self._commit_keys(change), *self._commit_args(change))
+                if change.chained:
+                    keys, args = self._chained_call(change)
+                    self._commit_chained.queue(pipe, keys, ChainedArgs.layout(), *args)
+                else:
+                    self._commit.queue(pipe, self._commit_keys(change), *self._commit_args(change))
             return await pipe.execute(raise_on_error=False)
 
     @_translate_errors
