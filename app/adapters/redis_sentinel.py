@@ -30,6 +30,7 @@ from redis.asyncio.client import Pipeline
 from redis.asyncio.retry import Retry
 from redis.asyncio.sentinel import Sentinel
 from redis.backoff import NoBackoff
+from redis.exceptions import ResponseError
 
 from app.config import ConfigError
 from app.ports import StoreUnavailable
@@ -62,6 +63,10 @@ class ReplicaAcks(NamedTuple):
     def check(self, acknowledged: object) -> None:
         """``StoreUnavailable`` unless ``WAIT``'s reply counts enough replicas: the write
         is on the primary but could be lost with it, so it is not acknowledged."""
+        if isinstance(acknowledged, ResponseError) and "replica" in str(acknowledged):
+            # The primary was demoted between the commit and its WAIT: the commit is on a
+            # server that now follows the new primary, which never got it.
+            raise StoreUnavailable(f"Redis: the primary was demoted: {acknowledged}")
         if isinstance(acknowledged, Exception):
             raise acknowledged
         if not isinstance(acknowledged, int) or acknowledged < self.replicas:

@@ -31,15 +31,21 @@ READY_SECONDS = 30.0
 """Until every Sentinel knows the replicas and the other Sentinels (hello every 2 s)."""
 
 
-class ReplicaServer(RedisServer):
-    """A ``redis-server`` replicating ``primary`` from its start."""
+class MemberServer(RedisServer):
+    """A ``redis-server`` of the set: the first primary (``primary`` None) or a replica of
+    it from its start. A replica's first sync starts at once (not after the default 5 s
+    wait for more replicas to share a diskless transfer), on every member as each may
+    become the primary."""
 
-    def __init__(self, directory: Path, port: int, *, primary: int) -> None:
+    def __init__(self, directory: Path, port: int, *, primary: int | None) -> None:
         super().__init__(directory, port, appendonly=False)
         self.primary = primary
 
     def command(self) -> list[str]:
-        return [*super().command(), "--replicaof", "127.0.0.1", str(self.primary)]
+        replicating = (
+            [] if self.primary is None else ["--replicaof", "127.0.0.1", str(self.primary)]
+        )
+        return [*super().command(), "--repl-diskless-sync-delay", "0", *replicating]
 
 
 class SentinelServer(RedisServer):
@@ -73,11 +79,8 @@ class SentinelSet:
         ports = free_ports(1 + replicas + SENTINELS)
         primary = ports[0]
         self.servers: list[RedisServer] = [
-            RedisServer(base / f"redis-{primary}", primary, appendonly=False),
-            *(
-                ReplicaServer(base / f"redis-{port}", port, primary=primary)
-                for port in ports[1 : 1 + replicas]
-            ),
+            MemberServer(base / f"redis-{port}", port, primary=None if port == primary else primary)
+            for port in ports[: 1 + replicas]
         ]
         self.sentinels = [
             SentinelServer(base / f"sentinel-{port}", port, primary=primary)
