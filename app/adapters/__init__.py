@@ -1,4 +1,5 @@
-"""Opening the ports: the URL scheme picks the adapter (``redis://``, ``amqp://``, ``memory://``)."""
+"""Opening the ports: the URL scheme picks the adapter (``redis://``, ``redis+sentinel://``,
+``amqp://``, ``memory://``)."""
 
 from __future__ import annotations
 
@@ -36,7 +37,7 @@ async def open_store(
             follow_keepalive=follow_keepalive,
             max_followers=max_followers,
         )
-    elif scheme in ("redis", "rediss", "unix"):
+    elif scheme in ("redis", "rediss", "unix", "redis+sentinel"):
         from app.adapters.redis_store import open_redis_store
 
         async with open_redis_store(
@@ -49,7 +50,10 @@ async def open_store(
         ) as store:
             yield store
     else:
-        raise ConfigError(f"REDIS_URL must start with redis://, rediss:// or memory://: {url!r}")
+        raise ConfigError(
+            "REDIS_URL must start with redis://, rediss://, redis+sentinel:// or memory://:"
+            f" {url!r}"
+        )
 
 
 @asynccontextmanager
