@@ -55,8 +55,15 @@ import redis.asyncio as redis
 from redis.asyncio.client import PubSub
 from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialBackoff, NoBackoff
+from redis.exceptions import (
+    ClusterDownError,
+    ClusterError,
+    NoScriptError,
+    RedisClusterUnreachableError,
+    SlotNotCoveredError,
+    TryAgainError,
+)
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import NoScriptError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from app.adapters.event_followers import PAGE_SIZE, EventFollowers
@@ -176,7 +183,16 @@ _encoder = msgspec.json.Encoder()
 
 _P = ParamSpec("_P")
 _T = TypeVar("_T")
-_UNAVAILABLE = (RedisConnectionError, RedisTimeoutError)
+_UNAVAILABLE = (
+    RedisConnectionError,
+    RedisTimeoutError,
+    # A Redis Cluster failing over (its client's retries exhausted):
+    ClusterDownError,
+    ClusterError,
+    TryAgainError,
+    SlotNotCoveredError,
+    RedisClusterUnreachableError,
+)
 
 
 def _translate_errors(
@@ -204,6 +220,7 @@ class RedisStore:
         client: redis.Redis,
         *,
         blocking: redis.Redis,
+        probe: redis.Redis | None = None,
         prefix: str,
         run_history: int,
         event_history: int,
@@ -213,7 +230,7 @@ class RedisStore:
         self._redis = client
         self._event_history = event_history
         self._events_key = f"{prefix}events"
-        self._probe = _probe_client(client)
+        self._probe = _probe_client(client) if probe is None else probe
         self._blocking = blocking  # for reads that wait: its read timeout outlasts them
         self._prefix = prefix
         self._run_history = run_history
