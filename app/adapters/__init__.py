@@ -1,5 +1,5 @@
-"""Opening the ports: the URL scheme picks the adapter (``redis://``, ``redis+sentinel://``,
-``amqp://``, ``memory://``)."""
+"""Opening the ports: the URL scheme picks the adapter (``redis://``,
+``redis+sentinel://``, ``redis+cluster://``, ``amqp://``, ``memory://``)."""
 
 from __future__ import annotations
 
@@ -37,6 +37,18 @@ async def open_store(
             follow_keepalive=follow_keepalive,
             max_followers=max_followers,
         )
+    elif await _is_cluster(scheme, url):
+        from app.adapters.redis_cluster import open_redis_cluster_store
+
+        async with open_redis_cluster_store(
+            url,
+            prefix=prefix,
+            run_history=run_history,
+            event_history=event_history,
+            follow_keepalive=follow_keepalive,
+            max_followers=max_followers,
+        ) as store:
+            yield store
     elif scheme in ("redis", "rediss", "unix", "redis+sentinel"):
         from app.adapters.redis_store import open_redis_store
 
@@ -51,9 +63,19 @@ async def open_store(
             yield store
     else:
         raise ConfigError(
-            "REDIS_URL must start with redis://, rediss://, redis+sentinel:// or memory://:"
-            f" {url!r}"
+            "REDIS_URL must start with redis://, rediss://, redis+sentinel://, "
+            f"redis+cluster://, rediss+cluster:// or memory://: {url!r}"
         )
+
+
+async def _is_cluster(scheme: str, url: str) -> bool:
+    """Whether ``url`` names a Redis Cluster: by its scheme, or a plain ``redis://`` URL
+    of a cluster node."""
+    if scheme not in ("redis", "rediss", "redis+cluster", "rediss+cluster"):
+        return False
+    from app.adapters.redis_cluster import CLUSTER_SCHEMES, serves_cluster
+
+    return scheme in CLUSTER_SCHEMES or await serves_cluster(url)
 
 
 @asynccontextmanager

@@ -55,8 +55,15 @@ import redis.asyncio as redis
 from redis.asyncio.client import Pipeline, PubSub
 from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialBackoff, NoBackoff
+from redis.exceptions import (
+    ClusterDownError,
+    ClusterError,
+    NoScriptError,
+    RedisClusterUnreachableError,
+    SlotNotCoveredError,
+    TryAgainError,
+)
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import NoScriptError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from app.adapters.event_followers import PAGE_SIZE, EventFollowers
@@ -179,7 +186,16 @@ _encoder = msgspec.json.Encoder()
 
 _P = ParamSpec("_P")
 _T = TypeVar("_T")
-_UNAVAILABLE = (RedisConnectionError, RedisTimeoutError)
+_UNAVAILABLE = (
+    RedisConnectionError,
+    RedisTimeoutError,
+    # A Redis Cluster failing over (its client's retries exhausted):
+    ClusterDownError,
+    ClusterError,
+    TryAgainError,
+    SlotNotCoveredError,
+    RedisClusterUnreachableError,
+)
 
 
 def _translate_errors(

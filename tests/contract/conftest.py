@@ -1,10 +1,12 @@
 """Fixtures of the store contract suites: each test runs on the memory store (asyncio and
-trio) and on Redis (under the test's own key prefix, deleted afterwards)."""
+trio), on Redis (under the test's own key prefix, deleted afterwards) and on a Redis
+Cluster started for the session (``redis-cluster``: under the test's prefix, hash-tagged)."""
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
+from typing import cast
 
 import pytest
 
@@ -12,9 +14,25 @@ import tests.conftest
 from app.adapters import open_store
 from app.adapters.memory_store import MemoryStore
 from app.ports import Store
-from tests.conftest import delete_keys
+from tests.conftest import STORE_CASES, delete_keys
 from tests.contract.stores import RUN_HISTORY, StoreOpener
-from tests.store_cases import adapter_and_backend_fixture, anyio_backend_fixture  # noqa: F401
+from tests.e2e.redis_cluster_servers import RedisClusterSet, cluster_for_session
+from tests.store_cases import anyio_backend_fixture  # noqa: F401
+
+
+@pytest.fixture(
+    params=[*STORE_CASES, pytest.param(("redis-cluster", "asyncio"), id="redis-cluster")],
+    name="adapter_and_backend",
+)
+def adapter_and_backend_fixture(request: pytest.FixtureRequest) -> tuple[str, str]:
+    return request.param  # type: ignore[no-any-return]
+
+
+@pytest.fixture(scope="session")
+def redis_cluster() -> Iterator[RedisClusterSet]:
+    """A Redis Cluster of the session's own (each test has its own prefix there)."""
+    with cluster_for_session() as cluster:
+        yield cluster
 
 
 @pytest.fixture
@@ -23,12 +41,17 @@ def adapter(adapter_and_backend: tuple[str, str]) -> str:
 
 
 @pytest.fixture
-async def open_configured(adapter: str, prefix: str) -> AsyncIterator[StoreOpener]:
+async def open_configured(
+    adapter: str, prefix: str, request: pytest.FixtureRequest
+) -> AsyncIterator[StoreOpener]:
     """Opens a store of the test's adapter with the given ``open_store`` options (the
     memory store: a new one each time; Redis: on the test's keys)."""
+    if adapter == "redis-cluster":
+        url = cast(RedisClusterSet, request.getfixturevalue("redis_cluster")).url
+    else:
+        url = "memory://" if adapter == "memory" else tests.conftest.REDIS_URL
 
     def opener(**options: float) -> AbstractAsyncContextManager[Store]:
-        url = "memory://" if adapter == "memory" else tests.conftest.REDIS_URL
         return open_store(url, prefix=prefix, run_history=RUN_HISTORY, **options)  # type: ignore[arg-type]
 
     yield opener
@@ -39,7 +62,7 @@ async def open_configured(adapter: str, prefix: str) -> AsyncIterator[StoreOpene
 @pytest.fixture
 def open_another(adapter: str, open_configured: StoreOpener) -> StoreOpener:
     """Opens a second handle on the same data (another process, for Redis)."""
-    if adapter == "redis":
+    if adapter != "memory":
         return open_configured
     shared = MemoryStore(run_history=RUN_HISTORY)
 
