@@ -215,7 +215,8 @@ class CreateResult(msgspec.Struct, kw_only=True, omit_defaults=True):
 
 
 T = TypeVar("T")
-Check = Callable[[], Awaitable[None]]
+Check = Callable[[], Awaitable[str | None]]
+"""A dependency's health check: raises if it is down; may say something of it while up."""
 # Injected by name from ``create_app``'s dependencies (inferring it is deprecated in Litestar).
 Service = NamedDependency[TaskService]
 
@@ -779,9 +780,15 @@ def _health_handlers(checks: dict[str, Check]) -> list[Callable[[], Awaitable[An
         results: dict[str, DependencyCheck] = {}
 
         async def run_check(name: str, check: Check) -> None:
-            outage = await probe(check, within=HEALTH_CHECK_SECONDS)
+            said: str | None = None
+
+            async def checking() -> None:
+                nonlocal said
+                said = await check()
+
+            outage = await probe(checking, within=HEALTH_CHECK_SECONDS)
             results[name] = (
-                DependencyCheck("up") if outage is None else DependencyCheck("down", outage)
+                DependencyCheck("up", said) if outage is None else DependencyCheck("down", outage)
             )
 
         async with anyio.create_task_group() as tg:

@@ -15,6 +15,7 @@ import re
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from typing import Any
+from urllib.parse import urlsplit
 
 from app.logs import LOG_FORMATS
 from app.ports import ALL_ROLES, EVENT_HISTORY, FOLLOW_KEEPALIVE, MAX_FOLLOWERS, Role
@@ -85,6 +86,7 @@ class Settings:
         elif address := env.get("REDIS_ADDRESS"):
             values["store_url"] = f"redis://{address}/0"
         if url := _secret(env, "AMQP_URL") or _secret(env, "REDIS_MQ_URL"):
+            parse_amqp_urls(url)  # several nodes: each must be a full URL
             values["broker_url"] = url
         if host := env.get("SERVER_HOST"):
             values["host"] = host
@@ -193,6 +195,42 @@ def parse_public_url(text: str) -> str:
     if not re.fullmatch(r"https?://[^\s/?#]+(/\S*)?", text):
         raise ConfigError(f"TASKQ_PUBLIC_URL must be an http:// or https:// URL, got {text!r}")
     return text.rstrip("/")
+
+
+def parse_amqp_urls(text: str) -> tuple[str, ...]:
+    """The node URLs of ``AMQP_URL``: one URL (taken as it is), or several comma-separated
+    ``amqp://`` / ``amqps://`` URLs, nodes of one RabbitMQ cluster to be tried in turn.
+
+    A comma in a password (``amqp://user:pa,ss@host/``) leaves a single URL whole; in a
+    list, commas in passwords must be written ``%2C``.
+    """
+    if "," not in text or _commas_only_in_userinfo(text):
+        return (text,)
+    parts = [part.strip() for part in text.split(",")]
+    nodes = len(parts)
+    for number, part in enumerate(parts, 1):
+        where = f"AMQP_URL lists {nodes} RabbitMQ nodes, but node {number}"
+        parsed = urlsplit(part)
+        if not part:
+            raise ConfigError(f"{where} is empty (a stray comma?)")
+        if parsed.scheme not in ("amqp", "amqps") or not parsed.hostname:
+            raise ConfigError(
+                f"{where} is not a full amqp:// or amqps:// URL with a host:"
+                f" {_without_userinfo(part)!r}"
+            )
+    if len(set(parts)) < nodes:
+        raise ConfigError(f"AMQP_URL names a node twice: {_without_userinfo(text)!r}")
+    return tuple(parts)
+
+
+def _commas_only_in_userinfo(text: str) -> bool:
+    parts = urlsplit(text)
+    host = parts.netloc.rpartition("@")[2]
+    return bool(parts.scheme) and "," not in host + parts.path + parts.query + parts.fragment
+
+
+def _without_userinfo(text: str) -> str:
+    return re.sub(r"//[^/@,]*@", "//", text)
 
 
 def parse_tokens(text: str) -> tuple[str, ...]:

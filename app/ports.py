@@ -448,8 +448,9 @@ class Broker(Protocol):
     reached; a ``consume`` iterator waits through such an outage and goes on after it.
     """
 
-    async def ping(self) -> None:
-        """Raise if the broker cannot be reached."""
+    async def ping(self) -> str | None:
+        """Raise if the broker cannot be reached; else what ``/health`` may say of it
+        (such as the node it answered from), or ``None``."""
         ...
 
     async def queue_depth(self) -> int:

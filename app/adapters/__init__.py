@@ -7,7 +7,7 @@ from collections.abc import AsyncGenerator
 from contextlib import asynccontextmanager
 from urllib.parse import urlsplit
 
-from app.config import ConfigError
+from app.config import ConfigError, parse_amqp_urls
 from app.ports import EVENT_HISTORY, FOLLOW_KEEPALIVE, MAX_FOLLOWERS, Broker, Store
 
 
@@ -83,8 +83,9 @@ async def open_broker(
     url: str, *, prefix: str = "", require_connection: bool = True
 ) -> AsyncGenerator[Broker]:
     """A connected ``Broker`` for ``url``, closed on exit; without ``require_connection``,
-    it opens even while the broker is down, connecting in the background."""
-    scheme = urlsplit(url).scheme
+    it opens even while the broker is down, connecting in the background. ``url`` may
+    list several RabbitMQ nodes of one cluster, comma-separated."""
+    scheme = urlsplit(parse_amqp_urls(url)[0]).scheme
     if scheme == "memory":
         from app.adapters.memory_broker import MemoryBroker
 

@@ -5,13 +5,15 @@ Layout, every name under the key prefix (``AmqpLayout``):
 - exchange ``tasks`` (direct, durable), the one dispatch messages are published to;
 - queue ``tasks_queue`` (durable quorum queue with a delivery limit), bound to it with
   ``ROUTING_KEY``, the key ``publish`` uses, and dead-lettering to
-- exchange ``tasks.dead`` (fanout, durable), which feeds the durable queue ``tasks_dead``.
+- exchange ``tasks.dead`` (fanout, durable), which feeds the durable queue ``tasks_dead``
+  (a quorum queue too, unless an older taskq declared it as a classic one).
 
 Messages are persistent JSON, published ``mandatory`` with publisher confirms and a window
 of outstanding confirms.
 
 aiormq does not reconnect by itself, so the broker keeps its connection alive: when it is
-lost, a background task reconnects with backoff and declares the layout again. Meanwhile
+lost, a background task reconnects with backoff and declares the layout again, trying
+every node of a cluster in turn (``NodeRotation``) when ``AMQP_URL`` lists several. Meanwhile
 ``ping`` and ``publish`` raise ``BrokerUnavailable`` (callers retry: scheduler claims stay
 leased), and consumers wait, then consume again on a fresh channel.
 """
@@ -34,6 +36,8 @@ from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStre
 from pamqp import commands as spec
 from yarl import URL
 
+from app.adapters.amqp_nodes import NodeRotation, node_name
+from app.config import parse_amqp_urls
 from app.ports import DELIVERY_LIMIT, BrokerUnavailable, Delivery, Dispatch, decode_dispatch
 
 ROUTING_KEY = "task.dispatch"
@@ -45,7 +49,7 @@ PUBLISH_WINDOW = 100
 CONTENT_TYPE = "application/json"
 PERSISTENT = 2
 
-_CONNECT_TIMEOUT = 15.0
+_CONNECT_TIMEOUT = 15.0  # delete_amqp_layout's; the broker's own: NodeRotation.connect_timeout
 _RPC_TIMEOUT = 10.0
 _CONFIRM_TIMEOUT = 30.0
 _CLOSE_TIMEOUT = 5.0
@@ -100,7 +104,7 @@ async def declare_layout(channel: AbstractChannel, layout: AmqpLayout) -> None:
     await channel.exchange_declare(
         layout.dead_letter_exchange, exchange_type="fanout", durable=True
     )
-    await channel.queue_declare(layout.dead_letter_queue, durable=True)
+    await _declare_dead_letter_queue(channel.connection, layout.dead_letter_queue)
     await channel.queue_bind(layout.dead_letter_queue, layout.dead_letter_exchange)
     await channel.exchange_declare(layout.exchange, exchange_type="direct", durable=True)
     await channel.queue_declare(
@@ -113,6 +117,38 @@ async def declare_layout(channel: AbstractChannel, layout: AmqpLayout) -> None:
         },
     )
     await channel.queue_bind(layout.queue, layout.exchange, ROUTING_KEY)
+
+
+async def _declare_dead_letter_queue(connection: AbstractConnection, name: str) -> None:
+    """Declare the dead-letter queue as a quorum queue, replicated like ``tasks_queue``.
+
+    An older taskq declared it as a classic queue, whose type cannot change in place
+    (RabbitMQ refuses the declare: PRECONDITION_FAILED), and which lives on one node
+    (while that node is down, RabbitMQ answers NOT_FOUND): then that queue is used as it
+    is, with a warning, rather than refusing to start, so that an upgrade goes on working
+    and a lost node costs only the dead letters of the meantime. The README says how to
+    move it to a quorum queue. A refused declare closes its channel: hence one of its own.
+    """
+    channel = await connection.channel(publisher_confirms=False)
+    try:
+        await channel.queue_declare(name, durable=True, arguments={"x-queue-type": "quorum"})
+    except aiormq.ChannelPreconditionFailed:
+        log.warning(
+            "dead-letter queue %s is a classic queue (declared by an older taskq), not"
+            " replicated: see the README's 'Replicated RabbitMQ' to make it a quorum queue",
+            name,
+        )
+    except aiormq.ChannelNotFoundEntity as exc:
+        log.warning(
+            "dead-letter queue %s cannot be reached (%s): it is a classic queue whose node"
+            " is down; dead letters are dropped until it is back (see the README's"
+            " 'Replicated RabbitMQ')",
+            name,
+            exc,
+        )
+    finally:
+        with anyio.move_on_after(_CLOSE_TIMEOUT, shield=True), suppress(*_UNAVAILABLE_ERRORS):
+            await channel.close(None)
 
 
 async def delete_amqp_layout(url: str, *, prefix: str) -> None:
@@ -399,6 +435,7 @@ class _Link:
 
     def __init__(
         self,
+        url: str,
         connection: AbstractConnection,
         control_channel: AbstractChannel,
         publish_channel: AbstractChannel,
@@ -406,6 +443,9 @@ class _Link:
         self.connection = connection
         self.control_channel = control_channel
         self.publish_channel = publish_channel
+        self.node = node_name(url)
+        """The node connected to, as ``/health`` names it."""
+        self.url = url
         self.closed = anyio.Event()
         closing = cast("asyncio.Future[Any]", connection.closing)  # pyright: ignore[reportUnknownMemberType]
         closing.add_done_callback(lambda _: self.closed.set())
@@ -418,9 +458,9 @@ class _Link:
 class AmqpBroker:
     """Implements ``Broker`` over RabbitMQ; open it with ``open_amqp_broker``."""
 
-    def __init__(self, url: str, layout: AmqpLayout) -> None:
-        self._url = url
-        self._where = URL(url).with_password(None)
+    def __init__(self, urls: Sequence[str], layout: AmqpLayout) -> None:
+        self._nodes = NodeRotation(urls)
+        self._where = self._nodes.describe()
         self.layout = layout
         self._link: _Link | None = None
         self._link_changed = anyio.Event()
@@ -470,7 +510,9 @@ class AmqpBroker:
             if link is not None:
                 await link.closed.wait()
                 self._set_link(None)
-                log.warning("lost the connection to %s; reconnecting", self._where)
+                # The others first: the node may be down for a while.
+                self._nodes.failed(link.url)
+                log.warning("lost the connection to %s; reconnecting", link.node)
             delay = _RETRY_FIRST
             while True:
                 try:
@@ -483,17 +525,33 @@ class AmqpBroker:
                     delay = min(2 * delay, _RETRY_MAX)
             self._connect_error = None
             self._set_link(link)
-            log.warning("connected to %s", self._where)
+            log.warning("connected to %s", link.node)
 
     async def _connect(self) -> _Link:
+        """A link to the first node that answers, in the rotation's order."""
+        failures: list[BrokerUnavailable] = []
+        for url in self._nodes.order():
+            try:
+                return await self._connect_to(url)
+            except BrokerUnavailable as exc:
+                self._nodes.failed(url)
+                failures.append(exc)
+        if len(failures) == 1:
+            raise failures[0]
+        raise BrokerUnavailable(
+            f"cannot connect to {self._where}: " + "; ".join(map(str, failures))
+        ) from failures[-1]
+
+    async def _connect_to(self, url: str) -> _Link:
+        where = node_name(url)
         with (
-            _unavailable_on_error(f"cannot connect to {self._where}"),
-            anyio.fail_after(_CONNECT_TIMEOUT),
+            _unavailable_on_error(f"cannot connect to {where}"),
+            anyio.fail_after(self._nodes.connect_timeout),
         ):
-            connection = await aiormq.connect(self._url)
+            connection = await aiormq.connect(url)
         try:
             with (
-                _unavailable_on_error(f"cannot set up {self._where}"),
+                _unavailable_on_error(f"cannot set up {where}"),
                 anyio.fail_after(_RPC_TIMEOUT),
             ):
                 control_channel = await connection.channel(publisher_confirms=False)
@@ -502,7 +560,7 @@ class AmqpBroker:
         except BaseException:
             await _close_connection(connection)
             raise
-        return _Link(connection, control_channel, publish_channel)
+        return _Link(url, connection, control_channel, publish_channel)
 
     def _set_link(self, link: _Link | None) -> None:
         self._link = link
@@ -530,8 +588,11 @@ class AmqpBroker:
         if link is not None:
             await _close_connection(link.connection)
 
-    async def ping(self) -> None:
+    async def ping(self) -> str:
+        """Raise unless RabbitMQ answers; which node answered."""
+        node = self._current("RabbitMQ did not answer").node
         await self.queue_depth()
+        return f"connected to {node}"
 
     async def queue_depth(self) -> int:
         link = self._current("RabbitMQ did not answer")
@@ -627,12 +688,16 @@ async def open_amqp_broker(
 ) -> AsyncGenerator[AmqpBroker, None]:
     """A connected ``AmqpBroker`` for ``url`` with its layout declared, closed on exit.
 
+    ``url`` may list several nodes of a cluster, comma-separated: the broker connects to
+    one that answers and, when that one is lost, to another (``NodeRotation``).
+
     The first connection must succeed (a wrong URL fails at once); later losses are
     healed in the background. Without ``require_connection``, a first attempt that fails
     (or takes over a few seconds) is carried on in the background: the broker opens
     while RabbitMQ is down, and raises ``BrokerUnavailable`` (naming why) until it is up.
     """
-    broker = AmqpBroker(_with_heartbeat(url), AmqpLayout.for_prefix(prefix))
+    nodes = [_with_heartbeat(node) for node in parse_amqp_urls(url)]
+    broker = AmqpBroker(nodes, AmqpLayout.for_prefix(prefix))
     if require_connection:
         await broker.connect()
     else:

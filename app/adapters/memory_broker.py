@@ -150,8 +150,9 @@ class MemoryBroker:
         """The bodies waiting in the dead-letter queue (a copy)."""
         return [message.body for message in self._dead.messages]
 
-    async def ping(self) -> None:
+    async def ping(self) -> str | None:
         await anyio.lowlevel.checkpoint()
+        return None
 
     async def queue_depth(self) -> int:
         await anyio.lowlevel.checkpoint()
