@@ -14,6 +14,7 @@ from contextlib import AsyncExitStack
 from datetime import UTC, datetime
 
 from app.domain import (
+    DEFAULT_QUEUE,
     ENTROPY,
     DomainError,
     Entropy,
@@ -100,7 +101,10 @@ class TaskService:
         or by an earlier one of ``specs``)."""
         now = self._clock()
         transitions = [create(self._new_task(spec, now)) for spec in specs]
-        await self._store.note_queues(sorted({spec.queue for spec in specs}))
+        if named := sorted({spec.queue for spec in specs} - {DEFAULT_QUEUE}):
+            # The default queue is always in use: a create that names no other costs
+            # no extra round trip.
+            await self._store.note_queues(named)
         created = await self._store.create_each([TaskChange.of(t) for t in transitions])
         return [
             transition.task if applied else TaskAlreadyExists(transition.task_id)
@@ -189,7 +193,7 @@ class TaskService:
 
     async def update(self, task_id: str, patch: TaskUpdate) -> Task:
         changes = patch.changes()
-        if isinstance(queue := changes.get("queue"), str):
+        if isinstance(queue := changes.get("queue"), str) and queue != DEFAULT_QUEUE:
             await self._store.note_queues([queue])
         return await self._change(task_id, lambda task: touch(task, self._clock(), **changes))
 
