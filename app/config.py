@@ -17,6 +17,7 @@ from dataclasses import dataclass, replace
 from typing import Any
 from urllib.parse import urlsplit
 
+from app.domain import DEFAULT_QUEUE, QUEUE_NAME_PATTERN
 from app.logs import LOG_FORMATS
 from app.ports import ALL_ROLES, EVENT_HISTORY, FOLLOW_KEEPALIVE, MAX_FOLLOWERS, Role
 
@@ -41,6 +42,11 @@ class ConfigError(ValueError):
     """A setting has a value taskq cannot use; the message names the setting."""
 
 
+QueueSpec = tuple[str, int | None]
+"""A queue a consumer serves, and the commands it runs from it at once (``None``: the
+general concurrency)."""
+
+
 @dataclass(frozen=True, slots=True)
 class Settings:
     store_url: str = DEFAULT_REDIS_URL
@@ -52,6 +58,8 @@ class Settings:
     roles: tuple[Role, ...] = ALL_ROLES
     # Commands one consumer process runs at once; None: see ``commands_per_process``.
     concurrency: int | None = None
+    # The queues the consumer role serves, each with its own concurrency if given.
+    queues: tuple[QueueSpec, ...] = ((DEFAULT_QUEUE, None),)
     output_limit: int = 1_048_576
     run_history: int = 100
     event_history: int = EVENT_HISTORY
@@ -96,6 +104,8 @@ class Settings:
             values["api_tokens"] = parse_tokens(tokens)
         if roles := env.get("TASKQ_ROLES"):
             values["roles"] = parse_roles(roles)
+        if (queues := env.get("TASKQ_QUEUES")) is not None:
+            values["queues"] = parse_queues(queues)
         if secret := _secret(env, "TASKQ_WEBHOOK_SECRET"):
             values["webhook_secret"] = secret
         if public_url := env.get("TASKQ_PUBLIC_URL"):
@@ -121,6 +131,7 @@ class Settings:
             "SERVER_HOST": self.host,
             "TASKQ_KEY_PREFIX": self.key_prefix,
             "TASKQ_ROLES": ",".join(self.roles),
+            "TASKQ_QUEUES": format_queues(self.queues),
             "TASKQ_LOG_FORMAT": self.log_format,
         }
         if self.api_tokens:
@@ -154,6 +165,11 @@ class Settings:
         if self.concurrency is not None:
             return self.concurrency
         return -(-2 * usable_cores() // self.consumer_processes())
+
+    def queue_concurrency(self) -> dict[str, int]:
+        """Commands one consumer process runs at once from each queue it serves."""
+        general = self.commands_per_process()
+        return {name: general if count is None else count for name, count in self.queues}
 
     def run_links_base(self) -> str:
         """Where the API is reached, for the run links in notifications:
@@ -264,6 +280,36 @@ def parse_log_format(text: str) -> str:
     if text not in LOG_FORMATS:
         raise ConfigError(f"TASKQ_LOG_FORMAT must be one of {', '.join(LOG_FORMATS)}, got {text!r}")
     return text
+
+
+def parse_queues(text: str) -> tuple[QueueSpec, ...]:
+    """``TASKQ_QUEUES`` / ``--queues``: comma-separated queue names, each optionally with
+    its own concurrency (``build=4,deploy``)."""
+    specs: list[QueueSpec] = []
+    for part in (part.strip() for part in text.split(",")):
+        name, has_count, count_text = (p.strip() for p in part.partition("="))
+        if not re.fullmatch(QUEUE_NAME_PATTERN, name):
+            raise ConfigError(
+                f"TASKQ_QUEUES: {name!r} is not a queue name (1-64 letters, digits, '_', "
+                f"'.', '-'); expected a comma-separated list like 'build=4,deploy', got {text!r}"
+            )
+        count = None
+        if has_count:
+            if not re.fullmatch(r"[0-9]{1,6}", count_text) or int(count_text) < 1:
+                raise ConfigError(
+                    f"TASKQ_QUEUES: the concurrency of {name!r} must be a whole number of at "
+                    f"least 1, got {count_text!r}"
+                )
+            count = int(count_text)
+        if any(name == seen for seen, _ in specs):
+            raise ConfigError(f"TASKQ_QUEUES: queue {name!r} is named twice in {text!r}")
+        specs.append((name, count))
+    return tuple(specs)
+
+
+def format_queues(queues: tuple[QueueSpec, ...]) -> str:
+    """``queues`` as ``parse_queues`` reads them."""
+    return ",".join(name if count is None else f"{name}={count}" for name, count in queues)
 
 
 def parse_roles(text: str) -> tuple[Role, ...]:

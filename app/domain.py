@@ -28,6 +28,10 @@ MAX_COMMAND_BYTES = 16 * 1024
 
 TaskId = Annotated[str, msgspec.Meta(pattern=TASK_ID_PATTERN, description="Task id")]
 
+DEFAULT_QUEUE = "default"
+"""The queue (worker pool) a task goes to unless it names another."""
+QUEUE_NAME_PATTERN = r"^[A-Za-z0-9_.-]{1,64}$(?!\n)"  # (?!\n): a full match
+
 
 class TaskStatus(StrEnum):
     CREATED = "created"
@@ -342,6 +346,8 @@ class TaskView(msgspec.Struct, kw_only=True):
     misfire: MisfirePolicy = MisfirePolicy.COALESCE
     misfire_grace: float = 60.0
     overlap: OverlapPolicy = OverlapPolicy.QUEUE
+    queue: str = DEFAULT_QUEUE
+    """The queue its runs are dispatched to: only consumers serving it run them."""
     status: TaskStatus = TaskStatus.CREATED
     created_at: datetime
     updated_at: datetime
@@ -387,6 +393,8 @@ class Run(msgspec.Struct, kw_only=True):
     timed_out: bool = False
     error: str | None = None
     worker: str | None = None
+    queue: str = DEFAULT_QUEUE
+    """The queue the run was dispatched to (its task's when it was queued)."""
     dead_letters: int = 0
     """Times the broker gave up on this run's dispatch message (see ``dead_lettered``)."""
     triggered_by: TriggeredBy | None = None
@@ -635,7 +643,14 @@ def delete(task: Task, now: datetime) -> Transition:
 
 
 def touch(task: Task, now: datetime, **changes: object) -> Transition:
-    """Any other change to the document (an update from the API)."""
+    """Any other change to the document (an update from the API). The queue stays while a
+    run is active: its message waits in that queue."""
+    queue = changes.get("queue", task.queue)
+    if queue != task.queue and task.active_run is not None:
+        raise InvalidTransition(
+            f"task {task.id!r} is {task.status} on queue {task.queue!r}: cancel its run "
+            "before moving it to another queue"
+        )
     return _step(task, _advance(task, now, **changes))
 
 
@@ -657,6 +672,7 @@ def _pending_with_new_run(
         queued_at=now,
         not_before=not_before,
         triggered_by=triggered_by,
+        queue=task.queue,
     )
     active = ActiveRun(run_id=run.run_id, attempt=run.attempt, not_before=not_before)
     pending = _advance(task, now, status=TaskStatus.PENDING, active_run=active, **changes)

@@ -86,7 +86,13 @@ def _dispatch_of(task: Task) -> Dispatch:
     assert task.active_run is not None
     run = task.active_run
     not_before = None if run.not_before is None else timestamp(run.not_before)
-    return Dispatch(task_id=task.id, run_id=run.run_id, attempt=run.attempt, not_before=not_before)
+    return Dispatch(
+        task_id=task.id,
+        run_id=run.run_id,
+        attempt=run.attempt,
+        not_before=not_before,
+        queue=task.queue,
+    )
 
 
 def plan_dispatch(

@@ -13,7 +13,7 @@ import anyio
 import asyncclick as click
 import sniffio
 
-from app.config import MEMORY_URL, ConfigError, Settings, parse_roles
+from app.config import MEMORY_URL, ConfigError, Settings, parse_queues, parse_roles
 from app.logs import configure_logging
 from app.metrics_directory import metrics_directory
 from app.schemas import MAX_BULK_TASKS
@@ -103,9 +103,15 @@ def _service_options(function: Callable[P, Awaitable[T]]) -> Callable[P, Awaitab
 # A consumer process started by `taskq serve --processes N`: its stdin and stdout are the
 # parent's pipes (app.consumer_processes).
 @click.option("--supervised", is_flag=True, hidden=True)
+@click.option(
+    "--queues",
+    help="Queues (worker pools) the consumer role serves, comma-separated, each with its own"
+    " concurrency if given: build=4,deploy (env TASKQ_QUEUES; default: default).",
+)
 @_service_options
 async def serve(
     roles: str | None,
+    queues: str | None,
     redis_url: str | None,
     amqp_url: str | None,
     key_prefix: str | None,
@@ -120,6 +126,7 @@ async def serve(
     try:
         settings = Settings.from_env(service_environment()).with_overrides(
             roles=None if roles is None else parse_roles(roles),
+            queues=None if queues is None else parse_queues(queues),
             store_url=redis_url,
             broker_url=amqp_url,
             key_prefix=key_prefix,
@@ -245,6 +252,11 @@ def _program_options(function: Callable[P, Awaitable[T]]) -> Callable[P, Awaitab
                 help="A fire due while the previous run has not ended: run it right after "
                 "(queue, the default) or skip it (forbid).",
             ),
+            click.option(
+                "--queue",
+                help="The queue (worker pool) its runs go to: only consumers serving it "
+                "(taskq serve --queues) run them (default: default).",
+            ),
         ]
     ):
         function = option(function)
@@ -264,6 +276,7 @@ def _program_body(
     misfire: str | None,
     misfire_grace: float | None,
     overlap: str | None,
+    queue: str | None,
 ) -> dict[str, Any]:
     body: dict[str, Any] = {
         "description": description,
@@ -278,6 +291,7 @@ def _program_body(
         "misfire": misfire,
         "misfire_grace": misfire_grace,
         "overlap": overlap,
+        "queue": queue,
     }
     return {k: v for k, v in body.items() if v is not None}
 
@@ -424,6 +438,7 @@ def _created_line(number: int, body: Any, answer: dict[str, Any]) -> str:
     "--status",
     type=click.Choice(["created", "pending", "running", "completed", "failed", "cancelled"]),
 )
+@click.option("--queue", help="Only the tasks of this queue (worker pool).")
 @click.option("--limit", type=click.IntRange(1, 1000), help="Tasks per page.")
 @click.option("--cursor", help="Continue from this cursor (printed after a page).")
 @click.option("--all", "every_page", is_flag=True, help="Follow the cursor to the last page.")
@@ -431,15 +446,20 @@ def _created_line(number: int, body: Any, answer: dict[str, Any]) -> str:
 async def list_tasks(
     client: ApiClient,
     status: str | None,
+    queue: str | None,
     limit: int | None,
     cursor: str | None,
     every_page: bool,
     as_json: bool,
 ) -> None:
     """List tasks, in id order."""
-    tasks, next_cursor = await client.list_tasks(status=status, limit=limit, cursor=cursor)
+    tasks, next_cursor = await client.list_tasks(
+        status=status, limit=limit, cursor=cursor, queue=queue
+    )
     while every_page and next_cursor:
-        more, next_cursor = await client.list_tasks(status=status, limit=limit, cursor=next_cursor)
+        more, next_cursor = await client.list_tasks(
+            status=status, limit=limit, cursor=next_cursor, queue=queue
+        )
         tasks += more
     _emit(tasks, as_json, _task_table)
     if next_cursor and not as_json:
@@ -761,12 +781,13 @@ def _task_table(tasks: list[dict[str, Any]]) -> str:
             t["id"],
             t["name"],
             t["status"],
+            t.get("queue", "default"),
             _short_time(t.get("scheduled_at")),
             _last_run(t),
         ]
         for t in tasks
     ]
-    return _table(rows, ["ID", "NAME", "STATUS", "SCHEDULED", "LAST RUN"])
+    return _table(rows, ["ID", "NAME", "STATUS", "QUEUE", "SCHEDULED", "LAST RUN"])
 
 
 def _fire_table(fires: list[dict[str, Any]]) -> str:
@@ -799,6 +820,7 @@ def _task_details(task: dict[str, Any]) -> str:
         ("paused", "yes" if task.get("paused") else "no"),
         ("misfire", f"{task['misfire']} (grace {task['misfire_grace']:g} s)"),
         ("overlap", task["overlap"]),
+        ("queue", task.get("queue", "default")),
         ("timeout", task.get("timeout") or "-"),
         ("attempts", f"{task['max_attempts']} (backoff {task['retry_backoff']:g} s)"),
         ("retry at", task.get("retry_at") or "-"),

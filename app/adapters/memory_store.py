@@ -105,6 +105,7 @@ class MemoryStore:
             limit=max_followers,
         )
         self._tasks: dict[str, bytes] = {}
+        self._queues: set[str] = set()
         self._ids: list[str] = []
         self._ids_by_status: dict[TaskStatus, list[str]] = {s: [] for s in TaskStatus}
         self._runs: dict[str, dict[str, bytes]] = {}
@@ -125,6 +126,14 @@ class MemoryStore:
 
     async def ping(self) -> None:
         await anyio.lowlevel.checkpoint()
+
+    async def note_queues(self, queues: Sequence[str]) -> None:
+        await anyio.lowlevel.checkpoint()
+        self._queues.update(queues)
+
+    async def queues_in_use(self) -> list[str]:
+        await anyio.lowlevel.checkpoint()
+        return sorted(self._queues)
 
     async def get_task(self, task_id: str) -> Task | None:
         await anyio.lowlevel.checkpoint()

@@ -19,6 +19,8 @@ Redis Cluster slot, which the scripts need because they derive some key names):
 - ``notify_claims``     hash, notification id -> token of the notifier delivering it
 - ``notifications:{run id}``  hash, event -> delivery record shown on the run; deleted
                         with the run (task deleted, or dropped from the run history)
+- ``queues``            set of the taskq queues in use (``QueueDirectory``): added to
+                        when a task names one or a consumer serves one, never removed
 - ``wake``              pub/sub channel: an entry earlier than every other was added
                         (once per commit, or per batch of new tasks)
 - ``events``            stream, the event log (``EventLog``): one entry per lifecycle
@@ -698,6 +700,16 @@ class RedisStore:
         )
         entries = streams[0][1] if streams else []
         return [_logged_event(entry_id, fields[b"e"]) for entry_id, fields in entries]
+
+    @_translate_errors
+    async def note_queues(self, queues: Sequence[str]) -> None:
+        if queues:
+            await self._redis.sadd(f"{self._prefix}queues", *queues)  # type: ignore[misc]
+
+    @_translate_errors
+    async def queues_in_use(self) -> list[str]:
+        names = await self._redis.smembers(f"{self._prefix}queues")  # type: ignore[misc]
+        return sorted(name.decode() for name in cast(set[bytes], names))
 
     @_translate_errors
     async def announce_cancel(self, run_id: str) -> None:
