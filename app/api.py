@@ -18,7 +18,7 @@ import hashlib
 import hmac
 import logging
 from collections.abc import AsyncGenerator, Awaitable, Callable, Sequence
-from contextlib import aclosing
+from contextlib import aclosing, suppress
 from pathlib import Path
 from typing import Annotated, Any, TypeVar, cast
 
@@ -75,6 +75,7 @@ from litestar.status_codes import (
     HTTP_404_NOT_FOUND,
     HTTP_409_CONFLICT,
     HTTP_413_REQUEST_ENTITY_TOO_LARGE,
+    HTTP_422_UNPROCESSABLE_ENTITY,
     HTTP_500_INTERNAL_SERVER_ERROR,
     HTTP_503_SERVICE_UNAVAILABLE,
 )
@@ -82,7 +83,9 @@ from litestar.types import ASGIApp, Message, Receive, Scope, Send
 from msgspec import UNSET, UnsetType
 
 from app.body_deadline import DEFAULT_BODY_SECONDS, BodyDeadline
+from app.chains import ChainRefused
 from app.domain import (
+    QUEUE_NAME_PATTERN,
     TASK_ID_PATTERN,
     DomainError,
     InvalidSchedule,
@@ -101,7 +104,13 @@ from app.metrics_http import RequestMetrics, metrics_handler
 from app.notifications import NotificationRecord
 from app.openapi_contract import describe_contract
 from app.outages import DependencyDown, OutageGate, probe
-from app.ports import EventBatch, StoreUnavailable, TooManyFollowers
+from app.ports import (
+    BrokerUnavailable,
+    EventBatch,
+    QueueStats,
+    StoreUnavailable,
+    TooManyFollowers,
+)
 from app.schedule_words import describe_schedule
 from app.schemas import (
     MAX_BULK_TASKS,
@@ -111,7 +120,7 @@ from app.schemas import (
     TaskCreate,
     TaskUpdate,
 )
-from app.service import InvalidCursor, TaskService, encode_cursor
+from app.service import QUEUE_SCAN_READS, InvalidCursor, TaskService, encode_cursor
 from app.transactions import StoreContention
 from app.upcoming import (
     MAX_TASKS_PER_PAGE,
@@ -166,11 +175,21 @@ class DependencyCheck(msgspec.Struct):
     detail: str | None = None
 
 
-class Health(msgspec.Struct):
-    """``ok`` when every dependency answered, ``unavailable`` otherwise."""
+class QueueHealth(msgspec.Struct):
+    """A taskq queue (worker pool): messages waiting in it and consumers serving it. A
+    queue with messages and no consumer holds runs that nothing will start yet."""
+
+    depth: int
+    consumers: int
+
+
+class Health(msgspec.Struct, omit_defaults=True):
+    """``ok`` when every dependency answered, ``unavailable`` otherwise; ``queues``: each
+    queue in use, when the broker answered."""
 
     status: str
     checks: dict[str, DependencyCheck]
+    queues: dict[str, QueueHealth] | None = None
 
 
 class TaskResponse(TaskView, kw_only=True):
@@ -213,7 +232,9 @@ class CreateResult(msgspec.Struct, kw_only=True, omit_defaults=True):
 
 
 T = TypeVar("T")
-Check = Callable[[], Awaitable[None]]
+Check = Callable[[], Awaitable[str | None]]
+"""A dependency's health check: raises if it is down; may say something of it while up."""
+QueueCheck = Callable[[], Awaitable[Sequence[QueueStats]]]
 # Injected by name from ``create_app``'s dependencies (inferring it is deprecated in Litestar).
 Service = NamedDependency[TaskService]
 
@@ -350,6 +371,7 @@ NEXT_CURSOR_HEADER = ResponseHeader(
 )
 PageLimit = Annotated[int, Parameter(ge=1, le=MAX_PAGE)]
 PageCursor = Annotated[str | None, Parameter(max_length=1024)]
+QueueFilter = Annotated[str | None, Parameter(pattern=QUEUE_NAME_PATTERN)]
 
 
 class TaskController(Controller):
@@ -368,7 +390,9 @@ class TaskController(Controller):
         "/",
         summary="List tasks",
         description="Pages in id order. The next page's cursor is in `X-Next-Cursor`, "
-        "absent on the last page.",
+        "absent on the last page. With `queue`, only that queue's tasks: a page then reads "
+        f"at most {QUEUE_SCAN_READS} x `limit` tasks of the index, so it may come back "
+        "short, even empty, with a cursor to follow.",
         response_headers=[NEXT_CURSOR_HEADER],
         raises=[ValidationException, NotAuthorizedException],
     )
@@ -378,8 +402,11 @@ class TaskController(Controller):
         status: FromQuery[TaskStatus | None] = None,
         limit: PageLimit = 100,
         cursor: PageCursor = None,
+        queue: QueueFilter = None,
     ) -> Response[list[TaskResponse]]:
-        tasks, next_cursor = await service.list(status=status, limit=limit, cursor=cursor)
+        tasks, next_cursor = await service.list(
+            status=status, limit=limit, cursor=cursor, queue=queue
+        )
         page = _within_budget([_shown(task) for task in tasks])
         if len(page) < len(tasks):
             next_cursor = encode_cursor(page[-1].id)
@@ -770,23 +797,43 @@ def _json(value: object) -> str:
     return msgspec.json.encode(value).decode()
 
 
-def _health_handlers(checks: dict[str, Check]) -> list[Callable[[], Awaitable[Any]]]:
+def _health_handlers(
+    checks: dict[str, Check], queue_check: QueueCheck | None = None
+) -> list[Callable[[], Awaitable[Any]]]:
     """``GET /health`` and ``HEAD /health``: the same checks, the same status code."""
 
     async def check_all() -> Health:
         results: dict[str, DependencyCheck] = {}
+        queues: dict[str, QueueHealth] = {}
 
         async def run_check(name: str, check: Check) -> None:
-            outage = await probe(check, within=HEALTH_CHECK_SECONDS)
+            said: str | None = None
+
+            async def checking() -> None:
+                nonlocal said
+                said = await check()
+
+            outage = await probe(checking, within=HEALTH_CHECK_SECONDS)
             results[name] = (
-                DependencyCheck("up") if outage is None else DependencyCheck("down", outage)
+                DependencyCheck("up", said) if outage is None else DependencyCheck("down", outage)
             )
+
+        async def check_queues(check: QueueCheck) -> None:
+            # Informative only: a broker that does not answer is the broker check's to say.
+            with anyio.move_on_after(HEALTH_CHECK_SECONDS):
+                with suppress(StoreUnavailable, BrokerUnavailable):
+                    stats = await check()
+                    queues.update((q.queue, QueueHealth(q.depth, q.consumers)) for q in stats)
 
         async with anyio.create_task_group() as tg:
             for name, check in checks.items():
                 tg.start_soon(run_check, name, check)
+            if queue_check is not None:
+                tg.start_soon(check_queues, queue_check)
         healthy = all(r.status == "up" for r in results.values())
-        return Health("ok" if healthy else "unavailable", dict(sorted(results.items())))
+        return Health(
+            "ok" if healthy else "unavailable", dict(sorted(results.items())), queues or None
+        )
 
     def status_of(health: Health) -> dict[str, Any]:
         if health.status == "ok":
@@ -849,6 +896,7 @@ FOLLOWERS_RETRY_AFTER = 5
 
 _STATUS_OF: list[tuple[type[Exception], int]] = [
     (TaskNotFound, HTTP_404_NOT_FOUND),
+    (ChainRefused, HTTP_422_UNPROCESSABLE_ENTITY),
     (RunNotFound, HTTP_404_NOT_FOUND),
     (TaskAlreadyExists, HTTP_409_CONFLICT),
     (InvalidTransition, HTTP_409_CONFLICT),
@@ -956,12 +1004,14 @@ def create_app(
     service: TaskService,
     *,
     checks: dict[str, Check],
+    queue_check: QueueCheck | None = None,
     tokens: Sequence[str] = (),
     body_seconds: float = DEFAULT_BODY_SECONDS,
     debug: bool = False,
 ) -> Litestar:
     """The Litestar application around ``service``; ``checks`` feed ``/health``, and the
-    ``store`` check also tells when the store is down or back (see ``OutageGate``).
+    ``store`` check also tells when the store is down or back (see ``OutageGate``);
+    ``queue_check`` gives the queues ``/health`` shows.
 
     With ``tokens``, requests need one of them as a bearer token (see the module docstring);
     without, the API is open. A request body must arrive within ``body_seconds``.
@@ -990,7 +1040,7 @@ def create_app(
                 security=security,
                 before_request=admit_while_store_down,
             ),
-            *_health_handlers({**checks, "store": store_gate.check_now}),
+            *_health_handlers({**checks, "store": store_gate.check_now}, queue_check),
             swagger_redirect,
             metrics_handler(opt={EXCLUDE_FROM_AUTH: True}),
             dashboard_redirect,

@@ -15,7 +15,9 @@ import re
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from typing import Any
+from urllib.parse import urlsplit
 
+from app.domain import DEFAULT_QUEUE, QUEUE_NAME_PATTERN
 from app.logs import LOG_FORMATS
 from app.ports import ALL_ROLES, EVENT_HISTORY, FOLLOW_KEEPALIVE, MAX_FOLLOWERS, Role
 
@@ -40,6 +42,11 @@ class ConfigError(ValueError):
     """A setting has a value taskq cannot use; the message names the setting."""
 
 
+QueueSpec = tuple[str, int | None]
+"""A queue a consumer serves, and the commands it runs from it at once (``None``: the
+general concurrency)."""
+
+
 @dataclass(frozen=True, slots=True)
 class Settings:
     store_url: str = DEFAULT_REDIS_URL
@@ -51,6 +58,8 @@ class Settings:
     roles: tuple[Role, ...] = ALL_ROLES
     # Commands one consumer process runs at once; None: see ``commands_per_process``.
     concurrency: int | None = None
+    # The queues the consumer role serves, each with its own concurrency if given.
+    queues: tuple[QueueSpec, ...] = ((DEFAULT_QUEUE, None),)
     output_limit: int = 1_048_576
     run_history: int = 100
     event_history: int = EVENT_HISTORY
@@ -85,6 +94,7 @@ class Settings:
         elif address := env.get("REDIS_ADDRESS"):
             values["store_url"] = f"redis://{address}/0"
         if url := _secret(env, "AMQP_URL") or _secret(env, "REDIS_MQ_URL"):
+            parse_amqp_urls(url)  # several nodes: each must be a full URL
             values["broker_url"] = url
         if host := env.get("SERVER_HOST"):
             values["host"] = host
@@ -94,6 +104,8 @@ class Settings:
             values["api_tokens"] = parse_tokens(tokens)
         if roles := env.get("TASKQ_ROLES"):
             values["roles"] = parse_roles(roles)
+        if (queues := env.get("TASKQ_QUEUES")) is not None:
+            values["queues"] = parse_queues(queues)
         if secret := _secret(env, "TASKQ_WEBHOOK_SECRET"):
             values["webhook_secret"] = secret
         if public_url := env.get("TASKQ_PUBLIC_URL"):
@@ -119,6 +131,7 @@ class Settings:
             "SERVER_HOST": self.host,
             "TASKQ_KEY_PREFIX": self.key_prefix,
             "TASKQ_ROLES": ",".join(self.roles),
+            "TASKQ_QUEUES": format_queues(self.queues),
             "TASKQ_LOG_FORMAT": self.log_format,
         }
         if self.api_tokens:
@@ -152,6 +165,11 @@ class Settings:
         if self.concurrency is not None:
             return self.concurrency
         return -(-2 * usable_cores() // self.consumer_processes())
+
+    def queue_concurrency(self) -> dict[str, int]:
+        """Commands one consumer process runs at once from each queue it serves."""
+        general = self.commands_per_process()
+        return {name: general if count is None else count for name, count in self.queues}
 
     def run_links_base(self) -> str:
         """Where the API is reached, for the run links in notifications:
@@ -195,6 +213,42 @@ def parse_public_url(text: str) -> str:
     return text.rstrip("/")
 
 
+def parse_amqp_urls(text: str) -> tuple[str, ...]:
+    """The node URLs of ``AMQP_URL``: one URL (taken as it is), or several comma-separated
+    ``amqp://`` / ``amqps://`` URLs, nodes of one RabbitMQ cluster to be tried in turn.
+
+    A comma in a password (``amqp://user:pa,ss@host/``) leaves a single URL whole; in a
+    list, commas in passwords must be written ``%2C``.
+    """
+    if "," not in text or _commas_only_in_userinfo(text):
+        return (text,)
+    parts = [part.strip() for part in text.split(",")]
+    nodes = len(parts)
+    for number, part in enumerate(parts, 1):
+        where = f"AMQP_URL lists {nodes} RabbitMQ nodes, but node {number}"
+        parsed = urlsplit(part)
+        if not part:
+            raise ConfigError(f"{where} is empty (a stray comma?)")
+        if parsed.scheme not in ("amqp", "amqps") or not parsed.hostname:
+            raise ConfigError(
+                f"{where} is not a full amqp:// or amqps:// URL with a host:"
+                f" {_without_userinfo(part)!r}"
+            )
+    if len(set(parts)) < nodes:
+        raise ConfigError(f"AMQP_URL names a node twice: {_without_userinfo(text)!r}")
+    return tuple(parts)
+
+
+def _commas_only_in_userinfo(text: str) -> bool:
+    parts = urlsplit(text)
+    host = parts.netloc.rpartition("@")[2]
+    return bool(parts.scheme) and "," not in host + parts.path + parts.query + parts.fragment
+
+
+def _without_userinfo(text: str) -> str:
+    return re.sub(r"//[^/@,]*@", "//", text)
+
+
 def parse_tokens(text: str) -> tuple[str, ...]:
     """The comma-separated tokens of ``TASKQ_API_TOKENS``; a value naming none is refused
     rather than leaving the API open."""
@@ -226,6 +280,36 @@ def parse_log_format(text: str) -> str:
     if text not in LOG_FORMATS:
         raise ConfigError(f"TASKQ_LOG_FORMAT must be one of {', '.join(LOG_FORMATS)}, got {text!r}")
     return text
+
+
+def parse_queues(text: str) -> tuple[QueueSpec, ...]:
+    """``TASKQ_QUEUES`` / ``--queues``: comma-separated queue names, each optionally with
+    its own concurrency (``build=4,deploy``)."""
+    specs: list[QueueSpec] = []
+    for part in (part.strip() for part in text.split(",")):
+        name, has_count, count_text = (p.strip() for p in part.partition("="))
+        if not re.fullmatch(QUEUE_NAME_PATTERN, name):
+            raise ConfigError(
+                f"TASKQ_QUEUES: {name!r} is not a queue name (1-64 letters, digits, '_', "
+                f"'.', '-'); expected a comma-separated list like 'build=4,deploy', got {text!r}"
+            )
+        count = None
+        if has_count:
+            if not re.fullmatch(r"[0-9]{1,6}", count_text) or int(count_text) < 1:
+                raise ConfigError(
+                    f"TASKQ_QUEUES: the concurrency of {name!r} must be a whole number of at "
+                    f"least 1, got {count_text!r}"
+                )
+            count = int(count_text)
+        if any(name == seen for seen, _ in specs):
+            raise ConfigError(f"TASKQ_QUEUES: queue {name!r} is named twice in {text!r}")
+        specs.append((name, count))
+    return tuple(specs)
+
+
+def format_queues(queues: tuple[QueueSpec, ...]) -> str:
+    """``queues`` as ``parse_queues`` reads them."""
+    return ",".join(name if count is None else f"{name}={count}" for name, count in queues)
 
 
 def parse_roles(text: str) -> tuple[Role, ...]:

@@ -20,14 +20,15 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Generator
-from contextlib import contextmanager, nullcontext
+from collections.abc import Callable, Generator, Mapping
+from contextlib import ExitStack, contextmanager, nullcontext
 from datetime import UTC, datetime, timedelta
 
 import anyio
 from anyio.abc import TaskGroup
 from anyio.abc import TaskStatus as StartedStatus
 
+from app.chains import involves_chain
 from app.coalescing import Coalescer
 from app.domain import (
     CANCELLED_REASON,
@@ -54,7 +55,7 @@ from app.live_output import OutputRelay
 from app.logs import about, handling
 from app.metrics import FREE_SLOTS, RUNNING_COMMANDS, count_committed
 from app.outages import Backoff, settle, until_available
-from app.ports import Broker, Delivery, Store, StoreUnavailable, TaskChange
+from app.ports import DEFAULT_QUEUE, Broker, Delivery, Store, StoreUnavailable, TaskChange
 from app.stopping import cancel_after, cancel_when_set
 from app.transactions import transact
 from app.watchdog import Watchdog
@@ -161,7 +162,8 @@ def _log_ended(run: Run, outcome: Outcome) -> None:
 
 
 class Consumer:
-    """Runs dispatched tasks, at most ``concurrency`` at a time."""
+    """Runs dispatched tasks from the queues it serves, at most ``concurrency`` at a time
+    from each (or the queue's own number, ``queues``)."""
 
     def __init__(
         self,
@@ -177,14 +179,17 @@ class Consumer:
         entropy: Entropy = ENTROPY,
         watchdog: Watchdog | None = None,
         held_room: int | None = None,
+        queues: Mapping[str, int] | None = None,
     ) -> None:
-        """``held_room`` is the prefetch beyond ``concurrency`` for deliveries held until
-        their due time (default ``HELD_ROOM_PER_SLOT`` per slot). With no scheduler
-        looking ahead, 0: a busy consumer then reserves no message another could run."""
+        """``held_room`` is the prefetch beyond a queue's concurrency for deliveries held
+        until their due time (default ``HELD_ROOM_PER_SLOT`` per slot). With no scheduler
+        looking ahead, 0: a busy consumer then reserves no message another could run.
+        ``queues``: the taskq queues served, each with the commands run from it at once
+        (default: the default queue, with ``concurrency``)."""
         self._store = store
         self._broker = broker
-        self._concurrency = concurrency
-        self._held_room = HELD_ROOM_PER_SLOT * concurrency if held_room is None else held_room
+        self._queues = dict(queues or {DEFAULT_QUEUE: concurrency})
+        self._held_room = held_room
         self._output_limit = output_limit
         self._shutdown_grace = shutdown_grace
         self._lease = timedelta(seconds=lease_seconds)
@@ -204,11 +209,15 @@ class Consumer:
     ) -> None:
         """Consume until ``stopping`` is set, then let running commands finish for the
         grace period and give back the ones still running after it."""
-        with RunSlots(self._concurrency).counted() as slots:
+        await self._note_queues()
+        with ExitStack() as counting:
+            slots = {
+                q: counting.enter_context(RunSlots(c).counted()) for q, c in self._queues.items()
+            }
             await self._consume(stopping, slots, task_status)
 
     async def _consume(
-        self, stopping: anyio.Event, slots: RunSlots, task_status: StartedStatus[None]
+        self, stopping: anyio.Event, slots: Mapping[str, RunSlots], task_status: StartedStatus[None]
     ) -> None:
         async with anyio.create_task_group() as timers:
             async with anyio.create_task_group() as runs:
@@ -219,25 +228,47 @@ class Consumer:
                     timers.start_soon(self._reads.serve)
                     timers.start_soon(self._commits.serve)
                     await timers.start(self._watch_cancels)
-                    prefetch = self._concurrency + self._held_room
-                    async with (
-                        self._broker.consume(prefetch=prefetch) as deliveries,
-                        anyio.create_task_group() as held,  # stops with the intake
-                    ):
+                    async with anyio.create_task_group() as intakes:
+                        for queue, concurrency in self._queues.items():
+                            await intakes.start(self._take, queue, concurrency, slots[queue], runs)
                         task_status.started()
-                        async for delivery in deliveries:
-                            if (due := self._not_before(delivery)) is not None:
-                                held.start_soon(self._hold, delivery, due, slots, runs)
-                                continue
-                            await slots.take()
-                            runs.start_soon(self._handle, delivery, slots)
-                if not intake.cancel_called:
-                    raise RuntimeError("the broker stopped delivering messages")
                 # Unstarted deliveries went back to the queue; running commands get
                 # the grace period, then are cancelled and their tasks requeued.
                 log.info("consumer stopped taking messages; waiting for running commands")
                 timers.start_soon(cancel_after, self._shutdown_grace, runs.cancel_scope)
             timers.cancel_scope.cancel()
+
+    async def _take(
+        self,
+        queue: str,
+        concurrency: int,
+        slots: RunSlots,
+        runs: TaskGroup,
+        *,
+        task_status: StartedStatus[None] = anyio.TASK_STATUS_IGNORED,
+    ) -> None:
+        """Take deliveries from ``queue`` and run them, ``concurrency`` at a time, until
+        cancelled (the intake stops)."""
+        held_room = HELD_ROOM_PER_SLOT * concurrency if self._held_room is None else self._held_room
+        async with (
+            self._broker.consume(prefetch=concurrency + held_room, queue=queue) as deliveries,
+            anyio.create_task_group() as held,  # stops with the intake
+        ):
+            task_status.started()
+            async for delivery in deliveries:
+                if (due := self._not_before(delivery)) is not None:
+                    held.start_soon(self._hold, delivery, due, slots, runs)
+                    continue
+                await slots.take()
+                runs.start_soon(self._handle, delivery, slots)
+        raise RuntimeError(f"the broker stopped delivering messages from queue {queue!r}")
+
+    async def _note_queues(self) -> None:
+        """Tell the store which queues are served, for ``/health`` (not worth waiting for)."""
+        try:
+            await self._store.note_queues(sorted(self._queues))
+        except StoreUnavailable as exc:
+            log.warning("cannot note the queues served: %s", exc)
 
     def _not_before(self, delivery: Delivery) -> datetime | None:
         """When a delivery's run is due, if that is still to come by this consumer's clock."""
@@ -426,6 +457,8 @@ class Consumer:
         Raises the ``DomainError`` of a plan the task does not allow; waits out outages.
         """
         planned = plan(known)
+        if involves_chain(planned):  # reads the chain's tasks: committed on its own
+            return await until_available(lambda: transact(self._store, known.id, plan), what)
         change = TaskChange.of(planned)
         # Sending the very same change again after an outage is safe: a store that
         # applied it (and lost the answer) reports it applied, not a conflict.

@@ -28,6 +28,10 @@ MAX_COMMAND_BYTES = 16 * 1024
 
 TaskId = Annotated[str, msgspec.Meta(pattern=TASK_ID_PATTERN, description="Task id")]
 
+DEFAULT_QUEUE = "default"
+"""The queue (worker pool) a task goes to unless it names another."""
+QUEUE_NAME_PATTERN = r"^[A-Za-z0-9_.-]{1,64}$(?!\n)"  # (?!\n): a full match
+
 
 class TaskStatus(StrEnum):
     CREATED = "created"
@@ -230,6 +234,55 @@ class Notify(msgspec.Struct, kw_only=True, omit_defaults=True, forbid_unknown_fi
     success_ping: WebhookUrl | None = None
 
 
+MAX_CHAIN_TARGETS = 32
+ChainTargets = Annotated[
+    list[TaskId],
+    msgspec.Meta(max_length=MAX_CHAIN_TARGETS, description="Task ids, each at most once"),
+]
+
+
+class Chain(msgspec.Struct, kw_only=True, omit_defaults=True, forbid_unknown_fields=True):
+    """The tasks a task's run queues when it ends for good (after its last attempt): on
+    success, or on failure; see ``app.chains``. (``notify.on_success`` is a webhook.)"""
+
+    on_success: ChainTargets = []
+    on_failure: ChainTargets = []
+
+    def __post_init__(self) -> None:
+        for name, targets in (("on_success", self.on_success), ("on_failure", self.on_failure)):
+            if len(set(targets)) < len(targets):
+                raise ValueError(f"chain.{name} names a task more than once")
+
+
+class TriggeredBy(msgspec.Struct, frozen=True, kw_only=True):
+    """The run whose end queued this one (``chain``)."""
+
+    task_id: str
+    run_id: str
+
+
+class ChainOutcome(StrEnum):
+    """What a run's end did to one of its chain's targets."""
+
+    QUEUED = "queued"
+    """A run of the target was queued."""
+    DEFERRED = "deferred"
+    """The target was busy (``overlap: queue``): it runs once its active run has ended."""
+    SKIPPED = "skipped"
+    """The target was busy (``overlap: forbid``, or a triggered run already waits)."""
+    MISSING = "missing"
+    """The target no longer exists."""
+
+
+class ChainTriggered(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
+    """One target a run's end triggered, and what became of it."""
+
+    task_id: str
+    outcome: ChainOutcome
+    run_id: str | None = None
+    """The target's run queued (or skipped) for it."""
+
+
 class Fire(msgspec.Struct, frozen=True, kw_only=True):
     """A time a task is due to run: a scheduled fire, or a failed run's retry."""
 
@@ -293,6 +346,8 @@ class TaskView(msgspec.Struct, kw_only=True):
     misfire: MisfirePolicy = MisfirePolicy.COALESCE
     misfire_grace: float = 60.0
     overlap: OverlapPolicy = OverlapPolicy.QUEUE
+    queue: str = DEFAULT_QUEUE
+    """The queue its runs are dispatched to: only consumers serving it run them."""
     status: TaskStatus = TaskStatus.CREATED
     created_at: datetime
     updated_at: datetime
@@ -304,6 +359,7 @@ class TaskView(msgspec.Struct, kw_only=True):
     active_run: ActiveRun | None = None
     retry_at: datetime | None = None
     notify: Notify | None = None
+    chain: Chain | None = None
     revision: int = 0
 
 
@@ -313,6 +369,9 @@ class Task(TaskView, kw_only=True):
     cancel_requested: bool = False
     """A cancel was asked for while it ran: its consumer stops the command. Internal: the
     API does not show it."""
+    chain_waiting: TriggeredBy | None = None
+    """A chain triggered the task while it was busy (``overlap: queue``): a run is queued
+    for it once the active run ends (``app.chains``). Internal."""
 
 
 class Run(msgspec.Struct, kw_only=True):
@@ -334,8 +393,14 @@ class Run(msgspec.Struct, kw_only=True):
     timed_out: bool = False
     error: str | None = None
     worker: str | None = None
+    queue: str = DEFAULT_QUEUE
+    """The queue the run was dispatched to (its task's when it was queued)."""
     dead_letters: int = 0
     """Times the broker gave up on this run's dispatch message (see ``dead_lettered``)."""
+    triggered_by: TriggeredBy | None = None
+    """The run of another task whose end queued this one (``chain``)."""
+    triggered: list[ChainTriggered] = []
+    """What this run's end did to the targets of the task's ``chain``."""
 
 
 class Outcome(msgspec.Struct, kw_only=True):
@@ -578,7 +643,14 @@ def delete(task: Task, now: datetime) -> Transition:
 
 
 def touch(task: Task, now: datetime, **changes: object) -> Transition:
-    """Any other change to the document (an update from the API)."""
+    """Any other change to the document (an update from the API). The queue stays while a
+    run is active: its message waits in that queue."""
+    queue = changes.get("queue", task.queue)
+    if queue != task.queue and task.active_run is not None:
+        raise InvalidTransition(
+            f"task {task.id!r} is {task.status} on queue {task.queue!r}: cancel its run "
+            "before moving it to another queue"
+        )
     return _step(task, _advance(task, now, **changes))
 
 
@@ -589,6 +661,7 @@ def _pending_with_new_run(
     entropy: Entropy,
     *,
     not_before: datetime | None = None,
+    triggered_by: TriggeredBy | None = None,
     **changes: object,
 ) -> tuple[Task, Run]:
     run = Run(
@@ -598,6 +671,8 @@ def _pending_with_new_run(
         status=RunStatus.QUEUED,
         queued_at=now,
         not_before=not_before,
+        triggered_by=triggered_by,
+        queue=task.queue,
     )
     active = ActiveRun(run_id=run.run_id, attempt=run.attempt, not_before=not_before)
     pending = _advance(task, now, status=TaskStatus.PENDING, active_run=active, **changes)
@@ -610,20 +685,28 @@ def _require_idle(task: Task) -> None:
 
 
 def queue_run(
-    task: Task, now: datetime, active: Run | None = None, *, entropy: Entropy = ENTROPY
+    task: Task,
+    now: datetime,
+    active: Run | None = None,
+    *,
+    entropy: Entropy = ENTROPY,
+    triggered_by: TriggeredBy | None = None,
 ) -> Transition:
     """Run the task now: ``pending`` with a new queued run, due at once. Refused while a
     run is active, except a fire dispatched ahead of its due time, which is withdrawn
     first (it is not due yet: without the look-ahead there would be no run to refuse
     for). A one-shot time the task waits for is consumed: this is that run, brought
     forward. ``active`` is the task's active run, if any; the new run comes first in
-    ``runs``."""
+    ``runs``. ``triggered_by``: the run of a chain that queues it."""
     idle, withdrawn = _withdraw_fire(task, active, now, "executed")
     _require_idle(idle)
+    by = triggered_by
     if waits_for_one_shot(idle):
-        pending, run = _pending_with_new_run(idle, 1, now, entropy, scheduled_at=None, next_runs=[])
+        pending, run = _pending_with_new_run(
+            idle, 1, now, entropy, scheduled_at=None, next_runs=[], triggered_by=by
+        )
     else:
-        pending, run = _pending_with_new_run(idle, 1, now, entropy)
+        pending, run = _pending_with_new_run(idle, 1, now, entropy, triggered_by=by)
     return _step(task, pending, [run, *withdrawn], DueAt(timestamp(now)))
 
 

@@ -42,6 +42,7 @@ from prometheus_client.multiprocess import (
 from app.domain import RunOutcome, Transition, ended_runs, run_outcome, started_runs
 from app.metrics_directory import MULTIPROCESS_VARIABLE
 from app.outages import probe
+from app.pools import pool_stats
 from app.ports import Broker, Store
 
 log = logging.getLogger(__name__)
@@ -96,7 +97,8 @@ FREE_SLOTS = Gauge(
 )
 QUEUE_MESSAGES = Gauge(
     "taskq_broker_queue_messages",
-    "Messages ready in the dispatch queue, not yet delivered (sampled).",
+    "Messages ready in a taskq queue, not yet delivered, by queue (sampled).",
+    ["queue"],
     multiprocess_mode="livemostrecent",
 )
 HTTP_REQUESTS = Counter(
@@ -194,9 +196,11 @@ async def _sample_once(store: Store, broker: Broker, *, whole_service: bool) -> 
             await store.ping()
 
     async def broker_sample() -> None:
-        depth = await broker.queue_depth()
-        if whole_service:
-            QUEUE_MESSAGES.set(depth)
+        if not whole_service:
+            await broker.ping()
+            return
+        for stats in await pool_stats(store, broker):
+            QUEUE_MESSAGES.labels(queue=stats.queue).set(stats.depth)
 
     async def probed(check: Callable[[], Awaitable[None]], up: Gauge) -> None:
         up.set(await probe(check, within=PROBE_SECONDS) is None)

@@ -66,7 +66,7 @@ def describe(error: BaseException) -> str:
     return f"{type(cause).__name__}: {error}"
 
 
-async def probe(check: Callable[[], Awaitable[None]], *, within: float) -> str | None:
+async def probe(check: Callable[[], Awaitable[object]], *, within: float) -> str | None:
     """Run ``check`` for at most ``within`` seconds: ``None`` if it succeeded, else
     what went wrong (``describe``), or that it did not answer in time."""
     try:
@@ -99,7 +99,7 @@ class OutageGate:
 
     def __init__(
         self,
-        check: Callable[[], Awaitable[None]],
+        check: Callable[[], Awaitable[object]],
         *,
         probe_every: float = 1.0,
         probe_budget: float = 0.5,

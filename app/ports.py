@@ -18,6 +18,7 @@ from typing import Literal, Protocol
 import msgspec
 
 # The schedule-entry vocabulary is the domain's; adapters and tests reach it here too.
+from app.domain import DEFAULT_QUEUE as DEFAULT_QUEUE
 from app.domain import KEEP as KEEP
 from app.domain import UNSCHEDULE as UNSCHEDULE
 from app.domain import DueAt as DueAt
@@ -45,7 +46,9 @@ class TaskChange:
     its runs and its schedule). ``runs`` are run records to write alongside. Any change
     to the schedule also invalidates a scheduler's claim on the task. ``notifications``
     go into the outbox (``NotificationOutbox``), each with a pending record on its run.
-    ``events`` go to the event log (``EventLog``) in the same step.
+    ``events`` go to the event log (``EventLog``) in the same step. ``chained`` are
+    changes of other tasks committed in the same step, all or none (the runs a run's end
+    triggers, ``app.chains``): each is checked against its own expected revision.
     """
 
     task_id: str
@@ -55,6 +58,7 @@ class TaskChange:
     schedule: ScheduleChange = field(default=KEEP)
     notifications: Sequence[Notification] = ()
     events: Sequence[Event] = ()
+    chained: Sequence[TaskChange] = ()
 
     @classmethod
     def of(cls, transition: Transition) -> TaskChange:
@@ -369,7 +373,22 @@ class EventLog(Protocol):
         ...
 
 
-class Store(TaskStore, CancelNotices, LiveOutput, NotificationOutbox, EventLog, Protocol):
+class QueueDirectory(Protocol):
+    """The taskq queues in use (named by a task, or served by a consumer), so that
+    ``/health`` knows which to ask the broker about. Names are only ever added."""
+
+    async def note_queues(self, queues: Sequence[str]) -> None:
+        """Remember these queues as in use; raises ``StoreUnavailable``."""
+        ...
+
+    async def queues_in_use(self) -> list[str]:
+        """Every queue noted so far, sorted; raises ``StoreUnavailable``."""
+        ...
+
+
+class Store(
+    TaskStore, CancelNotices, LiveOutput, NotificationOutbox, EventLog, QueueDirectory, Protocol
+):
     """Every store port at once: what ``open_store`` opens (one connection for all)."""
 
 
@@ -395,12 +414,14 @@ class Dispatch(msgspec.Struct, frozen=True, omit_defaults=True):
     """The body of a dispatch message: which run of which task to execute, and from when
     (``not_before``, unix seconds: a run dispatched ahead of its due time; ``None``, as
     in messages from before it existed, means at once). Without one, the body is what
-    it was before ``not_before`` existed."""
+    it was before ``not_before`` existed. ``queue`` is the taskq queue it is routed to;
+    the default one is left out, so such a body is what it was before queues existed."""
 
     task_id: str
     run_id: str
     attempt: int
     not_before: float | None = None
+    queue: str = DEFAULT_QUEUE
 
 
 _dispatch_decoder = msgspec.json.Decoder(Dispatch)
@@ -438,6 +459,16 @@ class Delivery(Protocol):
         ...
 
 
+@dataclass(frozen=True, slots=True)
+class QueueStats:
+    """One taskq queue as the broker sees it: messages ready in it (not yet delivered)
+    and the consumers taking from it."""
+
+    queue: str
+    depth: int
+    consumers: int
+
+
 class Broker(Protocol):
     """Carries dispatch messages from schedulers to consumers.
 
@@ -445,20 +476,29 @@ class Broker(Protocol):
     reached; a ``consume`` iterator waits through such an outage and goes on after it.
     """
 
-    async def ping(self) -> None:
-        """Raise if the broker cannot be reached."""
+    async def ping(self) -> str | None:
+        """Raise if the broker cannot be reached; else what ``/health`` may say of it
+        (such as the node it answered from), or ``None``."""
         ...
 
     async def queue_depth(self) -> int:
-        """How many messages wait in the queue, not yet delivered to a consumer."""
+        """How many messages wait in the default queue, not yet delivered to a consumer."""
+        ...
+
+    async def queue_stats(self, queues: Sequence[str]) -> list[QueueStats]:
+        """Depth and consumers of each of these taskq queues, in order (a queue nothing
+        was sent to or consumed from yet has neither)."""
         ...
 
     async def publish(self, messages: Sequence[Dispatch]) -> list[Dispatch]:
-        """Publish persistently; return the messages the broker confirmed, in order."""
+        """Publish persistently, each message to its ``queue`` (which need not have a
+        consumer yet: it waits there); return the messages the broker confirmed, in order."""
         ...
 
-    def consume(self, *, prefetch: int) -> AbstractAsyncContextManager[AsyncIterator[Delivery]]:
-        """Deliveries from the queue, at most ``prefetch`` unsettled at a time.
+    def consume(
+        self, *, prefetch: int, queue: str = DEFAULT_QUEUE
+    ) -> AbstractAsyncContextManager[AsyncIterator[Delivery]]:
+        """Deliveries from the taskq queue ``queue``, at most ``prefetch`` unsettled at a time.
 
         Leaving the context stops consuming; unsettled deliveries go back to the queue.
         """

@@ -31,6 +31,7 @@ from datetime import UTC, datetime, timedelta
 import anyio
 from anyio.abc import TaskStatus as StartedStatus
 
+from app.chains import involves_chain
 from app.domain import (
     DEAD_LETTER_LIMIT,
     ENTROPY,
@@ -56,7 +57,7 @@ from app.metrics import CLAIMS, DEAD_LETTERS, DISPATCHES, count_committed
 from app.outages import OUTAGES, Backoff, settle, until_available
 from app.ports import Broker, Claim, Delivery, Dispatch, TaskChange, TaskStore
 from app.stopping import cancel_when_set
-from app.transactions import transact
+from app.transactions import commit_alone, transact
 
 log = logging.getLogger(__name__)
 
@@ -85,7 +86,13 @@ def _dispatch_of(task: Task) -> Dispatch:
     assert task.active_run is not None
     run = task.active_run
     not_before = None if run.not_before is None else timestamp(run.not_before)
-    return Dispatch(task_id=task.id, run_id=run.run_id, attempt=run.attempt, not_before=not_before)
+    return Dispatch(
+        task_id=task.id,
+        run_id=run.run_id,
+        attempt=run.attempt,
+        not_before=not_before,
+        queue=task.queue,
+    )
 
 
 def plan_dispatch(
@@ -280,12 +287,23 @@ class Scheduler:
         return len(claims)
 
     async def _commit_each(self, changes: list[Transition]) -> list[bool]:
-        """Commit each change on its own; whether each was applied (and counted)."""
-        applied = await self._store.commit_each([TaskChange.of(c) for c in changes])
-        for change, ok in zip(changes, applied, strict=True):
-            if ok:
+        """Commit each change on its own; whether each was applied (and counted). One
+        that triggers a chain reads its tasks first and is committed with them."""
+        batched = [c for c in changes if not involves_chain(c)]
+        applied = dict(
+            zip(
+                (id(c) for c in batched),
+                await self._store.commit_each([TaskChange.of(c) for c in batched]),
+                strict=True,
+            )
+        )
+        for change in batched:
+            if applied[id(change)]:
                 count_committed(change)
-        return applied
+        for change in changes:
+            if id(change) not in applied:
+                applied[id(change)] = await commit_alone(self._store, change)
+        return [applied[id(c)] for c in changes]
 
     async def reap_dead_letters(
         self, *, task_status: StartedStatus[None] = anyio.TASK_STATUS_IGNORED

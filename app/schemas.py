@@ -15,8 +15,11 @@ from cronsim import CronSim, CronSimError
 from msgspec import UNSET, UnsetType
 
 from app.domain import (
+    DEFAULT_QUEUE,
     MAX_COMMAND_BYTES,
+    QUEUE_NAME_PATTERN,
     TASK_ID_PATTERN,
+    Chain,
     MisfirePolicy,
     Notify,
     OverlapPolicy,
@@ -61,6 +64,14 @@ Env = Annotated[
     msgspec.Meta(
         max_length=MAX_ENV_ENTRIES,
         description=f"At most {MAX_ENV_BYTES} bytes of names and values in all",
+    ),
+]
+QueueName = Annotated[
+    str,
+    msgspec.Meta(
+        pattern=QUEUE_NAME_PATTERN,
+        description="The queue (worker pool) its runs go to: 1-64 letters, digits, '_', '.',"
+        " '-'; only consumers serving it run them",
     ),
 ]
 Cwd = Annotated[str, msgspec.Meta(min_length=1, max_length=4096, pattern=NO_NUL)]
@@ -181,8 +192,10 @@ class TaskCreate(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     misfire: Misfire = MisfirePolicy.COALESCE
     misfire_grace: MisfireGrace = 60.0
     overlap: Overlap = OverlapPolicy.QUEUE
+    queue: QueueName = DEFAULT_QUEUE
     scheduled_at: Moment | None = None
     notify: Notify | None = None
+    chain: Chain | None = None
 
     def __post_init__(self) -> None:
         if self.id == UPCOMING_ROUTE_ID:
@@ -224,7 +237,9 @@ class TaskUpdate(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     misfire: Misfire | UnsetType = UNSET
     misfire_grace: MisfireGrace | UnsetType = UNSET
     overlap: Overlap | UnsetType = UNSET
+    queue: QueueName | UnsetType = UNSET
     notify: Notify | UnsetType | None = UNSET
+    chain: Chain | UnsetType | None = UNSET
 
     def __post_init__(self) -> None:
         _check_program(

@@ -13,8 +13,11 @@ from collections.abc import AsyncGenerator, AsyncIterator, Callable, Sequence
 from contextlib import AsyncExitStack
 from datetime import UTC, datetime
 
+from app.chains import check_chain
 from app.domain import (
+    DEFAULT_QUEUE,
     ENTROPY,
+    Chain,
     DomainError,
     Entropy,
     Run,
@@ -48,6 +51,9 @@ from app.upcoming import (
     resume_window,
     upcoming_page,
 )
+
+QUEUE_SCAN_READS = 10
+"""Batches of the task index one page of ``GET /tasks?queue=`` reads at most."""
 
 
 class InvalidCursor(DomainError):
@@ -97,6 +103,12 @@ class TaskService:
         or by an earlier one of ``specs``)."""
         now = self._clock()
         transitions = [create(self._new_task(spec, now)) for spec in specs]
+        for transition in transitions:
+            await check_chain(self._store, transition.task_id, transition.task.chain)
+        if named := sorted({spec.queue for spec in specs} - {DEFAULT_QUEUE}):
+            # The default queue is always in use: a create that names no other costs
+            # no extra round trip.
+            await self._store.note_queues(named)
         created = await self._store.create_each([TaskChange.of(t) for t in transitions])
         return [
             transition.task if applied else TaskAlreadyExists(transition.task_id)
@@ -120,7 +132,9 @@ class TaskService:
             misfire=spec.misfire,
             misfire_grace=spec.misfire_grace,
             overlap=spec.overlap,
+            queue=spec.queue,
             notify=spec.notify,
+            chain=spec.chain,
             created_at=now,
             updated_at=now,
             scheduled_at=scheduled_at,
@@ -134,15 +148,42 @@ class TaskService:
         return task
 
     async def list(
-        self, *, status: TaskStatus | None, limit: int, cursor: str | None
+        self,
+        *,
+        status: TaskStatus | None,
+        limit: int,
+        cursor: str | None,
+        queue: str | None = None,
     ) -> tuple[list[Task], str | None]:
-        """A page of tasks in id order and the cursor of the next page (``None`` at the end)."""
+        """A page of tasks in id order and the cursor of the next page (``None`` at the end).
+
+        With ``queue``, only that queue's tasks: there is no index by queue, so a page
+        reads at most ``QUEUE_SCAN_READS`` batches of the index and may come back short
+        (even empty) with a cursor to go on from."""
         after = None if cursor is None else decode_cursor(cursor)
-        tasks = await self._store.list_tasks(status=status, limit=limit + 1, after=after)
-        if len(tasks) <= limit:
-            return tasks, None
-        page = tasks[:limit]
-        return page, encode_cursor(page[-1].id)
+        if queue is None:
+            tasks = await self._store.list_tasks(status=status, limit=limit + 1, after=after)
+            if len(tasks) <= limit:
+                return tasks, None
+            page = tasks[:limit]
+            return page, encode_cursor(page[-1].id)
+        return await self._list_queue(queue, status=status, limit=limit, after=after)
+
+    async def _list_queue(
+        self, queue: str, *, status: TaskStatus | None, limit: int, after: str | None
+    ) -> tuple[list[Task], str | None]:
+        page: list[Task] = []
+        for _ in range(QUEUE_SCAN_READS):
+            batch = await self._store.list_tasks(status=status, limit=limit, after=after)
+            for task in batch:
+                if task.queue == queue:
+                    page.append(task)
+                    if len(page) == limit:
+                        return page, encode_cursor(task.id)
+            if len(batch) < limit:
+                return page, None
+            after = batch[-1].id
+        return page, None if after is None else encode_cursor(after)
 
     async def upcoming(
         self, *, start: str | None, end: str | None, limit: int, cursor: str | None
@@ -157,6 +198,11 @@ class TaskService:
 
     async def update(self, task_id: str, patch: TaskUpdate) -> Task:
         changes = patch.changes()
+        if "chain" in changes:
+            chain = patch.chain if isinstance(patch.chain, Chain) else None
+            await check_chain(self._store, task_id, chain)
+        if isinstance(queue := changes.get("queue"), str) and queue != DEFAULT_QUEUE:
+            await self._store.note_queues([queue])
         return await self._change(task_id, lambda task: touch(task, self._clock(), **changes))
 
     async def delete(self, task_id: str) -> None:

@@ -35,7 +35,8 @@ from app.consumer_processes import parent_gone, report_ready, run_consumer_proce
 from app.metrics import describe_process, sample
 from app.metrics_http import METRICS_PATH, metrics_app
 from app.notifier import NO_SECRET_WARNING, Notifier
-from app.ports import Broker, Store
+from app.pools import pool_stats
+from app.ports import DEFAULT_QUEUE, Broker, Store
 from app.scheduler import Scheduler
 from app.service import TaskService
 from app.startup import stop_requested
@@ -192,6 +193,7 @@ def _role_bodies(
         app = create_app(
             TaskService(store),
             checks={"store": store.ping, "broker": broker.ping},
+            queue_check=partial(pool_stats, store, broker),
             tokens=settings.api_tokens,
             body_seconds=settings.request_timeout,
         )
@@ -211,9 +213,7 @@ def _role_bodies(
         yield (
             "consumer",
             partial(run_consumer_processes, settings, stopping),
-            lambda count: (
-                f"{count} consumer processes ({settings.commands_per_process()} at a time each)"
-            ),
+            lambda count: f"{count} consumer processes ({_describe_queues(settings)} each)",
         )
     elif "consumer" in settings.roles:
         consumer = Consumer(
@@ -225,13 +225,23 @@ def _role_bodies(
             lease_seconds=settings.lease_seconds,
             watchdog=watchdog,
             held_room=None if settings.lookahead_seconds > 0 else 0,
+            queues=settings.queue_concurrency(),
         )
         yield (
             "consumer",
             partial(consumer.run, stopping),
-            lambda _: f"consumer ({settings.commands_per_process()} at a time)",
+            lambda _: f"consumer ({_describe_queues(settings)})",
         )
     yield from _metrics_role(settings, store, broker, stopping, supervised=supervised)
+
+
+def _describe_queues(settings: Settings) -> str:
+    """How the ready line says what a consumer serves: ``2 at a time`` for the default
+    queue alone, else ``queues build (4 at a time), deploy (2 at a time)``."""
+    queues = settings.queue_concurrency()
+    if list(queues) == [DEFAULT_QUEUE]:
+        return f"{queues[DEFAULT_QUEUE]} at a time"
+    return "queues " + ", ".join(f"{q} ({n} at a time)" for q, n in queues.items())
 
 
 def _metrics_role(

@@ -9,9 +9,10 @@ from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
 
+from app.chains import chained_change, change_of, involves_chain
 from app.domain import RevisionConflict, Run, Task, TaskNotFound, Transition
 from app.metrics import count_committed
-from app.ports import TaskChange, TaskStore
+from app.ports import TaskStore
 
 MAX_COMMIT_ATTEMPTS = 50
 
@@ -70,13 +71,23 @@ async def transact_with_active_run(
 
 
 async def _commit(store: TaskStore, transition: Transition) -> Transition | None:
-    """Commit ``transition``; ``None`` when the task changed since it was read."""
+    """Commit ``transition`` with what it does to the tasks of its chain (``app.chains``);
+    ``None`` when the task, or a task of its chain, changed since it was read."""
+    targets: list[Transition] = []
+    if involves_chain(transition):
+        transition, targets = await chained_change(store, transition)
     try:
-        await store.commit(TaskChange.of(transition))
+        await store.commit(change_of(transition, targets))
     except RevisionConflict:
         return None
-    count_committed(transition)
+    for committed in (transition, *targets):
+        count_committed(committed)
     return transition
+
+
+async def commit_alone(store: TaskStore, transition: Transition) -> bool:
+    """Commit ``transition`` (with its chain), planned already; whether it applied."""
+    return await _commit(store, transition) is not None
 
 
 async def _retrying(

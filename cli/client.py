@@ -56,9 +56,14 @@ class ApiClient:
         return (await self.request("POST", "/bulk/tasks", json={"tasks": bodies})).json()  # type: ignore[no-any-return]
 
     async def list_tasks(
-        self, *, status: str | None, limit: int | None, cursor: str | None
+        self,
+        *,
+        status: str | None,
+        limit: int | None,
+        cursor: str | None,
+        queue: str | None = None,
     ) -> tuple[list[Any], str | None]:
-        params = {"status": status, "limit": limit, "cursor": cursor}
+        params = {"status": status, "limit": limit, "cursor": cursor, "queue": queue}
         response = await self.request("GET", "/tasks", params=params)
         return response.json(), response.headers.get("x-next-cursor")
 

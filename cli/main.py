@@ -13,12 +13,13 @@ import anyio
 import asyncclick as click
 import sniffio
 
-from app.config import MEMORY_URL, ConfigError, Settings, parse_roles
+from app.config import MEMORY_URL, ConfigError, Settings, parse_queues, parse_roles
 from app.logs import configure_logging
 from app.metrics_directory import metrics_directory
 from app.schemas import MAX_BULK_TASKS
 from app.startup import service_environment
 from cli.bulk import batches, read_tasks
+from cli.chains import chain_body, chain_notes, chain_options, chain_summary, triggered_by_note
 from cli.client import ApiClient, ApiError, open_client
 
 P = ParamSpec("P")
@@ -102,9 +103,15 @@ def _service_options(function: Callable[P, Awaitable[T]]) -> Callable[P, Awaitab
 # A consumer process started by `taskq serve --processes N`: its stdin and stdout are the
 # parent's pipes (app.consumer_processes).
 @click.option("--supervised", is_flag=True, hidden=True)
+@click.option(
+    "--queues",
+    help="Queues (worker pools) the consumer role serves, comma-separated, each with its own"
+    " concurrency if given: build=4,deploy (env TASKQ_QUEUES; default: default).",
+)
 @_service_options
 async def serve(
     roles: str | None,
+    queues: str | None,
     redis_url: str | None,
     amqp_url: str | None,
     key_prefix: str | None,
@@ -119,6 +126,7 @@ async def serve(
     try:
         settings = Settings.from_env(service_environment()).with_overrides(
             roles=None if roles is None else parse_roles(roles),
+            queues=None if queues is None else parse_queues(queues),
             store_url=redis_url,
             broker_url=amqp_url,
             key_prefix=key_prefix,
@@ -244,6 +252,11 @@ def _program_options(function: Callable[P, Awaitable[T]]) -> Callable[P, Awaitab
                 help="A fire due while the previous run has not ended: run it right after "
                 "(queue, the default) or skip it (forbid).",
             ),
+            click.option(
+                "--queue",
+                help="The queue (worker pool) its runs go to: only consumers serving it "
+                "(taskq serve --queues) run them (default: default).",
+            ),
         ]
     ):
         function = option(function)
@@ -263,6 +276,7 @@ def _program_body(
     misfire: str | None,
     misfire_grace: float | None,
     overlap: str | None,
+    queue: str | None,
 ) -> dict[str, Any]:
     body: dict[str, Any] = {
         "description": description,
@@ -277,6 +291,7 @@ def _program_body(
         "misfire": misfire,
         "misfire_grace": misfire_grace,
         "overlap": overlap,
+        "queue": queue,
     }
     return {k: v for k, v in body.items() if v is not None}
 
@@ -342,6 +357,7 @@ def _notify_body(
 @click.option("--name", help="Human-readable name (required unless --from).")
 @_program_options
 @_notify_options
+@chain_options
 @click.option("--at", help="Schedule for this time (RFC 3339, e.g. 2025-12-01T15:00:00Z).")
 @click.option(
     "--from",
@@ -366,8 +382,10 @@ async def create(
     """Create a task (or, with --from, many)."""
     urls = {event: program.pop(event) for event in _NOTIFY_URLS}
     notify = _notify_body(None, still_running_after=still_running_after, no_notify=False, **urls)
+    chain = chain_body(None, **_chain_given(program))
     body = {"id": task_id, "name": name, "scheduled_at": at, **_program_body(**program)}
-    body = {k: v for k, v in {**body, "notify": notify or None}.items() if v is not None}
+    body = {"notify": notify or None, "chain": chain or None, **body}
+    body = {k: v for k, v in body.items() if v is not None}
     if from_file is not None:
         if body:
             raise click.UsageError(
@@ -420,6 +438,7 @@ def _created_line(number: int, body: Any, answer: dict[str, Any]) -> str:
     "--status",
     type=click.Choice(["created", "pending", "running", "completed", "failed", "cancelled"]),
 )
+@click.option("--queue", help="Only the tasks of this queue (worker pool).")
 @click.option("--limit", type=click.IntRange(1, 1000), help="Tasks per page.")
 @click.option("--cursor", help="Continue from this cursor (printed after a page).")
 @click.option("--all", "every_page", is_flag=True, help="Follow the cursor to the last page.")
@@ -427,15 +446,20 @@ def _created_line(number: int, body: Any, answer: dict[str, Any]) -> str:
 async def list_tasks(
     client: ApiClient,
     status: str | None,
+    queue: str | None,
     limit: int | None,
     cursor: str | None,
     every_page: bool,
     as_json: bool,
 ) -> None:
     """List tasks, in id order."""
-    tasks, next_cursor = await client.list_tasks(status=status, limit=limit, cursor=cursor)
+    tasks, next_cursor = await client.list_tasks(
+        status=status, limit=limit, cursor=cursor, queue=queue
+    )
     while every_page and next_cursor:
-        more, next_cursor = await client.list_tasks(status=status, limit=limit, cursor=next_cursor)
+        more, next_cursor = await client.list_tasks(
+            status=status, limit=limit, cursor=next_cursor, queue=queue
+        )
         tasks += more
     _emit(tasks, as_json, _task_table)
     if next_cursor and not as_json:
@@ -488,6 +512,7 @@ async def get(client: ApiClient, task_id: str, as_json: bool) -> None:
 @click.option("--name")
 @_program_options
 @_notify_options
+@chain_options
 @_client_command
 async def update(
     client: ApiClient,
@@ -501,8 +526,13 @@ async def update(
     """Change a task; options not given stay as they are (notifications too: each
     --on-... option replaces that one only)."""
     urls = {event: program.pop(event) for event in _NOTIFY_URLS}
+    chain_given = _chain_given(program)
     body = {"name": name, **_program_body(**program)}
     body = {k: v for k, v in body.items() if v is not None}
+    if any(chain_given.values()):
+        current = None if chain_given["no_chain"] else await client.get_task(task_id)
+        chain = chain_body(current and current.get("chain"), **chain_given)
+        body["chain"] = chain or None
     if no_notify or still_running_after is not None or any(urls.values()):
         current = None if no_notify else (await client.get_task(task_id)).get("notify")
         notify = _notify_body(
@@ -751,12 +781,13 @@ def _task_table(tasks: list[dict[str, Any]]) -> str:
             t["id"],
             t["name"],
             t["status"],
+            t.get("queue", "default"),
             _short_time(t.get("scheduled_at")),
             _last_run(t),
         ]
         for t in tasks
     ]
-    return _table(rows, ["ID", "NAME", "STATUS", "SCHEDULED", "LAST RUN"])
+    return _table(rows, ["ID", "NAME", "STATUS", "QUEUE", "SCHEDULED", "LAST RUN"])
 
 
 def _fire_table(fires: list[dict[str, Any]]) -> str:
@@ -789,12 +820,14 @@ def _task_details(task: dict[str, Any]) -> str:
         ("paused", "yes" if task.get("paused") else "no"),
         ("misfire", f"{task['misfire']} (grace {task['misfire_grace']:g} s)"),
         ("overlap", task["overlap"]),
+        ("queue", task.get("queue", "default")),
         ("timeout", task.get("timeout") or "-"),
         ("attempts", f"{task['max_attempts']} (backoff {task['retry_backoff']:g} s)"),
         ("retry at", task.get("retry_at") or "-"),
         ("cwd", task.get("cwd") or "-"),
         ("env", ", ".join(f"{k}={v}" for k, v in _env_of(task).items()) or "-"),
         ("notify", _notify_summary(task.get("notify"))),
+        ("chain", chain_summary(task.get("chain"))),
         ("last run", _last_run(task)),
         ("created", task["created_at"]),
         ("updated", task["updated_at"]),
@@ -812,6 +845,11 @@ def _recurrence(schedule: dict[str, Any] | None) -> str:
     )
     bounds = [f"{word} {schedule[word]}" for word in ("start", "end") if schedule.get(word)]
     return ", ".join([what, *bounds])
+
+
+def _chain_given(options: dict[str, Any]) -> dict[str, Any]:
+    """Take the chain options out of ``options``."""
+    return {name: options.pop(name) for name in ("chain_success", "chain_failure", "no_chain")}
 
 
 def _notify_summary(notify: dict[str, Any] | None) -> str:
@@ -842,7 +880,7 @@ def _run_table(runs: list[dict[str, Any]]) -> str:
             "-" if r["duration"] is None else f"{r['duration']:.3f}s",
             _short_time(r.get("started_at")),
             r.get("worker") or "-",
-            _shorten(r.get("error") or "", NOTE_WIDTH),
+            _shorten(r.get("error") or triggered_by_note(r), NOTE_WIDTH),
         ]
         for r in runs
     ]
@@ -861,6 +899,7 @@ def _run_details(run: dict[str, Any]) -> str:
         notes.append("output truncated (head and tail kept)")
     records = cast(list[dict[str, Any]], run.get("notifications") or [])
     notes += [_delivery_note(record) for record in records]
+    notes += chain_notes(run)
     body = run["output"].rstrip("\n")
     return "\n".join([head, *(f"note: {n}" for n in notes), "", body])
 

@@ -1,5 +1,5 @@
-"""Opening the ports: the URL scheme picks the adapter (``redis://``, ``redis+cluster://``,
-``amqp://``, ``memory://``)."""
+"""Opening the ports: the URL scheme picks the adapter (``redis://``,
+``redis+sentinel://``, ``redis+cluster://``, ``amqp://``, ``memory://``)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from collections.abc import AsyncGenerator
 from contextlib import asynccontextmanager
 from urllib.parse import urlsplit
 
-from app.config import ConfigError
+from app.config import ConfigError, parse_amqp_urls
 from app.ports import EVENT_HISTORY, FOLLOW_KEEPALIVE, MAX_FOLLOWERS, Broker, Store
 
 
@@ -49,7 +49,7 @@ async def open_store(
             max_followers=max_followers,
         ) as store:
             yield store
-    elif scheme in ("redis", "rediss", "unix"):
+    elif scheme in ("redis", "rediss", "unix", "redis+sentinel"):
         from app.adapters.redis_store import open_redis_store
 
         async with open_redis_store(
@@ -63,8 +63,8 @@ async def open_store(
             yield store
     else:
         raise ConfigError(
-            "REDIS_URL must start with redis://, rediss://, redis+cluster://, "
-            f"rediss+cluster:// or memory://: {url!r}"
+            "REDIS_URL must start with redis://, rediss://, redis+sentinel://, "
+            f"redis+cluster://, rediss+cluster:// or memory://: {url!r}"
         )
 
 
@@ -83,8 +83,9 @@ async def open_broker(
     url: str, *, prefix: str = "", require_connection: bool = True
 ) -> AsyncGenerator[Broker]:
     """A connected ``Broker`` for ``url``, closed on exit; without ``require_connection``,
-    it opens even while the broker is down, connecting in the background."""
-    scheme = urlsplit(url).scheme
+    it opens even while the broker is down, connecting in the background. ``url`` may
+    list several RabbitMQ nodes of one cluster, comma-separated."""
+    scheme = urlsplit(parse_amqp_urls(url)[0]).scheme
     if scheme == "memory":
         from app.adapters.memory_broker import MemoryBroker
 

@@ -4,14 +4,21 @@ Layout, every name under the key prefix (``AmqpLayout``):
 
 - exchange ``tasks`` (direct, durable), the one dispatch messages are published to;
 - queue ``tasks_queue`` (durable quorum queue with a delivery limit), bound to it with
-  ``ROUTING_KEY``, the key ``publish`` uses, and dead-lettering to
-- exchange ``tasks.dead`` (fanout, durable), which feeds the durable queue ``tasks_dead``.
+  ``ROUTING_KEY``, the key ``publish`` uses for the default taskq queue, and
+  dead-lettering to
+- exchange ``tasks.dead`` (fanout, durable), which feeds the durable queue ``tasks_dead``
+  (a quorum queue too, unless an older taskq declared it as a classic one);
+- for each other taskq queue ``q`` (a worker pool), a queue ``tasks_queue.q`` like
+  ``tasks_queue``, bound with ``task.dispatch.q``. It is declared by the first publish
+  to it on a connection (so a message waits there before any consumer serves ``q``)
+  and by each consumer of it.
 
 Messages are persistent JSON, published ``mandatory`` with publisher confirms and a window
 of outstanding confirms.
 
 aiormq does not reconnect by itself, so the broker keeps its connection alive: when it is
-lost, a background task reconnects with backoff and declares the layout again. Meanwhile
+lost, a background task reconnects with backoff and declares the layout again, trying
+every node of a cluster in turn (``NodeRotation``) when ``AMQP_URL`` lists several. Meanwhile
 ``ping`` and ``publish`` raise ``BrokerUnavailable`` (callers retry: scheduler claims stay
 leased), and consumers wait, then consume again on a fresh channel.
 """
@@ -20,7 +27,15 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Generator, Sequence
+from collections.abc import (
+    AsyncGenerator,
+    AsyncIterator,
+    Awaitable,
+    Callable,
+    Generator,
+    Iterable,
+    Sequence,
+)
 from contextlib import AbstractAsyncContextManager, asynccontextmanager, contextmanager, suppress
 from dataclasses import dataclass
 from typing import Any, cast
@@ -34,10 +49,20 @@ from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStre
 from pamqp import commands as spec
 from yarl import URL
 
-from app.ports import DELIVERY_LIMIT, BrokerUnavailable, Delivery, Dispatch, decode_dispatch
+from app.adapters.amqp_nodes import NodeRotation, node_name
+from app.config import parse_amqp_urls
+from app.ports import (
+    DEFAULT_QUEUE,
+    DELIVERY_LIMIT,
+    BrokerUnavailable,
+    Delivery,
+    Dispatch,
+    QueueStats,
+    decode_dispatch,
+)
 
 ROUTING_KEY = "task.dispatch"
-"""The routing key ``tasks_queue`` is bound with and every dispatch is published with."""
+"""The routing key ``tasks_queue`` is bound with, that of the default taskq queue."""
 
 PUBLISH_WINDOW = 100
 """Publishes awaiting their confirm at once, per broker (one at a time caps throughput)."""
@@ -45,7 +70,7 @@ PUBLISH_WINDOW = 100
 CONTENT_TYPE = "application/json"
 PERSISTENT = 2
 
-_CONNECT_TIMEOUT = 15.0
+_CONNECT_TIMEOUT = 15.0  # delete_amqp_layout's; the broker's own: NodeRotation.connect_timeout
 _RPC_TIMEOUT = 10.0
 _CONFIRM_TIMEOUT = 30.0
 _CLOSE_TIMEOUT = 5.0
@@ -94,17 +119,33 @@ class AmqpLayout:
             dead_letter_queue=f"{prefix}tasks_dead",
         )
 
+    def queue_for(self, taskq_queue: str) -> str:
+        """The RabbitMQ queue of a taskq queue (the default one keeps ``tasks_queue``)."""
+        return self.queue if taskq_queue == DEFAULT_QUEUE else f"{self.queue}.{taskq_queue}"
+
+    @staticmethod
+    def routing_key_for(taskq_queue: str) -> str:
+        """The routing key of a taskq queue (the default one keeps ``ROUTING_KEY``)."""
+        return ROUTING_KEY if taskq_queue == DEFAULT_QUEUE else f"{ROUTING_KEY}.{taskq_queue}"
+
 
 async def declare_layout(channel: AbstractChannel, layout: AmqpLayout) -> None:
     """Declare the exchanges, queues and bindings of ``layout`` (idempotent)."""
     await channel.exchange_declare(
         layout.dead_letter_exchange, exchange_type="fanout", durable=True
     )
-    await channel.queue_declare(layout.dead_letter_queue, durable=True)
+    await _declare_dead_letter_queue(channel.connection, layout.dead_letter_queue)
     await channel.queue_bind(layout.dead_letter_queue, layout.dead_letter_exchange)
     await channel.exchange_declare(layout.exchange, exchange_type="direct", durable=True)
+    await declare_queue(channel, layout, DEFAULT_QUEUE)
+
+
+async def declare_queue(channel: AbstractChannel, layout: AmqpLayout, taskq_queue: str) -> None:
+    """Declare the quorum queue of a taskq queue and bind it (idempotent; the exchanges
+    of ``layout`` must exist)."""
+    queue = layout.queue_for(taskq_queue)
     await channel.queue_declare(
-        layout.queue,
+        queue,
         durable=True,
         arguments={
             "x-queue-type": "quorum",
@@ -112,18 +153,53 @@ async def declare_layout(channel: AbstractChannel, layout: AmqpLayout) -> None:
             "x-dead-letter-exchange": layout.dead_letter_exchange,
         },
     )
-    await channel.queue_bind(layout.queue, layout.exchange, ROUTING_KEY)
+    await channel.queue_bind(queue, layout.exchange, layout.routing_key_for(taskq_queue))
 
 
-async def delete_amqp_layout(url: str, *, prefix: str) -> None:
-    """Delete every exchange and queue of ``prefix``, messages included (tests, tenant removal)."""
+async def _declare_dead_letter_queue(connection: AbstractConnection, name: str) -> None:
+    """Declare the dead-letter queue as a quorum queue, replicated like ``tasks_queue``.
+
+    An older taskq declared it as a classic queue, whose type cannot change in place
+    (RabbitMQ refuses the declare: PRECONDITION_FAILED), and which lives on one node
+    (while that node is down, RabbitMQ answers NOT_FOUND): then that queue is used as it
+    is, with a warning, rather than refusing to start, so that an upgrade goes on working
+    and a lost node costs only the dead letters of the meantime. The README says how to
+    move it to a quorum queue. A refused declare closes its channel: hence one of its own.
+    """
+    channel = await connection.channel(publisher_confirms=False)
+    try:
+        await channel.queue_declare(name, durable=True, arguments={"x-queue-type": "quorum"})
+    except aiormq.ChannelPreconditionFailed:
+        log.warning(
+            "dead-letter queue %s is a classic queue (declared by an older taskq), not"
+            " replicated: see the README's 'Replicated RabbitMQ' to make it a quorum queue",
+            name,
+        )
+    except aiormq.ChannelNotFoundEntity as exc:
+        log.warning(
+            "dead-letter queue %s cannot be reached (%s): it is a classic queue whose node"
+            " is down; dead letters are dropped until it is back (see the README's"
+            " 'Replicated RabbitMQ')",
+            name,
+            exc,
+        )
+    finally:
+        with anyio.move_on_after(_CLOSE_TIMEOUT, shield=True), suppress(*_UNAVAILABLE_ERRORS):
+            await channel.close(None)
+
+
+async def delete_amqp_layout(url: str, *, prefix: str, queues: Iterable[str] = ()) -> None:
+    """Delete every exchange and queue of ``prefix``, messages included (tests, tenant
+    removal), with the RabbitMQ queues of the taskq ``queues`` named (AMQP cannot list
+    them: ``QueueDirectory.queues_in_use`` can)."""
     layout = AmqpLayout.for_prefix(prefix)
     with _unavailable_on_error("cannot delete the AMQP layout"):
         with anyio.fail_after(_CONNECT_TIMEOUT + _RPC_TIMEOUT):
             connection = await aiormq.connect(url)
             try:
                 channel = await connection.channel(publisher_confirms=False)
-                for queue in (layout.queue, layout.dead_letter_queue):
+                extra = sorted({layout.queue_for(q) for q in queues} - {layout.queue})
+                for queue in (layout.queue, *extra, layout.dead_letter_queue):
                     await channel.queue_delete(queue)
                 for exchange in (layout.exchange, layout.dead_letter_exchange):
                     await channel.exchange_delete(exchange)
@@ -333,10 +409,13 @@ class _Deliveries:
     """The async iterator ``AmqpBroker.consume`` yields: it consumes again on a fresh
     channel whenever the current one is lost (connection lost, queue deleted)."""
 
-    def __init__(self, broker: AmqpBroker, queue: str, prefetch: int) -> None:
+    def __init__(
+        self, broker: AmqpBroker, queue: str, prefetch: int, taskq_queue: str | None
+    ) -> None:
         self._broker = broker
         self._queue = queue
         self._prefetch = prefetch
+        self._taskq_queue = taskq_queue
         self._consumer: _Consumer | None = None
         self._receive: MemoryObjectReceiveStream[AmqpDelivery] | None = None
 
@@ -368,6 +447,8 @@ class _Deliveries:
                     channel = await connection.channel(publisher_confirms=False)
                     # Declaring again heals a queue deleted under a running consumer.
                     await declare_layout(channel, self._broker.layout)
+                    if self._taskq_queue is not None:
+                        await declare_queue(channel, self._broker.layout, self._taskq_queue)
                     await channel.basic_qos(prefetch_count=self._prefetch)
                     send, receive = anyio.create_memory_object_stream[AmqpDelivery](
                         max_buffer_size=self._prefetch
@@ -399,6 +480,7 @@ class _Link:
 
     def __init__(
         self,
+        url: str,
         connection: AbstractConnection,
         control_channel: AbstractChannel,
         publish_channel: AbstractChannel,
@@ -406,6 +488,11 @@ class _Link:
         self.connection = connection
         self.control_channel = control_channel
         self.publish_channel = publish_channel
+        self.node = node_name(url)
+        """The node connected to, as ``/health`` names it."""
+        self.url = url
+        # Taskq queues declared on this connection (the default one with the layout).
+        self.declared: set[str] = {DEFAULT_QUEUE}
         self.closed = anyio.Event()
         closing = cast("asyncio.Future[Any]", connection.closing)  # pyright: ignore[reportUnknownMemberType]
         closing.add_done_callback(lambda _: self.closed.set())
@@ -418,9 +505,9 @@ class _Link:
 class AmqpBroker:
     """Implements ``Broker`` over RabbitMQ; open it with ``open_amqp_broker``."""
 
-    def __init__(self, url: str, layout: AmqpLayout) -> None:
-        self._url = url
-        self._where = URL(url).with_password(None)
+    def __init__(self, urls: Sequence[str], layout: AmqpLayout) -> None:
+        self._nodes = NodeRotation(urls)
+        self._where = self._nodes.describe()
         self.layout = layout
         self._link: _Link | None = None
         self._link_changed = anyio.Event()
@@ -470,7 +557,9 @@ class AmqpBroker:
             if link is not None:
                 await link.closed.wait()
                 self._set_link(None)
-                log.warning("lost the connection to %s; reconnecting", self._where)
+                # The others first: the node may be down for a while.
+                self._nodes.failed(link.url)
+                log.warning("lost the connection to %s; reconnecting", link.node)
             delay = _RETRY_FIRST
             while True:
                 try:
@@ -483,17 +572,33 @@ class AmqpBroker:
                     delay = min(2 * delay, _RETRY_MAX)
             self._connect_error = None
             self._set_link(link)
-            log.warning("connected to %s", self._where)
+            log.warning("connected to %s", link.node)
 
     async def _connect(self) -> _Link:
+        """A link to the first node that answers, in the rotation's order."""
+        failures: list[BrokerUnavailable] = []
+        for url in self._nodes.order():
+            try:
+                return await self._connect_to(url)
+            except BrokerUnavailable as exc:
+                self._nodes.failed(url)
+                failures.append(exc)
+        if len(failures) == 1:
+            raise failures[0]
+        raise BrokerUnavailable(
+            f"cannot connect to {self._where}: " + "; ".join(map(str, failures))
+        ) from failures[-1]
+
+    async def _connect_to(self, url: str) -> _Link:
+        where = node_name(url)
         with (
-            _unavailable_on_error(f"cannot connect to {self._where}"),
-            anyio.fail_after(_CONNECT_TIMEOUT),
+            _unavailable_on_error(f"cannot connect to {where}"),
+            anyio.fail_after(self._nodes.connect_timeout),
         ):
-            connection = await aiormq.connect(self._url)
+            connection = await aiormq.connect(url)
         try:
             with (
-                _unavailable_on_error(f"cannot set up {self._where}"),
+                _unavailable_on_error(f"cannot set up {where}"),
                 anyio.fail_after(_RPC_TIMEOUT),
             ):
                 control_channel = await connection.channel(publisher_confirms=False)
@@ -502,7 +607,7 @@ class AmqpBroker:
         except BaseException:
             await _close_connection(connection)
             raise
-        return _Link(connection, control_channel, publish_channel)
+        return _Link(url, connection, control_channel, publish_channel)
 
     def _set_link(self, link: _Link | None) -> None:
         self._link = link
@@ -530,37 +635,84 @@ class AmqpBroker:
         if link is not None:
             await _close_connection(link.connection)
 
-    async def ping(self) -> None:
+    async def ping(self) -> str:
+        """Raise unless RabbitMQ answers; which node answered."""
+        node = self._current("RabbitMQ did not answer").node
         await self.queue_depth()
+        return f"connected to {node}"
 
     async def queue_depth(self) -> int:
         link = self._current("RabbitMQ did not answer")
         with _unavailable_on_error("RabbitMQ did not answer"), anyio.fail_after(_RPC_TIMEOUT):
             async with self._control_lock:
-                # A failed passive declare (queue deleted) closes the channel: open another.
-                if link.control_channel.is_closed:
-                    link.control_channel = await link.connection.channel(publisher_confirms=False)
-                declared = await link.control_channel.queue_declare(self.queue_name, passive=True)
+                channel = await self._control_channel(link)
+                declared = await channel.queue_declare(self.queue_name, passive=True)
         return declared.message_count or 0
 
+    async def queue_stats(self, queues: Sequence[str]) -> list[QueueStats]:
+        link = self._current("RabbitMQ did not answer")
+        stats: list[QueueStats] = []
+        with _unavailable_on_error("RabbitMQ did not answer"), anyio.fail_after(_RPC_TIMEOUT):
+            async with self._control_lock:
+                for queue in queues:
+                    channel = await self._control_channel(link)
+                    try:
+                        declared = await channel.queue_declare(
+                            self.layout.queue_for(queue), passive=True
+                        )
+                    except aiormq.ChannelNotFoundEntity:
+                        stats.append(QueueStats(queue, 0, 0))  # not declared yet
+                        continue
+                    depth, consumers = declared.message_count, declared.consumer_count
+                    stats.append(QueueStats(queue, depth or 0, consumers or 0))
+        return stats
+
+    @staticmethod
+    async def _control_channel(link: _Link) -> AbstractChannel:
+        """The control channel, open again if a failed passive declare (a queue deleted
+        or not declared yet) closed it; call with the control lock held."""
+        if link.control_channel.is_closed:
+            link.control_channel = await link.connection.channel(publisher_confirms=False)
+        return link.control_channel
+
     async def publish(self, messages: Sequence[Dispatch]) -> list[Dispatch]:
-        confirmed = await self._publish_bodies([msgspec.json.encode(m) for m in messages])
+        await self._declare_queues({message.queue for message in messages})
+        confirmed = await self._publish_bodies(
+            [(msgspec.json.encode(m), self.layout.routing_key_for(m.queue)) for m in messages]
+        )
+        unroutable = {m.queue for m, ok in zip(messages, confirmed, strict=True) if not ok}
+        if unroutable and (link := self._link) is not None:
+            # Returned (its queue deleted meanwhile?): declare it again before the resend.
+            link.declared -= unroutable - {DEFAULT_QUEUE}
         return [message for message, ok in zip(messages, confirmed, strict=True) if ok]
 
-    async def _publish_bodies(self, bodies: Sequence[bytes]) -> list[bool]:
+    async def _declare_queues(self, queues: set[str]) -> None:
+        """Declare the taskq queues not declared on this connection yet, so that a
+        message routed to one waits there even if no consumer serves it yet."""
+        link = self._current("cannot publish")
+        if not (missing := queues - link.declared):
+            return
+        with _unavailable_on_error("cannot declare a queue"), anyio.fail_after(_RPC_TIMEOUT):
+            async with self._control_lock:
+                channel = await self._control_channel(link)
+                for queue in sorted(missing):
+                    await declare_queue(channel, self.layout, queue)
+                    link.declared.add(queue)
+
+    async def _publish_bodies(self, bodies: Sequence[tuple[bytes, str]]) -> list[bool]:
         channel = self._current("cannot publish").publish_channel
         if channel.is_closed:
             raise BrokerUnavailable("cannot publish: the publishing channel is closed")
         confirmed = [False] * len(bodies)
         failures: list[Exception] = []
 
-        async def publish_one(index: int, body: bytes) -> None:
+        async def publish_one(index: int, body: bytes, routing_key: str) -> None:
             try:
                 with anyio.fail_after(_CONFIRM_TIMEOUT):
                     await channel.basic_publish(
                         body,
                         exchange=self.exchange,
-                        routing_key=ROUTING_KEY,
+                        routing_key=routing_key,
                         properties=_properties(),
                         mandatory=True,
                     )
@@ -576,30 +728,32 @@ class AmqpBroker:
         # Each publish waits for its own confirm while later ones go out. A task's first
         # step takes the channel's (FIFO) lock, so tasks started in order publish in order.
         async with anyio.create_task_group() as tg:
-            for index, body in enumerate(bodies):
+            for index, (body, routing_key) in enumerate(bodies):
                 await self._window.acquire()
-                tg.start_soon(publish_one, index, body)
+                tg.start_soon(publish_one, index, body, routing_key)
         if failures:
             raise BrokerUnavailable(
                 f"publishing failed, {sum(confirmed)} of {len(bodies)} confirmed: {failures[0]!r}"
             ) from failures[0]
         return confirmed
 
-    def consume(self, *, prefetch: int) -> AbstractAsyncContextManager[AsyncIterator[Delivery]]:
-        return self._consuming(self.queue_name, prefetch)
+    def consume(
+        self, *, prefetch: int, queue: str = DEFAULT_QUEUE
+    ) -> AbstractAsyncContextManager[AsyncIterator[Delivery]]:
+        return self._consuming(self.layout.queue_for(queue), prefetch, queue)
 
     def consume_dead_letters(
         self, *, prefetch: int
     ) -> AbstractAsyncContextManager[AsyncIterator[Delivery]]:
-        return self._consuming(self.dead_letter_queue, prefetch)
+        return self._consuming(self.dead_letter_queue, prefetch, None)
 
     @asynccontextmanager
     async def _consuming(
-        self, queue: str, prefetch: int
+        self, queue: str, prefetch: int, taskq_queue: str | None
     ) -> AsyncGenerator[AsyncIterator[Delivery], None]:
         if prefetch < 1:
             raise ValueError(f"prefetch must be at least 1, not {prefetch}")
-        deliveries = _Deliveries(self, queue, prefetch)
+        deliveries = _Deliveries(self, queue, prefetch, taskq_queue)
         try:
             await deliveries.start()
             yield deliveries
@@ -627,12 +781,16 @@ async def open_amqp_broker(
 ) -> AsyncGenerator[AmqpBroker, None]:
     """A connected ``AmqpBroker`` for ``url`` with its layout declared, closed on exit.
 
+    ``url`` may list several nodes of a cluster, comma-separated: the broker connects to
+    one that answers and, when that one is lost, to another (``NodeRotation``).
+
     The first connection must succeed (a wrong URL fails at once); later losses are
     healed in the background. Without ``require_connection``, a first attempt that fails
     (or takes over a few seconds) is carried on in the background: the broker opens
     while RabbitMQ is down, and raises ``BrokerUnavailable`` (naming why) until it is up.
     """
-    broker = AmqpBroker(_with_heartbeat(url), AmqpLayout.for_prefix(prefix))
+    nodes = [_with_heartbeat(node) for node in parse_amqp_urls(url)]
+    broker = AmqpBroker(nodes, AmqpLayout.for_prefix(prefix))
     if require_connection:
         await broker.connect()
     else:

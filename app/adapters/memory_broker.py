@@ -1,7 +1,9 @@
 """The in-memory broker: the reference behaviour of ``Broker``, and dev mode's broker.
 
-Bodies travel encoded, as over AMQP. A delivery left unsettled when its consumer
-stops goes back to the head of the queue, as RabbitMQ does on channel close.
+Bodies travel encoded, as over AMQP. Each taskq queue is a queue of its own, made when
+something is first sent to or consumed from it; all share one dead-letter queue. A
+delivery left unsettled when its consumer stops goes back to the head of its queue, as
+RabbitMQ does on channel close.
 """
 
 from __future__ import annotations
@@ -14,7 +16,14 @@ import anyio
 import anyio.lowlevel
 import msgspec
 
-from app.ports import DELIVERY_LIMIT, Delivery, Dispatch, decode_dispatch
+from app.ports import (
+    DEFAULT_QUEUE,
+    DELIVERY_LIMIT,
+    Delivery,
+    Dispatch,
+    QueueStats,
+    decode_dispatch,
+)
 
 
 class _Message:
@@ -37,6 +46,7 @@ class _Queue:
     def __init__(self, dead_letters: _Queue | None = None) -> None:
         self.messages: deque[_Message] = deque()
         self.dead_letters = dead_letters
+        self.consumers = 0
         self._arrived = anyio.Event()
 
     def put(self, messages: Sequence[_Message]) -> None:
@@ -138,32 +148,55 @@ class MemoryBroker:
 
     def __init__(self) -> None:
         self._dead = _Queue()
-        self._queue = _Queue(dead_letters=self._dead)
+        self._queues: dict[str, _Queue] = {}
+        self._queue = self._named(DEFAULT_QUEUE)
+
+    def _named(self, queue: str) -> _Queue:
+        if (found := self._queues.get(queue)) is None:
+            found = self._queues[queue] = _Queue(dead_letters=self._dead)
+        return found
 
     @property
     def queue(self) -> Sequence[bytes]:
-        """The bodies waiting in the queue (a copy)."""
-        return [message.body for message in self._queue.messages]
+        """The bodies waiting in the default queue (a copy)."""
+        return self.waiting(DEFAULT_QUEUE)
+
+    def waiting(self, queue: str) -> Sequence[bytes]:
+        """The bodies waiting in the taskq queue ``queue`` (a copy)."""
+        found = self._queues.get(queue)
+        return [] if found is None else [message.body for message in found.messages]
 
     @property
     def dead_letters(self) -> Sequence[bytes]:
         """The bodies waiting in the dead-letter queue (a copy)."""
         return [message.body for message in self._dead.messages]
 
-    async def ping(self) -> None:
+    async def ping(self) -> str | None:
         await anyio.lowlevel.checkpoint()
+        return None
 
     async def queue_depth(self) -> int:
         await anyio.lowlevel.checkpoint()
         return len(self._queue.messages)
 
+    async def queue_stats(self, queues: Sequence[str]) -> list[QueueStats]:
+        await anyio.lowlevel.checkpoint()
+        found = [self._queues.get(name) for name in queues]
+        return [
+            QueueStats(name, 0, 0) if q is None else QueueStats(name, len(q.messages), q.consumers)
+            for name, q in zip(queues, found, strict=True)
+        ]
+
     async def publish(self, messages: Sequence[Dispatch]) -> list[Dispatch]:
         await anyio.lowlevel.checkpoint()
-        self._queue.put([_Message(msgspec.json.encode(m)) for m in messages])
+        for message in messages:
+            self._named(message.queue).put([_Message(msgspec.json.encode(message))])
         return list(messages)
 
-    def consume(self, *, prefetch: int) -> AbstractAsyncContextManager[AsyncIterator[Delivery]]:
-        return _consuming(self._queue, prefetch)
+    def consume(
+        self, *, prefetch: int, queue: str = DEFAULT_QUEUE
+    ) -> AbstractAsyncContextManager[AsyncIterator[Delivery]]:
+        return _consuming(self._named(queue), prefetch)
 
     def consume_dead_letters(
         self, *, prefetch: int
@@ -176,8 +209,10 @@ async def _consuming(queue: _Queue, prefetch: int) -> AsyncGenerator[AsyncIterat
     if prefetch < 1:
         raise ValueError(f"prefetch must be at least 1, not {prefetch}")
     consumer = _Consumer(queue, prefetch)
+    queue.consumers += 1
     try:
         yield consumer
     finally:
+        queue.consumers -= 1
         unsettled, consumer.unsettled = consumer.unsettled, []
         queue.give_back(unsettled)

@@ -105,6 +105,7 @@ class MemoryStore:
             limit=max_followers,
         )
         self._tasks: dict[str, bytes] = {}
+        self._queues: set[str] = set()
         self._ids: list[str] = []
         self._ids_by_status: dict[TaskStatus, list[str]] = {s: [] for s in TaskStatus}
         self._runs: dict[str, dict[str, bytes]] = {}
@@ -125,6 +126,14 @@ class MemoryStore:
 
     async def ping(self) -> None:
         await anyio.lowlevel.checkpoint()
+
+    async def note_queues(self, queues: Sequence[str]) -> None:
+        await anyio.lowlevel.checkpoint()
+        self._queues.update(queues)
+
+    async def queues_in_use(self) -> list[str]:
+        await anyio.lowlevel.checkpoint()
+        return sorted(self._queues)
 
     async def get_task(self, task_id: str) -> Task | None:
         await anyio.lowlevel.checkpoint()
@@ -178,17 +187,31 @@ class MemoryStore:
         return created
 
     def _commit_now(self, change: TaskChange) -> None:
+        if self._applied_already(change):
+            return  # sent again after its answer was lost (as Redis's commit script)
+        for chained in change.chained:  # all or none: check every one first
+            if not self._applied_already(chained):
+                continue
+            raise RevisionConflict(chained.task_id)
+        for each in (change, *change.chained):
+            self._apply(each, self._task(each.task_id))
+
+    def _applied_already(self, change: TaskChange) -> bool:
+        """Whether ``change`` is stored already; raise if it cannot apply."""
         task_id = change.task_id
         current_doc = self._tasks.get(task_id)
         if change.task is not None and current_doc == msgspec.json.encode(change.task):
-            return  # sent again after its answer was lost (as Redis's commit script)
+            return True
         current = None if current_doc is None else _task_decoder.decode(current_doc)
         if change.expected_revision is None:
             if current is not None:
                 raise TaskAlreadyExists(task_id)
         elif current is None or current.revision != change.expected_revision:
             raise RevisionConflict(task_id)
+        return False
 
+    def _apply(self, change: TaskChange, current: Task | None) -> None:
+        task_id = change.task_id
         self._event_log.write(change.events)
         if change.task is None:
             self._delete(task_id, current)

@@ -54,6 +54,27 @@ class CommitArgs(NamedTuple):
     events: bytes  # the change's events (JSON documents), one a line
 
 
+class ChainedArgs(NamedTuple):
+    """``commit_chained.lua``'s first arguments: how to read each change's own (its
+    ``CommitKeys`` and ``CommitArgs``, then its runs' documents) from what follows."""
+
+    keys_per_change: int
+    args_per_change: int
+    runs_arg: int  # 1-based position of ``runs`` in ``CommitArgs``
+    revision_arg: int  # of ``expected_revision``
+    doc_arg: int  # of ``doc``
+
+    @classmethod
+    def layout(cls) -> ChainedArgs:
+        return cls(
+            keys_per_change=len(CommitKeys._fields),
+            args_per_change=len(CommitArgs._fields),
+            runs_arg=CommitArgs._fields.index("runs") + 1,
+            revision_arg=CommitArgs._fields.index("expected_revision") + 1,
+            doc_arg=CommitArgs._fields.index("doc") + 1,
+        )
+
+
 class NotificationWrite(msgspec.Struct, frozen=True):
     """A notification ``commit.lua`` puts in the outbox: its entry (JSON) due at ``due``
     (a string: Lua's JSON numbers keep only 14 digits), and its pending ``record`` kept
@@ -209,17 +230,23 @@ def encode_list(items: list[Any]) -> bytes:
 class Script:
     """One of the Lua scripts, registered on a client (run by SHA, loaded when missing)."""
 
-    def __init__(self, client: redis.Redis, name: str) -> None:
+    def __init__(self, client: redis.Redis, name: str, *, functions: tuple[str, ...] = ()) -> None:
+        """``functions``: other scripts the script calls, each as a Lua function of the
+        same name taking ``(KEYS, ARGV)`` (``commit`` becomes ``commit_one``)."""
         lua = files(__package__ or "app.adapters") / "lua"
-        source = (lua / _LIBRARY).read_text() + "\n" + (lua / f"{name}.lua").read_text()
-        self._script = client.register_script(source)
+        parts = [(lua / _LIBRARY).read_text()]
+        for function in functions:
+            body = (lua / f"{function}.lua").read_text()
+            parts.append(f"local function {function}_one(KEYS, ARGV)\n{body}\nend")
+        parts.append((lua / f"{name}.lua").read_text())
+        self._script = client.register_script("\n".join(parts))
 
-    async def __call__(self, keys: NamedTuple, args: NamedTuple, *more: bytes) -> Any:
+    async def __call__(self, keys: tuple[str, ...], args: NamedTuple, *more: Any) -> Any:
         """Run the script; ``more`` are arguments after ``args`` (documents passed as
         they are, not inside another JSON document where each escape would grow)."""
         return await self._script(keys=list(keys), args=[*args, *more])
 
-    def queue(self, pipe: Pipeline, keys: NamedTuple, args: NamedTuple, *more: bytes) -> None:
+    def queue(self, pipe: Pipeline, keys: tuple[str, ...], args: NamedTuple, *more: Any) -> None:
         """Add a run to ``pipe`` by SHA alone: unlike a script registered with the
         pipeline, it costs no ``SCRIPT EXISTS`` round trip before each batch. Where Redis
         lost the script (restart, ``SCRIPT FLUSH``) the pipeline's reply for it is a

@@ -19,6 +19,8 @@ Redis Cluster slot, which the scripts need because they derive some key names):
 - ``notify_claims``     hash, notification id -> token of the notifier delivering it
 - ``notifications:{run id}``  hash, event -> delivery record shown on the run; deleted
                         with the run (task deleted, or dropped from the run history)
+- ``queues``            set of the taskq queues in use (``QueueDirectory``): added to
+                        when a task names one or a consumer serves one, never removed
 - ``wake``              pub/sub channel: an entry earlier than every other was added
                         (once per commit, or per batch of new tasks)
 - ``events``            stream, the event log (``EventLog``): one entry per lifecycle
@@ -52,7 +54,7 @@ from typing import Any, ParamSpec, TypeVar, cast
 import anyio
 import msgspec
 import redis.asyncio as redis
-from redis.asyncio.client import PubSub
+from redis.asyncio.client import Pipeline, PubSub
 from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialBackoff, NoBackoff
 from redis.exceptions import (
@@ -72,6 +74,7 @@ from app.adapters.redis_scripts import (
     AppendArgs,
     BusyArgs,
     BusyKeys,
+    ChainedArgs,
     ClaimArgs,
     ClaimKeys,
     ClaimNotificationsArgs,
@@ -99,6 +102,8 @@ from app.adapters.redis_scripts import (
     TaskWrite,
     encode_list,
 )
+from app.adapters.redis_sentinel import SCHEME as SENTINEL_SCHEME
+from app.adapters.redis_sentinel import ReplicaAcks, SentinelService, sentinel_clients
 from app.domain import (
     FINISHED_RUN_STATUSES,
     RevisionConflict,
@@ -220,17 +225,19 @@ class RedisStore:
         client: redis.Redis,
         *,
         blocking: redis.Redis,
-        probe: redis.Redis | None = None,
         prefix: str,
         run_history: int,
         event_history: int,
         follow_keepalive: float,
         max_followers: int,
+        probe: redis.Redis | None = None,
+        acks: ReplicaAcks | None = None,
     ) -> None:
         self._redis = client
         self._event_history = event_history
         self._events_key = f"{prefix}events"
         self._probe = _probe_client(client) if probe is None else probe
+        self._acks = acks  # commits wait for replicas (Sentinel's min_replicas)
         self._blocking = blocking  # for reads that wait: its read timeout outlasts them
         self._prefix = prefix
         self._run_history = run_history
@@ -243,6 +250,7 @@ class RedisStore:
             f"{prefix}notify_due", f"{prefix}notify_entries", f"{prefix}notify_claims"
         )
         self._commit = Script(client, "commit")
+        self._commit_chained = Script(client, "commit_chained", functions=("commit",))
         self._create_tasks = Script(client, "create_tasks")
         self._claim_due = Script(client, "claim_due")
         self._release_claims = Script(client, "release_claims")
@@ -336,30 +344,74 @@ class RedisStore:
 
     @_translate_errors
     async def commit(self, change: TaskChange) -> None:
-        result = await self._commit(self._commit_keys(change), *self._commit_args(change))
+        if self._acks is not None:
+            [result] = await self._pipelined(self._commit_scripts, self._queue_commits([change]))
+        elif change.chained:
+            keys, args = self._chained_call(change)
+            result = await self._commit_chained(keys, ChainedArgs.layout(), *args)
+        else:
+            result = await self._commit(self._commit_keys(change), *self._commit_args(change))
         _raise_for(change, result)
+
+    def _chained_call(self, change: TaskChange) -> tuple[tuple[str, ...], list[Any]]:
+        """``commit_chained.lua``'s keys and its arguments after ``ChainedArgs``."""
+        keys: list[str] = []
+        args: list[Any] = []
+        for each in (change, *change.chained):
+            keys += self._commit_keys(each)
+            commit_args, *docs = self._commit_args(each)
+            args += [*commit_args, *docs]
+        return tuple(keys), args
 
     @_translate_errors
     async def commit_each(self, changes: Sequence[TaskChange]) -> list[bool]:
         """Apply each change atomically on its own, in one round trip; report which applied."""
         if not changes:
             return []
-        results = await self._commit_pipelined(changes)
+        results = await self._pipelined(self._commit_scripts, self._queue_commits(changes))
+        return [result == b"ok" for result in results]
+
+    @property
+    def _commit_scripts(self) -> tuple[Script, ...]:
+        return (self._commit, self._commit_chained)
+
+    def _queue_commits(self, changes: Sequence[TaskChange]) -> Callable[[Pipeline], None]:
+        def queue(pipe: Pipeline) -> None:
+            for change in changes:
+                if change.chained:
+                    keys, args = self._chained_call(change)
+                    self._commit_chained.queue(pipe, keys, ChainedArgs.layout(), *args)
+                else:
+                    self._commit.queue(pipe, self._commit_keys(change), *self._commit_args(change))
+
+        return queue
+
+    async def _pipelined(
+        self, scripts: Sequence[Script], queue: Callable[[Pipeline], None]
+    ) -> list[object]:
+        """The replies to the script runs that ``queue`` adds to a pipeline, sent in one
+        round trip (with the ``WAIT`` for replicas when commits need it)."""
+        results = await self._send_pipeline(queue)
         if any(isinstance(result, NoScriptError) for result in results):
-            # Redis lost the script: load it and send every change again, which is
+            # Redis lost the scripts: load them and send every change again, which is
             # safe as a commit already applied reports ``ok``.
-            await self._commit.load()
-            results = await self._commit_pipelined(changes)
+            for script in scripts:
+                await script.load()
+            results = await self._send_pipeline(queue)
         for result in results:
             if isinstance(result, Exception):
                 raise result
-        return [result == b"ok" for result in results]
+        return results
 
-    async def _commit_pipelined(self, changes: Sequence[TaskChange]) -> list[object]:
+    async def _send_pipeline(self, queue: Callable[[Pipeline], None]) -> list[object]:
         async with self._redis.pipeline(transaction=False) as pipe:
-            for change in changes:
-                self._commit.queue(pipe, self._commit_keys(change), *self._commit_args(change))
-            return await pipe.execute(raise_on_error=False)
+            queue(pipe)
+            if self._acks is not None:
+                self._acks.queue(pipe)
+            results: list[object] = await pipe.execute(raise_on_error=False)
+        if self._acks is not None:
+            self._acks.check(results.pop())
+        return results
 
     @_translate_errors
     async def create_each(self, changes: Sequence[TaskChange]) -> list[bool]:
@@ -367,10 +419,14 @@ class RedisStore:
         if not changes:
             return []
         writes = [_task_write(change) for change in changes]
-        results = await self._create_tasks(
-            CreateKeys(self._tasks_key, self._due_key, self._claims_key, self._events_key),
-            CreateArgs(self._prefix, encode_list(writes), self._event_history),
-        )
+        keys = CreateKeys(self._tasks_key, self._due_key, self._claims_key, self._events_key)
+        args = CreateArgs(self._prefix, encode_list(writes), self._event_history)
+        if self._acks is None:
+            results = await self._create_tasks(keys, args)
+        else:
+            [results] = await self._pipelined(
+                (self._create_tasks,), lambda pipe: self._create_tasks.queue(pipe, keys, args)
+            )
         return [result == b"ok" for result in cast(list[bytes], results)]
 
     def _commit_keys(self, change: TaskChange) -> CommitKeys:
@@ -646,6 +702,16 @@ class RedisStore:
         return [_logged_event(entry_id, fields[b"e"]) for entry_id, fields in entries]
 
     @_translate_errors
+    async def note_queues(self, queues: Sequence[str]) -> None:
+        if queues:
+            await self._redis.sadd(f"{self._prefix}queues", *queues)  # type: ignore[misc]
+
+    @_translate_errors
+    async def queues_in_use(self) -> list[str]:
+        names = await self._redis.smembers(f"{self._prefix}queues")  # type: ignore[misc]
+        return sorted(name.decode() for name in cast(set[bytes], names))
+
+    @_translate_errors
     async def announce_cancel(self, run_id: str) -> None:
         await self._redis.publish(self._cancel_channel, run_id)  # pyright: ignore[reportUnknownMemberType]
 
@@ -823,21 +889,36 @@ async def open_redis_store(
         "health_check_interval": 30,
         "client_name": f"taskq-{os.getpid()}",
     }
-    client = redis.Redis.from_url(url, socket_timeout=_COMMAND_TIMEOUT, **options)  # pyright: ignore[reportUnknownMemberType]
-    blocking = redis.Redis.from_url(  # pyright: ignore[reportUnknownMemberType]
-        url, socket_timeout=_MAX_BLOCK + _COMMAND_TIMEOUT, **options
-    )
-    store = RedisStore(
-        client,
-        blocking=blocking,
-        prefix=prefix,
-        run_history=run_history,
-        event_history=event_history,
-        follow_keepalive=follow_keepalive,
-        max_followers=max_followers,
-    )
-    try:
+    async with contextlib.AsyncExitStack() as stack:
+        probe: redis.Redis | None = None
+        acks: ReplicaAcks | None = None
+        if url.startswith(f"{SENTINEL_SCHEME}://"):
+            service = SentinelService.from_url(url)
+            client, blocking, probe = await stack.enter_async_context(
+                sentinel_clients(
+                    service,
+                    command_timeout=_COMMAND_TIMEOUT,
+                    blocking_timeout=_MAX_BLOCK + _COMMAND_TIMEOUT,
+                    **options,
+                )
+            )
+            acks = service.acks
+        else:
+            client = redis.Redis.from_url(url, socket_timeout=_COMMAND_TIMEOUT, **options)  # pyright: ignore[reportUnknownMemberType]
+            blocking = redis.Redis.from_url(  # pyright: ignore[reportUnknownMemberType]
+                url, socket_timeout=_MAX_BLOCK + _COMMAND_TIMEOUT, **options
+            )
+        stack.push_async_callback(blocking.aclose)
+        store = RedisStore(
+            client,
+            blocking=blocking,
+            prefix=prefix,
+            run_history=run_history,
+            event_history=event_history,
+            follow_keepalive=follow_keepalive,
+            max_followers=max_followers,
+            probe=probe,
+            acks=acks,
+        )
+        stack.push_async_callback(store.aclose)
         yield store
-    finally:
-        await store.aclose()
-        await blocking.aclose()

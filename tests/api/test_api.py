@@ -161,6 +161,7 @@ async def test_create_answers_201_with_the_full_task(client: Client) -> None:
         "next_runs": [],
         "active_run": None,
         "notify": None,
+        "chain": None,
         "revision": 0,
     }
     assert before <= parse_utc(task["created_at"]) <= after

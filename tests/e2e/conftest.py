@@ -18,6 +18,8 @@ async def servers(prefix: str) -> AsyncGenerator[redis.Redis]:
     try:
         yield client
     finally:
+        # The taskq queues in use have RabbitMQ queues of their own: read them first.
+        queues = [str(q) for q in await client.smembers(f"{prefix}queues")]  # type: ignore[misc]
         await client.aclose()
         await delete_keys(prefix)
-        await delete_amqp_layout(tests.conftest.AMQP_URL, prefix=prefix)
+        await delete_amqp_layout(tests.conftest.AMQP_URL, prefix=prefix, queues=queues)

@@ -9,6 +9,8 @@ Fault tests restart these instead of the shared servers (Redis on 6379, RabbitMQ
 - ``throwaway_rabbitmq``: a separate RabbitMQ node (its own node name, AMQP,
   distribution and epmd ports, data, logs, Erlang cookie, an empty plugin list), whose
   ``rabbit`` application a test may ``stop_app()`` and ``start_app()``;
+- ``throwaway_rabbitmq_cluster``: three such nodes joined into one cluster (one Erlang
+  cookie, one epmd);
 - ``session_servers``: the servers every test uses, when nothing answers at the configured
   URLs: a throwaway Redis and RabbitMQ node started for the whole pytest session.
 
@@ -20,6 +22,7 @@ deletes its data.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import shutil
 import signal
@@ -235,13 +238,25 @@ async def throwaway_redis(
 class RabbitNode:
     """A RabbitMQ node of its own, a child process of the test."""
 
-    def __init__(self, base: Path, *, name: str, port: int, dist_port: int, epmd_port: int) -> None:
+    def __init__(
+        self,
+        base: Path,
+        *,
+        name: str,
+        port: int,
+        dist_port: int,
+        epmd_port: int,
+        cookie: str | None = None,
+    ) -> None:
         self.base = base
         self.name = name
         self.port = port
         self.dist_port = dist_port
         self.epmd_port = epmd_port
-        """Of an epmd of its own, which the node starts and ``close`` stops."""
+        """Of an epmd of its own, which the node starts and ``close`` stops (nodes of one
+        cluster share one: whichever starts it)."""
+        self.cookie = cookie
+        """The Erlang cookie nodes of one cluster share (``None``: one made up at start)."""
         self.log = base / "server.log"
         self.pid_file = base / f"{name}.pid"
         self.process: Process | None = None
@@ -292,6 +307,10 @@ class RabbitNode:
     def _prepare(self) -> None:
         for folder in ("home", "mnesia", "log"):
             (self.base / folder).mkdir(parents=True, exist_ok=True)
+        if self.cookie is not None:
+            cookie_file = self.base / "home" / ".erlang.cookie"
+            cookie_file.write_text(self.cookie)
+            cookie_file.chmod(0o400)  # Erlang refuses a cookie others may read
         # An empty plugin list: no management listener to clash with the shared node's.
         (self.base / "enabled_plugins").write_text("[].\n")
         (self.base / "rabbitmq-env.conf").write_text("")
@@ -419,6 +438,53 @@ async def throwaway_rabbitmq(tmp_path: Path) -> AsyncGenerator[RabbitNode]:
         yield node
     finally:
         await node.close()
+
+
+@asynccontextmanager
+async def throwaway_rabbitmq_cluster(
+    tmp_path: Path, *, size: int = 3
+) -> AsyncGenerator[list[RabbitNode]]:
+    """``size`` RabbitMQ nodes of their own joined into one cluster (the first node's),
+    removed on exit whatever happens."""
+    cookie = uuid.uuid4().hex.upper()
+    epmd_port = free_port()
+    nodes: list[RabbitNode] = []
+    for number in range(size):
+        port, dist_port = free_ports(2)
+        nodes.append(
+            RabbitNode(
+                tmp_path / f"rabbitmq-cluster-{number}-{port}",
+                name=f"taskq-{uuid.uuid4().hex[:10]}-{number}@localhost",
+                port=port,
+                dist_port=dist_port,
+                epmd_port=epmd_port,
+                cookie=cookie,
+            )
+        )
+    try:
+        began = anyio.current_time()
+        async with anyio.create_task_group() as group:
+            for node in nodes:
+                group.start_soon(node.start)
+        first, *others = nodes
+        for node in others:
+            await node.ctl("stop_app")
+            await node.ctl("join_cluster", first.name)
+        async with anyio.create_task_group() as group:
+            for node in others:
+                group.start_soon(node.start_app)
+        status = json.loads(await first.ctl("--quiet", "cluster_status", "--formatter", "json"))
+        if sorted(status["running_nodes"]) != sorted(node.name for node in nodes):
+            raise RuntimeError(f"the cluster did not form: {status}")
+        ports = ", ".join(str(node.port) for node in nodes)
+        took = anyio.current_time() - began
+        print(f"RabbitMQ cluster of {size} (ports {ports}) ready in {took:.1f} s")
+        yield nodes
+    finally:
+        with anyio.CancelScope(shield=True):
+            async with anyio.create_task_group() as group:
+                for node in nodes:
+                    group.start_soon(node.close)
 
 
 # --- The servers of a test session -------------------------------------------------------

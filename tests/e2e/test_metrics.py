@@ -135,7 +135,7 @@ async def test_one_process_counts_the_known_work(prefix: str, servers: redis.Red
     assert not any(task_id in route for route in route_labels(families) for task_id in WORK)
     assert value(families, "taskq_store_up") == 1
     assert value(families, "taskq_broker_up") == 1
-    assert value(families, "taskq_broker_queue_messages") == 0
+    assert value(families, "taskq_broker_queue_messages", queue="default") == 0
     [info] = families["taskq_info"].samples
     assert info.labels["roles"] == "api,scheduler,consumer"
 

@@ -11,7 +11,8 @@ import httpx
 import pytest
 import redis.asyncio as redis
 
-from tests.conftest import eventually
+from app.adapters.amqp_nodes import node_name
+from tests.conftest import AMQP_URL, eventually
 from tests.e2e.harness import cli, running, service_env, wait_for_task
 
 pytestmark = pytest.mark.e2e
@@ -27,7 +28,8 @@ async def test_one_process_runs_tasks_through_redis_and_rabbitmq(
             health = await http.get("/health")
             assert health.status_code == 200
             assert health.json()["checks"] == {
-                "broker": {"status": "up", "detail": None},
+                # Which RabbitMQ node it is connected to (AMQP_URL may list several).
+                "broker": {"status": "up", "detail": f"connected to {node_name(AMQP_URL)}"},
                 "store": {"status": "up", "detail": None},
             }
 

@@ -7,6 +7,7 @@ RabbitMQ's own view is read with ``rabbitmqctl`` and a separate aiormq connectio
 from __future__ import annotations
 
 import json
+import logging
 from collections.abc import AsyncGenerator
 from typing import Any
 
@@ -79,7 +80,9 @@ async def test_layout(broker: AmqpBroker, prefix: str) -> None:
         "x-delivery-limit": DELIVERY_LIMIT,
         "x-dead-letter-exchange": f"{prefix}tasks.dead",
     }
-    assert queues[f"{prefix}tasks_dead"]["durable"]
+    dead = queues[f"{prefix}tasks_dead"]
+    assert dead["durable"]
+    assert dead["type"] == "quorum", "replicated: declarable while any majority of nodes is up"
 
     exchanges = {
         e["name"]: e
@@ -112,6 +115,33 @@ async def test_opening_again_declares_the_same_layout(broker: AmqpBroker, prefix
     async with open_amqp_broker(AMQP_URL, prefix=prefix) as again:
         await again.ping()
         assert await again.publish(dispatches(1)) == dispatches(1)
+
+
+async def test_a_classic_dead_letter_queue_of_an_older_taskq_is_kept(
+    prefix: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    # What taskq declared before the dead-letter queue became a quorum queue: RabbitMQ
+    # refuses to change a queue's type, so the broker takes the queue as it is.
+    dead_letter_queue = f"{prefix}tasks_dead"
+    try:
+        async with amqp_channel() as channel:
+            await channel.queue_declare(dead_letter_queue, durable=True)
+        with caplog.at_level(logging.WARNING, logger="app.adapters.amqp_broker"):
+            async with open_amqp_broker(AMQP_URL, prefix=prefix) as broker:
+                await broker.publish(dispatches(1))
+                async with broker.consume(prefetch=1) as deliveries:
+                    [delivery] = await receive(deliveries, 1)
+                    await delivery.dead_letter()
+                async with broker.consume_dead_letters(prefetch=1) as dead:
+                    [letter] = await receive(dead, 1)
+                    assert letter.dispatch == dispatches(1)[0]
+                    await letter.ack()
+        assert any("is a classic queue" in r.getMessage() for r in caplog.records)
+        queues = await rabbitmqctl_json("list_queues", "name", "type")
+        assert {"name": dead_letter_queue, "type": "classic"} in queues
+    finally:
+        with anyio.CancelScope(shield=True):
+            await delete_amqp_layout(AMQP_URL, prefix=prefix)
 
 
 async def test_delete_amqp_layout_leaves_nothing(prefix: str) -> None:

@@ -17,7 +17,7 @@ from app.adapters.memory_broker import MemoryBroker
 from app.adapters.memory_store import MemoryStore
 from app.consumer import Consumer, RunningCommands
 from app.domain import Run, RunStatus, Task, TaskStatus, utcnow
-from app.ports import Dispatch
+from app.ports import DEFAULT_QUEUE, Dispatch
 from app.scheduler import Scheduler
 from app.schemas import ScheduleRequest, TaskCreate
 from app.service import TaskService
@@ -317,9 +317,9 @@ class PrefetchRecordingBroker(MemoryBroker):
         super().__init__()
         self.prefetches: list[int] = []
 
-    def consume(self, *, prefetch: int):  # type: ignore[no-untyped-def]
+    def consume(self, *, prefetch: int, queue: str = DEFAULT_QUEUE):  # type: ignore[no-untyped-def]
         self.prefetches.append(prefetch)
-        return super().consume(prefetch=prefetch)
+        return super().consume(prefetch=prefetch, queue=queue)
 
 
 async def test_the_prefetch_has_room_for_held_deliveries_only_when_asked(
