@@ -4,9 +4,11 @@ key in the hash slot of its tagged prefix; a plain Redis is not taken for a clus
 
 from __future__ import annotations
 
+import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 
+import anyio
 import pytest
 from redis.asyncio.cluster import RedisCluster
 
@@ -65,3 +67,20 @@ async def test_a_plain_redis_is_not_taken_for_a_cluster(cluster: RedisClusterSet
     assert await serves_cluster(cluster.plain_url)
     assert not await serves_cluster(REDIS_URL)
     assert not await serves_cluster("redis://127.0.0.1:1/0", within=0.5)  # nothing there
+
+
+async def test_a_follow_quiet_for_longer_than_a_command_timeout_goes_on(
+    cluster: RedisClusterSet, prefix: str
+) -> None:
+    """Waiting reads have a client of their own on a cluster too, whose read timeout
+    outlasts an ``XREAD BLOCK`` longer than redis-py's default 5 s."""
+    async with (
+        open_store(cluster.url, prefix=prefix, run_history=2, follow_keepalive=6.5) as store,
+        store.follow("r") as pages,
+    ):
+        await anext(pages)
+        started = time.monotonic()
+        with anyio.fail_after(12):
+            quiet = await anext(pages)
+        assert (list(quiet.chunks), quiet.ended) == ([], False)
+        assert time.monotonic() - started >= 6
