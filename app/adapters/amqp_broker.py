@@ -160,11 +160,11 @@ async def _declare_dead_letter_queue(connection: AbstractConnection, name: str) 
     """Declare the dead-letter queue as a quorum queue, replicated like ``tasks_queue``.
 
     An older taskq declared it as a classic queue, whose type cannot change in place
-    (RabbitMQ refuses the declare: PRECONDITION_FAILED), and which lives on one node
-    (while that node is down, RabbitMQ answers NOT_FOUND): then that queue is used as it
-    is, with a warning, rather than refusing to start, so that an upgrade goes on working
-    and a lost node costs only the dead letters of the meantime. The README says how to
-    move it to a quorum queue. A refused declare closes its channel: hence one of its own.
+    (RabbitMQ refuses the declare: PRECONDITION_FAILED): then that queue is used as it
+    is, with a warning, so that an upgrade goes on working. Being classic, it lives on
+    one node, and while that node is down, declaring it fails (NOT_FOUND) and so does
+    connecting: the README says how to move it to a quorum queue. A refused declare
+    closes its channel: hence one of its own.
     """
     channel = await connection.channel(publisher_confirms=False)
     try:
@@ -174,14 +174,6 @@ async def _declare_dead_letter_queue(connection: AbstractConnection, name: str) 
             "dead-letter queue %s is a classic queue (declared by an older taskq), not"
             " replicated: see the README's 'Replicated RabbitMQ' to make it a quorum queue",
             name,
-        )
-    except aiormq.ChannelNotFoundEntity as exc:
-        log.warning(
-            "dead-letter queue %s cannot be reached (%s): it is a classic queue whose node"
-            " is down; dead letters are dropped until it is back (see the README's"
-            " 'Replicated RabbitMQ')",
-            name,
-            exc,
         )
     finally:
         with anyio.move_on_after(_CLOSE_TIMEOUT, shield=True), suppress(*_UNAVAILABLE_ERRORS):

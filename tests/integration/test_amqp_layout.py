@@ -144,6 +144,49 @@ async def test_a_classic_dead_letter_queue_of_an_older_taskq_is_kept(
             await delete_amqp_layout(AMQP_URL, prefix=prefix)
 
 
+async def test_deleting_a_classic_dead_letter_queue_makes_it_a_quorum_one(prefix: str) -> None:
+    # The README's upgrade path: delete the old classic queue while taskq runs; the
+    # scheduler's dead-letter consumer declares it again at once, as a quorum queue.
+    dead_letter_queue = f"{prefix}tasks_dead"
+
+    async def queue_type() -> str | None:
+        queues = await rabbitmqctl_json("list_queues", "name", "type")
+        return next((q["type"] for q in queues if q["name"] == dead_letter_queue), None)
+
+    try:
+        async with amqp_channel() as channel:
+            await channel.queue_declare(dead_letter_queue, durable=True)
+        async with (
+            open_amqp_broker(AMQP_URL, prefix=prefix) as broker,
+            broker.consume_dead_letters(prefetch=1) as dead,
+        ):
+            assert await queue_type() == "classic"
+            letters: list[Delivery] = []
+
+            async def take_letter() -> None:  # as the scheduler does, all along
+                letters.extend(await receive(dead, 1))
+
+            async with anyio.create_task_group() as group:
+                group.start_soon(take_letter)
+                async with amqp_channel() as channel:
+                    await channel.queue_delete(dead_letter_queue)
+
+                async def quorum() -> bool:
+                    return await queue_type() == "quorum"
+
+                await eventually(quorum, within=WAIT, every=0.1)
+                await broker.publish(dispatches(1))
+                async with broker.consume(prefetch=1) as deliveries:
+                    [delivery] = await receive(deliveries, 1)
+                    await delivery.dead_letter()
+            [letter] = letters
+            assert letter.dispatch == dispatches(1)[0], "bound again to the dead-letter exchange"
+            await letter.ack()
+    finally:
+        with anyio.CancelScope(shield=True):
+            await delete_amqp_layout(AMQP_URL, prefix=prefix)
+
+
 async def test_delete_amqp_layout_leaves_nothing(prefix: str) -> None:
     async with open_amqp_broker(AMQP_URL, prefix=prefix) as broker:
         await broker.publish(dispatches(3))
