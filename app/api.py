@@ -223,8 +223,8 @@ class RunListed(RunShown, kw_only=True):
 
 class CreateResult(msgspec.Struct, kw_only=True, omit_defaults=True):
     """One task's answer in a bulk create, in the order sent: what ``POST /tasks`` would
-    have answered for it alone. ``status`` 201 with the ``task`` created, or 400 (invalid)
-    or 409 (its id is taken) with the problem's ``detail``."""
+    have answered for it alone. ``status`` 201 with the ``task`` created, or 400 (invalid),
+    409 (its id is taken) or 422 (its chain is refused) with the problem's ``detail``."""
 
     status: int
     task: TaskResponse | None = None
@@ -721,7 +721,9 @@ def _validated(item: Any) -> TaskCreate | CreateResult:
         return CreateResult(status=HTTP_400_BAD_REQUEST, detail=_invalid_detail(exc))
 
 
-def _created(outcome: Task | TaskAlreadyExists) -> CreateResult:
+def _created(outcome: Task | TaskAlreadyExists | ChainRefused) -> CreateResult:
+    if isinstance(outcome, ChainRefused):
+        return CreateResult(status=HTTP_422_UNPROCESSABLE_ENTITY, detail=str(outcome))
     if isinstance(outcome, TaskAlreadyExists):
         return CreateResult(status=HTTP_409_CONFLICT, detail=str(outcome))
     return CreateResult(status=HTTP_201_CREATED, task=_shown(outcome))

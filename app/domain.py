@@ -398,7 +398,8 @@ class Run(msgspec.Struct, kw_only=True):
     dead_letters: int = 0
     """Times the broker gave up on this run's dispatch message (see ``dead_lettered``)."""
     triggered_by: TriggeredBy | None = None
-    """The run of another task whose end queued this one (``chain``)."""
+    """The run of another task whose end queued this one (``chain``); its later attempts
+    (retries, runs lost or given back) carry it on."""
     triggered: list[ChainTriggered] = []
     """What this run's end did to the targets of the task's ``chain``."""
 
@@ -897,6 +898,7 @@ def _after_attempt(
             now,
             entropy,
             not_before=retry_at,
+            triggered_by=ended.triggered_by,
             last_run=summary,
             retry_at=retry_at,
             cancel_requested=False,
@@ -1027,7 +1029,9 @@ def requeue_run(
     if task.active_run is None or task.active_run.run_id != run.run_id:
         raise InvalidTransition(f"run {run.run_id!r} is not the active run of {task.id!r}")
     closed = msgspec.structs.replace(run, status=RunStatus.CANCELLED, finished_at=now, error=reason)
-    pending, fresh = _pending_with_new_run(task, run.attempt, now, entropy)
+    pending, fresh = _pending_with_new_run(
+        task, run.attempt, now, entropy, triggered_by=run.triggered_by
+    )
     return _step(task, pending, [closed, fresh], DueAt(timestamp(now)))
 
 
@@ -1050,7 +1054,9 @@ def lose_run(task: Task, run: Run, now: datetime, *, entropy: Entropy = ENTROPY)
     reason = f"{LOST_REASON_PREFIX} worker {run.worker} stopped renewing its lease"
     lost = msgspec.structs.replace(run, status=RunStatus.FAILED, finished_at=now, error=reason)
     if run.attempt < LOST_RUN_LIMIT:
-        pending, fresh = _pending_with_new_run(task, run.attempt + 1, now, entropy)
+        pending, fresh = _pending_with_new_run(
+            task, run.attempt + 1, now, entropy, triggered_by=run.triggered_by
+        )
         return _step(task, pending, [lost, fresh])
     summary = _summary_of(lost)
     failed = _advance(task, now, status=TaskStatus.FAILED, last_run=summary, active_run=None)

@@ -13,7 +13,7 @@ from collections.abc import AsyncGenerator, AsyncIterator, Callable, Sequence
 from contextlib import AsyncExitStack
 from datetime import UTC, datetime
 
-from app.chains import check_chain
+from app.chains import ChainRefused, check_chain
 from app.domain import (
     DEFAULT_QUEUE,
     ENTROPY,
@@ -93,27 +93,40 @@ class TaskService:
     async def create(self, spec: TaskCreate) -> Task:
         """Store a new task; it waits for ``scheduled_at`` when given."""
         [created] = await self.create_each([spec])
-        if isinstance(created, TaskAlreadyExists):
+        if isinstance(created, TaskAlreadyExists | ChainRefused):
             raise created
         return created
 
-    async def create_each(self, specs: Sequence[TaskCreate]) -> list[Task | TaskAlreadyExists]:
+    async def create_each(
+        self, specs: Sequence[TaskCreate]
+    ) -> list[Task | TaskAlreadyExists | ChainRefused]:
         """Store each new task on its own, all in one step of the store: each one is the
-        task as stored, or ``TaskAlreadyExists`` when its id was taken (by a stored task,
-        or by an earlier one of ``specs``)."""
+        task as stored, ``TaskAlreadyExists`` when its id was taken (by a stored task, or
+        by an earlier one of ``specs``), or ``ChainRefused`` when its chain is (it names a
+        task not stored yet, loops or reaches too far: ``check_chain``)."""
         now = self._clock()
         transitions = [create(self._new_task(spec, now)) for spec in specs]
-        for transition in transitions:
-            await check_chain(self._store, transition.task_id, transition.task.chain)
-        if named := sorted({spec.queue for spec in specs} - {DEFAULT_QUEUE}):
+        refused: dict[int, ChainRefused] = {}
+        for index, transition in enumerate(transitions):
+            try:
+                await check_chain(self._store, transition.task_id, transition.task.chain)
+            except ChainRefused as refusal:
+                refused[index] = refusal
+        accepted = [t for index, t in enumerate(transitions) if index not in refused]
+        if named := sorted({t.task.queue for t in accepted} - {DEFAULT_QUEUE}):
             # The default queue is always in use: a create that names no other costs
             # no extra round trip.
             await self._store.note_queues(named)
-        created = await self._store.create_each([TaskChange.of(t) for t in transitions])
-        return [
-            transition.task if applied else TaskAlreadyExists(transition.task_id)
-            for transition, applied in zip(transitions, created, strict=True)
-        ]
+        applied = iter(await self._store.create_each([TaskChange.of(t) for t in accepted]))
+        outcomes: list[Task | TaskAlreadyExists | ChainRefused] = []
+        for index, transition in enumerate(transitions):
+            if index in refused:
+                outcomes.append(refused[index])
+            elif next(applied):
+                outcomes.append(transition.task)
+            else:
+                outcomes.append(TaskAlreadyExists(transition.task_id))
+        return outcomes
 
     def _new_task(self, spec: TaskCreate, now: datetime) -> Task:
         scheduled_at = None if spec.scheduled_at is None else spec.scheduled_at.astimezone(UTC)

@@ -611,6 +611,8 @@ async def test_execute_answers_202_with_the_queued_run(client: Client) -> None:
         "error": None,
         "worker": None,
         "dead_letters": 0,
+        "triggered_by": None,
+        "triggered": [],
         "notifications": [],
     }
     assert run["run_id"]

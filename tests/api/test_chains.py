@@ -101,3 +101,22 @@ async def test_runs_show_what_triggered_them_and_what_they_triggered(
     a_run = (await client.get(f"/tasks/a/runs/{run['run_id']}")).json()
     assert a_run["triggered"] == [{"task_id": "b", "outcome": "queued", "run_id": b_run["run_id"]}]
     assert a_run["triggered_by"] is None
+
+
+async def test_a_bulk_create_refuses_only_the_tasks_whose_chain_is_refused(
+    client: Client,
+) -> None:
+    await create_task(client, id="b")
+    tasks = [
+        {"id": "a", "name": "a", "command": "true", "chain": {"on_success": ["b"]}},
+        {"id": "x", "name": "x", "command": "true", "chain": {"on_failure": ["a"]}},
+        {"id": "y", "name": "y", "command": "true", "chain": {"on_success": ["y"]}},
+    ]
+    response = await client.post("/bulk/tasks", json={"tasks": tasks})
+    assert response.status_code == 200, response.text
+    answers = response.json()
+    assert [answer["status"] for answer in answers] == [201, 422, 422]
+    assert "do not exist: a" in answers[1]["detail"]  # not stored before this request
+    assert "y -> y" in answers[2]["detail"]
+    assert (await client.get("/tasks/x")).status_code == 404
+    assert (await client.get("/tasks/a")).json()["chain"] == {"on_success": ["b"]}

@@ -1,15 +1,32 @@
 """Chains at create and update: cycle detection over the stored tasks, missing targets,
-and the bound on how far a chain reaches (on the in-memory store)."""
+and the bound on how far a chain reaches; and a trigger through the scheduler's commits
+(on the in-memory adapters)."""
 
 from __future__ import annotations
 
 import msgspec
 import pytest
 
+from app.adapters.memory_broker import MemoryBroker
 from app.adapters.memory_store import MemoryStore
 from app.chains import MAX_CHAIN_REACH, ChainRefused, check_chain, find_cycle
-from app.domain import Chain, Task, create, utcnow
-from app.ports import TaskChange
+from app.domain import (
+    LOST_RUN_LIMIT,
+    Chain,
+    ChainOutcome,
+    Run,
+    Task,
+    TaskStatus,
+    TriggeredBy,
+    create,
+    start_run,
+    utcnow,
+)
+from app.ports import Dispatch, TaskChange
+from app.scheduler import Scheduler
+from app.schemas import TaskCreate
+from app.service import TaskService
+from tests.unit.test_scheduler import Clock
 
 
 @pytest.mark.parametrize(
@@ -105,3 +122,41 @@ async def test_a_chain_reaching_too_many_tasks_is_refused() -> None:
 def test_a_malformed_chain_does_not_decode(chain: object) -> None:
     with pytest.raises(msgspec.ValidationError):
         msgspec.convert(chain, Chain)
+
+
+async def test_a_run_lost_for_good_triggers_on_failure_through_the_scheduler(
+    store: MemoryStore, broker: MemoryBroker
+) -> None:
+    """The scheduler records a run lost on its last attempt; the same commit queues the
+    on_failure target, which it dispatches next."""
+    clock = Clock()
+    service = TaskService(store)
+    await service.create(TaskCreate(id="d", name="d", command="true"))
+    await service.create(
+        TaskCreate(id="a", name="a", command="true", chain=Chain(on_failure=["d"]))
+    )
+    await service.execute("a")
+    scheduler = Scheduler(store, broker, lease_seconds=30, clock=clock)
+    last: Run | None = None
+    for _ in range(LOST_RUN_LIMIT):
+        await scheduler.dispatch_due()  # the queued attempt, or the lost one's next
+        task = await store.get_task("a")
+        assert task is not None and task.active_run is not None
+        queued_run = await store.get_run("a", task.active_run.run_id)
+        assert queued_run is not None
+        started = start_run(task, queued_run, "host:1", clock(), lease_until=clock())
+        await store.commit(TaskChange.of(started))  # its worker never renews the lease
+        last = started.run
+    assert last is not None
+    clock.now += 1
+    await scheduler.dispatch_due()  # records the last attempt lost: a fails for good
+    d = await store.get_task("d")
+    assert d is not None and d.status == TaskStatus.PENDING and d.active_run is not None
+    d_run = await store.get_run("d", d.active_run.run_id)
+    assert d_run is not None and d_run.triggered_by == TriggeredBy(task_id="a", run_id=last.run_id)
+    ended = await store.get_run("a", last.run_id)
+    assert ended is not None and [t.outcome for t in ended.triggered] == [ChainOutcome.QUEUED]
+    await scheduler.dispatch_due()
+    assert Dispatch(task_id="d", run_id=d_run.run_id, attempt=1) in [
+        msgspec.json.decode(body, type=Dispatch) for body in broker.queue
+    ]
