@@ -610,6 +610,7 @@ async def test_execute_answers_202_with_the_queued_run(client: Client) -> None:
         "timed_out": False,
         "error": None,
         "worker": None,
+        "queue": "default",
         "dead_letters": 0,
         "triggered_by": None,
         "triggered": [],
