@@ -154,6 +154,7 @@ async def test_create_answers_201_with_the_full_task(client: Client) -> None:
         "misfire": "coalesce",
         "misfire_grace": 60.0,
         "overlap": "queue",
+        "queue": "default",
         "paused": False,
         "retry_at": None,
         "schedule": None,
@@ -608,6 +609,7 @@ async def test_execute_answers_202_with_the_queued_run(client: Client) -> None:
         "timed_out": False,
         "error": None,
         "worker": None,
+        "queue": "default",
         "dead_letters": 0,
         "notifications": [],
     }
