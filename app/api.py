@@ -160,6 +160,12 @@ class ConflictException(HTTPException):
     status_code = HTTP_409_CONFLICT
 
 
+class ChainRefusedException(HTTPException):
+    """A chain names a task that does not exist, loops or reaches too far (422)."""
+
+    status_code = HTTP_422_UNPROCESSABLE_ENTITY
+
+
 class TooManyTasks(HTTPException):
     """A bulk create with more tasks than one request may carry (413)."""
 
@@ -381,7 +387,12 @@ class TaskController(Controller):
     @post(
         "/",
         summary="Create a task",
-        raises=[ValidationException, ConflictException, NotAuthorizedException],
+        raises=[
+            ValidationException,
+            ConflictException,
+            ChainRefusedException,
+            NotAuthorizedException,
+        ],
     )
     async def create_task(self, data: JSONBody[TaskCreate], service: Service) -> TaskResponse:
         return _shown(await service.create(data))
@@ -454,7 +465,12 @@ class TaskController(Controller):
         "/{task_id:str}",
         summary="Update a task",
         description="Omitted fields stay as they are.",
-        raises=[ValidationException, NotFoundException, NotAuthorizedException],
+        raises=[
+            ValidationException,
+            NotFoundException,
+            ChainRefusedException,
+            NotAuthorizedException,
+        ],
     )
     async def update_task(
         self, task_id: FromPath[str], data: JSONBody[TaskUpdate], service: Service
@@ -477,7 +493,12 @@ class TaskController(Controller):
         description="`PUT /tasks/{task_id}` for a task stored with the id `scheduled` "
         "before that id was reserved (`GET` of this path lists the upcoming fires).",
         deprecated=True,
-        raises=[ValidationException, NotFoundException, NotAuthorizedException],
+        raises=[
+            ValidationException,
+            NotFoundException,
+            ChainRefusedException,
+            NotAuthorizedException,
+        ],
     )
     async def update_task_named_scheduled(
         self, data: JSONBody[TaskUpdate], service: Service

@@ -237,7 +237,11 @@ class Notify(msgspec.Struct, kw_only=True, omit_defaults=True, forbid_unknown_fi
 MAX_CHAIN_TARGETS = 32
 ChainTargets = Annotated[
     list[TaskId],
-    msgspec.Meta(max_length=MAX_CHAIN_TARGETS, description="Task ids, each at most once"),
+    msgspec.Meta(
+        max_length=MAX_CHAIN_TARGETS,
+        description="Task ids, each at most once",
+        extra_json_schema={"uniqueItems": True},
+    ),
 ]
 
 

@@ -25,7 +25,7 @@ from litestar.openapi.spec import (
     Schema,
 )
 
-from app.domain import Notify, StillRunning
+from app.domain import Chain, Notify, StillRunning
 from app.schemas import MAX_BULK_TASKS, BulkCreate, ScheduleRequest, TaskCreate, TaskUpdate
 
 REF_TEMPLATE = "#/components/schemas/{name}"
@@ -67,7 +67,7 @@ REQUEST_BODIES: list[tuple[type[msgspec.Struct], dict[str, Any]]] = [
 # Structs inside request bodies that answers show too: Litestar describes them for the
 # answers, without their rules (unknown fields refused, URL patterns); msgspec's schema
 # replaces its one.
-EXACT_COMPONENTS = frozenset({Notify.__name__, StillRunning.__name__})
+EXACT_COMPONENTS = frozenset({Notify.__name__, StillRunning.__name__, Chain.__name__})
 # Problem details, as every error answer carries them.
 PROBLEM = Schema(
     type=OpenAPIType.OBJECT,

@@ -55,19 +55,20 @@ CHECKS = [
 # Valid data is refused with 400 only where a rule lies beyond JSON Schema: a cursor this
 # server did not hand out, a cron expression or time zone name that does not parse, and
 # a recurrence that never fires, a window of upcoming fires that ends before it starts
-# or lasts too long.
+# or lasts too long. A chain naming a task that does not exist, or looping, is a 422
+# anywhere a task is created or updated.
 BEYOND_SCHEMA = ["/tasks", "/tasks/{task_id}/schedule", "/tasks/scheduled"]
 CONFIG = SchemathesisConfig.from_dict(
     {
         "checks": {
-            "positive_data_acceptance": {"expected-statuses": ["2xx", 404, 409]},
+            "positive_data_acceptance": {"expected-statuses": ["2xx", 404, 409, 422]},
             "negative_data_rejection": {"expected-statuses": [400, 401, 404, 405, 409, 413]},
         },
         "operations": [
             {
                 "include-path": path,
                 "checks": {
-                    "positive_data_acceptance": {"expected-statuses": ["2xx", 400, 404, 409]}
+                    "positive_data_acceptance": {"expected-statuses": ["2xx", 400, 404, 409, 422]}
                 },
             }
             for path in BEYOND_SCHEMA
