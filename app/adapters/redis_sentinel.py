@@ -23,13 +23,13 @@ import re
 from collections.abc import AsyncGenerator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, cast
 from urllib.parse import parse_qsl, unquote
 
 import redis.asyncio as redis
 from redis.asyncio.client import Pipeline
 from redis.asyncio.retry import Retry
-from redis.asyncio.sentinel import Sentinel, SentinelConnectionPool
+from redis.asyncio.sentinel import MasterNotFoundError, Sentinel, SentinelConnectionPool
 from redis.backoff import NoBackoff
 from redis.exceptions import RedisError, ResponseError
 
@@ -146,6 +146,22 @@ class SentinelService:
         return {"db": self.db, "username": self.username, "password": self.password}
 
 
+_CLIENT_REPR = re.compile(
+    r"<redis\.asyncio\.client\.Redis\(.*?,host=([^,]+),port=(\d+),.*?\)>\)>\)>"
+)
+
+
+class _Sentinels(Sentinel):
+    """redis-py's ``Sentinel``, whose "no master found" names each Sentinel by its
+    address instead of its client's whole repr (the message reaches ``/health``)."""
+
+    async def discover_master(self, service_name: str) -> tuple[str, int]:
+        try:
+            return cast(tuple[str, int], await super().discover_master(service_name))
+        except MasterNotFoundError as exc:
+            raise MasterNotFoundError(_CLIENT_REPR.sub(r"\1:\2", str(exc))) from None
+
+
 @asynccontextmanager
 async def sentinel_clients(
     service: SentinelService, *, command_timeout: float, blocking_timeout: float, **options: Any
@@ -155,7 +171,7 @@ async def sentinel_clients(
     tries once more at once but does not wait out an outage. ``options`` are the
     connections' (retry, timeouts, client name). The caller closes the clients; the
     connections to the Sentinels are closed on exit."""
-    sentinel = Sentinel(
+    sentinel = _Sentinels(
         list(service.sentinels),
         sentinel_kwargs=service.sentinel_options(),
         **service.server_options(),

@@ -26,7 +26,7 @@ from tests.conftest import eventually
 from tests.contract.stores import create
 from tests.e2e.harness import running, service_env
 from tests.e2e.sentinels import SERVICE, SentinelSet, throwaway_sentinels
-from tests.e2e.servers import RedisServer
+from tests.e2e.servers import RedisServer, free_ports
 
 pytestmark = pytest.mark.e2e
 
@@ -35,6 +35,18 @@ FAILOVER_SECONDS = 30.0
 WRITERS = 4
 POSTERS = 4
 POST_PAUSE = 0.02
+
+
+async def test_no_sentinel_answering_is_an_outage_naming_each_sentinel() -> None:
+    ports = free_ports(2)
+    url = f"redis+sentinel://127.0.0.1:{ports[0]},127.0.0.1:{ports[1]}/taskq"
+    async with open_store(url, prefix="never-written:") as store:
+        with pytest.raises(StoreUnavailable) as unavailable:
+            await store.ping()
+    message = str(unavailable.value)
+    assert message.startswith("Redis: No master found for 'taskq'")
+    assert f"127.0.0.1:{ports[0]} - " in message and f"127.0.0.1:{ports[1]} - " in message
+    assert "redis.asyncio" not in message, "not the clients' whole repr"
 
 
 @dataclass
