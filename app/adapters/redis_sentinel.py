@@ -18,19 +18,20 @@ being away: ``StoreUnavailable`` until the promoted primary answers.
 
 from __future__ import annotations
 
+import contextlib
 import re
 from collections.abc import AsyncGenerator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, cast
 from urllib.parse import parse_qsl, unquote
 
 import redis.asyncio as redis
 from redis.asyncio.client import Pipeline
 from redis.asyncio.retry import Retry
-from redis.asyncio.sentinel import Sentinel
+from redis.asyncio.sentinel import MasterNotFoundError, Sentinel, SentinelConnectionPool
 from redis.backoff import NoBackoff
-from redis.exceptions import ResponseError
+from redis.exceptions import RedisError, ResponseError
 
 from app.config import ConfigError
 from app.ports import StoreUnavailable
@@ -60,7 +61,7 @@ class ReplicaAcks(NamedTuple):
         waits for that connection's own writes)."""
         pipe.wait(self.replicas, self.timeout_ms)  # pyright: ignore[reportUnknownMemberType]
 
-    def check(self, acknowledged: object) -> None:
+    async def check(self, client: redis.Redis, acknowledged: object) -> None:
         """``StoreUnavailable`` unless ``WAIT``'s reply counts enough replicas: the write
         is on the primary but could be lost with it, so it is not acknowledged."""
         if isinstance(acknowledged, ResponseError) and "replica" in str(acknowledged):
@@ -70,10 +71,21 @@ class ReplicaAcks(NamedTuple):
         if isinstance(acknowledged, Exception):
             raise acknowledged
         if not isinstance(acknowledged, int) or acknowledged < self.replicas:
+            await _ask_for_the_primary(client)
             raise StoreUnavailable(
                 f"Redis: a write reached {acknowledged} of the {self.replicas} replicas"
                 f" required (min_replicas) within {self.timeout_ms} ms"
             )
+
+
+async def _ask_for_the_primary(client: redis.Redis) -> None:
+    """Ask the Sentinels where the primary is now: if they name another one (the replicas
+    left this one, which has not heard yet), the pool drops its connections to this one
+    rather than writing to it until the Sentinels demote it."""
+    pool = client.connection_pool
+    if isinstance(pool, SentinelConnectionPool):
+        with contextlib.suppress(RedisError):
+            await pool.get_master_address()
 
 
 @dataclass(frozen=True, slots=True)
@@ -134,6 +146,22 @@ class SentinelService:
         return {"db": self.db, "username": self.username, "password": self.password}
 
 
+_CLIENT_REPR = re.compile(
+    r"<redis\.asyncio\.client\.Redis\(.*?,host=([^,]+),port=(\d+),.*?\)>\)>\)>"
+)
+
+
+class _Sentinels(Sentinel):
+    """redis-py's ``Sentinel``, whose "no master found" names each Sentinel by its
+    address instead of its client's whole repr (the message reaches ``/health``)."""
+
+    async def discover_master(self, service_name: str) -> tuple[str, int]:
+        try:
+            return cast(tuple[str, int], await super().discover_master(service_name))
+        except MasterNotFoundError as exc:
+            raise MasterNotFoundError(_CLIENT_REPR.sub(r"\1:\2", str(exc))) from None
+
+
 @asynccontextmanager
 async def sentinel_clients(
     service: SentinelService, *, command_timeout: float, blocking_timeout: float, **options: Any
@@ -143,7 +171,7 @@ async def sentinel_clients(
     tries once more at once but does not wait out an outage. ``options`` are the
     connections' (retry, timeouts, client name). The caller closes the clients; the
     connections to the Sentinels are closed on exit."""
-    sentinel = Sentinel(
+    sentinel = _Sentinels(
         list(service.sentinels),
         sentinel_kwargs=service.sentinel_options(),
         **service.server_options(),

@@ -410,7 +410,7 @@ class RedisStore:
                 self._acks.queue(pipe)
             results: list[object] = await pipe.execute(raise_on_error=False)
         if self._acks is not None:
-            self._acks.check(results.pop())
+            await self._acks.check(self._redis, results.pop())
         return results
 
     @_translate_errors
