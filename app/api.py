@@ -841,19 +841,17 @@ def _health_handlers(
                 DependencyCheck("up", said) if outage is None else DependencyCheck("down", outage)
             )
 
-        async def check_queues(check: QueueCheck) -> None:
-            # Informative only: a broker that does not answer is the broker check's to say.
-            with anyio.move_on_after(HEALTH_CHECK_SECONDS):
-                with suppress(StoreUnavailable, BrokerUnavailable):
-                    stats = await check()
-                    queues.update((q.queue, QueueHealth(q.depth, q.consumers)) for q in stats)
-
         async with anyio.create_task_group() as tg:
             for name, check in checks.items():
                 tg.start_soon(run_check, name, check)
-            if queue_check is not None:
-                tg.start_soon(check_queues, queue_check)
         healthy = all(r.status == "up" for r in results.values())
+        if healthy and queue_check is not None:
+            # Informative only, and asked only of servers that just answered: with one
+            # down, its client's retries would hold every /health to the deadline.
+            with anyio.move_on_after(HEALTH_CHECK_SECONDS):
+                with suppress(StoreUnavailable, BrokerUnavailable):
+                    stats = await queue_check()
+                    queues.update((q.queue, QueueHealth(q.depth, q.consumers)) for q in stats)
         return Health(
             "ok" if healthy else "unavailable", dict(sorted(results.items())), queues or None
         )
