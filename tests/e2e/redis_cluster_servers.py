@@ -44,6 +44,8 @@ class ClusterNode(RedisServer):
             "--cluster-config-file", str(self.data / "nodes.conf"),
             "--cluster-node-timeout", str(NODE_TIMEOUT_MS),
             "--cluster-port", str(self.bus_port),
+            # A replica syncs at once rather than after the default 5 s wait for others.
+            "--repl-diskless-sync-delay", "0",
         ]  # fmt: skip
 
     async def info(self, section: str) -> dict[str, str]:
@@ -114,7 +116,8 @@ class RedisClusterSet:
 
     async def wait_until_ok(self, *, within: float = CLUSTER_READY_SECONDS) -> None:
         """Wait until every running node reports ``cluster_state:ok`` and agrees on all
-        masters (each with its slots)."""
+        masters (each with its slots), and every replica has synced with its master (a
+        replica that never has does not take over: its data counts as too old)."""
         await eventually(self._all_ok, within=within, every=0.1)
 
     async def _all_ok(self) -> bool:
@@ -126,6 +129,12 @@ class RedisClusterSet:
             except redis.RedisError:
                 return False
             if info.get("cluster_state") != "ok" or info.get("cluster_slots_ok") != "16384":
+                return False
+            try:
+                replication = await node.info("replication")
+            except redis.RedisError:
+                return False
+            if replication.get("role") == "slave" and replication.get("master_link_status") != "up":
                 return False
         return True
 
