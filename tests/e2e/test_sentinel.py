@@ -8,9 +8,11 @@ window for the API), how long until the next task completes, and what was lost.
 
 from __future__ import annotations
 
+import gc
 import itertools
 import time
 from collections import Counter
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -36,6 +38,15 @@ pytestmark = [
     # runs then, as an unraisable ResourceWarning.
     pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning"),
 ]
+
+
+@pytest.fixture(autouse=True)
+def collect_dropped_sockets() -> Iterator[None]:
+    """Collect garbage as each test here ends, while the filter above applies: a socket
+    dropped here would otherwise surface in a later module's test, and fail it."""
+    yield
+    gc.collect()
+
 
 FAILOVER_SECONDS = 30.0
 """Down-after (1 s) plus the election and the promotion, on a loaded shared machine."""
