@@ -45,6 +45,7 @@ from app.domain import (
     ended_runs,
     fired_ahead,
     queue_run,
+    skipped_run,
     touch,
 )
 from app.ports import TaskChange, TaskStore
@@ -187,14 +188,12 @@ def trigger(
         if target.chain_waiting is not None
         else f"overlap: run {target.active_run.run_id} had not ended"
     )
-    skipped = Run(
-        run_id=entropy.run_id(now),
-        task_id=target.id,
-        attempt=1,
-        status=RunStatus.SKIPPED,
-        queued_at=now,
-        finished_at=now,
-        error=f"chain: triggered by {by.task_id}/{by.run_id}, skipped: {why}",
+    skipped = skipped_run(
+        target,
+        now,
+        f"chain: triggered by {by.task_id}/{by.run_id}, skipped: {why}",
+        now,
+        entropy,
         triggered_by=by,
     )
     noted = touch(target, now)

@@ -741,7 +741,7 @@ def fire_schedule(task: Task, now: datetime, *, entropy: Entropy = ENTROPY) -> T
             f"misfire: the fire due at {_iso(task.scheduled_at)} came {late:.0f} s late "
             f"(grace {task.misfire_grace:g} s); it and any later missed fires were skipped"
         )
-        skipped = _skipped_run(task, task.scheduled_at, reason, now, entropy)
+        skipped = skipped_run(task, task.scheduled_at, reason, now, entropy)
         waiting = _advance(task, now, scheduled_at=scheduled_at, next_runs=upcoming)
         return _step(task, waiting, [skipped], due_at(scheduled_at))
     pending, run = _pending_with_new_run(
@@ -768,7 +768,16 @@ def extend_lease(task: Task, now: datetime, until: datetime) -> Transition:
     return _step(task, _advance(task, now), schedule=DueAt(timestamp(until)))
 
 
-def _skipped_run(task: Task, due: datetime, reason: str, now: datetime, entropy: Entropy) -> Run:
+def skipped_run(
+    task: Task,
+    due: datetime,
+    reason: str,
+    now: datetime,
+    entropy: Entropy,
+    *,
+    triggered_by: TriggeredBy | None = None,
+) -> Run:
+    """A run that did not run: ``skipped`` at ``now`` for ``reason``, queued at ``due``."""
     return Run(
         run_id=entropy.run_id(now),
         task_id=task.id,
@@ -777,6 +786,7 @@ def _skipped_run(task: Task, due: datetime, reason: str, now: datetime, entropy:
         queued_at=due,
         finished_at=now,
         error=reason,
+        triggered_by=triggered_by,
     )
 
 
@@ -798,7 +808,7 @@ def _end_overlap(task: Task, ended: Run, now: datetime, entropy: Entropy) -> tup
         return msgspec.structs.replace(task, scheduled_at=now, next_runs=upcoming), []
     upcoming = [] if task.schedule is None else next_fires(task.schedule, now, NEXT_RUNS_SHOWN)
     reason = f"overlap: due at {_iso(due)} while run {ended.run_id} had not ended"
-    skipped = _skipped_run(task, due, reason, now, entropy)
+    skipped = skipped_run(task, due, reason, now, entropy)
     waiting = msgspec.structs.replace(
         task, scheduled_at=upcoming[0] if upcoming else None, next_runs=upcoming
     )
@@ -1170,6 +1180,6 @@ def set_aside(task: Task, problem: str, now: datetime, *, entropy: Entropy = ENT
     it. A run already active goes on under its own entry."""
     due = task.scheduled_at or now
     reason = f"unscheduled: its next fire could not be planned ({problem})"
-    skipped = _skipped_run(task, due, reason, now, entropy)
+    skipped = skipped_run(task, due, reason, now, entropy)
     idle = _advance(task, now, scheduled_at=None, schedule=None, next_runs=[], paused=False)
     return _step(task, idle, [skipped], _entry_unless_busy(task, idle))

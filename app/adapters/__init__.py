@@ -37,22 +37,12 @@ async def open_store(
             follow_keepalive=follow_keepalive,
             max_followers=max_followers,
         )
-    elif await _is_cluster(scheme, url):
+    elif scheme in ("redis", "rediss", "unix", "redis+sentinel", "redis+cluster", "rediss+cluster"):
         from app.adapters.redis_cluster import open_redis_cluster_store
-
-        async with open_redis_cluster_store(
-            url,
-            prefix=prefix,
-            run_history=run_history,
-            event_history=event_history,
-            follow_keepalive=follow_keepalive,
-            max_followers=max_followers,
-        ) as store:
-            yield store
-    elif scheme in ("redis", "rediss", "unix", "redis+sentinel"):
         from app.adapters.redis_store import open_redis_store
 
-        async with open_redis_store(
+        opener = open_redis_cluster_store if await _is_cluster(scheme, url) else open_redis_store
+        async with opener(
             url,
             prefix=prefix,
             run_history=run_history,
