@@ -1,6 +1,9 @@
 """CPU the metrics cost a run, in one process and in the multiprocess mode of
 ``taskq serve --processes N``: what a run's life counts (claim, dispatch, start, finish,
-two slot changes, a running command, two API requests), timed in a loop.
+two slot changes, a running command, two API requests), timed in a loop; and what its
+lifecycle events cost taskq's processes (derived from the four transitions of a task
+created and run once, and encoded as the Redis store writes them). What the events cost
+Redis (an ``XADD`` each) is measured in the real workload by ``tests.bench.watching_cost``.
 
     .venv/bin/python -m tests.bench.metrics_cost [-n 20000]
 
@@ -53,6 +56,28 @@ def per_run_microseconds(count: int) -> float:
     return (time.process_time() - begin) / count * 1e6 + 2 * requests
 
 
+def events_microseconds(count: int) -> float:
+    """CPU microseconds the lifecycle events of one task's life cost: created, a run
+    queued, started and finished, each derived from its transition and encoded."""
+    from app.adapters.redis_store import _event_lines  # pyright: ignore[reportPrivateUsage]
+    from app.domain import Outcome, Task, create, finish_run, queue_run, start_run
+    from app.events import lifecycle_events
+
+    task = Task(id="t", name="t", command="true", created_at=NOW, updated_at=NOW)
+    created = create(task)
+    queued = queue_run(task, NOW)
+    started = start_run(queued.task, queued.run, "w", NOW, lease_until=NOW + timedelta(30))
+    result = Outcome(exit_code=0, duration=0.01, output="", truncated=False)
+    finished = finish_run(started.task, started.run, result, NOW)
+    life = (created, queued, started, finished)
+    assert all(len(lifecycle_events(transition)) == 1 for transition in life)
+    begin = time.process_time()
+    for _ in range(count):
+        for transition in life:
+            _event_lines(lifecycle_events(transition))
+    return (time.process_time() - begin) / count * 1e6
+
+
 async def requests_microseconds(count: int) -> float:
     """CPU microseconds ``RequestMetrics`` adds to a request, over an application that
     only answers."""
@@ -97,6 +122,7 @@ def main() -> None:
         several = subprocess.run(command, capture_output=True, text=True, check=True, env=env)
     print(f"metrics of one run's life: {one} µs of CPU in one process,")
     print(f"{several.stdout.strip()} µs in the multiprocess mode of serve --processes N")
+    print(f"lifecycle events of one task's life: {events_microseconds(args.n):.1f} µs of CPU")
 
 
 if __name__ == "__main__":
