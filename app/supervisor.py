@@ -12,6 +12,7 @@ With ``processes`` above 1, the consumer role is that many processes of its own
 
 from __future__ import annotations
 
+import gc
 import logging
 import os
 import signal
@@ -99,6 +100,28 @@ def _watch_children_with_pidfd() -> None:
     watcher = asyncio.PidfdChildWatcher()
     watcher.attach_loop(asyncio.get_running_loop())
     asyncio.set_child_watcher(watcher)  # pyright: ignore[reportDeprecated] (3.11 only)
+
+
+COLLECTOR_THRESHOLDS = (20_000, 20, 20)
+"""The cyclic garbage collector's thresholds in a service process (Python's default is
+700, 10, 10): a request or a run allocates hundreds of container objects, so at the
+default a young collection came every few of them, an older one every few dozen. The
+garbage of a cycle waits a little longer (a few MB at most); ``tests.bench.cpu_budget
+--versus`` measures what this saves."""
+
+
+def tune_collector() -> None:
+    """Set a service process's garbage collector up for serving: ``COLLECTOR_THRESHOLDS``
+    now, and ``freeze_start_up`` once the roles are ready."""
+    gc.set_threshold(*COLLECTOR_THRESHOLDS)
+
+
+def freeze_start_up(_: str = "") -> None:
+    """Move what start-up built (modules, the app and its schema, clients) out of the
+    collector's sight: it lives as long as the process, and every full collection
+    walked all of it while requests and runs churned (tail latency of ``POST /tasks``:
+    ``tests.bench.api_create``)."""
+    gc.freeze()
 
 
 async def run_service(

@@ -53,10 +53,11 @@ async def cli(ctx: click.Context, api_url: str, token: str | None) -> None:
 async def _run(settings: Settings, *, supervised: bool = False) -> None:
     # Before the service's imports: prometheus_client reads its directory at import.
     with metrics_directory(several_processes=settings.spawns_consumer_processes()):
-        from app.supervisor import root_cause, run_service
+        from app.supervisor import freeze_start_up, root_cause, run_service, tune_collector
 
+        tune_collector()
         try:
-            await run_service(settings, supervised=supervised)
+            await run_service(settings, supervised=supervised, on_ready=freeze_start_up)
         except Exception as exc:
             # The last line of the log, in its format (a crash of a running role was
             # logged by the supervisor with its traceback).

@@ -2,6 +2,7 @@
 
     .venv/bin/python -m tests.bench.cpu_budget [-n 2000] \
         [--taskq "serve --roles api,scheduler + serve --roles consumer ..."]
+    .venv/bin/python -m tests.bench.cpu_budget --versus DIR [--rounds 3] [-n 2000]
 
 The workload is ``../shared/peers/compare``'s throughput phase: ``-n`` x ``true``, each
 created due now by one request (taskq: ``POST /tasks``, aiohttp, 32 in flight; Celery:
@@ -17,6 +18,11 @@ Redis; then the total, the throughput that total allows on this machine's cores 
 the one measured, and taskq / Celery for each part both systems have. Long-lived children
 (consumer processes, watchdogs, pool processes) are read directly: their CPU reaches their
 parent's ``cutime`` only once they exit.
+
+With ``--versus DIR`` it measures ``taskq serve`` of this checkout and of another one
+(``DIR``, e.g. a ``git worktree`` of an older commit, served through ``PYTHONPATH`` with
+this venv) alternately, and prints each run's parts and their means: what a change
+costs per task, which swings far less with the machine's load than throughput does.
 
 RabbitMQ and Redis serve the whole machine: their figures include whatever else ran
 meanwhile, and "elsewhere" says how much CPU the rest of the machine used.
@@ -335,10 +341,15 @@ def cores() -> int:
     return len(os.sched_getaffinity(0))
 
 
-async def taskq_budget(deployment: str, tasks: int) -> Budget:
+async def taskq_budget(deployment: str, tasks: int, *, source: Path | None = None) -> Budget:
+    """``deployment``'s CPU per task; with ``source``, serving that checkout's ``app`` and
+    ``cli`` (``PYTHONPATH``) with this venv."""
     prefix = f"taskq-cpu-{uuid.uuid4().hex[:8]}:"
+    env = bench_env(prefix)
+    if source is not None:
+        env["PYTHONPATH"] = str(source)
     try:
-        async with deployed(deployment, bench_env(prefix)) as running, Api(running.api_url) as api:
+        async with deployed(deployment, env) as running, Api(running.api_url) as api:
             await api.create_all(_due_now("warm", WARM_UP))
             await wait_finished(prefix, WARM_UP, within=120)
             bodies = _due_now("task", tasks)
@@ -433,6 +444,35 @@ async def main(extra: Sequence[str], tasks: int) -> None:
     print("\n".join(comparison(taskqs, celery)))
 
 
+async def versus(other: Path, tasks: int, rounds: int) -> None:
+    """``taskq serve`` of this checkout and of ``other``, alternating (which goes first
+    too), ``rounds`` times: what a change costs or saves per task, in one sitting."""
+    load = " ".join(f"{value:.2f}" for value in os.getloadavg())
+    print(f"cpu budget: {tasks} x `true`, this checkout vs {other}; load average {load}")
+    sides: dict[str, list[Budget]] = {"this": [], "other": []}
+    for round_ in range(rounds):
+        order = ["this", "other"] if round_ % 2 == 0 else ["other", "this"]
+        for side in order:
+            source = other if side == "other" else None
+            measured = await taskq_budget(ONE_PROCESS, tasks, source=source)
+            sides[side].append(measured)
+            parts = " ".join(f"{part} {measured.part_ms(part):.3f}" for part in PARTS)
+            print(
+                f"round {round_ + 1}, {side:5}: total {measured.total_ms:.3f} ms/task "
+                f"({parts}); {measured.throughput:.0f}/s",
+                flush=True,
+            )
+    this, that = sides["this"], sides["other"]
+    for part, figure in [
+        *((part, lambda b, part=part: b.part_ms(part)) for part in PARTS),
+        ("total", lambda b: b.total_ms),
+    ]:
+        mine = sum(figure(b) for b in this) / rounds
+        theirs = sum(figure(b) for b in that) / rounds
+        ratio = f"{mine / theirs:.3f}x" if theirs else "-"
+        print(f"  {part:18} this {mine:.3f}  other {theirs:.3f} ms/task  this/other {ratio}")
+
+
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description="CPU per task by process, taskq vs Celery")
     parser.add_argument("-n", "--tasks", type=int, default=2000)
@@ -445,5 +485,15 @@ if __name__ == "__main__":
         metavar="DEPLOYMENT",
         help=f"an extra taskq deployment, '+'-separated processes (after {ONE_PROCESS!r})",
     )
+    parser.add_argument(
+        "--versus",
+        type=Path,
+        metavar="DIR",
+        help="instead: taskq serve of this checkout against DIR's (another checkout), no Celery",
+    )
+    parser.add_argument("--rounds", type=int, default=3, help="with --versus: alternations")
     options = parser.parse_args()
-    anyio.run(main, options.taskq, options.tasks)
+    if options.versus is not None:
+        anyio.run(versus, options.versus.resolve(), options.tasks, options.rounds)
+    else:
+        anyio.run(main, options.taskq, options.tasks)
