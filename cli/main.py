@@ -66,6 +66,13 @@ async def _run(settings: Settings, *, supervised: bool = False) -> None:
             raise SystemExit(1) from None
 
 
+_queues_option = click.option(
+    "--queues",
+    help="Queues (worker pools) the consumer role serves, comma-separated, each with its own"
+    " concurrency if given: build=4,deploy (env TASKQ_QUEUES; default: default).",
+)
+
+
 def _service_options(function: Callable[P, Awaitable[T]]) -> Callable[P, Awaitable[T]]:
     for option in reversed(
         [
@@ -104,11 +111,7 @@ def _service_options(function: Callable[P, Awaitable[T]]) -> Callable[P, Awaitab
 # A consumer process started by `taskq serve --processes N`: its stdin and stdout are the
 # parent's pipes (app.consumer_processes).
 @click.option("--supervised", is_flag=True, hidden=True)
-@click.option(
-    "--queues",
-    help="Queues (worker pools) the consumer role serves, comma-separated, each with its own"
-    " concurrency if given: build=4,deploy (env TASKQ_QUEUES; default: default).",
-)
+@_queues_option
 @_service_options
 async def serve(
     roles: str | None,
@@ -150,8 +153,15 @@ async def serve(
     show_default=True,
     help="Event loop to run on.",
 )
+@_queues_option
 @_service_options
-async def dev(backend: str, host: str | None, port: int | None, concurrency: int | None) -> None:
+async def dev(
+    backend: str,
+    queues: str | None,
+    host: str | None,
+    port: int | None,
+    concurrency: int | None,
+) -> None:
     """Run every role in this process with an in-memory store and broker.
 
     Nothing else is needed, and nothing survives the exit. Always one process:
@@ -160,7 +170,10 @@ async def dev(backend: str, host: str | None, port: int | None, concurrency: int
     assert sniffio.current_async_library() == backend
     try:
         settings = Settings.from_env(service_environment()).with_overrides(
-            host=host, port=port, concurrency=concurrency
+            queues=None if queues is None else parse_queues(queues),
+            host=host,
+            port=port,
+            concurrency=concurrency,
         )
     except ConfigError as exc:
         raise click.ClickException(str(exc)) from exc

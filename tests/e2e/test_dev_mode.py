@@ -151,3 +151,31 @@ async def test_failed_runs_are_retried_with_a_growing_backoff(prefix: str, tmp_p
     assert gaps[0] >= 0.2 and gaps[1] >= 0.4, "half the doubled backoff at least"
     assert heals["status"] == "completed"
     assert [(r["attempt"], r["status"]) for r in heals_runs] == [(1, "failed"), (2, "completed")]
+
+
+async def test_dev_mode_serves_the_queues_it_is_given(prefix: str) -> None:
+    args = ["dev", "--port", "0", "--queues", "default,build=2"]
+    async with running(args, service_env(prefix)) as service:
+        assert service.api_url is not None
+        url = service.api_url
+        await cli(
+            url, "create", "--id", "b", "--name", "b", "--command", "true", "--queue", "build"
+        )
+        await cli(url, "create", "--id", "d", "--name", "d", "--command", "true")
+        await cli(
+            url, "create", "--id", "o", "--name", "o", "--command", "true", "--queue", "other"
+        )
+        async with httpx.AsyncClient(base_url=url) as http:
+            for task_id in ("b", "d", "o"):
+                assert (await http.post(f"/tasks/{task_id}/execute")).status_code == 202
+            for task_id, queue in (("b", "build"), ("d", "default")):
+                task = await wait_for_task(http, task_id, {"completed", "failed"})
+                assert task["status"] == "completed"
+                run = (await http.get(f"/tasks/{task_id}/runs/{task['last_run']['run_id']}")).json()
+                assert run["queue"] == queue
+            # A queue this process does not serve keeps its run queued, and says so.
+            queues = (await http.get("/health")).json()["queues"]
+            assert queues["other"] == {"depth": 1, "consumers": 0}
+            assert queues["build"]["consumers"] == 1
+            assert (await http.get("/tasks/o")).json()["status"] == "pending"
+        assert await service.stop() == 0
