@@ -98,6 +98,45 @@ async def test_a_finished_run_shows_its_output(
     await expect(page.locator(".run-state")).to_contain_text("exit 3")
 
 
+async def test_a_task_page_shows_its_queue_and_chain_and_a_run_where_it_came_from(
+    page: Page, dev_url: str, api: httpx.AsyncClient
+) -> None:
+    await create(api, "ui-chain-next", "true")
+    await create(api, "ui-chain-alarm", "true")
+    await create(
+        api,
+        "ui-chain-first",
+        "true",
+        queue="default",
+        chain={"on_success": ["ui-chain-next"], "on_failure": ["ui-chain-alarm"]},
+    )
+    await api.post("/tasks/ui-chain-first/execute")
+    await wait_for_task(api, "ui-chain-first", {"completed"})
+    await wait_for_task(api, "ui-chain-next", {"completed"})
+
+    await open_task(page, dev_url, "ui-chain-first")
+    settings = page.locator("dl.settings")
+    await expect(settings.locator("dt", has_text="Queue").locator("+ dd")).to_have_text("default")
+    await expect(settings.locator("[data-chain='on_success']")).to_have_text(
+        "on_success → ui-chain-next"
+    )
+    await expect(settings.locator("[data-chain='on_failure']")).to_have_text(
+        "on_failure → ui-chain-alarm"
+    )
+    await page.locator("table.runs tbody tr").first.click()
+    triggered = page.locator("ul.chain [data-chain='triggered']")
+    await expect(triggered).to_contain_text("triggered ui-chain-next queued")
+
+    # From the run's line to the task it triggered, and back through "triggered by".
+    await triggered.get_by_role("link", name="ui-chain-next").click()
+    await expect(page.locator(".task-head h1")).to_contain_text("ui-chain-next")
+    await expect(page.locator("dl.settings [data-chain]")).to_have_count(0)
+    await page.locator("table.runs tbody tr").first.click()
+    await expect(page.locator("ul.chain [data-chain='triggered-by']")).to_contain_text(
+        "triggered by ui-chain-first run"
+    )
+
+
 async def test_pause_and_resume_a_schedule(
     page: Page, dev_url: str, api: httpx.AsyncClient
 ) -> None:

@@ -118,9 +118,11 @@ export function taskPage(main, { taskId, runId }) {
     const text = h("pre", { class: "run-output" });
     output.hidden = false;
     const hooks = h("ul", { class: "notifications" });
-    output.replaceChildren(h("h2", {}, "Output of run ", h("code", {}, runId)), state, hooks, text);
+    const chain = h("ul", { class: "chain" });
+    output.replaceChildren(h("h2", {}, "Output of run ", h("code", {}, runId)), state, chain, hooks, text);
     try {
       const run = await json("GET", `${path}/runs/${encodeURIComponent(runId)}`);
+      showChain(chain, run);
       if (run.status === "queued" || run.status === "running") {
         stream = new AbortController();
         await followOutput(runId, state, text, stream.signal);
@@ -198,6 +200,36 @@ function notifySettings(notify) {
     typeof target === "string" ? target : `${target.url} after ${duration(target.after)}`));
 }
 
+/** A link to another task's page (its id as the text). */
+function taskLink(taskId) {
+  return h("a", { href: `#/tasks/${encodeURIComponent(taskId)}` }, taskId);
+}
+
+/** The tasks this one's end triggers: a line for success, one for failure. */
+function chainSettings(chain) {
+  const lines = [["on_success", chain?.on_success ?? []], ["on_failure", chain?.on_failure ?? []]]
+    .filter(([, targets]) => targets.length)
+    .map(([when, targets]) => h("div", { dataset: { chain: when } }, h("code", {}, when), " → ",
+      ...targets.flatMap((target, index) => [index ? ", " : "", taskLink(target)])));
+  return lines.length ? lines : "—";
+}
+
+/** Where a run came from and what its end set off (chained tasks), a line each. */
+function showChain(list, run) {
+  const lines = [];
+  if (run.triggered_by) {
+    const by = run.triggered_by;
+    lines.push(h("li", { dataset: { chain: "triggered-by" } }, "triggered by ", taskLink(by.task_id),
+      " run ", h("a", { href: `#/tasks/${encodeURIComponent(by.task_id)}/runs/${encodeURIComponent(by.run_id)}` },
+        by.run_id)));
+  }
+  for (const target of run.triggered ?? []) {
+    lines.push(h("li", { dataset: { chain: "triggered" } }, "triggered ", taskLink(target.task_id), " ",
+      badge(h, target.outcome), target.run_id ? ` run ${target.run_id}` : ""));
+  }
+  list.replaceChildren(...lines);
+}
+
 function taskSettings(task) {
   const schedule = task.schedule;
   return [
@@ -211,6 +243,8 @@ function taskSettings(task) {
     ["Attempts", `${task.max_attempts} (backoff ${task.retry_backoff} s)`],
     ["Misfires", `${task.misfire} (grace ${task.misfire_grace} s)`],
     ["Overlap", task.overlap],
+    ["Queue", h("code", {}, task.queue)],
+    ["Chain", chainSettings(task.chain)],
     ["Working directory", task.cwd ?? "—"],
     ["Notifications", notifySettings(task.notify)],
     ["Environment", Object.entries(task.env).map(([name, value]) => `${name}=${value}`).join(" ") || "—"],
