@@ -17,12 +17,15 @@ records what queued it (``Run.triggered_by``).
 
 At create and update, ``check_chain`` refuses a chain naming a task that does not exist,
 one that loops (following ``on_success`` and ``on_failure`` through the stored tasks)
-and one reaching more than ``MAX_CHAIN_REACH`` tasks.
+and one reaching more than ``MAX_CHAIN_REACH`` tasks. Two updates at once can still
+close a loop that neither check saw; each triggered run counts the chain's steps so far
+(``TriggeredBy.hops``), and past ``MAX_CHAIN_REACH`` of them the chain stops.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import logging
 from collections import deque
 from collections.abc import Mapping, Sequence
 from datetime import datetime
@@ -50,9 +53,13 @@ from app.domain import (
 )
 from app.ports import TaskChange, TaskStore
 
+log = logging.getLogger(__name__)
+
 MAX_CHAIN_REACH = 1000
 """Tasks a chain may reach, following its edges through the stored tasks: beyond that
-it is refused (checking it would cost a read per task at every change)."""
+it is refused (checking it would cost a read per task at every change). A run whose
+chain has already taken more steps than this (``TriggeredBy.hops``) triggers nothing
+more (``ChainOutcome.STOPPED``): only a loop is that long."""
 
 
 class ChainRefused(DomainError):
@@ -212,10 +219,21 @@ async def chained_change(
     if found is None:
         return transition, []
     ended, targets = found
-    by = TriggeredBy(task_id=transition.task_id, run_id=ended.run_id)
+    hops = 1 if ended.triggered_by is None else ended.triggered_by.hops + 1
+    by = TriggeredBy(task_id=transition.task_id, run_id=ended.run_id, hops=hops)
     now = transition.at
     planned: list[Transition] = []
     triggered: list[ChainTriggered] = []
+    if hops > MAX_CHAIN_REACH:
+        # No chain that passed check_chain is this long without a loop: cut it here.
+        log.warning(
+            "chain of %r stopped after %d steps: it loops (run %s)",
+            transition.task_id,
+            hops - 1,
+            ended.run_id,
+        )
+        targets = []
+        triggered = [ChainTriggered(task_id=t, outcome=ChainOutcome.STOPPED) for t in found[1]]
     for target_id in targets:
         target, active = await _read_target(store, target_id)
         if target is None or target_id == transition.task_id:

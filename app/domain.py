@@ -263,6 +263,10 @@ class TriggeredBy(msgspec.Struct, frozen=True, kw_only=True):
 
     task_id: str
     run_id: str
+    hops: int = 1
+    """Chain steps from a run no chain queued to this one: 1 for a run that such a
+    run's end triggered, one more at each step after (documents written before this
+    field read as 1)."""
 
 
 class ChainOutcome(StrEnum):
@@ -276,6 +280,9 @@ class ChainOutcome(StrEnum):
     """The target was busy (``overlap: forbid``, or a triggered run already waits)."""
     MISSING = "missing"
     """The target no longer exists."""
+    STOPPED = "stopped"
+    """Not triggered: the chain had gone on for more steps than a chain may reach
+    tasks, so it loops (two updates at once can close a loop neither one's check saw)."""
 
 
 class ChainTriggered(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):

@@ -96,7 +96,7 @@ async def test_runs_show_what_triggered_them_and_what_they_triggered(
     await transact(store, "a", lambda current: finish_run(current, begun.run, outcome, utcnow()))
 
     [b_run] = (await client.get("/tasks/b/runs")).json()
-    assert b_run["triggered_by"] == {"task_id": "a", "run_id": run["run_id"]}
+    assert b_run["triggered_by"] == {"task_id": "a", "run_id": run["run_id"], "hops": 1}
     assert b_run["status"] == "queued"
     a_run = (await client.get(f"/tasks/a/runs/{run['run_id']}")).json()
     assert a_run["triggered"] == [{"task_id": "b", "outcome": "queued", "run_id": b_run["run_id"]}]

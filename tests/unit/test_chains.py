@@ -14,11 +14,13 @@ from app.domain import (
     LOST_RUN_LIMIT,
     Chain,
     ChainOutcome,
+    Outcome,
     Run,
     Task,
     TaskStatus,
     TriggeredBy,
     create,
+    finish_run,
     start_run,
     utcnow,
 )
@@ -26,6 +28,7 @@ from app.ports import Dispatch, TaskChange
 from app.scheduler import Scheduler
 from app.schemas import TaskCreate
 from app.service import TaskService
+from app.transactions import commit_alone
 from tests.unit.test_scheduler import Clock
 
 
@@ -47,6 +50,9 @@ from tests.unit.test_scheduler import Clock
 )
 def test_find_cycle(edges: dict[str, list[str]], cycle: list[str] | None) -> None:
     assert find_cycle("a", edges) == cycle
+
+
+DONE = Outcome(exit_code=0, duration=0.01, output="", truncated=False)
 
 
 def task(task_id: str, **on: list[str]) -> Task:
@@ -160,3 +166,44 @@ async def test_a_run_lost_for_good_triggers_on_failure_through_the_scheduler(
     assert Dispatch(task_id="d", run_id=d_run.run_id, attempt=1) in [
         msgspec.json.decode(body, type=Dispatch) for body in broker.queue
     ]
+
+
+async def test_a_loop_closed_behind_the_checks_stops_after_the_longest_chain_allowed(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Two updates at once can close a loop neither check saw (here: written straight to
+    the store). Each run then counts the chain's steps; past ``MAX_CHAIN_REACH`` of them
+    the chain stops, recorded on the run that would have gone on."""
+    limit = 5
+    monkeypatch.setattr("app.chains.MAX_CHAIN_REACH", limit)
+    store = await stored(task("a", on_success=["b"]), task("b", on_success=["a"]))
+    service = TaskService(store)
+    await service.execute("a")
+    clock = utcnow()
+    steps: list[tuple[str, int]] = []
+    running = "a"
+    ended: Run | None = None
+    for _ in range(limit + 3):  # more than the chain may take: it must stop by itself
+        current = await store.get_task(running)
+        assert current is not None and current.active_run is not None
+        queued = await store.get_run(running, current.active_run.run_id)
+        assert queued is not None
+        started = start_run(current, queued, "host:1", clock, lease_until=clock)
+        await store.commit(TaskChange.of(started))
+        finished = finish_run(started.task, started.run, DONE, clock)
+        assert await commit_alone(store, finished)
+        ended = await store.get_run(running, started.run.run_id)
+        assert ended is not None
+        steps.append((running, 0 if ended.triggered_by is None else ended.triggered_by.hops))
+        [outcome] = ended.triggered
+        if outcome.outcome == ChainOutcome.STOPPED:
+            break
+        assert outcome.outcome == ChainOutcome.QUEUED
+        running = outcome.task_id
+    else:
+        pytest.fail("the chain never stopped")
+    # a (started by hand), then b, a, b, a, b triggered: 5 steps, the last one stopped.
+    assert steps == [("a", 0), ("b", 1), ("a", 2), ("b", 3), ("a", 4), ("b", 5)]
+    assert ended is not None and [t.outcome for t in ended.triggered] == [ChainOutcome.STOPPED]
+    a = await store.get_task("a")
+    assert a is not None and a.active_run is None and a.status == TaskStatus.COMPLETED
