@@ -234,8 +234,9 @@ async def chained_change(
         )
         targets = []
         triggered = [ChainTriggered(task_id=t, outcome=ChainOutcome.STOPPED) for t in found[1]]
-    for target_id in targets:
-        target, active = await _read_target(store, target_id)
+    for target_id, (target, active) in zip(
+        targets, await _read_targets(store, targets), strict=True
+    ):
         if target is None or target_id == transition.task_id:
             # Itself: only a chain changed under a concurrent check can name it.
             outcome = ChainOutcome.MISSING if target is None else ChainOutcome.SKIPPED
@@ -247,6 +248,35 @@ async def chained_change(
     noted = msgspec.structs.replace(ended, triggered=triggered)
     runs = tuple(noted if run.run_id == ended.run_id else run for run in transition.runs)
     return dataclasses.replace(transition, runs=runs), planned
+
+
+async def _read_targets(
+    store: TaskStore, task_ids: Sequence[str]
+) -> list[tuple[Task | None, Run | None]]:
+    """Each target and its active run, read together: every target in one round trip,
+    then those with an active run with it in one more; one whose active run changed in
+    between is read again on its own."""
+    tasks = await store.get_tasks(task_ids)
+    pairs = [
+        (task.id, task.active_run.run_id)
+        for task in tasks
+        if task is not None and task.active_run is not None
+    ]
+    both = await store.get_tasks_and_runs(pairs)
+    read = {task_id: pair for (task_id, _), pair in zip(pairs, both, strict=True)}
+    found: list[tuple[Task | None, Run | None]] = []
+    for task_id, task in zip(task_ids, tasks, strict=True):
+        if task is None or task.active_run is None:
+            found.append((task, None))
+            continue
+        fresh, run = read[task_id]
+        if fresh is None or fresh.active_run is None:
+            found.append((fresh, None))
+        elif run is not None and run.run_id == fresh.active_run.run_id:
+            found.append((fresh, run))
+        else:  # its active run changed between the two reads
+            found.append(await _read_target(store, task_id))
+    return found
 
 
 async def _read_target(store: TaskStore, task_id: str) -> tuple[Task | None, Run | None]:

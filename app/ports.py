@@ -147,6 +147,10 @@ class TaskStore(Protocol):
         """The task, or ``None``."""
         ...
 
+    async def get_tasks(self, task_ids: Sequence[str]) -> list[Task | None]:
+        """``get_task`` for each id, in order, all in one round trip where the store can."""
+        ...
+
     async def list_tasks(
         self, *, status: TaskStatus | None, limit: int, after: str | None
     ) -> list[Task]:

@@ -139,6 +139,10 @@ class MemoryStore:
         await anyio.lowlevel.checkpoint()
         return self._task(task_id)
 
+    async def get_tasks(self, task_ids: Sequence[str]) -> list[Task | None]:
+        await anyio.lowlevel.checkpoint()
+        return [self._task(task_id) for task_id in task_ids]
+
     async def list_tasks(
         self, *, status: TaskStatus | None, limit: int, after: str | None
     ) -> list[Task]:

@@ -303,6 +303,14 @@ class RedisStore:
         return None if doc is None else _task_decoder.decode(doc)
 
     @_translate_errors
+    async def get_tasks(self, task_ids: Sequence[str]) -> list[Task | None]:
+        if not task_ids:
+            return []
+        # One MGET: a prefix's keys share one hash slot on a cluster (cluster_prefix).
+        docs = await self._redis.mget([self.task_key(task_id) for task_id in task_ids])
+        return [None if doc is None else _task_decoder.decode(doc) for doc in docs]
+
+    @_translate_errors
     async def list_tasks(
         self, *, status: TaskStatus | None, limit: int, after: str | None
     ) -> list[Task]:

@@ -236,6 +236,12 @@ async def test_get_tasks_and_runs_reads_each_pair_in_order(store: Store) -> None
     assert read[0] == await store.get_task_and_run("a", run.run_id)
 
 
+async def test_get_tasks_reads_each_task_in_order(store: Store) -> None:
+    a, b = await create(store, "a"), await create(store, "b")
+    assert await store.get_tasks([]) == []
+    assert await store.get_tasks(["b", "gone", "a", "b"]) == [b, None, a, b]
+
+
 async def test_wait_for_due_waits_for_the_earliest_entry(store: Store) -> None:
     task = await create(store, "a")
     due = time.time() + 0.3

@@ -4,12 +4,21 @@ and the bound on how far a chain reaches; and a trigger through the scheduler's 
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import msgspec
 import pytest
 
 from app.adapters.memory_broker import MemoryBroker
 from app.adapters.memory_store import MemoryStore
-from app.chains import MAX_CHAIN_REACH, ChainRefused, check_chain, find_cycle
+from app.chains import (
+    MAX_CHAIN_REACH,
+    ChainRefused,
+    _read_targets,  # pyright: ignore[reportPrivateUsage]
+    chained_change,
+    check_chain,
+    find_cycle,
+)
 from app.domain import (
     LOST_RUN_LIMIT,
     Chain,
@@ -19,8 +28,10 @@ from app.domain import (
     Task,
     TaskStatus,
     TriggeredBy,
+    cancel_queued,
     create,
     finish_run,
+    queue_run,
     start_run,
     utcnow,
 )
@@ -207,3 +218,42 @@ async def test_a_loop_closed_behind_the_checks_stops_after_the_longest_chain_all
     assert ended is not None and [t.outcome for t in ended.triggered] == [ChainOutcome.STOPPED]
     a = await store.get_task("a")
     assert a is not None and a.active_run is None and a.status == TaskStatus.COMPLETED
+
+
+class _StaleFirstRead(MemoryStore):
+    """A store whose batch read of tasks answers what was stored before the last change:
+    the target's active run changes between the chain's two reads."""
+
+    stale: list[Task | None] | None = None
+
+    async def get_tasks(self, task_ids: Sequence[str]) -> list[Task | None]:
+        if self.stale is not None:
+            return self.stale
+        return await super().get_tasks(task_ids)
+
+
+async def test_a_target_whose_active_run_changed_between_the_reads_is_read_again() -> None:
+    store = _StaleFirstRead(run_history=10)
+    for each in (task("b"), task("a", on_success=["b"])):
+        await store.commit(TaskChange.of(create(each)))
+    now = utcnow()
+    # b has run r1 queued, which is cancelled and replaced by r2 after the first read.
+    b = await store.get_task("b")
+    assert b is not None
+    first = queue_run(b, now)
+    await store.commit(TaskChange.of(first))
+    store.stale = [first.task]
+    second = cancel_queued(first.task, first.run, now)
+    await store.commit(TaskChange.of(second))
+    again = queue_run(second.task, now)
+    await store.commit(TaskChange.of(again))
+    # The chain reads b (stale: r1 active), then b with r1 (now r2 is active): b again.
+    assert await _read_targets(store, ["b"]) == [(again.task, again.run)]
+    a = await store.get_task("a")
+    assert a is not None
+    queued_a = queue_run(a, now)
+    started = start_run(queued_a.task, queued_a.run, "w", now, lease_until=now)
+    _, [planned] = await chained_change(store, finish_run(started.task, started.run, DONE, now))
+    # Planned from b as it is (r2 queued: overlap queue defers), not from the stale copy.
+    assert planned.before == again.task
+    assert planned.task.chain_waiting is not None
