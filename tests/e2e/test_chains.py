@@ -88,7 +88,11 @@ async def test_a_chain_under_a_killed_consumer_triggers_each_target_exactly_once
     triggered_b = [r for r in runs["b"] if r["attempt"] == 1]
     assert len(triggered_b) == 1, runs["b"]
     assert all(r["triggered_by"] == triggered_b[0]["triggered_by"] for r in runs["b"])
-    assert triggered_b[0]["triggered_by"] == {"task_id": "a", "run_id": a_retry["run_id"]}
+    assert triggered_b[0]["triggered_by"] == {
+        "task_id": "a",
+        "run_id": a_retry["run_id"],
+        "hops": 1,
+    }
     assert a_retry["triggered"] == [
         {"task_id": "b", "outcome": "queued", "run_id": triggered_b[0]["run_id"]}
     ]
@@ -99,7 +103,7 @@ async def test_a_chain_under_a_killed_consumer_triggers_each_target_exactly_once
 
     [c_run] = runs["c"]
     assert c_run["status"] == "completed"
-    assert c_run["triggered_by"] == {"task_id": "b", "run_id": b_done[0]["run_id"]}
+    assert c_run["triggered_by"] == {"task_id": "b", "run_id": b_done[0]["run_id"], "hops": 2}
     assert b_done[0]["triggered"] == [
         {"task_id": "c", "outcome": "queued", "run_id": c_run["run_id"]}
     ]
