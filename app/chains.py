@@ -220,10 +220,6 @@ async def chained_change(
         return transition, []
     ended, targets = found
     hops = 1 if ended.triggered_by is None else ended.triggered_by.hops + 1
-    by = TriggeredBy(task_id=transition.task_id, run_id=ended.run_id, hops=hops)
-    now = transition.at
-    planned: list[Transition] = []
-    triggered: list[ChainTriggered] = []
     if hops > MAX_CHAIN_REACH:
         # No chain that passed check_chain is this long without a loop: cut it here.
         log.warning(
@@ -232,11 +228,14 @@ async def chained_change(
             hops - 1,
             ended.run_id,
         )
-        targets = []
-        triggered = [ChainTriggered(task_id=t, outcome=ChainOutcome.STOPPED) for t in found[1]]
-    for target_id, (target, active) in zip(
-        targets, await _read_targets(store, targets), strict=True
-    ):
+        stopped = [ChainTriggered(task_id=t, outcome=ChainOutcome.STOPPED) for t in targets]
+        return _noting(transition, ended, stopped), []
+    by = TriggeredBy(task_id=transition.task_id, run_id=ended.run_id, hops=hops)
+    now = transition.at
+    planned: list[Transition] = []
+    triggered: list[ChainTriggered] = []
+    read = await _read_targets(store, targets)
+    for target_id, (target, active) in zip(targets, read, strict=True):
         if target is None or target_id == transition.task_id:
             # Itself: only a chain changed under a concurrent check can name it.
             outcome = ChainOutcome.MISSING if target is None else ChainOutcome.SKIPPED
@@ -245,9 +244,14 @@ async def chained_change(
         change, done = trigger(target, active, by, now, entropy=entropy)
         planned.append(change)
         triggered.append(done)
+    return _noting(transition, ended, triggered), planned
+
+
+def _noting(transition: Transition, ended: Run, triggered: list[ChainTriggered]) -> Transition:
+    """``transition`` with its ended run recording what it ``triggered``."""
     noted = msgspec.structs.replace(ended, triggered=triggered)
     runs = tuple(noted if run.run_id == ended.run_id else run for run in transition.runs)
-    return dataclasses.replace(transition, runs=runs), planned
+    return dataclasses.replace(transition, runs=runs)
 
 
 async def _read_targets(
@@ -274,23 +278,9 @@ async def _read_targets(
             found.append((fresh, None))
         elif run is not None and run.run_id == fresh.active_run.run_id:
             found.append((fresh, run))
-        else:  # its active run changed between the two reads
-            found.append(await _read_target(store, task_id))
+        else:  # its active run changed between the two reads: read it again
+            found.extend(await _read_targets(store, [task_id]))
     return found
-
-
-async def _read_target(store: TaskStore, task_id: str) -> tuple[Task | None, Run | None]:
-    """The target and its active run, read together (again if its run changed between)."""
-    while True:
-        task = await store.get_task(task_id)
-        if task is None or task.active_run is None:
-            return task, None
-        task, run = await store.get_task_and_run(task_id, task.active_run.run_id)
-        if task is None or task.active_run is None:
-            return task, None
-        if run is not None and run.run_id == task.active_run.run_id:
-            return task, run
-        # Its active run changed between the two reads: read it again.
 
 
 def change_of(transition: Transition, targets: Sequence[Transition]) -> TaskChange:

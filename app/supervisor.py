@@ -106,8 +106,8 @@ COLLECTOR_THRESHOLDS = (20_000, 20, 20)
 """The cyclic garbage collector's thresholds in a service process (Python's default is
 700, 10, 10): a request or a run allocates hundreds of container objects, so at the
 default a young collection came every few of them, an older one every few dozen. The
-garbage of a cycle waits a little longer (a few MB at most); ``tests.bench.cpu_budget
---versus`` measures what this saves."""
+garbage of a cycle waits a little longer (a few MB at most); ``tests.bench.collector_cost``
+measures what the collector costs each process."""
 
 
 def tune_collector() -> None:

@@ -221,14 +221,15 @@ async def test_a_loop_closed_behind_the_checks_stops_after_the_longest_chain_all
 
 
 class _StaleFirstRead(MemoryStore):
-    """A store whose batch read of tasks answers what was stored before the last change:
-    the target's active run changes between the chain's two reads."""
+    """A store whose next batch read of tasks answers ``stale``, what was stored before
+    the last change: the target's active run changes between the chain's two reads."""
 
     stale: list[Task | None] | None = None
 
     async def get_tasks(self, task_ids: Sequence[str]) -> list[Task | None]:
-        if self.stale is not None:
-            return self.stale
+        if (stale := self.stale) is not None:
+            self.stale = None
+            return stale
         return await super().get_tasks(task_ids)
 
 
@@ -249,6 +250,7 @@ async def test_a_target_whose_active_run_changed_between_the_reads_is_read_again
     await store.commit(TaskChange.of(again))
     # The chain reads b (stale: r1 active), then b with r1 (now r2 is active): b again.
     assert await _read_targets(store, ["b"]) == [(again.task, again.run)]
+    store.stale = [first.task]
     a = await store.get_task("a")
     assert a is not None
     queued_a = queue_run(a, now)
