@@ -74,8 +74,39 @@ _STRAY_OUTPUT_SECONDS = 1.0
 _RESTORED_SIGNALS = (signal.SIGPIPE, signal.SIGXFSZ)
 
 
+# The control characters JSON has no short escape for: each takes six bytes (``\u0000``)
+# in a run's stored output.
+_SIX_BYTE_ESCAPES = bytes(c for c in range(0x20) if c not in b"\b\t\n\f\r")
+
+
+def stored_size(data: bytes) -> int:
+    """What ``data`` weighs against the output limit: a byte each, but six for each
+    control character stored as a six-byte escape, so that output of NUL bytes cannot
+    make the stored run (and the memory that writes it) six times the limit."""
+    escaped = len(data) - len(data.translate(None, _SIX_BYTE_ESCAPES))
+    return len(data) + 5 * escaped
+
+
+def _fitting(data: bytes, budget: int, *, from_end: bool = False) -> int:
+    """How many bytes of ``data``, from its start (or its end), weigh at most ``budget``."""
+    if len(data) * 6 <= budget or stored_size(data) <= budget:
+        return len(data)
+    # Binary search: a part's weight grows with its length. Only output heavy with
+    # escaped control characters gets here.
+    fits, too_long = 0, min(len(data), budget) + 1
+    while too_long - fits > 1:
+        length = (fits + too_long) // 2
+        part = data[len(data) - length :] if from_end else data[:length]
+        if stored_size(part) <= budget:
+            fits = length
+        else:
+            too_long = length
+    return fits
+
+
 class CappedOutput:
-    """Keeps the first and the last bytes of a stream, at most ``limit`` in all.
+    """Keeps the first and the last bytes of a stream, at most ``limit`` in all, as
+    ``stored_size`` weighs them.
 
     ``listener``, if given, sees every chunk as it arrives (live output).
     """
@@ -102,17 +133,28 @@ class CappedOutput:
             if len(self._tail) > 2 * self._tail_limit:
                 del self._tail[: len(self._tail) - self._tail_limit]
 
+    def _kept(self) -> tuple[bytes, bytes]:
+        """The head and the tail that are stored, each within its half of the limit."""
+        head = bytes(self._head)
+        tail = bytes(self._tail[-self._tail_limit :]) if self._tail_limit else b""
+        head = head[: _fitting(head, self._head_limit)]
+        tail = tail[len(tail) - _fitting(tail, self._tail_limit, from_end=True) :]
+        return head, tail
+
     @property
     def truncated(self) -> bool:
-        return self.total > len(self._head) + min(len(self._tail), self._tail_limit)
+        head, tail = self._kept()
+        return self.total > len(head) + len(tail)
 
     def text(self) -> str:
-        tail = bytes(self._tail[-self._tail_limit :]) if self._tail_limit else b""
-        if not self.truncated:
-            return (bytes(self._head) + tail).decode(errors="replace")
-        omitted = self.total - len(self._head) - len(tail)
+        return self._text(*self._kept())
+
+    def _text(self, head: bytes, tail: bytes) -> str:
+        omitted = self.total - len(head) - len(tail)
+        if not omitted:
+            return (head + tail).decode(errors="replace")
         marker = f"\n[... {omitted} bytes of output omitted ...]\n"
-        return bytes(self._head).decode(errors="replace") + marker + tail.decode(errors="replace")
+        return head.decode(errors="replace") + marker + tail.decode(errors="replace")
 
     def outcome(
         self,
@@ -124,11 +166,12 @@ class CappedOutput:
     ) -> Outcome:
         """What the command produced: this output, and how it ended, ``started`` being
         the ``time.monotonic()`` at which it was started."""
+        head, tail = self._kept()
         return Outcome(
             exit_code=exit_code,
             duration=time.monotonic() - started,
-            output=self.text(),
-            truncated=self.truncated,
+            output=self._text(head, tail),
+            truncated=self.total > len(head) + len(tail),
             timed_out=timed_out,
             error=error,
         )

@@ -7,16 +7,25 @@ of that group may still be running.
 
 from __future__ import annotations
 
+import itertools
 import os
+import random
 import re
 import time
 from pathlib import Path
 
 import anyio
+import msgspec
 import pytest
 
 from app.domain import Outcome
-from app.executor import SERVER_SECRETS, CappedOutput, inherited_environment, run_command
+from app.executor import (
+    SERVER_SECRETS,
+    CappedOutput,
+    inherited_environment,
+    run_command,
+    stored_size,
+)
 
 WAIT = 10.0
 """Bound for anything that should happen."""
@@ -249,6 +258,63 @@ async def test_output_one_byte_over_the_cap_is_truncated() -> None:
     assert omitted == 1
     assert head == "S" + "y" * (limit // 2 - 1)
     assert tail.endswith("E")
+
+
+async def test_a_flood_of_nul_bytes_is_kept_within_the_limit_as_stored() -> None:
+    # JSON stores a NUL as six bytes (\u0000): the cap weighs it so, or 1 MiB of NULs
+    # would be a 6 MiB run document to encode and send.
+    limit = 4096
+    outcome = await shell("printf S; head -c 5000000 /dev/zero; printf E", output_limit=limit)
+    assert outcome.truncated
+    head, omitted, tail = split_truncated(outcome.output)
+    nuls = (limit // 2 - 1) // 6  # beside the S (or the E), each half's share
+    assert head == "S" + "\0" * nuls
+    assert tail == "\0" * nuls + "E"
+    assert omitted == 5_000_002 - len(head) - len(tail)
+    stored = msgspec.json.encode(head) + msgspec.json.encode(tail)
+    assert len(stored) - 4 <= limit  # less the quotes
+
+
+async def test_text_with_newlines_and_tabs_keeps_the_limit_in_bytes() -> None:
+    # Only what JSON escapes in six bytes weighs more: text output keeps what it kept.
+    limit = 1000
+    outcome = await shell(
+        f"head -c {10 * limit} /dev/zero | tr '\\0' '\\n'; printf 'a\\tb'", output_limit=limit
+    )
+    head, omitted, tail = split_truncated(outcome.output)
+    assert head == "\n" * (limit // 2)
+    assert tail == "\n" * (limit // 2 - 3) + "a\tb"
+    assert omitted == 10 * limit + 3 - limit
+
+
+@pytest.mark.parametrize("seed", range(30))
+def test_capped_output_keeps_the_longest_ends_that_fit_as_stored(seed: int) -> None:
+    chooser = random.Random(seed)
+    # Runs of text and of control characters (ASCII, so that text and bytes map one to
+    # one), in writes of every size.
+    pieces = [b"text ", b"\0", b"\x1b[31m", b"\n", b"\x01\x02", b"\t"]
+    original = b"".join(
+        chooser.choice(pieces) * chooser.randint(1, 300) for _ in range(chooser.randint(1, 60))
+    )
+    limit = chooser.choice([1, 7, 100, 1000, 5000])
+    cuts = sorted(chooser.sample(range(len(original) + 1), k=min(5, len(original) + 1)))
+    edges = [0, *cuts, len(original)]
+    output = capture([original[a:b] for a, b in itertools.pairwise(edges)], limit)
+    head_room, tail_room = limit // 2, limit - limit // 2
+    if not output.truncated:
+        assert output.text() == original.decode()
+        assert stored_size(original) <= limit
+        return
+    head_text, omitted, tail_text = split_truncated(output.text())
+    head, tail = head_text.encode(), tail_text.encode()
+    assert original.startswith(head)
+    assert original.endswith(tail)
+    assert len(head) + omitted + len(tail) == len(original)
+    # Each end is within its half as stored, and is the longest that is.
+    assert stored_size(head) <= head_room
+    assert stored_size(original[: len(head) + 1]) > head_room
+    assert stored_size(tail) <= tail_room
+    assert stored_size(original[len(original) - len(tail) - 1 :]) > tail_room
 
 
 def capture(chunks: list[bytes], limit: int) -> CappedOutput:
