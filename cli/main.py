@@ -53,9 +53,16 @@ async def cli(ctx: click.Context, api_url: str, token: str | None) -> None:
 async def _run(settings: Settings, *, supervised: bool = False) -> None:
     # Before the service's imports: prometheus_client reads its directory at import.
     with metrics_directory(several_processes=settings.spawns_consumer_processes()):
-        from app.supervisor import freeze_start_up, root_cause, run_service, tune_collector
+        from app.supervisor import (
+            freeze_start_up,
+            root_cause,
+            run_service,
+            tune_allocator,
+            tune_collector,
+        )
 
         tune_collector()
+        tune_allocator()
         try:
             await run_service(settings, supervised=supervised, on_ready=freeze_start_up)
         except Exception as exc:
