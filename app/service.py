@@ -10,10 +10,13 @@ from __future__ import annotations
 import base64
 import binascii
 from collections.abc import AsyncGenerator, AsyncIterator, Callable, Sequence
-from contextlib import AsyncExitStack
+from contextlib import AsyncExitStack, asynccontextmanager
 from datetime import UTC, datetime
 
+import anyio
+
 from app.chains import ChainRefused, check_chain
+from app.coalescing import Coalescer
 from app.domain import (
     DEFAULT_QUEUE,
     ENTROPY,
@@ -89,6 +92,22 @@ class TaskService:
         self._store = store
         self._clock = clock
         self._entropy = entropy
+        self._creates = Coalescer(store.create_each)
+        self._creates_together = False
+
+    @asynccontextmanager
+    async def creating_together(self) -> AsyncGenerator[None]:
+        """While open, concurrent creates of one task each (``POST /tasks``) reach the
+        store together: one call a batch, as a bulk create's tasks do. The API role keeps
+        it open while it serves; without it, each create is a call of its own."""
+        async with anyio.create_task_group() as group:
+            await group.start(self._creates.serve)
+            self._creates_together = True
+            try:
+                yield
+            finally:
+                self._creates_together = False
+                group.cancel_scope.cancel()
 
     async def create(self, spec: TaskCreate) -> Task:
         """Store a new task; it waits for ``scheduled_at`` when given."""
@@ -117,7 +136,11 @@ class TaskService:
             # The default queue is always in use: a create that names no other costs
             # no extra round trip.
             await self._store.note_queues(named)
-        applied = iter(await self._store.create_each([TaskChange.of(t) for t in accepted]))
+        changes = [TaskChange.of(t) for t in accepted]
+        if self._creates_together and len(changes) == 1:
+            applied = iter([await self._creates.submit(changes[0])])
+        else:
+            applied = iter(await self._store.create_each(changes))
         outcomes: list[Task | TaskAlreadyExists | ChainRefused] = []
         for index, transition in enumerate(transitions):
             if index in refused:
