@@ -1074,6 +1074,8 @@ def create_app(
         ],
         request_class=StrictJSONRequest,
         dependencies={"service": Provide(lambda: service, use_cache=True, sync_to_thread=False)},
+        # While the app is served, concurrent creates of one task reach the store together.
+        lifespan=[lambda _: service.creating_together()],
         exception_handlers={
             DomainError: _domain_error,
             StoreContention: _domain_error,

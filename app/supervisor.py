@@ -87,20 +87,6 @@ async def serve_http(
         await serve_asyncio(app, config, shutdown_trigger=stopping.wait)
 
 
-async def _serve_api(
-    service: TaskService,
-    app: Any,
-    *,
-    host: str,
-    port: int,
-    stopping: anyio.Event,
-    task_status: StartedStatus[int] = anyio.TASK_STATUS_IGNORED,
-) -> None:
-    """The API role: ``serve_http``, its concurrent creates sent to the store together."""
-    async with service.creating_together():
-        await serve_http(app, host=host, port=port, stopping=stopping, task_status=task_status)
-
-
 def _watch_children_with_pidfd() -> None:
     """On Python 3.11, asyncio waits for each child process with a thread of its own;
     a pidfd watcher (the default from 3.12 on) needs none. Commands do without asyncio's
@@ -250,17 +236,14 @@ def _role_bodies(
     if "api" in settings.roles:
         if not settings.api_tokens:
             log.warning(OPEN_API_WARNING)
-        service = TaskService(store)
         app = create_app(
-            service,
+            TaskService(store),
             checks={"store": store.ping, "broker": broker.ping},
             queue_check=partial(pool_stats, store, broker),
             tokens=settings.api_tokens,
             body_seconds=settings.request_timeout,
         )
-        serve = partial(
-            _serve_api, service, app, host=settings.host, port=settings.port, stopping=stopping
-        )
+        serve = partial(serve_http, app, host=settings.host, port=settings.port, stopping=stopping)
         yield "api", serve, lambda port: f"api on http://{settings.host}:{port}"
     if "scheduler" in settings.roles:
         scheduler = Scheduler(

@@ -49,7 +49,11 @@ async def serve_api(
             TaskService(store), checks={"store": store.ping, "broker": broker.ping}, tokens=tokens
         )
         transport = httpx.ASGITransport(app=app)  # pyright: ignore[reportArgumentType]
-        async with httpx.AsyncClient(transport=transport, base_url="http://taskq.test") as client:
+        # The app's lifespan, as its server runs it (concurrent creates go together).
+        async with (
+            app.lifespan(),
+            httpx.AsyncClient(transport=transport, base_url="http://taskq.test") as client,
+        ):
             yield Served(client, store)
 
 
