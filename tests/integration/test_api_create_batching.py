@@ -5,31 +5,20 @@ twice, whether Redis never saw it or applied it and the answer was lost."""
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 
 import anyio
 import pytest
 
-from app.adapters import open_store
 from app.domain import Task, TaskAlreadyExists
 from app.ports import Store, StoreUnavailable, TaskChange
 from app.schemas import TaskCreate
 from app.service import TaskService
-from tests.conftest import REDIS_URL, delete_keys
 
 ROUND_TRIP_DELAY = 0.05
 """Seconds each batched call waits before it reaches Redis: creates made meanwhile queue."""
 
 Answer = Task | Exception
-
-
-@pytest.fixture
-async def store(prefix: str) -> AsyncIterator[Store]:
-    try:
-        async with open_store(REDIS_URL, prefix=prefix, run_history=10) as opened:
-            yield opened
-    finally:
-        await delete_keys(prefix)
 
 
 class Calls:

@@ -4,14 +4,13 @@ and the answer was lost."""
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 import anyio
 import pytest
 
-from app.adapters import open_store
 from app.adapters.memory_broker import MemoryBroker
 from app.consumer import Consumer
 from app.domain import RunStatus, TaskStatus
@@ -19,20 +18,11 @@ from app.ports import Store, StoreUnavailable, TaskChange
 from app.scheduler import Scheduler
 from app.schemas import TaskCreate
 from app.service import TaskService
-from tests.conftest import REDIS_URL, delete_keys, eventually
+from tests.conftest import eventually
 
 RUNS = 8
 BATCH_LATENCY = 0.05
 """Seconds each batched call takes until its outage: runs asking meanwhile queue up."""
-
-
-@pytest.fixture
-async def store(prefix: str) -> AsyncIterator[Store]:
-    try:
-        async with open_store(REDIS_URL, prefix=prefix, run_history=10) as opened:
-            yield opened
-    finally:
-        await delete_keys(prefix)
 
 
 def kind_of(request: Any) -> str:

@@ -13,7 +13,6 @@ import anyio
 import msgspec
 import pytest
 
-from app.adapters import open_store
 from app.adapters.amqp_broker import AmqpBroker, delete_amqp_layout, open_amqp_broker
 from app.consumer import HELD_ROOM_PER_SLOT, Consumer
 from app.domain import Run, RunStatus, Task, TaskNotFound, TaskStatus, utcnow
@@ -22,20 +21,11 @@ from app.scheduler import Scheduler
 from app.schemas import ScheduleRequest, TaskCreate
 from app.service import TaskService
 from tests.brokers import publish_raw
-from tests.conftest import AMQP_URL, REDIS_URL, delete_keys, eventually
+from tests.conftest import AMQP_URL, eventually
 
 LOOKAHEAD = 1.0
 ON_TIME = timedelta(seconds=0.25)
 """How late a held run may start here: generous, as the machine is shared."""
-
-
-@pytest.fixture
-async def store(prefix: str) -> AsyncGenerator[Store]:
-    try:
-        async with open_store(REDIS_URL, prefix=prefix, run_history=100) as opened:
-            yield opened
-    finally:
-        await delete_keys(prefix)
 
 
 @pytest.fixture
