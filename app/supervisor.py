@@ -16,7 +16,6 @@ import ctypes
 import gc
 import logging
 import os
-import platform
 import signal
 import socket
 import sys
@@ -134,9 +133,16 @@ _M_MMAP_THRESHOLD = -3  # from glibc's malloc.h
 def tune_allocator() -> None:
     """Fix glibc's mmap threshold at ``MMAP_THRESHOLD``, unless the environment sets its
     own (``MALLOC_MMAP_THRESHOLD_``) or the C library is not glibc."""
-    if "MALLOC_MMAP_THRESHOLD_" in os.environ or platform.libc_ver()[0] != "glibc":
+    if "MALLOC_MMAP_THRESHOLD_" in os.environ or not _is_glibc():
         return
     ctypes.CDLL(None).mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD)
+
+
+def _is_glibc() -> bool:
+    try:
+        return os.confstr("CS_GNU_LIBC_VERSION") is not None
+    except (ValueError, OSError):
+        return False  # not glibc (musl, macOS): no such name
 
 
 def freeze_start_up(_: str = "") -> None:
