@@ -7,8 +7,9 @@ Redelivered or duplicate messages for a run that is no longer queued are
 acknowledged and skipped, which makes execution at-least-once without double runs
 of the same queued run.
 
-Concurrent runs read and commit through ``Coalescer``s: one round trip per batch of
-reads, of starts or of results, instead of three per run.
+Concurrent runs read and commit through one ``Coalescer``: the reads of dispatched
+runs, the starts and the results that wait while a round trip is in flight go together
+in the next one, instead of three round trips per run.
 
 A dispatch sent ahead of its run's due time (``not_before``, see ``app.scheduler``) is
 held until this consumer's clock reaches that time, then claimed and started like any
@@ -20,9 +21,10 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Generator, Mapping
+from collections.abc import Callable, Generator, Mapping, Sequence
 from contextlib import ExitStack, contextmanager, nullcontext
 from datetime import UTC, datetime, timedelta
+from typing import cast
 
 import anyio
 from anyio.abc import TaskGroup
@@ -63,6 +65,42 @@ from app.watchdog import Watchdog
 log = logging.getLogger(__name__)
 
 _TaskAndRun = tuple[Task | None, Run | None]
+
+
+class StoreCalls:
+    """A consumer's reads of dispatched runs and its commits, sent to the store together
+    (``TaskStore.read_and_commit_each``): whatever waits while a round trip is in flight
+    goes in the next one, reads and commits alike. ``serve`` must run while they are
+    used."""
+
+    def __init__(self, store: Store) -> None:
+        self._store = store
+        self._batches = Coalescer[tuple[str, str] | TaskChange, _TaskAndRun | bool](
+            self._round_trip
+        )
+
+    async def serve(self, *, task_status: StartedStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
+        await self._batches.serve(task_status=task_status)
+
+    async def read(self, pair: tuple[str, str]) -> _TaskAndRun:
+        """The task and the run of a (task id, run id) pair."""
+        return cast(_TaskAndRun, await self._batches.submit(pair))
+
+    async def commit(self, change: TaskChange) -> bool:
+        """Whether ``change`` was applied (``commit_each``)."""
+        return cast(bool, await self._batches.submit(change))
+
+    async def _round_trip(
+        self, requests: Sequence[tuple[str, str] | TaskChange]
+    ) -> list[_TaskAndRun | bool]:
+        pairs = [r for r in requests if not isinstance(r, TaskChange)]
+        changes = [r for r in requests if isinstance(r, TaskChange)]
+        reads, applied = await self._store.read_and_commit_each(pairs, changes)
+        reads_left, applied_left = iter(reads), iter(applied)
+        return [
+            next(applied_left) if isinstance(r, TaskChange) else next(reads_left) for r in requests
+        ]
+
 
 SHUTDOWN_BOOKKEEPING_SECONDS = 10.0
 EARLY_CANCEL_SECONDS = 60.0
@@ -200,9 +238,8 @@ class Consumer:
         self._watchdog = watchdog
         self._environment = inherited_environment()
         self._relay = OutputRelay(store, keep=output_limit)
-        # Concurrent runs read and commit together: a round trip each per batch, not per run.
-        self._reads = Coalescer(store.get_tasks_and_runs)
-        self._commits = Coalescer(store.commit_each)
+        # Concurrent runs read and commit together: one round trip per batch, not per run.
+        self._store_calls = StoreCalls(store)
 
     async def run(
         self, stopping: anyio.Event, *, task_status: StartedStatus[None] = anyio.TASK_STATUS_IGNORED
@@ -225,8 +262,7 @@ class Consumer:
                     timers.start_soon(cancel_when_set, stopping, intake)
                     timers.start_soon(self._renew_leases)
                     timers.start_soon(self._relay.forward)
-                    timers.start_soon(self._reads.serve)
-                    timers.start_soon(self._commits.serve)
+                    timers.start_soon(self._store_calls.serve)
                     await timers.start(self._watch_cancels)
                     async with anyio.create_task_group() as intakes:
                         for queue, concurrency in self._queues.items():
@@ -297,7 +333,7 @@ class Consumer:
         assert delivery.dispatch is not None
         pair = (delivery.dispatch.task_id, delivery.dispatch.run_id)
         try:
-            return await self._reads.submit(pair)
+            return await self._store_calls.read(pair)
         except StoreUnavailable:
             return None
 
@@ -340,7 +376,9 @@ class Consumer:
         # prefetch limit stops more from arriving.
         pair = (dispatch.task_id, dispatch.run_id)
         if read is None:
-            read = await until_available(lambda: self._reads.submit(pair), "read a dispatched run")
+            read = await until_available(
+                lambda: self._store_calls.read(pair), "read a dispatched run"
+            )
         task, run = read
         started = None
         if task is None or run is None or run.status != RunStatus.QUEUED:
@@ -462,7 +500,7 @@ class Consumer:
         change = TaskChange.of(planned)
         # Sending the very same change again after an outage is safe: a store that
         # applied it (and lost the answer) reports it applied, not a conflict.
-        if await until_available(lambda: self._commits.submit(change), what):
+        if await until_available(lambda: self._store_calls.commit(change), what):
             count_committed(planned)
             return planned
         return await until_available(lambda: transact(self._store, known.id, plan), what)

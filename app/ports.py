@@ -212,6 +212,15 @@ class TaskStore(Protocol):
         round trip where the store can."""
         ...
 
+    async def read_and_commit_each(
+        self, pairs: Sequence[tuple[str, str]], changes: Sequence[TaskChange]
+    ) -> tuple[list[tuple[Task | None, Run | None]], list[bool]]:
+        """``get_tasks_and_runs(pairs)`` and ``commit_each(changes)`` together, in one
+        round trip where the store can: the reads see the store as it was before these
+        commits. Either both answer or the call raises (``StoreUnavailable``: some of
+        the commits may have been applied, and sending them again is safe)."""
+        ...
+
     async def list_runs(self, task_id: str, *, limit: int) -> list[Run]:
         """The task's most recent runs, newest first."""
         ...

@@ -289,6 +289,11 @@ class MemoryStore:
     ) -> list[tuple[Task | None, Run | None]]:
         return [await self.get_task_and_run(task_id, run_id) for task_id, run_id in pairs]
 
+    async def read_and_commit_each(
+        self, pairs: Sequence[tuple[str, str]], changes: Sequence[TaskChange]
+    ) -> tuple[list[tuple[Task | None, Run | None]], list[bool]]:
+        return await self.get_tasks_and_runs(pairs), await self.commit_each(changes)
+
     async def list_runs(self, task_id: str, *, limit: int) -> list[Run]:
         await anyio.lowlevel.checkpoint()
         runs = self._runs.get(task_id, {})

@@ -503,17 +503,34 @@ class RedisStore:
         if not pairs:
             return []
         async with self._redis.pipeline(transaction=False) as pipe:
+            self._queue_reads(pairs)(pipe)
+            docs = await pipe.execute()
+        return _decoded_pairs(docs)
+
+    @_translate_errors
+    async def read_and_commit_each(
+        self, pairs: Sequence[tuple[str, str]], changes: Sequence[TaskChange]
+    ) -> tuple[list[tuple[Task | None, Run | None]], list[bool]]:
+        """The reads, then the commits, in one pipeline."""
+        if not changes:
+            return await self.get_tasks_and_runs(pairs), []
+        reading, committing = self._queue_reads(pairs), self._queue_commits(changes)
+
+        def queue(pipe: Pipeline) -> None:
+            reading(pipe)
+            committing(pipe)
+
+        results = await self._pipelined(self._commit_scripts, queue)
+        read = 2 * len(pairs)
+        return _decoded_pairs(results[:read]), [result == b"ok" for result in results[read:]]
+
+    def _queue_reads(self, pairs: Sequence[tuple[str, str]]) -> Callable[[Pipeline], None]:
+        def queue(pipe: Pipeline) -> None:
             for task_id, run_id in pairs:
                 pipe.get(self.task_key(task_id))
                 pipe.hget(self.runs_key(task_id), run_id)
-            docs = cast(list[bytes | None], await pipe.execute())
-        return [
-            (
-                None if task_doc is None else _task_decoder.decode(task_doc),
-                None if run_doc is None else _run_decoder.decode(run_doc),
-            )
-            for task_doc, run_doc in zip(docs[::2], docs[1::2], strict=True)
-        ]
+
+        return queue
 
     @_translate_errors
     async def list_runs(self, task_id: str, *, limit: int) -> list[Run]:
@@ -825,6 +842,17 @@ def _task_write(change: TaskChange) -> TaskWrite:
         due_at,
         _event_lines(change.events).decode(),
     )
+
+
+def _decoded_pairs(docs: Sequence[object]) -> list[tuple[Task | None, Run | None]]:
+    """Each task and run document of a read's replies (task, run, task, run, ...)."""
+    return [
+        (
+            None if task_doc is None else _task_decoder.decode(cast(bytes, task_doc)),
+            None if run_doc is None else _run_decoder.decode(cast(bytes, run_doc)),
+        )
+        for task_doc, run_doc in zip(docs[::2], docs[1::2], strict=True)
+    ]
 
 
 def _notification_writes(notifications: Sequence[Notification]) -> bytes:

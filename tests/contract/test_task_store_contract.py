@@ -236,6 +236,32 @@ async def test_get_tasks_and_runs_reads_each_pair_in_order(store: Store) -> None
     assert read[0] == await store.get_task_and_run("a", run.run_id)
 
 
+async def test_read_and_commit_each_reads_as_before_the_commits_and_answers_each(
+    store: Store,
+) -> None:
+    task = await create(store, "a")
+    pending, run = unpack(queue_run(task, utcnow()))
+    await store.commit(TaskChange("a", task.revision, pending, runs=[run]))
+    renamed = next_revision(pending, name="renamed")
+    reads, applied = await store.read_and_commit_each(
+        [("a", run.run_id), ("gone", run.run_id)],
+        [
+            TaskChange("a", pending.revision, renamed),
+            TaskChange("b", None, make_task("b")),
+            TaskChange("a", pending.revision, next_revision(pending, name="late")),
+        ],
+    )
+    assert reads == [(pending, run), (None, None)]  # read before the commits
+    assert applied == [True, True, False]
+    assert await store.get_task("a") == renamed
+    assert await store.get_task("b") is not None
+    # Either part may be empty.
+    assert await store.read_and_commit_each([], []) == ([], [])
+    assert await store.read_and_commit_each([("a", run.run_id)], []) == ([(renamed, run)], [])
+    c = make_task("c")
+    assert await store.read_and_commit_each([], [TaskChange("c", None, c)]) == ([], [True])
+
+
 async def test_get_tasks_reads_each_task_in_order(store: Store) -> None:
     a, b = await create(store, "a"), await create(store, "b")
     assert await store.get_tasks([]) == []

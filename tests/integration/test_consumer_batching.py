@@ -4,16 +4,16 @@ and the answer was lost."""
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
-from typing import Any
 
 import anyio
 import pytest
 
 from app.adapters.memory_broker import MemoryBroker
 from app.consumer import Consumer
-from app.domain import RunStatus, TaskStatus
+from app.domain import Run, RunStatus, Task, TaskStatus
 from app.ports import Store, StoreUnavailable, TaskChange
 from app.scheduler import Scheduler
 from app.schemas import TaskCreate
@@ -25,33 +25,41 @@ BATCH_LATENCY = 0.05
 """Seconds each batched call takes until its outage: runs asking meanwhile queue up."""
 
 
-def kind_of(request: Any) -> str:
-    """Which of the consumer's batched calls a request belongs to."""
-    if isinstance(request, TaskChange):
-        return "start" if request.runs[0].status == RunStatus.RUNNING else "finish"
-    return "read"
+def kind_of(change: TaskChange) -> str:
+    """Which step of a run a commit records."""
+    return "start" if change.runs[0].status == RunStatus.RUNNING else "finish"
+
+
+ReadAndCommit = Callable[
+    [Sequence[tuple[str, str]], Sequence[TaskChange]],
+    Awaitable[tuple[list[tuple[Task | None, Run | None]], list[bool]]],
+]
 
 
 class OneOutagePerKind:
-    """Fails the first batch of several reads, of several starts and of several
-    finishes: ``before`` Redis sees them, or ``after`` Redis applied them."""
+    """Fails the first batch holding several reads, the first holding several starts and
+    the first holding several finishes (a batch may be all three at once): ``before``
+    Redis sees it, or ``after`` Redis applied it."""
 
     def __init__(self, lost: str) -> None:
         self.lost = lost
-        self.failed: dict[str, int] = {}  # kind -> size of the batch that failed
+        self.failed: dict[str, int] = {}  # kind -> how many of it the failed batch held
 
-    def wrap(self, call: Callable[[Sequence[Any]], Awaitable[list[Any]]]) -> Any:
-        async def batched(requests: Sequence[Any]) -> list[Any]:
-            kind = kind_of(requests[0]) if requests else ""
-            if not requests or kind in self.failed:
-                return await call(requests)
+    def wrap(self, call: ReadAndCommit) -> ReadAndCommit:
+        async def batched(
+            pairs: Sequence[tuple[str, str]], changes: Sequence[TaskChange]
+        ) -> tuple[list[tuple[Task | None, Run | None]], list[bool]]:
+            held = Counter(kind_of(change) for change in changes) + Counter(read=len(pairs))
+            if set(held) <= set(self.failed):
+                return await call(pairs, changes)
             await anyio.sleep(BATCH_LATENCY)
-            if len(requests) < 2:
-                return await call(requests)
-            self.failed[kind] = len(requests)
+            failing = {kind: n for kind, n in held.items() if kind not in self.failed and n >= 2}
+            if not failing:
+                return await call(pairs, changes)
+            self.failed.update(failing)
             if self.lost == "after":
-                await call(requests)
-            raise StoreUnavailable(f"injected: a batch of {len(requests)} {kind}s, {self.lost}")
+                await call(pairs, changes)
+            raise StoreUnavailable(f"injected: a batch of {dict(held)}, lost {self.lost}")
 
         return batched
 
@@ -76,8 +84,7 @@ async def test_a_batch_failing_in_an_outage_loses_and_repeats_nothing(
     assert await Scheduler(store, broker, lease_seconds=30).dispatch_due() == RUNS
 
     outage = OneOutagePerKind(lost)
-    monkeypatch.setattr(store, "get_tasks_and_runs", outage.wrap(store.get_tasks_and_runs))
-    monkeypatch.setattr(store, "commit_each", outage.wrap(store.commit_each))
+    monkeypatch.setattr(store, "read_and_commit_each", outage.wrap(store.read_and_commit_each))
     consumer = Consumer(
         store, broker, concurrency=RUNS, output_limit=4096, shutdown_grace=5, lease_seconds=30
     )
