@@ -123,7 +123,7 @@ back when freed (glibc's ``M_MMAP_THRESHOLD``). glibc starts at 128 KiB but rais
 threshold to the size of every mapped block freed, so once a run had big output, its
 buffers and its stored document (up to a few MiB each) came from the heap, which
 fragments and keeps the peak: a consumer grew +9.1 to +10.6 MiB while a command printed
-1 GB of text, +7.0 to +7.5 MiB with the threshold fixed (``tests.bench.holds --parts c``).
+1 GB of text, +6.8 to +7.5 MiB with the threshold fixed (``tests.bench.holds --parts c``).
 It stays above 256 KiB, asyncio's read buffer, so reading a socket costs no extra
 system call."""
 
