@@ -7,7 +7,9 @@ Run on demand (needs Redis and RabbitMQ, like the tests):
 
 It prints, measured in the same run:
 - baseline: how fast this machine spawns `true` through AnyIO's process API from one
-  process at the same concurrency (the ceiling for any Python worker here);
+  process at the same concurrency (the ceiling for any Python worker here), before the
+  run and again after it, since the machine's speed swings within minutes; the
+  throughput's ratio is to their mean (and, as a range, to each);
 - throughput: N `true` tasks all due at one instant, from that instant until the last
   run finished, through the real processes, Redis and RabbitMQ;
 - lateness: tasks due one at a time (50 ms apart) on an otherwise idle system,
@@ -121,9 +123,8 @@ async def main(tasks: int, consumers: int, concurrency: int, serve_processes: in
     prefix = f"taskq-bench-{uuid.uuid4().hex[:8]}:"
     env = service_env(prefix, TASKQ_CONCURRENCY=str(concurrency))
     consumers = serve_processes or consumers
-    baseline = await spawn_baseline(min(tasks, 2000), concurrency * consumers)
     at_once = concurrency * consumers
-    print(f"baseline: {baseline:,.0f} `true` spawns/s from one process ({at_once} at once)")
+    baseline_before = await spawn_baseline(min(tasks, 2000), at_once)
 
     store = redis.Redis.from_url(REDIS_URL)
     async with AsyncExitStack() as stack:
@@ -169,10 +170,21 @@ async def main(tasks: int, consumers: int, concurrency: int, serve_processes: in
             last = max(parse(r["finished_at"]) for r in runs)
             elapsed = (last - due).total_seconds()
             rate = tasks / elapsed
+            # Measured again once the run is over (taskq idle): the machine's speed swings
+            # within minutes, and the ratio is to the mean of the two.
+            baseline_after = await spawn_baseline(min(tasks, 2000), at_once)
+            baseline = (baseline_before + baseline_after) / 2
+            print(
+                f"baseline: {baseline_before:,.0f} `true` spawns/s from one process "
+                f"({at_once} at once) before the run, {baseline_after:,.0f} after it, "
+                f"mean {baseline:,.0f}"
+            )
             print(f"created {tasks} tasks over HTTP at {create_rate:,.0f}/s")
             print(
                 f"throughput: {tasks} `true` tasks due at once ran in {elapsed:.2f} s = "
-                f"{rate:,.0f} tasks/s ({rate / baseline:.2f} x the spawn baseline), "
+                f"{rate:,.0f} tasks/s ({rate / baseline:.2f} x the spawn baseline's mean, "
+                f"{rate / max(baseline_before, baseline_after):.2f}"
+                f"-{rate / min(baseline_before, baseline_after):.2f} x each), "
                 f"{consumers} consumer process(es) x {concurrency}"
                 + (" under one `taskq serve`" if serve_processes else "")
             )
