@@ -21,7 +21,7 @@ MOST_PER_BATCH = 64
 """Requests one round trip carries at most."""
 
 
-class _Pending(Generic[RequestT, ResultT]):
+class Pending(Generic[RequestT, ResultT]):
     """One caller's request, and its answer once the batch it went with is back."""
 
     __slots__ = ("answered", "error", "request", "result")
@@ -54,14 +54,23 @@ class Coalescer(Generic[RequestT, ResultT]):
     ) -> None:
         self._round_trip = round_trip
         self._most = most
-        self._queued: list[_Pending[RequestT, ResultT]] = []
+        self._queued: list[Pending[RequestT, ResultT]] = []
         self._arrived = anyio.Event()
 
     async def submit(self, request: RequestT) -> ResultT:
         """Send ``request`` with the others waiting now; its answer, or what the batch raised."""
-        pending = _Pending[RequestT, ResultT](request)
+        return await self.answer(self.request(request))
+
+    def request(self, request: RequestT) -> Pending[RequestT, ResultT]:
+        """Queue ``request`` without waiting for it: ``answer`` gives its answer later."""
+        pending = Pending[RequestT, ResultT](request)
         self._queued.append(pending)
         self._arrived.set()
+        return pending
+
+    async def answer(self, pending: Pending[RequestT, ResultT]) -> ResultT:
+        """The answer to a ``request``, or what its batch raised; given up before its
+        batch went out (the caller was cancelled), it is not sent."""
         try:
             await pending.answered.wait()
         finally:
@@ -81,7 +90,7 @@ class Coalescer(Generic[RequestT, ResultT]):
             batch, self._queued = self._queued[: self._most], self._queued[self._most :]
             await self._send(batch)
 
-    async def _send(self, batch: list[_Pending[RequestT, ResultT]]) -> None:
+    async def _send(self, batch: list[Pending[RequestT, ResultT]]) -> None:
         try:
             results = await self._round_trip([pending.request for pending in batch])
         except Exception as exc:

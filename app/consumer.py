@@ -20,6 +20,7 @@ other. Held deliveries take no run slot, but they do take AMQP prefetch: the pre
 from __future__ import annotations
 
 import logging
+import math
 import time
 from collections.abc import Callable, Generator, Mapping, Sequence
 from contextlib import ExitStack, contextmanager, nullcontext
@@ -29,9 +30,10 @@ from typing import cast
 import anyio
 from anyio.abc import TaskGroup
 from anyio.abc import TaskStatus as StartedStatus
+from anyio.streams.memory import MemoryObjectReceiveStream
 
 from app.chains import involves_chain
-from app.coalescing import Coalescer
+from app.coalescing import Coalescer, Pending
 from app.domain import (
     CANCELLED_REASON,
     ENTROPY,
@@ -67,6 +69,23 @@ log = logging.getLogger(__name__)
 _TaskAndRun = tuple[Task | None, Run | None]
 
 
+class EarlyRead:
+    """A read of a dispatched run asked for before its answer is needed."""
+
+    __slots__ = ("_batches", "_pending")
+
+    def __init__(
+        self,
+        batches: Coalescer[tuple[str, str] | TaskChange, _TaskAndRun | bool],
+        pending: Pending[tuple[str, str] | TaskChange, _TaskAndRun | bool],
+    ) -> None:
+        self._batches = batches
+        self._pending = pending
+
+    async def answer(self) -> _TaskAndRun:
+        return cast(_TaskAndRun, await self._batches.answer(self._pending))
+
+
 class StoreCalls:
     """A consumer's reads of dispatched runs and its commits, sent to the store together
     (``TaskStore.read_and_commit_each``): whatever waits while a round trip is in flight
@@ -85,6 +104,10 @@ class StoreCalls:
     async def read(self, pair: tuple[str, str]) -> _TaskAndRun:
         """The task and the run of a (task id, run id) pair."""
         return cast(_TaskAndRun, await self._batches.submit(pair))
+
+    def read_soon(self, pair: tuple[str, str]) -> EarlyRead:
+        """Ask for the task and the run of ``pair`` now, and for the answer later."""
+        return EarlyRead(self._batches, self._batches.request(pair))
 
     async def commit(self, change: TaskChange) -> bool:
         """Whether ``change`` was applied (``commit_each``)."""
@@ -290,14 +313,38 @@ class Consumer:
             self._broker.consume(prefetch=concurrency + held_room, queue=queue) as deliveries,
             anyio.create_task_group() as held,  # stops with the intake
         ):
+            # Deliveries due now wait here for a run slot, in the order they came, their
+            # runs read meanwhile: the reads of deliveries that came together go to the
+            # store together, and a freed slot has only the start left to commit.
+            waiting, in_turn = anyio.create_memory_object_stream[tuple[Delivery, EarlyRead | None]](
+                math.inf
+            )
+            held.start_soon(self._start_in_turn, in_turn, slots, runs)
             task_status.started()
-            async for delivery in deliveries:
-                if (due := self._not_before(delivery)) is not None:
-                    held.start_soon(self._hold, delivery, due, slots, runs)
-                    continue
-                await slots.take()
-                runs.start_soon(self._handle, delivery, slots)
+            with waiting:
+                async for delivery in deliveries:
+                    if (due := self._not_before(delivery)) is not None:
+                        held.start_soon(self._hold, delivery, due, slots, runs)
+                        continue
+                    dispatch = delivery.dispatch
+                    early = None
+                    if dispatch is not None:
+                        pair = (dispatch.task_id, dispatch.run_id)
+                        early = self._store_calls.read_soon(pair)
+                    waiting.send_nowait((delivery, early))
         raise RuntimeError(f"the broker stopped delivering messages from queue {queue!r}")
+
+    async def _start_in_turn(
+        self,
+        in_turn: MemoryObjectReceiveStream[tuple[Delivery, EarlyRead | None]],
+        slots: RunSlots,
+        runs: TaskGroup,
+    ) -> None:
+        """Start the deliveries due now as run slots free up, in the order they came."""
+        with in_turn:
+            async for delivery, early in in_turn:
+                await slots.take()
+                runs.start_soon(self._handle, delivery, slots, early)
 
     async def _note_queues(self) -> None:
         """Tell the store which queues are served, for ``/health`` (not worth waiting for)."""
@@ -347,7 +394,7 @@ class Consumer:
             await anyio.sleep(left)  # the wall clock may lag the sleep's: look again
 
     async def _handle(
-        self, delivery: Delivery, slot: RunSlots, read: _TaskAndRun | None = None
+        self, delivery: Delivery, slot: RunSlots, read: _TaskAndRun | EarlyRead | None = None
     ) -> None:
         dispatch = delivery.dispatch
         try:
@@ -361,12 +408,13 @@ class Consumer:
             slot.give_back()
 
     async def _claim(
-        self, delivery: Delivery, read: _TaskAndRun | None = None
+        self, delivery: Delivery, read: _TaskAndRun | EarlyRead | None = None
     ) -> tuple[Task, Run] | None:
         """Record the delivered run as started by this worker and acknowledge the delivery;
         ``None`` (delivery settled) when there is nothing to run. ``read`` is the task and
-        run if they were read already (a run's status only moves on from ``queued``, so a
-        run read as not queued is not queued now either)."""
+        run if they were read already, or asked for (a run's status only moves on from
+        ``queued``, so a run read as not queued is not queued now either; a task changed
+        since fails the start's version check and is read again)."""
         dispatch = delivery.dispatch
         if dispatch is None:
             log.error("dead-lettering a message whose body is not a dispatch")
@@ -375,6 +423,11 @@ class Consumer:
         # While the store is out of reach the delivery stays unsettled here, and the
         # prefetch limit stops more from arriving.
         pair = (dispatch.task_id, dispatch.run_id)
+        if isinstance(read, EarlyRead):
+            try:
+                read = await read.answer()
+            except StoreUnavailable:
+                read = None  # read again below, waiting out the outage
         if read is None:
             read = await until_available(
                 lambda: self._store_calls.read(pair), "read a dispatched run"

@@ -19,7 +19,7 @@ from app.consumer import Consumer, RunningCommands
 from app.domain import Run, RunStatus, Task, TaskStatus, utcnow
 from app.ports import DEFAULT_QUEUE, Dispatch
 from app.scheduler import Scheduler
-from app.schemas import ScheduleRequest, TaskCreate
+from app.schemas import ScheduleRequest, TaskCreate, TaskUpdate
 from app.service import TaskService
 from tests.brokers import put_raw
 from tests.conftest import eventually
@@ -342,3 +342,84 @@ async def test_the_prefetch_has_room_for_held_deliveries_only_when_asked(
             stopping.set()
     # Room for twice as many held deliveries as run slots; none without a look-ahead.
     assert broker.prefetches == [12, 4]
+
+
+def record_reads(store: MemoryStore, monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """The task ids whose dispatched runs the consumer reads from now on, in order."""
+    read: list[str] = []
+    read_and_commit_each = store.read_and_commit_each
+
+    async def recorded(pairs: Any, changes: Any) -> Any:
+        read.extend(task_id for task_id, _ in pairs)
+        return await read_and_commit_each(pairs, changes)
+
+    monkeypatch.setattr(store, "read_and_commit_each", recorded)
+    return read
+
+
+def blocking(started: Path, go: Path) -> str:
+    """A command that says it started, then runs until ``go`` exists."""
+    return f"touch {started}; while [ ! -e {go} ]; do sleep 0.01; done"
+
+
+async def test_runs_waiting_for_a_slot_are_read_while_they_wait_and_start_in_turn(
+    store: MemoryStore, broker: MemoryBroker, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    started, go = tmp_path / "started", tmp_path / "go"
+    await submit(store, broker, "first", blocking(started, go))
+    waiting = [f"w{n}" for n in range(3)]  # as many as the prefetch has room for
+    for task_id in waiting:
+        await submit(store, broker, task_id, "true")
+    read = record_reads(store, monkeypatch)
+    async with consuming(store, broker, concurrency=1):
+        await eventually(started.exists)
+        # The one slot is busy, yet the runs behind it are read already.
+        await eventually(lambda: set(waiting) <= set(read))
+        for task_id in waiting:
+            task = await store.get_task(task_id)
+            assert task is not None and task.status == TaskStatus.PENDING
+        go.touch()
+        tasks = [await finished(store, task_id) for task_id in waiting]
+    assert all(task.status == TaskStatus.COMPLETED for task in tasks)
+    runs = [(await store.list_runs(task_id, limit=1))[0] for task_id in waiting]
+    starts = [run.started_at for run in runs]
+    assert None not in starts and starts == sorted(starts), "in the order they came"  # type: ignore[type-var]
+
+
+async def test_a_run_cancelled_while_it_waits_for_a_slot_does_not_start(
+    store: MemoryStore, broker: MemoryBroker, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    started, go, ran = tmp_path / "started", tmp_path / "go", tmp_path / "ran"
+    await submit(store, broker, "first", blocking(started, go))
+    queued = await submit(store, broker, "second", f"touch {ran}")
+    await submit(store, broker, "third", "true")  # handled after the second, in turn
+    read = record_reads(store, monkeypatch)
+    async with consuming(store, broker, concurrency=1):
+        await eventually(started.exists)
+        await eventually(lambda: "second" in read)  # read as queued, waiting for the slot
+        cancelled = await TaskService(store).cancel("second")
+        assert cancelled.status == TaskStatus.CANCELLED
+        go.touch()
+        assert (await finished(store, "third")).status == TaskStatus.COMPLETED
+    assert not broker.queue  # its message was acknowledged, not given back
+    assert not ran.exists()
+    run = await store.get_run("second", queued.run_id)
+    assert run is not None and run.status == RunStatus.CANCELLED and run.started_at is None
+
+
+async def test_a_command_changed_while_its_run_waits_for_a_slot_runs_as_changed(
+    store: MemoryStore, broker: MemoryBroker, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    started, go = tmp_path / "started", tmp_path / "go"
+    await submit(store, broker, "first", blocking(started, go))
+    await submit(store, broker, "second", "echo before")
+    read = record_reads(store, monkeypatch)
+    async with consuming(store, broker, concurrency=1):
+        await eventually(started.exists)
+        await eventually(lambda: "second" in read)
+        await TaskService(store).update("second", TaskUpdate(command="echo after"))
+        go.touch()
+        task = await finished(store, "second")
+    assert task.status == TaskStatus.COMPLETED
+    [run] = await store.list_runs("second", limit=10)
+    assert run.output == "after\n"
