@@ -756,12 +756,25 @@ class AmqpBroker:
             finally:
                 self._window.release()
 
-        # Each publish waits for its own confirm while later ones go out. A task's first
-        # step takes the channel's (FIFO) lock, so tasks started in order publish in order.
-        async with anyio.create_task_group() as tg:
-            for index, (body, routing_key) in enumerate(bodies):
+        # Each publish waits for its own confirm while later ones go out, at most
+        # ``PUBLISH_WINDOW`` at once: as many publishers, each taking the next message once
+        # the window has room (a task a publisher, not a task a message: a batch of 500
+        # spawned 500). Taking the next message and handing it to the channel's writer
+        # happen without a pause in between, so messages go out in order.
+        left = iter(enumerate(bodies))
+
+        async def publisher() -> None:
+            while True:
                 await self._window.acquire()
-                tg.start_soon(publish_one, index, body, routing_key)
+                if (following := next(left, None)) is None:
+                    self._window.release()
+                    return
+                index, (body, routing_key) = following
+                await publish_one(index, body, routing_key)
+
+        async with anyio.create_task_group() as tg:
+            for _ in range(min(len(bodies), PUBLISH_WINDOW)):
+                tg.start_soon(publisher)
         if failures:
             raise BrokerUnavailable(
                 f"publishing failed, {sum(confirmed)} of {len(bodies)} confirmed: {failures[0]!r}"
