@@ -29,7 +29,8 @@ import aiormq
 import anyio
 from aiormq.abc import DeliveredMessage
 
-from tests.bench.floor import own_cpu, servers_cpu
+from tests.bench.floor import servers_cpu
+from tests.bench.spawn_rate import cpu_seconds
 from tests.conftest import AMQP_URL
 
 PREFETCH = 24
@@ -104,7 +105,7 @@ async def measure(count: int, linger: float) -> tuple[float, float]:
                     mandatory=True,
                 )
 
-        rabbitmq, this = servers_cpu("beam.smp"), own_cpu()
+        rabbitmq, this = servers_cpu("beam.smp"), cpu_seconds()
         async with anyio.create_task_group() as tg:
             for _ in range(SLOTS):
                 tg.start_soon(slot)
@@ -117,7 +118,7 @@ async def measure(count: int, linger: float) -> tuple[float, float]:
                     await anyio.sleep(BURST / RATE)
             await all_finished.wait()
             tg.cancel_scope.cancel()
-        rabbitmq, this = servers_cpu("beam.smp") - rabbitmq, own_cpu() - this
+        rabbitmq, this = servers_cpu("beam.smp") - rabbitmq, cpu_seconds() - this
         return 1000 * rabbitmq / count, 1000 * this / count
     finally:
         channel = await publishing.channel()

@@ -49,12 +49,12 @@ import anyio
 import redis.asyncio as redis
 from aiormq.abc import DeliveredMessage
 
-from app.executor import CappedOutput, run_command
 from app.supervisor import _watch_children_with_pidfd  # pyright: ignore[reportPrivateUsage]
 from tests.bench.api_create import SERVER
 from tests.bench.cpu_budget import celery_budget, cores
 from tests.bench.deployments import IN_FLIGHT, bench_env, forget
 from tests.bench.figures import CLOCK_TICKS, cpu_ticks, named
+from tests.bench.spawn_rate import cpu_seconds, run_true
 from tests.bench.trivial_route_server import TRIVIAL_PATH
 from tests.conftest import AMQP_URL, REDIS_URL
 from tests.e2e.harness import running
@@ -85,12 +85,6 @@ class Part:
         return sum(self.cpu_ms.values())
 
 
-def own_cpu() -> float:
-    """This process's CPU so far, in seconds."""
-    usage = resource.getrusage(resource.RUSAGE_SELF)
-    return usage.ru_utime + usage.ru_stime
-
-
 def reaped_cpu() -> float:
     """The CPU of the children this process has waited for, in seconds."""
     usage = resource.getrusage(resource.RUSAGE_CHILDREN)
@@ -112,11 +106,11 @@ async def measured(
 ) -> Part:
     """``work`` timed, with this process's CPU and each of ``others`` (a CPU counter in
     seconds, e.g. a server's) over it, per task of ``count``."""
-    before = {"this process": own_cpu(), **{key: read() for key, read in others.items()}}
+    before = {"this process": cpu_seconds(), **{key: read() for key, read in others.items()}}
     started = time.perf_counter()
     await work()
     elapsed = time.perf_counter() - started
-    after = {"this process": own_cpu(), **{key: read() for key, read in others.items()}}
+    after = {"this process": cpu_seconds(), **{key: read() for key, read in others.items()}}
     cpu = {key: 1000 * (after[key] - before[key]) / count for key in before}
     return Part(name, cpu, count / elapsed)
 
@@ -261,30 +255,10 @@ async def store_part(count: int) -> Part:
 async def commands_part(count: int) -> Part:
     """``sh -c true`` through taskq's own ``run_command``, eight at once."""
     _watch_children_with_pidfd()
-
-    async def commands(number: int) -> None:
-        left = number
-
-        async def one_at_a_time() -> None:
-            nonlocal left
-            while left > 0:
-                left -= 1
-                outcome = await run_command(
-                    ["/bin/sh", "-c", "true"],
-                    env={},
-                    cwd=None,
-                    time_limit=None,
-                    output=CappedOutput(1024),
-                )
-                if outcome.exit_code != 0:
-                    raise SystemExit(f"`true` failed: {outcome}")
-
-        async with anyio.create_task_group() as tg:
-            for _ in range(COMMANDS_AT_ONCE):
-                tg.start_soon(one_at_a_time)
-
-    await commands(100)  # warm up
-    return await measured("commands", count, lambda: commands(count), commands=reaped_cpu)
+    await run_true(100, COMMANDS_AT_ONCE)  # warm up
+    return await measured(
+        "commands", count, lambda: run_true(count, COMMANDS_AT_ONCE), commands=reaped_cpu
+    )
 
 
 def report(

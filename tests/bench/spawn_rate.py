@@ -46,7 +46,8 @@ def cpu_seconds() -> float:
     return usage.ru_utime + usage.ru_stime
 
 
-async def measure(count: int, concurrency: int, watchdog: Watchdog | None) -> Measure:
+async def run_true(count: int, concurrency: int, watchdog: Watchdog | None = None) -> None:
+    """``sh -c true`` ``count`` times through ``run_command``, ``concurrency`` at once."""
     left = count
 
     async def worker() -> None:
@@ -61,12 +62,17 @@ async def measure(count: int, concurrency: int, watchdog: Watchdog | None) -> Me
                 output=CappedOutput(1024),
                 watchdog=watchdog,
             )
-            assert outcome.exit_code == 0, outcome
+            if outcome.exit_code != 0:
+                raise SystemExit(f"`true` failed: {outcome}")
 
-    started, cpu_started = time.perf_counter(), cpu_seconds()
     async with anyio.create_task_group() as tg:
         for _ in range(concurrency):
             tg.start_soon(worker)
+
+
+async def measure(count: int, concurrency: int, watchdog: Watchdog | None) -> Measure:
+    started, cpu_started = time.perf_counter(), cpu_seconds()
+    await run_true(count, concurrency, watchdog)
     elapsed, cpu = time.perf_counter() - started, cpu_seconds() - cpu_started
     return Measure(count / elapsed, 1000 * cpu / count)
 
