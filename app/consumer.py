@@ -23,7 +23,7 @@ import logging
 import math
 import time
 from collections.abc import Callable, Generator, Mapping, Sequence
-from contextlib import ExitStack, contextmanager, nullcontext
+from contextlib import ExitStack, contextmanager, nullcontext, suppress
 from datetime import UTC, datetime, timedelta
 from typing import cast
 
@@ -326,12 +326,7 @@ class Consumer:
                     if (due := self._not_before(delivery)) is not None:
                         held.start_soon(self._hold, delivery, due, slots, runs)
                         continue
-                    dispatch = delivery.dispatch
-                    early = None
-                    if dispatch is not None:
-                        pair = (dispatch.task_id, dispatch.run_id)
-                        early = self._store_calls.read_soon(pair)
-                    waiting.send_nowait((delivery, early))
+                    waiting.send_nowait((delivery, self._read_soon(delivery)))
         raise RuntimeError(f"the broker stopped delivering messages from queue {queue!r}")
 
     async def _start_in_turn(
@@ -369,20 +364,18 @@ class Consumer:
         time only the start is left to commit (a task changed meanwhile fails that
         commit's version check and is read again). Stopping the intake cancels this: the
         delivery goes back to the queue unsettled."""
-        read_ahead = await self._read_ahead(delivery)
+        early = self._read_soon(delivery)
         await self._wait_until(due)
         await slots.take()
-        runs.start_soon(self._handle, delivery, slots, read_ahead)
+        runs.start_soon(self._handle, delivery, slots, early)
 
-    async def _read_ahead(self, delivery: Delivery) -> _TaskAndRun | None:
-        """The delivered run and its task now, or ``None`` to read them when due (the
-        store is out of reach: the wait is no reason to wait for it)."""
-        assert delivery.dispatch is not None
-        pair = (delivery.dispatch.task_id, delivery.dispatch.run_id)
-        try:
-            return await self._store_calls.read(pair)
-        except StoreUnavailable:
+    def _read_soon(self, delivery: Delivery) -> EarlyRead | None:
+        """Ask for the delivered run and its task now, to have them when it starts
+        (``None``: the body is not a dispatch, there is nothing to read)."""
+        dispatch = delivery.dispatch
+        if dispatch is None:
             return None
+        return self._store_calls.read_soon((dispatch.task_id, dispatch.run_id))
 
     async def _wait_until(self, moment: datetime) -> None:
         """Sleep until this consumer's clock (the one that stamps ``started_at``) reads
@@ -394,12 +387,12 @@ class Consumer:
             await anyio.sleep(left)  # the wall clock may lag the sleep's: look again
 
     async def _handle(
-        self, delivery: Delivery, slot: RunSlots, read: _TaskAndRun | EarlyRead | None = None
+        self, delivery: Delivery, slot: RunSlots, early: EarlyRead | None = None
     ) -> None:
         dispatch = delivery.dispatch
         try:
             with nullcontext() if dispatch is None else handling(dispatch.task_id, dispatch.run_id):
-                started = await self._claim(delivery, read)
+                started = await self._claim(delivery, early)
                 if started is not None:
                     task, run = started
                     outcome, cancelled = await self._execute(task, run)
@@ -408,13 +401,14 @@ class Consumer:
             slot.give_back()
 
     async def _claim(
-        self, delivery: Delivery, read: _TaskAndRun | EarlyRead | None = None
+        self, delivery: Delivery, early: EarlyRead | None = None
     ) -> tuple[Task, Run] | None:
         """Record the delivered run as started by this worker and acknowledge the delivery;
-        ``None`` (delivery settled) when there is nothing to run. ``read`` is the task and
-        run if they were read already, or asked for (a run's status only moves on from
-        ``queued``, so a run read as not queued is not queued now either; a task changed
-        since fails the start's version check and is read again)."""
+        ``None`` (delivery settled) when there is nothing to run. ``early`` is the read of
+        the task and run asked for when the delivery came (a run's status only moves on
+        from ``queued``, so a run read as not queued is not queued now either; a task
+        changed since fails the start's version check and is read again; a read the
+        store's outage failed is made again here)."""
         dispatch = delivery.dispatch
         if dispatch is None:
             log.error("dead-lettering a message whose body is not a dispatch")
@@ -423,11 +417,10 @@ class Consumer:
         # While the store is out of reach the delivery stays unsettled here, and the
         # prefetch limit stops more from arriving.
         pair = (dispatch.task_id, dispatch.run_id)
-        if isinstance(read, EarlyRead):
-            try:
-                read = await read.answer()
-            except StoreUnavailable:
-                read = None  # read again below, waiting out the outage
+        read = None
+        if early is not None:
+            with suppress(StoreUnavailable):  # read again below, waiting out the outage
+                read = await early.answer()
         if read is None:
             read = await until_available(
                 lambda: self._store_calls.read(pair), "read a dispatched run"
