@@ -34,6 +34,7 @@ from anyio.abc import TaskStatus as StartedStatus
 from anyio.streams.buffered import BufferedByteReceiveStream
 
 from app.config import Settings
+from app.event_loops import running_backend
 from app.metrics import process_exited
 from app.startup import (
     HANDOVER_VARIABLE,
@@ -104,7 +105,7 @@ async def _start(settings: Settings) -> Process:
         env = environment_without_secrets(os.environ)
         env[HANDOVER_VARIABLE] = str(read_end)
         return await anyio.open_process(
-            [*own_command(), "serve", SUPERVISED_FLAG],
+            [*own_command(), "serve", "--backend", running_backend(), SUPERVISED_FLAG],
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             stderr=None,

@@ -34,6 +34,7 @@ from app.api import create_app
 from app.config import MEMORY_URL, ConfigError, Settings
 from app.consumer import Consumer
 from app.consumer_processes import parent_gone, report_ready, run_consumer_process
+from app.event_loops import running_backend
 from app.metrics import describe_process, sample
 from app.metrics_http import METRICS_PATH, metrics_app
 from app.notifier import NO_SECRET_WARNING, Notifier
@@ -90,8 +91,8 @@ def _watch_children_with_pidfd() -> None:
     """On Python 3.11, asyncio waits for each child process with a thread of its own;
     a pidfd watcher (the default from 3.12 on) needs none. Commands do without asyncio's
     subprocesses where there are pidfds (``app.executor``): this serves the watchdog."""
-    if sys.version_info >= (3, 12) or sniffio.current_async_library() != "asyncio":
-        return
+    if sys.version_info >= (3, 12) or running_backend() != "asyncio":
+        return  # uvloop watches its children itself
     import asyncio
 
     try:
@@ -164,6 +165,7 @@ async def run_service(
     _check_processes(settings)
     _watch_children_with_pidfd()
     describe_process(settings.roles)
+    log.info("event loop: %s", running_backend())
     stopping = anyio.Event()
     roles = settings.roles
     async with AsyncExitStack() as stack:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import sys
 from collections.abc import Awaitable, Callable, Sequence
 from functools import wraps
@@ -11,9 +12,18 @@ from typing import IO, Any, ParamSpec, TypeVar, cast
 
 import anyio
 import asyncclick as click
-import sniffio
 
 from app.config import MEMORY_URL, ConfigError, Settings, parse_queues, parse_roles
+from app.event_loops import (
+    BACKEND_VARIABLE,
+    BACKENDS,
+    SERVER_BACKENDS,
+    BackendError,
+    anyio_run_options,
+    default_backend,
+    requested_backend,
+    running_backend,
+)
 from app.logs import configure_logging
 from app.metrics_directory import metrics_directory
 from app.schemas import MAX_BULK_TASKS
@@ -25,7 +35,6 @@ from cli.client import ApiClient, ApiError, open_client
 P = ParamSpec("P")
 T = TypeVar("T")
 
-BACKENDS = ("asyncio", "trio")
 NOTE_WIDTH = 60  # characters of a run's error shown in the runs table
 RUNS_SEARCHED = 20  # runs `logs` looks through for the newest one that ran
 UPCOMING_PAGE = 1000  # fires `upcoming` asks for per request (the API's most)
@@ -73,6 +82,17 @@ async def _run(settings: Settings, *, supervised: bool = False) -> None:
             raise SystemExit(1) from None
 
 
+def _backend_option(choices: Sequence[str]) -> Callable[[Callable[P, T]], Callable[P, T]]:
+    return click.option(
+        "--backend",
+        type=click.Choice(choices),
+        envvar=BACKEND_VARIABLE,
+        default=default_backend(),
+        show_default=True,
+        help=f"Event loop to run on (env {BACKEND_VARIABLE}; uvloop where installed).",
+    )
+
+
 _queues_option = click.option(
     "--queues",
     help="Queues (worker pools) the consumer role serves, comma-separated, each with its own"
@@ -118,9 +138,11 @@ def _service_options(function: Callable[P, Awaitable[T]]) -> Callable[P, Awaitab
 # A consumer process started by `taskq serve --processes N`: its stdin and stdout are the
 # parent's pipes (app.consumer_processes).
 @click.option("--supervised", is_flag=True, hidden=True)
+@_backend_option(SERVER_BACKENDS)
 @_queues_option
 @_service_options
 async def serve(
+    backend: str,
     roles: str | None,
     queues: str | None,
     redis_url: str | None,
@@ -134,6 +156,7 @@ async def serve(
 ) -> None:
     """Run the service against Redis and RabbitMQ (all roles unless --roles), its
     consumer role in one process per core unless --processes."""
+    assert running_backend() == backend
     try:
         settings = Settings.from_env(service_environment()).with_overrides(
             roles=None if roles is None else parse_roles(roles),
@@ -153,13 +176,7 @@ async def serve(
 
 
 @cli.command()
-@click.option(
-    "--backend",
-    type=click.Choice(BACKENDS),
-    default="asyncio",
-    show_default=True,
-    help="Event loop to run on.",
-)
+@_backend_option(BACKENDS)
 @_queues_option
 @_service_options
 async def dev(
@@ -174,7 +191,7 @@ async def dev(
     Nothing else is needed, and nothing survives the exit. Always one process:
     TASKQ_PROCESSES is ignored.
     """
-    assert sniffio.current_async_library() == backend
+    assert running_backend() == backend
     try:
         settings = Settings.from_env(service_environment()).with_overrides(
             queues=None if queues is None else parse_queues(queues),
@@ -932,15 +949,12 @@ def _delivery_note(record: dict[str, Any]) -> str:
     return line + (f", last error: {record['last_error']}" if record.get("last_error") else "")
 
 
-def _requested_backend(argv: Sequence[str]) -> str:
-    """The event loop ``taskq dev --backend X`` asks for; it must exist before parsing."""
-    for index, arg in enumerate(argv):
-        if arg == "--backend" and index + 1 < len(argv) and argv[index + 1] in BACKENDS:
-            return argv[index + 1]
-        if arg.startswith("--backend=") and arg.split("=", 1)[1] in BACKENDS:
-            return arg.split("=", 1)[1]
-    return "asyncio"
-
-
 def main() -> None:
-    cli(_anyio_backend=_requested_backend(sys.argv[1:]))
+    # The loop must exist before the command line is parsed: --backend is read here,
+    # and the command's own option checks it again (and names the choices).
+    try:
+        backend = requested_backend(sys.argv[1:], os.environ)
+    except BackendError as exc:
+        sys.exit(f"Error: {exc}")
+    name, options = anyio_run_options(backend)
+    cli(_anyio_backend=name, _anyio_backend_options=options)

@@ -12,11 +12,13 @@ import os
 import uuid
 from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import anyio
 import pytest
 import redis.asyncio as redis
+
+from app.event_loops import anyio_run_options
 
 if TYPE_CHECKING:
     from tests.e2e.servers import RabbitNode
@@ -61,18 +63,27 @@ def pytest_report_header(config: pytest.Config) -> list[str]:
     ]
 
 
-# (store adapter, event loop): the memory store on both backends, Redis on asyncio (its client
-# needs asyncio). Suites over a store parametrise a fixture with these.
+# (store adapter, event loop): the memory store on both of taskq dev's backends, Redis on
+# the service's loop (its client needs asyncio's API). Suites over a store parametrise a
+# fixture with these.
 STORE_CASES = [
     pytest.param(("memory", "asyncio"), id="memory-asyncio"),
     pytest.param(("memory", "trio"), id="memory-trio"),
-    pytest.param(("redis", "asyncio"), id="redis"),
+    pytest.param(("redis", "uvloop"), id="redis"),
 ]
 
 
+def anyio_param(backend: str) -> str | tuple[str, dict[str, Any]]:
+    """What an ``anyio_backend`` fixture returns to run on ``backend`` (an
+    ``app.event_loops`` name: uvloop, asyncio or trio)."""
+    name, options = anyio_run_options(backend)
+    return (name, options) if options else name
+
+
 @pytest.fixture
-def anyio_backend() -> str:
-    return "asyncio"
+def anyio_backend() -> str | tuple[str, dict[str, Any]]:
+    """The service's loop: what ``taskq serve`` runs on by default."""
+    return anyio_param("uvloop")
 
 
 @pytest.fixture

@@ -21,7 +21,7 @@ from tests.store_cases import anyio_backend_fixture  # noqa: F401
 
 
 @pytest.fixture(
-    params=[*STORE_CASES, pytest.param(("redis-cluster", "asyncio"), id="redis-cluster")],
+    params=[*STORE_CASES, pytest.param(("redis-cluster", "uvloop"), id="redis-cluster")],
     name="adapter_and_backend",
 )
 def adapter_and_backend_fixture(request: pytest.FixtureRequest) -> tuple[str, str]:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
+from typing import Any
 
 import aiormq
 import anyio
@@ -23,7 +24,7 @@ from app.adapters.memory_broker import MemoryBroker
 from app.ports import DELIVERY_LIMIT, Broker, Delivery, Dispatch
 from tests.brokers import publish_raw as publish_raw_amqp
 from tests.brokers import put_raw, take_dead_letters
-from tests.conftest import AMQP_URL, eventually
+from tests.conftest import AMQP_URL, anyio_param, eventually
 
 WAIT = 10.0
 """Bound for anything that should happen."""
@@ -33,7 +34,7 @@ QUIET = 0.5
 CASES = [
     pytest.param(("memory", "asyncio"), id="memory-asyncio"),
     pytest.param(("memory", "trio"), id="memory-trio"),
-    pytest.param(("amqp", "asyncio"), id="amqp-asyncio"),
+    pytest.param(("amqp", "uvloop"), id="amqp-uvloop"),
 ]
 
 
@@ -43,8 +44,8 @@ def case(request: pytest.FixtureRequest) -> tuple[str, str]:
 
 
 @pytest.fixture
-def anyio_backend(case: tuple[str, str]) -> str:
-    return case[1]
+def anyio_backend(case: tuple[str, str]) -> str | tuple[str, dict[str, Any]]:
+    return anyio_param(case[1])
 
 
 @pytest.fixture

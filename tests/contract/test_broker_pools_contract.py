@@ -8,6 +8,7 @@ are checked from the outside at the end.
 from __future__ import annotations
 
 from collections.abc import AsyncGenerator
+from typing import Any
 
 import aiormq
 import anyio
@@ -23,7 +24,7 @@ from app.adapters.amqp_broker import (
 )
 from app.adapters.memory_broker import MemoryBroker
 from app.ports import DEFAULT_QUEUE, Broker, Dispatch, QueueStats
-from tests.conftest import AMQP_URL, eventually
+from tests.conftest import AMQP_URL, anyio_param, eventually
 from tests.contract.test_broker_contract import (
     CASES,
     WAIT,
@@ -41,8 +42,8 @@ def case(request: pytest.FixtureRequest) -> tuple[str, str]:
 
 
 @pytest.fixture
-def anyio_backend(case: tuple[str, str]) -> str:
-    return case[1]
+def anyio_backend(case: tuple[str, str]) -> str | tuple[str, dict[str, Any]]:
+    return anyio_param(case[1])
 
 
 @pytest.fixture
@@ -126,7 +127,7 @@ async def test_a_default_dispatch_is_encoded_as_before_queues_existed() -> None:
     assert routed == b'{"task_id":"t","run_id":"r","attempt":2,"queue":"a"}'
 
 
-@pytest.mark.parametrize("case", [pytest.param(("amqp", "asyncio"), id="amqp")])
+@pytest.mark.parametrize("case", [pytest.param(("amqp", "uvloop"), id="amqp")])
 async def test_rabbitmq_names_a_queue_after_the_default_one(broker: Broker, prefix: str) -> None:
     """The default queue keeps ``tasks_queue`` and ``task.dispatch``; queue ``a`` is
     ``tasks_queue.a``, bound with ``task.dispatch.a``; both are quorum queues."""

@@ -35,7 +35,7 @@ def sentinel_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
 
 @pytest.fixture
 def adapter_and_backend() -> tuple[str, str]:
-    return ("redis", "asyncio")
+    return ("redis", "uvloop")
 
 
 @pytest.fixture

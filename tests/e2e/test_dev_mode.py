@@ -15,7 +15,7 @@ from tests.e2e.harness import cli, running, service_env, wait_for_task
 pytestmark = pytest.mark.e2e
 
 
-@pytest.mark.parametrize("backend", ["asyncio", "trio"])
+@pytest.mark.parametrize("backend", ["uvloop", "asyncio", "trio"])
 async def test_dev_mode_runs_a_task_created_and_executed_through_the_cli(
     backend: str, prefix: str
 ) -> None:

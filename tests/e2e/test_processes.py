@@ -185,3 +185,33 @@ async def test_consumer_processes_stop_in_order_when_their_parent_is_killed(
 
 def _count(log: list[str], text: str) -> int:
     return sum(text in line for line in log)
+
+
+@pytest.mark.parametrize(
+    ("asked", "loop"),
+    [([], "uvloop"), (["--backend", "asyncio"], "asyncio")],
+    ids=["default", "asyncio"],
+)
+async def test_every_process_runs_on_the_event_loop_serve_was_given(
+    asked: list[str], loop: str, prefix: str, servers: redis.Redis
+) -> None:
+    """uvloop by default; ``--backend asyncio`` reaches the consumer processes too (they
+    are started with the parent's loop), and commands run on either."""
+    env = service_env(prefix, TASKQ_CONCURRENCY="2")
+    env.pop("TASKQ_BACKEND", None)
+    async with running([*TWO_PROCESSES, *asked], env) as service:
+        assert service.api_url is not None
+        loops = [
+            line.rsplit("event loop: ", 1)[1] for line in service.log if "event loop: " in line
+        ]
+        assert loops == [loop] * 3, service.log
+        async with httpx.AsyncClient(base_url=service.api_url) as http:
+            ids = [f"on-{loop}-{number}" for number in range(6)]
+            await create_and_execute(http, {task_id: f"echo {task_id}" for task_id in ids})
+            for task_id in ids:
+                task = await wait_for_task(http, task_id, {"completed", "failed"}, within=30)
+                assert task["status"] == "completed", task
+                run_id = task["last_run"]["run_id"]
+                run = (await http.get(f"/tasks/{task_id}/runs/{run_id}")).json()
+                assert run["output"] == f"{task_id}\n"
+        assert await service.stop(signal.SIGTERM) == 0
