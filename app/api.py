@@ -97,9 +97,11 @@ from app.domain import (
     TaskNotFound,
     TaskStatus,
     TaskView,
+    UnreadableTask,
 )
 from app.events import EVENT_ID_PATTERN, InvalidEventId, keep_task
 from app.live_output import KEEPALIVE_SECONDS, KeepAlive, OutputEnd, OutputEvent, OutputText
+from app.logs import about
 from app.metrics_http import RequestMetrics, metrics_handler
 from app.notifications import NotificationRecord
 from app.openapi_contract import describe_contract
@@ -164,6 +166,17 @@ class ChainRefusedException(HTTPException):
     """A chain names a task that does not exist, loops or reaches too far (422)."""
 
     status_code = HTTP_422_UNPROCESSABLE_ENTITY
+
+
+class UnreadableTaskException(HTTPException):
+    """The task is stored, but its document cannot be read (500): the fault is in the
+    store, not in the request. Only deleting the task works on it."""
+
+    status_code = HTTP_500_INTERNAL_SERVER_ERROR
+    detail = (
+        "The task is stored, but its document cannot be read (corrupted, or written by "
+        "another version of taskq); it can only be deleted"
+    )
 
 
 class TooManyTasks(HTTPException):
@@ -457,7 +470,11 @@ class TaskController(Controller):
         )
         return _page(fires, next_cursor)
 
-    @get("/{task_id:str}", summary="Get a task", raises=[NotFoundException, NotAuthorizedException])
+    @get(
+        "/{task_id:str}",
+        summary="Get a task",
+        raises=[NotFoundException, UnreadableTaskException, NotAuthorizedException],
+    )
     async def get_task(self, task_id: FromPath[str], service: Service) -> TaskResponse:
         return _shown(await service.get(task_id))
 
@@ -468,6 +485,7 @@ class TaskController(Controller):
         raises=[
             ValidationException,
             NotFoundException,
+            UnreadableTaskException,
             ChainRefusedException,
             NotAuthorizedException,
         ],
@@ -496,6 +514,7 @@ class TaskController(Controller):
         raises=[
             ValidationException,
             NotFoundException,
+            UnreadableTaskException,
             ChainRefusedException,
             NotAuthorizedException,
         ],
@@ -520,7 +539,12 @@ class TaskController(Controller):
         "/{task_id:str}/execute",
         summary="Run a task now",
         status_code=HTTP_202_ACCEPTED,
-        raises=[NotFoundException, ConflictException, NotAuthorizedException],
+        raises=[
+            NotFoundException,
+            UnreadableTaskException,
+            ConflictException,
+            NotAuthorizedException,
+        ],
     )
     async def execute_task(self, task_id: FromPath[str], service: Service) -> RunShown:
         queued = await service.execute(task_id)  # queueing a run notifies nothing
@@ -532,7 +556,12 @@ class TaskController(Controller):
         description="Once (`at`), or on a recurrence (`cron` with `timezone`, or `every`). "
         "The task's `next_runs` shows the next fire times.",
         status_code=HTTP_200_OK,
-        raises=[ValidationException, NotFoundException, NotAuthorizedException],
+        raises=[
+            ValidationException,
+            NotFoundException,
+            UnreadableTaskException,
+            NotAuthorizedException,
+        ],
     )
     async def schedule_task(
         self, task_id: FromPath[str], data: JSONBody[ScheduleRequest], service: Service
@@ -544,7 +573,7 @@ class TaskController(Controller):
         summary="Unschedule a task",
         description="No more scheduled runs; a run already queued or running goes on.",
         status_code=HTTP_200_OK,
-        raises=[NotFoundException, NotAuthorizedException],
+        raises=[NotFoundException, UnreadableTaskException, NotAuthorizedException],
     )
     async def unschedule_task(self, task_id: FromPath[str], service: Service) -> TaskResponse:
         return _shown(await service.unschedule(task_id))
@@ -557,7 +586,12 @@ class TaskController(Controller):
         "the task end `cancelled`. A one-shot time the task waits for passes with nothing "
         "run. A recurrence goes on with its next fire time.",
         status_code=HTTP_202_ACCEPTED,
-        raises=[NotFoundException, ConflictException, NotAuthorizedException],
+        raises=[
+            NotFoundException,
+            UnreadableTaskException,
+            ConflictException,
+            NotAuthorizedException,
+        ],
     )
     async def cancel_task(self, task_id: FromPath[str], service: Service) -> TaskResponse:
         return _shown(await service.cancel(task_id))
@@ -567,7 +601,12 @@ class TaskController(Controller):
         summary="Pause a task's schedule",
         description="No scheduled fires until resumed; running it by hand still works.",
         status_code=HTTP_200_OK,
-        raises=[NotFoundException, ConflictException, NotAuthorizedException],
+        raises=[
+            NotFoundException,
+            UnreadableTaskException,
+            ConflictException,
+            NotAuthorizedException,
+        ],
     )
     async def pause_task(self, task_id: FromPath[str], service: Service) -> TaskResponse:
         return _shown(await service.pause(task_id))
@@ -577,7 +616,12 @@ class TaskController(Controller):
         summary="Resume a paused schedule",
         description="A recurrence goes on from now: fires missed while paused are skipped.",
         status_code=HTTP_200_OK,
-        raises=[NotFoundException, ConflictException, NotAuthorizedException],
+        raises=[
+            NotFoundException,
+            UnreadableTaskException,
+            ConflictException,
+            NotAuthorizedException,
+        ],
     )
     async def resume_task(self, task_id: FromPath[str], service: Service) -> TaskResponse:
         return _shown(await service.resume(task_id))
@@ -917,6 +961,7 @@ FOLLOWERS_RETRY_AFTER = 5
 
 _STATUS_OF: list[tuple[type[Exception], int]] = [
     (TaskNotFound, HTTP_404_NOT_FOUND),
+    (UnreadableTask, HTTP_500_INTERNAL_SERVER_ERROR),
     (ChainRefused, HTTP_422_UNPROCESSABLE_ENTITY),
     (RunNotFound, HTTP_404_NOT_FOUND),
     (TaskAlreadyExists, HTTP_409_CONFLICT),
@@ -949,6 +994,23 @@ def _domain_error(_: Request[Any, Any, Any], exc: Exception) -> Response[dict[st
     if status == HTTP_503_SERVICE_UNAVAILABLE:
         response.headers.update(_retry_after())
     return response
+
+
+def _unreadable_task(
+    request: Request[Any, Any, Any], exc: UnreadableTask
+) -> Response[dict[str, object]]:
+    """A task whose stored document cannot be read: named in the answer, and logged
+    once, with what is wrong with the document but without a traceback (the fault is in
+    the data, not in the code)."""
+    log.error(
+        "%s %s: %s: %s",
+        request.method,
+        request.url.path,
+        exc,
+        exc.reason,
+        extra=about(exc.task_id),
+    )
+    return _domain_error(request, exc)
 
 
 def _unexpected_error(
@@ -1078,6 +1140,7 @@ def create_app(
         lifespan=[lambda _: service.creating_together()],
         exception_handlers={
             DomainError: _domain_error,
+            UnreadableTask: _unreadable_task,
             StoreContention: _domain_error,
             **_store_outage_handlers(store_gate),
             TooManyFollowers: _too_many_followers,

@@ -45,6 +45,7 @@ from app.domain import (
     Task,
     Transition,
     TriggeredBy,
+    UnreadableTask,
     ended_runs,
     fired_ahead,
     queue_run,
@@ -100,6 +101,7 @@ async def check_chain(store: TaskStore, task_id: str, chain: Chain | None) -> No
         return
     edges: dict[str, list[str]] = {task_id: targets}
     missing: list[str] = []
+    unreadable: list[str] = []
     frontier = deque(targets)
     while frontier:
         node = frontier.popleft()
@@ -109,9 +111,15 @@ async def check_chain(store: TaskStore, task_id: str, chain: Chain | None) -> No
             raise ChainRefused(
                 f"the chain of {task_id!r} reaches more than {MAX_CHAIN_REACH} tasks"
             )
-        task = await store.get_task(node)
+        try:
+            task = await store.get_task(node)
+        except UnreadableTask:
+            unreadable.append(node)  # its own chain cannot be read: it ends here
+            task = None
+        else:
+            if task is None:
+                missing.append(node)
         if task is None:
-            missing.append(node)
             edges[node] = []
             continue
         edges[node] = chain_targets(task.chain)
@@ -119,6 +127,11 @@ async def check_chain(store: TaskStore, task_id: str, chain: Chain | None) -> No
     gone = [target for target in targets if target in missing]
     if gone:
         raise ChainRefused(f"chain target(s) of {task_id!r} do not exist: {', '.join(gone)}")
+    if spoiled := [target for target in targets if target in unreadable]:
+        raise ChainRefused(
+            f"chain target(s) of {task_id!r} are stored, but their documents cannot be "
+            f"read: {', '.join(spoiled)}"
+        )
     cycle = find_cycle(task_id, edges)
     if cycle is not None:
         raise ChainRefused(f"the chain of {task_id!r} loops: {' -> '.join(cycle)}")

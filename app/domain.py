@@ -92,13 +92,30 @@ class OverlapPolicy(StrEnum):
 
 
 class DomainError(Exception):
-    """Base class of the errors a caller can act on (the API maps them to 4xx)."""
+    """Base class of the errors a caller can act on (the API maps them to 4xx, but
+    ``UnreadableTask``: the fault is in the store, not in the request)."""
 
 
 class TaskNotFound(DomainError):
     def __init__(self, task_id: str) -> None:
         super().__init__(f"task {task_id!r} does not exist")
         self.task_id = task_id
+
+
+class UnreadableTask(DomainError):
+    """The task is stored, but its document cannot be read (a hand edit in Redis, or a
+    version of taskq that wrote another format). It is neither a task nor gone: nothing
+    can be planned from it, and only deleting it works (``document`` is the bytes stored,
+    for a delete that checks they are still there); ``reason`` says what is wrong."""
+
+    def __init__(self, task_id: str, document: bytes, reason: str) -> None:
+        super().__init__(
+            f"task {task_id!r} is stored, but its document cannot be read (corrupted, or "
+            "written by another version of taskq); it can only be deleted"
+        )
+        self.task_id = task_id
+        self.document = document
+        self.reason = reason
 
 
 class RunNotFound(DomainError):

@@ -137,6 +137,13 @@ class TaskStore(Protocol):
     """Where tasks, their runs and their schedule live, changed one task at a time.
 
     Every method raises ``StoreUnavailable`` when the store cannot be reached.
+
+    A stored task document that cannot be read (a hand edit, another version's format)
+    is neither a task nor gone: ``get_task`` and ``get_task_and_run`` raise
+    ``UnreadableTask``; the reads of many tasks at once (``get_tasks``,
+    ``get_tasks_and_runs``, ``read_and_commit_each``, ``scheduled_entries``,
+    ``busy_tasks``, ``claim_due``) give ``None`` for it or leave it out, logging a
+    warning that names it. A change checked against a revision conflicts with it.
     """
 
     async def ping(self) -> None:
@@ -144,11 +151,12 @@ class TaskStore(Protocol):
         ...
 
     async def get_task(self, task_id: str) -> Task | None:
-        """The task, or ``None``."""
+        """The task, or ``None``; ``UnreadableTask`` when its document cannot be read."""
         ...
 
     async def get_tasks(self, task_ids: Sequence[str]) -> list[Task | None]:
-        """``get_task`` for each id, in order, all in one round trip where the store can."""
+        """``get_task`` for each id, in order, all in one round trip where the store can
+        (``None`` for a document that cannot be read)."""
         ...
 
     async def list_tasks(
@@ -202,14 +210,15 @@ class TaskStore(Protocol):
         ...
 
     async def get_task_and_run(self, task_id: str, run_id: str) -> tuple[Task | None, Run | None]:
-        """The task and one of its runs, read together (one round trip where possible)."""
+        """The task and one of its runs, read together (one round trip where possible);
+        ``UnreadableTask`` when the task's document cannot be read."""
         ...
 
     async def get_tasks_and_runs(
         self, pairs: Sequence[tuple[str, str]]
     ) -> list[tuple[Task | None, Run | None]]:
         """``get_task_and_run`` for each (task id, run id) pair, in order, all in one
-        round trip where the store can."""
+        round trip where the store can (a task whose document cannot be read: ``None``)."""
         ...
 
     async def read_and_commit_each(

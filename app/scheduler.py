@@ -42,6 +42,7 @@ from app.domain import (
     Task,
     TaskStatus,
     Transition,
+    UnreadableTask,
     dead_lettered,
     extend_lease,
     fire_schedule,
@@ -327,7 +328,17 @@ class Scheduler:
         DEAD_LETTERS.inc()
 
     async def _dead_lettered(self, dispatch: Dispatch) -> None:
-        task, run = await self._store.get_task_and_run(dispatch.task_id, dispatch.run_id)
+        try:
+            task, run = await self._store.get_task_and_run(dispatch.task_id, dispatch.run_id)
+        except UnreadableTask as unreadable:
+            log.error(
+                "dropping a dead letter for %s/%s: %s",
+                dispatch.task_id,
+                dispatch.run_id,
+                unreadable,
+                extra=about(dispatch.task_id, dispatch.run_id),
+            )
+            return
         if task is None or run is None or run.status != RunStatus.QUEUED:
             return  # the run started or ended through another message, or is gone
         queued = run
@@ -387,7 +398,16 @@ class Scheduler:
         task_id = claim.task_id
         assert claim.task is not None
         for _ in range(MAX_REPLANS):
-            task = await self._store.get_task(task_id)
+            try:
+                task = await self._store.get_task(task_id)
+            except UnreadableTask as unreadable:
+                # As when the claim itself finds it so (``TaskStore.claim_due``).
+                log.error(
+                    "%s; its schedule entry is dropped and the document left as it is",
+                    unreadable,
+                    extra=about(task_id),
+                )
+                return _Plan()
             if task is None:
                 return _Plan()
             if task.status == TaskStatus.RUNNING and claim.task.status != TaskStatus.RUNNING:

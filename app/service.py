@@ -10,7 +10,7 @@ from __future__ import annotations
 import base64
 import binascii
 from collections.abc import AsyncGenerator, AsyncIterator, Callable, Sequence
-from contextlib import AsyncExitStack, asynccontextmanager
+from contextlib import AsyncExitStack, asynccontextmanager, suppress
 from datetime import UTC, datetime
 
 import anyio
@@ -30,6 +30,7 @@ from app.domain import (
     TaskNotFound,
     TaskStatus,
     Transition,
+    UnreadableTask,
     cancel,
     create,
     delete,
@@ -321,7 +322,7 @@ class TaskService:
         """The task's runs, newest first."""
         runs = await self._store.list_runs(task_id, limit=limit)
         if not runs:
-            await self.get(task_id)
+            await self._check_stored(task_id)
         return runs
 
     async def notifications(self, run_ids: Sequence[str]) -> dict[str, list[NotificationRecord]]:
@@ -331,9 +332,15 @@ class TaskService:
     async def run(self, task_id: str, run_id: str) -> Run:
         run = await self._store.get_run(task_id, run_id)
         if run is None:
-            await self.get(task_id)
+            await self._check_stored(task_id)
             raise RunNotFound(task_id, run_id)
         return run
+
+    async def _check_stored(self, task_id: str) -> None:
+        """Raise ``TaskNotFound`` unless the task is stored. One whose document cannot be
+        read is: its runs are stored apart from it, and can be read."""
+        with suppress(UnreadableTask):
+            await self.get(task_id)
 
     async def output(
         self, task_id: str, run_id: str, *, follow: bool
@@ -344,7 +351,7 @@ class TaskService:
         try:
             return await follow_output(self._store, task_id, run_id, follow=follow)
         except RunNotFound:
-            await self.get(task_id)
+            await self._check_stored(task_id)
             raise
 
     async def events(self, after: str | None) -> AsyncGenerator[EventBatch]:

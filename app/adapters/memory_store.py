@@ -24,6 +24,7 @@ from anyio.streams.memory import MemoryObjectSendStream
 
 from app.adapters.event_followers import EventFollowers
 from app.adapters.output_followers import OutputEntry, OutputFollowers, Read, read_result
+from app.adapters.task_documents import decode_task, readable_task
 from app.domain import (
     FINISHED_RUN_STATUSES,
     RevisionConflict,
@@ -141,7 +142,7 @@ class MemoryStore:
 
     async def get_tasks(self, task_ids: Sequence[str]) -> list[Task | None]:
         await anyio.lowlevel.checkpoint()
-        return [self._task(task_id) for task_id in task_ids]
+        return [self._readable(task_id) for task_id in task_ids]
 
     async def list_tasks(
         self, *, status: TaskStatus | None, limit: int, after: str | None
@@ -157,7 +158,7 @@ class MemoryStore:
         await anyio.lowlevel.checkpoint()
         entries = sorted((when, task_id) for task_id, when in self._due.items() if when <= until)
         return [
-            ScheduledEntry(task_id, when, self._task(task_id))
+            ScheduledEntry(task_id, when, self._readable(task_id))
             for when, task_id in entries[offset : offset + limit]
         ]
 
@@ -165,11 +166,17 @@ class MemoryStore:
         await anyio.lowlevel.checkpoint()
         running = self._ids_by_status[TaskStatus.RUNNING]
         ids = list(dict.fromkeys([*running, *self._claims]))[:limit]
-        return [task for task in map(self._task, ids) if task is not None]
+        return [task for task in map(self._readable, ids) if task is not None]
 
     def _task(self, task_id: str) -> Task | None:
+        """The task, or ``None``; ``UnreadableTask`` when its document cannot be read
+        (only a test can store one here)."""
         doc = self._tasks.get(task_id)
-        return None if doc is None else _task_decoder.decode(doc)
+        return None if doc is None else decode_task(task_id, doc)
+
+    def _readable(self, task_id: str) -> Task | None:
+        """The task, or ``None`` when it is gone or its document cannot be read (logged)."""
+        return readable_task(task_id, self._tasks.get(task_id))
 
     async def commit(self, change: TaskChange) -> None:
         await anyio.lowlevel.checkpoint()
@@ -198,7 +205,7 @@ class MemoryStore:
                 continue
             raise RevisionConflict(chained.task_id)
         for each in (change, *change.chained):
-            self._apply(each, self._task(each.task_id))
+            self._apply(each, self._task(each.task_id))  # readable: checked above
 
     def _applied_already(self, change: TaskChange) -> bool:
         """Whether ``change`` is stored already; raise if it cannot apply."""
@@ -206,11 +213,13 @@ class MemoryStore:
         current_doc = self._tasks.get(task_id)
         if change.task is not None and current_doc == msgspec.json.encode(change.task):
             return True
-        current = None if current_doc is None else _task_decoder.decode(current_doc)
         if change.expected_revision is None:
-            if current is not None:
+            if current_doc is not None:
                 raise TaskAlreadyExists(task_id)
-        elif current is None or current.revision != change.expected_revision:
+            return False
+        # A document that cannot be read has no revision to match (as in Redis).
+        current = readable_task(task_id, current_doc)
+        if current is None or current.revision != change.expected_revision:
             raise RevisionConflict(task_id)
         return False
 
@@ -278,16 +287,21 @@ class MemoryStore:
 
     async def get_run(self, task_id: str, run_id: str) -> Run | None:
         await anyio.lowlevel.checkpoint()
+        return self._run(task_id, run_id)
+
+    def _run(self, task_id: str, run_id: str) -> Run | None:
         doc = self._runs.get(task_id, {}).get(run_id)
         return None if doc is None else _run_decoder.decode(doc)
 
     async def get_task_and_run(self, task_id: str, run_id: str) -> tuple[Task | None, Run | None]:
-        return await self.get_task(task_id), await self.get_run(task_id, run_id)
+        await anyio.lowlevel.checkpoint()
+        return self._task(task_id), self._run(task_id, run_id)
 
     async def get_tasks_and_runs(
         self, pairs: Sequence[tuple[str, str]]
     ) -> list[tuple[Task | None, Run | None]]:
-        return [await self.get_task_and_run(task_id, run_id) for task_id, run_id in pairs]
+        await anyio.lowlevel.checkpoint()
+        return [(self._readable(task_id), self._run(task_id, run_id)) for task_id, run_id in pairs]
 
     async def read_and_commit_each(
         self, pairs: Sequence[tuple[str, str]], changes: Sequence[TaskChange]
@@ -309,7 +323,7 @@ class MemoryStore:
         for when, task_id in due:
             self._due[task_id] = now + lease
             self._claims[task_id] = token
-            claims.append(Claim(task_id, self._task(task_id), when))
+            claims.append(Claim(task_id, self._readable(task_id), when))
         return claims
 
     async def release_claims(self, *, token: str, task_ids: Sequence[str]) -> None:

@@ -15,7 +15,7 @@ import msgspec
 import redis.asyncio as redis
 from redis.asyncio.client import Pipeline
 
-_LIBRARY = "newest_fields.lua"
+_LIBRARY = ("newest_fields.lua", "stored_tasks.lua")
 """Lua functions prepended to every script (Redis has no ``require``)."""
 
 
@@ -234,7 +234,7 @@ class Script:
         """``functions``: other scripts the script calls, each as a Lua function of the
         same name taking ``(KEYS, ARGV)`` (``commit`` becomes ``commit_one``)."""
         lua = files(__package__ or "app.adapters") / "lua"
-        parts = [(lua / _LIBRARY).read_text()]
+        parts = [(lua / library).read_text() for library in _LIBRARY]
         for function in functions:
             body = (lua / f"{function}.lua").read_text()
             parts.append(f"local function {function}_one(KEYS, ARGV)\n{body}\nend")

@@ -104,6 +104,7 @@ from app.adapters.redis_scripts import (
 )
 from app.adapters.redis_sentinel import SCHEME as SENTINEL_SCHEME
 from app.adapters.redis_sentinel import ReplicaAcks, SentinelService, sentinel_clients
+from app.adapters.task_documents import decode_task, readable_task
 from app.domain import (
     FINISHED_RUN_STATUSES,
     RevisionConflict,
@@ -111,6 +112,7 @@ from app.domain import (
     Task,
     TaskAlreadyExists,
     TaskStatus,
+    UnreadableTask,
 )
 from app.events import Event, event_key
 from app.logs import about
@@ -156,29 +158,14 @@ def _claimed_task(task_id: str, doc: bytes) -> Task | None:
     when its document cannot be read: one unreadable document (a hand edit, another
     version's) must not stop every scheduler. The document itself is left as it is."""
     try:
-        return _task_decoder.decode(doc)
-    except msgspec.DecodeError:
+        return decode_task(task_id, doc)
+    except UnreadableTask as unreadable:
         log.error(
-            "task %r: its stored document cannot be read; its schedule entry is dropped "
-            "and the document left as it is",
-            task_id,
+            "%s: %s; its schedule entry is dropped and the document left as it is",
+            unreadable,
+            unreadable.reason,
             exc_info=True,
             extra=about(task_id),
-        )
-        return None
-
-
-def _readable_task(task_id: bytes, doc: bytes | None) -> Task | None:
-    """The task, or ``None`` when it is gone or its document cannot be read (logged):
-    one unreadable document must not fail a listing of many tasks."""
-    if doc is None:
-        return None
-    try:
-        return _task_decoder.decode(doc)
-    except msgspec.DecodeError:
-        readable_id = task_id.decode()
-        log.warning(
-            "task %r: its stored document cannot be read", readable_id, extra=about(readable_id)
         )
         return None
 
@@ -299,16 +286,19 @@ class RedisStore:
 
     @_translate_errors
     async def get_task(self, task_id: str) -> Task | None:
-        doc = await self._redis.get(self.task_key(task_id))
-        return None if doc is None else _task_decoder.decode(doc)
+        doc = cast(bytes | None, await self._redis.get(self.task_key(task_id)))
+        return None if doc is None else decode_task(task_id, doc)
 
     @_translate_errors
     async def get_tasks(self, task_ids: Sequence[str]) -> list[Task | None]:
         if not task_ids:
             return []
         # One MGET: a prefix's keys share one hash slot on a cluster (cluster_prefix).
-        docs = await self._redis.mget([self.task_key(task_id) for task_id in task_ids])
-        return [None if doc is None else _task_decoder.decode(doc) for doc in docs]
+        docs = cast(
+            list[bytes | None],
+            await self._redis.mget([self.task_key(task_id) for task_id in task_ids]),
+        )
+        return [readable_task(task_id, doc) for task_id, doc in zip(task_ids, docs, strict=True)]
 
     @_translate_errors
     async def list_tasks(
@@ -330,7 +320,7 @@ class RedisStore:
         )
         pairs = cast(list[bytes], entries)
         return [
-            ScheduledEntry(task_id.decode(), float(score), _readable_task(task_id, doc))
+            ScheduledEntry(task_id.decode(), float(score), readable_task(task_id.decode(), doc))
             for task_id, score, doc in zip(
                 pairs[::2], pairs[1::2], cast(list[bytes | None], docs), strict=True
             )
@@ -343,7 +333,7 @@ class RedisStore:
             BusyArgs(self._prefix, limit),
         )
         tasks = (
-            _readable_task(task_id, doc)
+            readable_task(task_id.decode(), doc)
             for task_id, doc in zip(
                 cast(list[bytes], ids), cast(list[bytes | None], docs), strict=True
             )
@@ -492,7 +482,7 @@ class RedisStore:
             pipe.hget(self.runs_key(task_id), run_id)
             task_doc, run_doc = await pipe.execute()
         return (
-            None if task_doc is None else _task_decoder.decode(task_doc),
+            None if task_doc is None else decode_task(task_id, task_doc),
             None if run_doc is None else _run_decoder.decode(run_doc),
         )
 
@@ -505,7 +495,7 @@ class RedisStore:
         async with self._redis.pipeline(transaction=False) as pipe:
             self._queue_reads(pairs)(pipe)
             docs = await pipe.execute()
-        return _decoded_pairs(docs)
+        return _decoded_pairs(pairs, docs)
 
     @_translate_errors
     async def read_and_commit_each(
@@ -522,7 +512,10 @@ class RedisStore:
 
         results = await self._pipelined(self._commit_scripts, queue)
         read = 2 * len(pairs)
-        return _decoded_pairs(results[:read]), [result == b"ok" for result in results[read:]]
+        return (
+            _decoded_pairs(pairs, results[:read]),
+            [result == b"ok" for result in results[read:]],
+        )
 
     def _queue_reads(self, pairs: Sequence[tuple[str, str]]) -> Callable[[Pipeline], None]:
         def queue(pipe: Pipeline) -> None:
@@ -844,14 +837,17 @@ def _task_write(change: TaskChange) -> TaskWrite:
     )
 
 
-def _decoded_pairs(docs: Sequence[object]) -> list[tuple[Task | None, Run | None]]:
-    """Each task and run document of a read's replies (task, run, task, run, ...)."""
+def _decoded_pairs(
+    pairs: Sequence[tuple[str, str]], docs: Sequence[object]
+) -> list[tuple[Task | None, Run | None]]:
+    """Each task and run document of a read's replies (task, run, task, run, ...) for
+    its (task id, run id) ``pairs``."""
     return [
         (
-            None if task_doc is None else _task_decoder.decode(cast(bytes, task_doc)),
+            readable_task(task_id, cast(bytes | None, task_doc)),
             None if run_doc is None else _run_decoder.decode(cast(bytes, run_doc)),
         )
-        for task_doc, run_doc in zip(docs[::2], docs[1::2], strict=True)
+        for (task_id, _), task_doc, run_doc in zip(pairs, docs[::2], docs[1::2], strict=True)
     ]
 
 

@@ -423,3 +423,26 @@ async def test_a_command_changed_while_its_run_waits_for_a_slot_runs_as_changed(
     assert task.status == TaskStatus.COMPLETED
     [run] = await store.list_runs("second", limit=10)
     assert run.output == "after\n"
+
+
+async def test_a_task_whose_document_cannot_be_read_is_skipped_and_the_rest_runs(
+    store: MemoryStore, broker: MemoryBroker, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """One spoiled before its dispatch is consumed is skipped; one spoiled while its
+    command runs keeps its document (its result is not recorded, and said so); neither
+    stops the consumer."""
+    started = tmp_path / "started"
+    await submit(store, broker, "before", "true")
+    store._tasks["before"] = b"spoiled"  # pyright: ignore[reportPrivateUsage]
+    await submit(store, broker, "during", f"touch {started}; sleep 0.3")
+
+    with caplog.at_level("WARNING"):
+        async with consuming(store, broker):
+            await eventually(started.exists)
+            store._tasks["during"] = b"spoiled"  # pyright: ignore[reportPrivateUsage]
+            await eventually(lambda: "result of during/" in caplog.text)
+            await submit(store, broker, "after", "true")
+            assert (await finished(store, "after")).status == TaskStatus.COMPLETED
+
+    assert store._tasks["before"] == store._tasks["during"] == b"spoiled"  # pyright: ignore[reportPrivateUsage]
+    assert "not recorded: task 'during' is stored, but its document cannot be read" in caplog.text

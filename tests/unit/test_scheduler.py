@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Sequence
 from datetime import UTC, datetime, timedelta
 
 import anyio
 import msgspec
+import pytest
 
 from app.adapters.memory_broker import MemoryBroker
 from app.adapters.memory_store import MemoryStore
@@ -398,3 +400,54 @@ async def test_a_burst_due_within_the_look_ahead_goes_out_in_batches_each_once(
     dispatches = queued(broker)
     assert len({d.task_id for d in dispatches}) == len(dispatches) == 1000
     assert {d.not_before for d in dispatches} == {timestamp(at)}
+
+
+async def test_a_dead_letter_of_a_task_that_cannot_be_read_is_dropped(
+    store: MemoryStore, broker: MemoryBroker
+) -> None:
+    service = TaskService(store)
+    await service.create(TaskCreate(id="t", name="t", command="true"))
+    first = await service.execute("t")
+    store._tasks["t"] = b"spoiled"  # pyright: ignore[reportPrivateUsage]
+    put_raw(broker, msgspec.json.encode(Dispatch(task_id="t", run_id=first.run_id, attempt=1)))
+    async with broker.consume(prefetch=1) as deliveries:
+        await (await anext(deliveries)).dead_letter()
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(Scheduler(store, broker, lease_seconds=30).reap_dead_letters)
+        await eventually(lambda: not broker.dead_letters)
+        tg.cancel_scope.cancel()
+    assert store._tasks["t"] == b"spoiled"  # pyright: ignore[reportPrivateUsage]
+
+
+class SpoiledOnCommit(MemoryStore):
+    """A memory store whose task ``t`` is spoiled just before the first ``commit_each``:
+    a hand edit between a scheduler's claim and its commit."""
+
+    spoil_next = True
+
+    async def commit_each(self, changes: Sequence[TaskChange]) -> list[bool]:
+        if self.spoil_next:
+            self.spoil_next = False
+            self._tasks["t"] = b"spoiled"
+        return await super().commit_each(changes)
+
+
+async def test_a_claimed_task_that_cannot_be_read_when_planned_again_loses_its_entry(
+    broker: MemoryBroker, caplog: pytest.LogCaptureFixture
+) -> None:
+    store = SpoiledOnCommit(run_history=10)
+    # Due now: its dispatch commits a queued run first.
+    await TaskService(store).create(
+        TaskCreate(id="t", name="t", command="true", scheduled_at=utcnow())
+    )
+    scheduler = Scheduler(store, broker, lease_seconds=LEASE)
+
+    with caplog.at_level(logging.ERROR, logger="app.scheduler"):
+        assert await scheduler.dispatch_due() == 1
+
+    assert not broker.queue
+    [record] = caplog.records
+    assert "task 't'" in record.getMessage() and "entry is dropped" in record.getMessage()
+    assert store._tasks["t"] == b"spoiled", "left as it is"  # pyright: ignore[reportPrivateUsage]
+    later = time.time() + 2 * LEASE
+    assert await store.claim_due(now=later, limit=10, lease=1, token="x") == []

@@ -24,9 +24,9 @@ if expected == '' then
   if current then return 'exists' end
 else
   if not current then return 'conflict' end
-  local stored = cjson.decode(current)
-  if tostring(stored.revision) ~= expected then return 'conflict' end
-  old_status = stored.status
+  local revision, status = stored_revision(current)
+  if tostring(revision) ~= expected then return 'conflict' end
+  old_status = status
 end
 
 -- The change's lifecycle events, in the same step (after the checks above: a change

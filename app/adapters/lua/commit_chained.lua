@@ -29,7 +29,7 @@ local function check(change)
     return 'ok'
   end
   if not current then return 'conflict' end
-  if tostring(cjson.decode(current).revision) ~= expected then return 'conflict' end
+  if tostring((stored_revision(current))) ~= expected then return 'conflict' end
   return 'ok'
 end
 

@@ -1,0 +1,100 @@
+"""A stored task document that cannot be read (a hand edit in Redis, another version's
+format), one suite for every adapter: it is neither a task nor gone. A read of that one
+task says so, a read of many goes on without it, and no change applies to it."""
+
+from __future__ import annotations
+
+import logging
+from datetime import timedelta
+from typing import cast
+
+import pytest
+
+from app.adapters.memory_store import MemoryStore
+from app.adapters.redis_store import RedisStore
+from app.domain import RevisionConflict, TaskAlreadyExists, TaskStatus, UnreadableTask, utcnow
+from app.ports import DueAt, Store, TaskChange
+from tests.contract.stores import create, make_task, next_revision
+
+SPOILED = b'{"id":"bad","oops'
+"""What the defect's report wrote over a task's document (JSON cut short)."""
+
+
+async def spoil(store: Store, task_id: str, document: bytes = SPOILED) -> None:
+    """Write ``document`` over the stored document of ``task_id``, behind the store's
+    back, as a hand edit in Redis does."""
+    if isinstance(store, MemoryStore):
+        store._tasks[task_id] = document  # pyright: ignore[reportPrivateUsage]
+    else:
+        assert isinstance(store, RedisStore)
+        await store._redis.set(store.task_key(task_id), document)  # pyright: ignore[reportPrivateUsage]
+
+
+async def stored_document(store: Store, task_id: str) -> bytes | None:
+    """The bytes stored for ``task_id``, read behind the store's back."""
+    if isinstance(store, MemoryStore):
+        return store._tasks.get(task_id)  # pyright: ignore[reportPrivateUsage]
+    assert isinstance(store, RedisStore)
+    stored = await store._redis.get(store.task_key(task_id))  # pyright: ignore[reportPrivateUsage]
+    return cast(bytes | None, stored)
+
+
+async def test_reading_the_task_says_its_document_cannot_be_read(store: Store) -> None:
+    await create(store, "bad")
+    await spoil(store, "bad")
+
+    with pytest.raises(UnreadableTask) as raised:
+        await store.get_task("bad")
+    assert (raised.value.task_id, raised.value.document) == ("bad", SPOILED)
+    assert "'bad'" in str(raised.value) and "cannot be read" in str(raised.value)
+    assert raised.value.reason, "what is wrong with it, for the logs"
+    with pytest.raises(UnreadableTask):
+        await store.get_task_and_run("bad", "some-run")
+
+
+async def test_reads_of_many_tasks_go_on_without_it_and_name_it_in_a_warning(
+    store: Store, caplog: pytest.LogCaptureFixture
+) -> None:
+    good = await create(store, "good")
+    await create(store, "bad")
+    await spoil(store, "bad")
+
+    with caplog.at_level(logging.WARNING):
+        assert await store.get_tasks(["good", "bad", "gone"]) == [good, None, None]
+    [warning] = [r for r in caplog.records if "'bad'" in r.getMessage()]
+    assert warning.levelno == logging.WARNING and warning.exc_info is None
+    assert await store.get_tasks_and_runs([("good", "r"), ("bad", "r")]) == [
+        (good, None),
+        (None, None),
+    ]
+    reads, applied = await store.read_and_commit_each([("bad", "r")], [])
+    assert (reads, applied) == ([(None, None)], [])
+
+
+async def test_a_change_conflicts_with_it_and_changes_nothing(store: Store) -> None:
+    task = await create(store, "bad")
+    await spoil(store, "bad")
+
+    with pytest.raises(RevisionConflict):
+        await store.commit(TaskChange("bad", task.revision, next_revision(task, name="x")))
+    with pytest.raises(RevisionConflict):
+        await store.commit(TaskChange("bad", task.revision, None))
+    with pytest.raises(TaskAlreadyExists):
+        await store.commit(TaskChange("bad", None, make_task("bad")))
+    changes = [TaskChange("bad", task.revision, next_revision(task, name="y"))]
+    assert await store.commit_each(changes) == [False]
+    assert await store.create_each([TaskChange("bad", None, make_task("bad"))]) == [False]
+    assert await stored_document(store, "bad") == SPOILED
+
+
+async def test_a_due_entry_of_it_is_claimed_as_a_task_that_is_gone(store: Store) -> None:
+    due = utcnow() - timedelta(seconds=1)
+    task = make_task("bad", status=TaskStatus.PENDING, scheduled_at=due)
+    await store.commit(TaskChange("bad", None, task, schedule=DueAt(due.timestamp())))
+    await spoil(store, "bad")
+
+    [entry] = await store.scheduled_entries(until=utcnow().timestamp(), offset=0, limit=10)
+    assert (entry.task_id, entry.task) == ("bad", None)
+    [claim] = await store.claim_due(now=utcnow().timestamp(), limit=10, lease=30, token="t")
+    assert (claim.task_id, claim.task) == ("bad", None)
+    assert await stored_document(store, "bad") == SPOILED, "left as it is"
