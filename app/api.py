@@ -21,6 +21,7 @@ from collections.abc import AsyncGenerator, Awaitable, Callable, Sequence
 from contextlib import aclosing, suppress
 from pathlib import Path
 from typing import Annotated, Any, TypeVar, cast
+from urllib.parse import quote
 
 import anyio
 import msgspec
@@ -388,6 +389,15 @@ NEXT_CURSOR_HEADER = ResponseHeader(
     documentation_only=True,
     required=False,
 )
+UNREADABLE_HEADER = ResponseHeader(
+    name="X-Unreadable-Tasks",
+    description="The ids, comma-separated (each percent-encoded, which leaves a valid id "
+    "as it is), of the tasks on this stretch of the index whose stored document cannot "
+    "be read: left out of the page (`GET /tasks/{task_id}` answers 500 for them). "
+    "Absent when there are none",
+    documentation_only=True,
+    required=False,
+)
 PageLimit = Annotated[int, Parameter(ge=1, le=MAX_PAGE)]
 PageCursor = Annotated[str | None, Parameter(max_length=1024)]
 QueueFilter = Annotated[str | None, Parameter(pattern=QUEUE_NAME_PATTERN)]
@@ -414,10 +424,13 @@ class TaskController(Controller):
         "/",
         summary="List tasks",
         description="Pages in id order. The next page's cursor is in `X-Next-Cursor`, "
-        "absent on the last page. With `queue`, only that queue's tasks: a page then reads "
-        f"at most {QUEUE_SCAN_READS} x `limit` tasks of the index, so it may come back "
-        "short, even empty, with a cursor to follow.",
-        response_headers=[NEXT_CURSOR_HEADER],
+        "absent on the last page. A page covers `limit` entries of the index: tasks whose "
+        "stored document cannot be read are left out of it and named in "
+        "`X-Unreadable-Tasks`, so it may come back short with a cursor to follow. With "
+        f"`queue`, only that queue's tasks: a page then reads at most {QUEUE_SCAN_READS} x "
+        "`limit` tasks of the index, so it may come back short, even empty, with a cursor "
+        "to follow.",
+        response_headers=[NEXT_CURSOR_HEADER, UNREADABLE_HEADER],
         raises=[ValidationException, NotAuthorizedException],
     )
     async def list_tasks(
@@ -428,13 +441,19 @@ class TaskController(Controller):
         cursor: PageCursor = None,
         queue: QueueFilter = None,
     ) -> Response[list[TaskResponse]]:
-        tasks, next_cursor = await service.list(
-            status=status, limit=limit, cursor=cursor, queue=queue
-        )
-        page = _within_budget([_shown(task) for task in tasks])
-        if len(page) < len(tasks):
+        listing = await service.list(status=status, limit=limit, cursor=cursor, queue=queue)
+        page = _within_budget([_shown(task) for task in listing.tasks])
+        next_cursor, unreadable = listing.next_cursor, listing.unreadable
+        if len(page) < len(listing.tasks):
             next_cursor = encode_cursor(page[-1].id)
-        return _page(page, next_cursor)
+            # The next page starts after the last task shown, and names those after it.
+            unreadable = [task_id for task_id in unreadable if task_id < page[-1].id]
+        response = _page(page, next_cursor)
+        if unreadable:
+            response.headers["X-Unreadable-Tasks"] = ",".join(
+                quote(task_id, safe="") for task_id in unreadable
+            )
+        return response
 
     @get(
         f"/{UPCOMING_ROUTE_ID}",

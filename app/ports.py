@@ -87,6 +87,18 @@ class Claim:
 
 
 @dataclass(frozen=True, slots=True)
+class TaskPage:
+    """Entries of a task index read in id order (``TaskStore.list_tasks``): the tasks
+    among them, the ids among them whose document cannot be read (``UnreadableTask``:
+    left out of ``tasks``), and ``after``, the last id read, when entries follow it
+    (``None``: the index ends here)."""
+
+    tasks: Sequence[Task]
+    unreadable: Sequence[str] = ()
+    after: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
 class ScheduledEntry:
     """An entry of ``scheduled_tasks`` with its task (``None`` if gone, or unreadable).
     ``score`` (unix seconds) is when something must happen to the task: its next due
@@ -143,7 +155,8 @@ class TaskStore(Protocol):
     ``UnreadableTask``; the reads of many tasks at once (``get_tasks``,
     ``get_tasks_and_runs``, ``read_and_commit_each``, ``scheduled_entries``,
     ``busy_tasks``, ``claim_due``) give ``None`` for it or leave it out, logging a
-    warning that names it. A change checked against a revision conflicts with it.
+    warning that names it; ``list_tasks`` names it in its page. A change checked against
+    a revision conflicts with it.
     """
 
     async def ping(self) -> None:
@@ -161,8 +174,14 @@ class TaskStore(Protocol):
 
     async def list_tasks(
         self, *, status: TaskStatus | None, limit: int, after: str | None
-    ) -> list[Task]:
-        """Up to ``limit`` tasks in id order, starting after the id ``after``."""
+    ) -> TaskPage:
+        """The next ``limit`` entries of the index of every task (or of the tasks in
+        ``status``) after the id ``after``, in id order, read in one step.
+
+        A page counts the entries it read, not the tasks it holds: it holds fewer than
+        ``limit`` when some documents cannot be read or were deleted as it was read, and
+        more may follow all the same. Go on from its ``after`` until that is ``None``.
+        """
         ...
 
     async def scheduled_entries(

@@ -11,6 +11,7 @@ import base64
 import binascii
 from collections.abc import AsyncGenerator, AsyncIterator, Callable, Sequence
 from contextlib import AsyncExitStack, asynccontextmanager, suppress
+from dataclasses import dataclass
 from datetime import UTC, datetime
 
 import anyio
@@ -78,6 +79,22 @@ def decode_cursor(cursor: str) -> str:
     if version != "v1" or not task_id:
         raise InvalidCursor()
     return task_id
+
+
+def _cursor_at(after: str | None) -> str | None:
+    """The cursor of the page after the id ``after`` (``None``: no page)."""
+    return None if after is None else encode_cursor(after)
+
+
+@dataclass(frozen=True, slots=True)
+class TaskListing:
+    """A page of tasks in id order; ``unreadable``: the ids on the stretch of the index
+    it covers whose stored document cannot be read (left out, see ``UnreadableTask``);
+    ``next_cursor``: where the next page starts (``None``: this is the last)."""
+
+    tasks: list[Task]
+    unreadable: list[str]
+    next_cursor: str | None
 
 
 class TaskService:
@@ -191,36 +208,41 @@ class TaskService:
         limit: int,
         cursor: str | None,
         queue: str | None = None,
-    ) -> tuple[list[Task], str | None]:
-        """A page of tasks in id order and the cursor of the next page (``None`` at the end).
+    ) -> TaskListing:
+        """A page of tasks in id order, with the cursor of the next page.
 
-        With ``queue``, only that queue's tasks: there is no index by queue, so a page
-        reads at most ``QUEUE_SCAN_READS`` batches of the index and may come back short
-        (even empty) with a cursor to go on from."""
+        A page is ``limit`` entries of the index: tasks whose stored document cannot be
+        read are left out of it (named in ``unreadable``), so it may come back short with
+        a cursor to go on from. With ``queue``, only that queue's tasks: there is no index
+        by queue, so a page reads at most ``QUEUE_SCAN_READS`` batches of the index and
+        may come back short (even empty) with a cursor to go on from."""
         after = None if cursor is None else decode_cursor(cursor)
         if queue is None:
-            tasks = await self._store.list_tasks(status=status, limit=limit + 1, after=after)
-            if len(tasks) <= limit:
-                return tasks, None
-            page = tasks[:limit]
-            return page, encode_cursor(page[-1].id)
+            page = await self._store.list_tasks(status=status, limit=limit, after=after)
+            return TaskListing(list(page.tasks), list(page.unreadable), _cursor_at(page.after))
         return await self._list_queue(queue, status=status, limit=limit, after=after)
 
     async def _list_queue(
         self, queue: str, *, status: TaskStatus | None, limit: int, after: str | None
-    ) -> tuple[list[Task], str | None]:
-        page: list[Task] = []
+    ) -> TaskListing:
+        tasks: list[Task] = []
+        unreadable: list[str] = []
         for _ in range(QUEUE_SCAN_READS):
             batch = await self._store.list_tasks(status=status, limit=limit, after=after)
-            for task in batch:
-                if task.queue == queue:
-                    page.append(task)
-                    if len(page) == limit:
-                        return page, encode_cursor(task.id)
-            if len(batch) < limit:
-                return page, None
-            after = batch[-1].id
-        return page, None if after is None else encode_cursor(after)
+            for task in batch.tasks:
+                if task.queue != queue:
+                    continue
+                tasks.append(task)
+                ends_the_index = task is batch.tasks[-1] and batch.after is None
+                if len(tasks) == limit and not ends_the_index:
+                    # The next page starts after this task: it names those after it.
+                    unreadable += [u for u in batch.unreadable if u < task.id]
+                    return TaskListing(tasks, unreadable, encode_cursor(task.id))
+            unreadable += batch.unreadable
+            if batch.after is None:
+                return TaskListing(tasks, unreadable, None)
+            after = batch.after
+        return TaskListing(tasks, unreadable, _cursor_at(after))
 
     async def upcoming(
         self, *, start: str | None, end: str | None, limit: int, cursor: str | None

@@ -6,6 +6,7 @@ import json
 from collections.abc import AsyncGenerator, AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any, cast
+from urllib.parse import unquote
 
 import httpx
 
@@ -62,10 +63,17 @@ class ApiClient:
         limit: int | None,
         cursor: str | None,
         queue: str | None = None,
-    ) -> tuple[list[Any], str | None]:
+    ) -> tuple[list[Any], str | None, list[str]]:
+        """A page of ``GET /tasks``, the next page's cursor, and the ids the page left
+        out because their stored documents cannot be read (``X-Unreadable-Tasks``)."""
         params = {"status": status, "limit": limit, "cursor": cursor, "queue": queue}
         response = await self.request("GET", "/tasks", params=params)
-        return response.json(), response.headers.get("x-next-cursor")
+        unreadable = response.headers.get("x-unreadable-tasks", "")
+        return (
+            response.json(),
+            response.headers.get("x-next-cursor"),
+            [unquote(task_id) for task_id in unreadable.split(",") if task_id],
+        )
 
     async def upcoming(
         self, *, start: str | None, end: str | None, limit: int, cursor: str | None

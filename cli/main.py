@@ -491,15 +491,23 @@ async def list_tasks(
     as_json: bool,
 ) -> None:
     """List tasks, in id order."""
-    tasks, next_cursor = await client.list_tasks(
+    tasks, next_cursor, unreadable = await client.list_tasks(
         status=status, limit=limit, cursor=cursor, queue=queue
     )
     while every_page and next_cursor:
-        more, next_cursor = await client.list_tasks(
+        more, next_cursor, more_unreadable = await client.list_tasks(
             status=status, limit=limit, cursor=next_cursor, queue=queue
         )
         tasks += more
+        unreadable += more_unreadable
     _emit(tasks, as_json, _task_table)
+    if unreadable:
+        # On stderr, with --json too: the JSON stays the list of tasks.
+        click.echo(
+            f"not listed: {len(unreadable)} task(s) whose stored document cannot be read: "
+            f"{', '.join(unreadable)}",
+            err=True,
+        )
     if next_cursor and not as_json:
         click.echo(f"more: taskq list --cursor {next_cursor}", err=True)
 

@@ -55,10 +55,10 @@ from app.ports import (
     OutputPage,
     ScheduledEntry,
     TaskChange,
+    TaskPage,
     Unschedule,
 )
 
-_task_decoder = msgspec.json.Decoder(Task)
 _run_decoder = msgspec.json.Decoder(Run)
 _entry_decoder = msgspec.json.Decoder(OutboxEntry)
 _record_decoder = msgspec.json.Decoder(NotificationRecord)
@@ -146,11 +146,21 @@ class MemoryStore:
 
     async def list_tasks(
         self, *, status: TaskStatus | None, limit: int, after: str | None
-    ) -> list[Task]:
+    ) -> TaskPage:
         await anyio.lowlevel.checkpoint()
         ids = self._ids if status is None else self._ids_by_status[status]
         start = 0 if after is None else bisect.bisect_right(ids, after)
-        return [_task_decoder.decode(self._tasks[i]) for i in ids[start : start + limit]]
+        read = ids[start : start + limit]
+        tasks: list[Task] = []
+        unreadable: list[str] = []
+        for task_id in read:
+            task = self._readable(task_id)
+            if task is None:
+                unreadable.append(task_id)
+            else:
+                tasks.append(task)
+        more = start + limit < len(ids)
+        return TaskPage(tasks, unreadable, after=read[-1] if more else None)
 
     async def scheduled_entries(
         self, *, until: float, offset: int, limit: int

@@ -138,6 +138,7 @@ from app.ports import (
     ScheduledEntry,
     StoreUnavailable,
     TaskChange,
+    TaskPage,
     Unschedule,
 )
 
@@ -146,7 +147,6 @@ _READ_PAGE_SIZE = 100
 
 log = logging.getLogger(__name__)
 
-_task_decoder = msgspec.json.Decoder(Task)
 _run_decoder = msgspec.json.Decoder(Run)
 _entry_decoder = msgspec.json.Decoder(OutboxEntry)
 _record_decoder = msgspec.json.Decoder(NotificationRecord)
@@ -303,13 +303,25 @@ class RedisStore:
     @_translate_errors
     async def list_tasks(
         self, *, status: TaskStatus | None, limit: int, after: str | None
-    ) -> list[Task]:
+    ) -> TaskPage:
         index = self._tasks_key if status is None else self.status_key(status)
         start = "-" if after is None else f"({after}"
-        docs = await self._list_tasks(
-            ListTasksKeys(index), ListTasksArgs(self._prefix, start, limit)
+        raw_ids, docs, more = cast(
+            tuple[list[bytes], list[bytes | None], int],
+            await self._list_tasks(ListTasksKeys(index), ListTasksArgs(self._prefix, start, limit)),
         )
-        return [_task_decoder.decode(doc) for doc in cast(list[bytes | None], docs) if doc]
+        ids = [raw_id.decode() for raw_id in raw_ids]
+        tasks: list[Task] = []
+        unreadable: list[str] = []
+        for task_id, doc in zip(ids, docs, strict=True):
+            if doc is None:
+                continue  # deleted between the index's read and the documents'
+            task = readable_task(task_id, doc)
+            if task is None:
+                unreadable.append(task_id)
+            else:
+                tasks.append(task)
+        return TaskPage(tasks, unreadable, after=ids[-1] if more else None)
 
     @_translate_errors
     async def scheduled_entries(

@@ -1,12 +1,14 @@
 """A task whose stored document cannot be read (a hand edit in Redis, another version's
-format), through the HTTP API: a request about it answers a 500 that says so (logged
-once, without a traceback), and no change applies to it.
+format), through the HTTP API: the listing goes on without it and names it, a request
+about it answers a 500 that says so (logged once, without a traceback), and no change
+applies to it.
 
 Every test runs on the memory store under asyncio and trio, and on Redis."""
 
 from __future__ import annotations
 
 import logging
+from typing import Any
 
 import httpx
 import pytest
@@ -32,6 +34,51 @@ async def client(served: Served) -> httpx.AsyncClient:
         assert created.status_code == 201, created.text
     await spoil(served.store, "bad")
     return served.client
+
+
+async def listed_pages(client: httpx.AsyncClient, **params: Any) -> list[tuple[list[str], str]]:
+    """Every page of ``GET /tasks``, each as (task ids, ``X-Unreadable-Tasks``)."""
+    pages: list[tuple[list[str], str]] = []
+    cursor = None
+    while True:
+        query = {**params, **({} if cursor is None else {"cursor": cursor})}
+        response = await client.get("/tasks", params=query)
+        assert response.status_code == 200, response.text
+        unreadable = response.headers.get("x-unreadable-tasks", "")
+        pages.append(([task["id"] for task in response.json()], unreadable))
+        cursor = response.headers.get("x-next-cursor")
+        if cursor is None:
+            return pages
+
+
+@pytest.mark.parametrize("status", [None, "created"])
+async def test_the_listing_pages_past_it_and_names_it(
+    client: httpx.AsyncClient, status: str | None, caplog: pytest.LogCaptureFixture
+) -> None:
+    params = {} if status is None else {"status": status}
+    with caplog.at_level(logging.WARNING):
+        assert await listed_pages(client, limit=5, **params) == [(["a", "b", "d", "e"], "bad")]
+    [warning] = [r for r in caplog.records if "'bad'" in r.getMessage()]
+    assert warning.levelno == logging.WARNING and warning.exc_info is None
+
+    assert await listed_pages(client, limit=2, **params) == [
+        (["a", "b"], ""),
+        (["d"], "bad"),
+        (["e"], ""),
+    ]
+    # A page that ends with it: the next one starts after it, and does not name it again.
+    assert await listed_pages(client, limit=3, **params) == [
+        (["a", "b"], "bad"),
+        (["d", "e"], ""),
+    ]
+
+
+async def test_a_listing_by_queue_pages_past_it_and_names_it(client: httpx.AsyncClient) -> None:
+    assert await listed_pages(client, limit=2, queue="default") == [
+        (["a", "b"], ""),
+        (["d", "e"], "bad"),
+    ]
+    assert await listed_pages(client, limit=10, queue="other") == [([], "bad")]
 
 
 async def test_reading_it_answers_500_saying_why_and_logs_it_once(
@@ -70,6 +117,7 @@ async def test_a_change_of_it_answers_500_and_changes_nothing(
     assert response.status_code == 500
     assert response.json() == {"status_code": 500, "detail": UNREADABLE_DETAIL}
     assert await stored_document(served.store, "bad") == SPOILED
+    assert await listed_pages(client, limit=10) == [(["a", "b", "d", "e"], "bad")]
     assert (await client.get("/tasks/bad/runs")).json() == []
 
 
@@ -94,6 +142,8 @@ async def test_its_runs_can_be_read(client: httpx.AsyncClient) -> None:
 async def test_the_openapi_document_says_so(client: httpx.AsyncClient) -> None:
     document = (await client.get("/schema/openapi.json")).json()
     paths = document["paths"]
+    listing = paths["/tasks"]["get"]["responses"]["200"]
+    assert "X-Unreadable-Tasks" in listing["headers"]
     for method, path in [
         ("get", "/tasks/{task_id}"),
         ("put", "/tasks/{task_id}"),

@@ -61,7 +61,7 @@ async def measure(source: Path, runs: int, concurrency: int) -> tuple[float, flo
 
             async def all_completed() -> bool:
                 done = await store.list_tasks(status=TaskStatus.COMPLETED, limit=runs, after=None)
-                return len(done) >= runs
+                return len(done.tasks) >= runs
 
             env = service_env(
                 prefix,

@@ -64,14 +64,27 @@ async def test_listing_pages_in_id_order(store: Store) -> None:
     for task_id in reversed(ids):
         await create(store, task_id)
     seen: list[str] = []
+    pages: list[tuple[int, str | None]] = []
     after = None
     while True:
         page = await store.list_tasks(status=None, limit=10, after=after)
-        seen += [t.id for t in page]
-        if len(page) < 10:
+        seen += [t.id for t in page.tasks]
+        pages.append((len(page.tasks), page.after))
+        if page.after is None:
             break
-        after = page[-1].id
+        after = page.after
     assert seen == ids
+    assert pages == [(10, "t09"), (10, "t19"), (5, None)]
+
+
+async def test_a_page_that_reaches_the_end_of_the_index_says_so(store: Store) -> None:
+    for task_id in ("a", "b"):
+        await create(store, task_id)
+    page = await store.list_tasks(status=None, limit=2, after=None)
+    assert ([t.id for t in page.tasks], page.unreadable, page.after) == (["a", "b"], [], None)
+    assert (await store.list_tasks(status=None, limit=1, after=None)).after == "a"
+    empty = await store.list_tasks(status=TaskStatus.RUNNING, limit=1, after=None)
+    assert (empty.tasks, empty.unreadable, empty.after) == ([], [], None)
 
 
 async def test_status_filter_follows_transitions(store: Store) -> None:
@@ -83,13 +96,15 @@ async def test_status_filter_follows_transitions(store: Store) -> None:
     await store.commit(TaskChange("b", task.revision, pending, runs=[run]))
 
     async def ids(status: TaskStatus) -> list[str]:
-        return [t.id for t in await store.list_tasks(status=status, limit=100, after=None)]
+        page = await store.list_tasks(status=status, limit=100, after=None)
+        return [t.id for t in page.tasks]
 
     assert await ids(TaskStatus.CREATED) == ["a", "c"]
     assert await ids(TaskStatus.PENDING) == ["b"]
     await store.commit(TaskChange("b", pending.revision, None))
     assert await ids(TaskStatus.PENDING) == []
-    assert [t.id for t in await store.list_tasks(status=None, limit=10, after=None)] == ["a", "c"]
+    listed = await store.list_tasks(status=None, limit=10, after=None)
+    assert [t.id for t in listed.tasks] == ["a", "c"]
 
 
 async def test_runs_are_kept_newest_first_and_bounded(store: Store) -> None:
@@ -359,16 +374,16 @@ async def test_create_each_creates_each_new_task_on_its_own(store: Store) -> Non
     assert await store.get_task("taken") == original
     assert await store.get_task("due") == changes[2].task
     listed = await store.list_tasks(status=None, limit=10, after=None)
-    assert [task.id for task in listed] == ["a", "due", "taken"]
+    assert [task.id for task in listed.tasks] == ["a", "due", "taken"]
     pending = await store.list_tasks(status=TaskStatus.PENDING, limit=10, after=None)
-    assert [task.id for task in pending] == ["due"]
+    assert [task.id for task in pending.tasks] == ["due"]
     claims = await store.claim_due(now=now, limit=10, lease=30, token="t")
     assert [claim.task_id for claim in claims] == ["due"]
 
 
 async def test_create_each_of_nothing_creates_nothing(store: Store) -> None:
     assert await store.create_each([]) == []
-    assert await store.list_tasks(status=None, limit=10, after=None) == []
+    assert (await store.list_tasks(status=None, limit=10, after=None)).tasks == []
 
 
 async def test_create_each_refuses_a_change_that_is_not_a_creation(store: Store) -> None:

@@ -85,6 +85,8 @@ async def test_a_change_conflicts_with_it_and_changes_nothing(store: Store) -> N
     assert await store.commit_each(changes) == [False]
     assert await store.create_each([TaskChange("bad", None, make_task("bad"))]) == [False]
     assert await stored_document(store, "bad") == SPOILED
+    page = await store.list_tasks(status=TaskStatus.CREATED, limit=10, after=None)
+    assert page.unreadable == ["bad"], "still in its status's index"
 
 
 async def test_a_due_entry_of_it_is_claimed_as_a_task_that_is_gone(store: Store) -> None:
@@ -98,3 +100,46 @@ async def test_a_due_entry_of_it_is_claimed_as_a_task_that_is_gone(store: Store)
     [claim] = await store.claim_due(now=utcnow().timestamp(), limit=10, lease=30, token="t")
     assert (claim.task_id, claim.task) == ("bad", None)
     assert await stored_document(store, "bad") == SPOILED, "left as it is"
+
+
+async def pages(store: Store, *, limit: int, status: TaskStatus | None = None) -> list[object]:
+    """Every page of a listing, each as (task ids, unreadable ids, after)."""
+    found: list[object] = []
+    after = None
+    while True:
+        page = await store.list_tasks(status=status, limit=limit, after=after)
+        found.append(([t.id for t in page.tasks], list(page.unreadable), page.after))
+        if page.after is None:
+            return found
+        after = page.after
+
+
+@pytest.mark.parametrize("status", [None, TaskStatus.CREATED])
+async def test_a_listing_pages_past_it_and_names_it(
+    store: Store, status: TaskStatus | None
+) -> None:
+    for task_id in ("a", "b", "c", "d", "e"):
+        await create(store, task_id)
+    await spoil(store, "c")
+
+    assert await pages(store, limit=2, status=status) == [
+        (["a", "b"], [], "b"),
+        (["d"], ["c"], "d"),  # short: it read c, which is no task
+        (["e"], [], None),
+    ]
+    # A page that ends with it, and one that holds nothing else.
+    assert await pages(store, limit=3, status=status) == [
+        (["a", "b"], ["c"], "c"),
+        (["d", "e"], [], None),
+    ]
+    page = await store.list_tasks(status=status, limit=1, after="b")
+    assert (list(page.tasks), list(page.unreadable), page.after) == ([], ["c"], "c")
+
+
+async def test_a_listing_counts_a_task_deleted_as_it_reads(store: Store) -> None:
+    """What it read of the index decides where the next page starts, not the tasks it
+    found: a page that found fewer still says that more follow."""
+    for task_id in ("a", "b", "c"):
+        await create(store, task_id)
+    assert (await store.list_tasks(status=None, limit=2, after=None)).after == "b"
+    assert (await store.list_tasks(status=None, limit=3, after=None)).after is None

@@ -145,4 +145,4 @@ async def test_a_batch_failing_in_an_outage_fails_each_create_in_it_alone(
         else:
             assert isinstance(answer, TaskAlreadyExists), "Redis had it: not stored twice"
     listed = await store.list_tasks(status=None, limit=100, after=None)
-    assert sorted(task.id for task in listed) == sorted(f"t{n}" for n in range(10))
+    assert sorted(task.id for task in listed.tasks) == sorted(f"t{n}" for n in range(10))

@@ -51,7 +51,8 @@ async def test_every_key_of_a_prefix_lies_in_one_slot(
         async with store.cancel_notices() as notices:
             await store.announce_cancel("run-1")
             assert await anext(notices) == "run-1"
-        assert [task.id for task in await store.list_tasks(status=None, limit=10, after=None)] == [
+        listed = await store.list_tasks(status=None, limit=10, after=None)
+        assert [task.id for task in listed.tasks] == [
             "a",
             "b",
             "c",

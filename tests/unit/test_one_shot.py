@@ -33,8 +33,8 @@ async def test_a_task_waiting_for_its_time_is_pending_without_a_run(store: Memor
     service = await waiting_task(store)
     task = await service.get("a")
     assert task.status == TaskStatus.PENDING and task.active_run is None
-    pending, _ = await service.list(status=TaskStatus.PENDING, limit=10, cursor=None)
-    assert [t.id for t in pending] == ["a"]
+    pending = await service.list(status=TaskStatus.PENDING, limit=10, cursor=None)
+    assert [t.id for t in pending.tasks] == ["a"]
     assert await store.list_runs("a", limit=10) == []
 
 
