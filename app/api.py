@@ -393,8 +393,8 @@ UNREADABLE_HEADER = ResponseHeader(
     name="X-Unreadable-Tasks",
     description="The ids, comma-separated (each percent-encoded, which leaves a valid id "
     "as it is), of the tasks on this stretch of the index whose stored document cannot "
-    "be read: left out of the page (`GET /tasks/{task_id}` answers 500 for them). "
-    "Absent when there are none",
+    "be read: left out of the page (`GET /tasks/{task_id}` answers 500 for them, "
+    "`DELETE` removes them). Absent when there are none",
     documentation_only=True,
     required=False,
 )

@@ -98,7 +98,7 @@ def lifecycle_events(transition: Transition) -> tuple[Event, ...]:
     before, after, at = transition.before, transition.after, transition.at
     if after is None:
         assert before is not None
-        return (Event(type=EventType.TASK_DELETED, at=at, task_id=before.id),)
+        return (task_deleted(before.id, at),)
     if before is None:  # (a new task has no runs yet)
         return (_task_event(EventType.TASK_CREATED, after, at),)
     runs = transition.runs
@@ -113,6 +113,11 @@ def lifecycle_events(transition: Transition) -> tuple[Event, ...]:
     if seen(before) == seen(after):
         return tuple(run_events)
     return (_task_event(EventType.TASK_UPDATED, after, at), *run_events)
+
+
+def task_deleted(task_id: str, at: datetime) -> Event:
+    """The event of a task deleted (also one whose document could not be read)."""
+    return Event(type=EventType.TASK_DELETED, at=at, task_id=task_id)
 
 
 def _task_event(kind: EventType, task: Task, at: datetime) -> Event:

@@ -156,7 +156,7 @@ class TaskStore(Protocol):
     ``get_tasks_and_runs``, ``read_and_commit_each``, ``scheduled_entries``,
     ``busy_tasks``, ``claim_due``) give ``None`` for it or leave it out, logging a
     warning that names it; ``list_tasks`` names it in its page. A change checked against
-    a revision conflicts with it.
+    a revision conflicts with it, and only ``delete_unreadable`` removes it.
     """
 
     async def ping(self) -> None:
@@ -251,6 +251,17 @@ class TaskStore(Protocol):
 
     async def list_runs(self, task_id: str, *, limit: int) -> list[Run]:
         """The task's most recent runs, newest first."""
+        ...
+
+    async def delete_unreadable(
+        self, task_id: str, document: bytes, *, events: Sequence[Event]
+    ) -> list[str] | None:
+        """Delete a task whose stored document cannot be read (``UnreadableTask``), as
+        long as it still is ``document``: what ``commit`` deletes with a task goes too
+        (its runs, its entries in every index and in ``scheduled_tasks``), and
+        ``events`` go to the event log in the same step. The ids of the runs deleted;
+        ``None`` (nothing deleted) when the stored document is not ``document`` (it
+        changed since it was read, or it is gone)."""
         ...
 
     async def claim_due(self, *, now: float, limit: int, lease: float, token: str) -> list[Claim]:

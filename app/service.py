@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import logging
 from collections.abc import AsyncGenerator, AsyncIterator, Callable, Sequence
 from contextlib import AsyncExitStack, asynccontextmanager, suppress
 from dataclasses import dataclass
@@ -44,18 +45,26 @@ from app.domain import (
     unschedule,
     utcnow,
 )
-from app.events import event_key
+from app.events import event_key, task_deleted
 from app.live_output import OutputEvent, follow_output
+from app.logs import about
 from app.notifications import NotificationRecord
 from app.ports import EventBatch, Store, TaskChange
 from app.schemas import ScheduleRequest, TaskCreate, TaskUpdate
-from app.transactions import transact, transact_with_active_run
+from app.transactions import (
+    MAX_COMMIT_ATTEMPTS,
+    StoreContention,
+    transact,
+    transact_with_active_run,
+)
 from app.upcoming import (
     UpcomingFire,
     Window,
     resume_window,
     upcoming_page,
 )
+
+log = logging.getLogger(__name__)
 
 QUEUE_SCAN_READS = 10
 """Batches of the task index one page of ``GET /tasks?queue=`` reads at most."""
@@ -265,12 +274,44 @@ class TaskService:
         return await self._change(task_id, lambda task: touch(task, self._clock(), **changes))
 
     async def delete(self, task_id: str) -> None:
-        """Delete the task and its runs; a command still running is stopped first."""
-        deleted = await transact(self._store, task_id, lambda task: delete(task, self._clock()))
-        assert deleted.before is not None
-        active = deleted.before.active_run
-        if active is not None:
-            await self._store.announce_cancel(active.run_id)
+        """Delete the task and its runs; a command still running is stopped first. A task
+        whose stored document cannot be read is deleted all the same, unless that
+        document changes meanwhile (it is then read again)."""
+        for _ in range(MAX_COMMIT_ATTEMPTS):
+            try:
+                deleted = await transact(
+                    self._store, task_id, lambda task: delete(task, self._clock())
+                )
+            except UnreadableTask as unreadable:
+                if await self._delete_unreadable(unreadable):
+                    return
+                continue
+            assert deleted.before is not None
+            active = deleted.before.active_run
+            if active is not None:
+                await self._store.announce_cancel(active.run_id)
+            return
+        raise StoreContention(f"task {task_id!r} kept changing; try again")
+
+    async def _delete_unreadable(self, unreadable: UnreadableTask) -> bool:
+        """Delete a task whose stored document cannot be read, if it is still the one
+        read; whether it was. Which of its runs is active cannot be read, so every one of
+        them is told to stop (a run that ended has nothing to stop)."""
+        task_id = unreadable.task_id
+        run_ids = await self._store.delete_unreadable(
+            task_id, unreadable.document, events=[task_deleted(task_id, self._clock())]
+        )
+        if run_ids is None:
+            return False
+        log.warning(
+            "task %r deleted, with its stored document that could not be read (%s)",
+            task_id,
+            unreadable.reason,
+            extra=about(task_id),
+        )
+        for run_id in run_ids:
+            await self._store.announce_cancel(run_id)
+        return True
 
     async def cancel(self, task_id: str) -> Task:
         """Stop what is coming for the task: a queued run never starts, a running command

@@ -505,7 +505,7 @@ async def list_tasks(
         # On stderr, with --json too: the JSON stays the list of tasks.
         click.echo(
             f"not listed: {len(unreadable)} task(s) whose stored document cannot be read: "
-            f"{', '.join(unreadable)}",
+            f"{', '.join(unreadable)} (taskq delete --id ID removes one)",
             err=True,
         )
     if next_cursor and not as_json:

@@ -237,7 +237,8 @@ class MemoryStore:
         task_id = change.task_id
         self._event_log.write(change.events)
         if change.task is None:
-            self._delete(task_id, current)
+            if current is not None:
+                self._delete(task_id, [current.status])
             return
         if current is None:
             bisect.insort(self._ids, task_id)
@@ -267,16 +268,28 @@ class MemoryStore:
                 applied.append(True)
         return applied
 
-    def _delete(self, task_id: str, current: Task | None) -> None:
-        if current is None:
-            return
+    def _delete(self, task_id: str, statuses: Iterable[TaskStatus]) -> list[str]:
+        """Delete the task, its runs (with their notification records) and its entries
+        in every index (in those of ``statuses``); the ids of the runs deleted."""
         del self._tasks[task_id]
         _discard_sorted(self._ids, task_id)
-        _discard_sorted(self._ids_by_status[current.status], task_id)
-        for run_id in self._runs.pop(task_id, {}):
+        for status in statuses:
+            _discard_sorted(self._ids_by_status[status], task_id)
+        run_ids = list(self._runs.pop(task_id, {}))
+        for run_id in run_ids:
             self._outbox.records.pop(run_id, None)
         self._due.pop(task_id, None)
         self._claims.pop(task_id, None)
+        return run_ids
+
+    async def delete_unreadable(
+        self, task_id: str, document: bytes, *, events: Sequence[Event]
+    ) -> list[str] | None:
+        await anyio.lowlevel.checkpoint()
+        if self._tasks.get(task_id) != document:
+            return None
+        self._event_log.write(events)
+        return self._delete(task_id, TaskStatus)
 
     def _apply_schedule(self, task_id: str, schedule: Keep | Unschedule | DueAt) -> None:
         match schedule:

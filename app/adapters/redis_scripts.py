@@ -178,6 +178,24 @@ class ListTasksArgs(NamedTuple):
     limit: int
 
 
+class DeleteUnreadableKeys(NamedTuple):
+    task: str
+    tasks: str
+    due: str
+    claims: str
+    runs: str
+    events: str
+
+
+class DeleteUnreadableArgs(NamedTuple):
+    prefix: str
+    task_id: str
+    document: bytes  # the bytes read: deleted only while they are still stored
+    statuses: bytes  # JSON array of every task status (the indexes it may be in)
+    event_history: int  # events the event log keeps at least
+    events: bytes  # the deletion's events (JSON documents), one a line
+
+
 class BusyKeys(NamedTuple):
     running: str  # status:running
     claims: str

@@ -82,6 +82,8 @@ from app.adapters.redis_scripts import (
     CommitKeys,
     CreateArgs,
     CreateKeys,
+    DeleteUnreadableArgs,
+    DeleteUnreadableKeys,
     FollowArgs,
     ListRunsArgs,
     ListRunsKeys,
@@ -242,6 +244,7 @@ class RedisStore:
         self._claim_due = Script(client, "claim_due")
         self._release_claims = Script(client, "release_claims")
         self._list_tasks = Script(client, "list_tasks")
+        self._delete_unreadable = Script(client, "delete_unreadable")
         self._list_runs = Script(client, "list_runs")
         self._scheduled_entries = Script(client, "scheduled_entries")
         self._busy_tasks = Script(client, "busy_tasks")
@@ -536,6 +539,36 @@ class RedisStore:
                 pipe.hget(self.runs_key(task_id), run_id)
 
         return queue
+
+    @_translate_errors
+    async def delete_unreadable(
+        self, task_id: str, document: bytes, *, events: Sequence[Event]
+    ) -> list[str] | None:
+        keys = DeleteUnreadableKeys(
+            task=self.task_key(task_id),
+            tasks=self._tasks_key,
+            due=self._due_key,
+            claims=self._claims_key,
+            runs=self.runs_key(task_id),
+            events=self._events_key,
+        )
+        args = DeleteUnreadableArgs(
+            prefix=self._prefix,
+            task_id=task_id,
+            document=document,
+            statuses=encode_list([status.value for status in TaskStatus]),
+            event_history=self._event_history,
+            events=_event_lines(events),
+        )
+        if self._acks is None:
+            result = await self._delete_unreadable(keys, args)
+        else:
+            [result] = await self._pipelined(
+                (self._delete_unreadable,),
+                lambda pipe: self._delete_unreadable.queue(pipe, keys, args),
+            )
+        deleted, *run_ids = cast(list[Any], result)
+        return [run_id.decode() for run_id in run_ids[0]] if deleted else None
 
     @_translate_errors
     async def list_runs(self, task_id: str, *, limit: int) -> list[Run]:

@@ -1,7 +1,7 @@
 """A task whose stored document cannot be read (a hand edit in Redis, another version's
 format), through the HTTP API: the listing goes on without it and names it, a request
-about it answers a 500 that says so (logged once, without a traceback), and no change
-applies to it.
+about it answers a 500 that says so (logged once, without a traceback), nothing but
+``DELETE`` changes it, and ``DELETE`` removes it.
 
 Every test runs on the memory store under asyncio and trio, and on Redis."""
 
@@ -137,6 +137,22 @@ async def test_its_runs_can_be_read(client: httpx.AsyncClient) -> None:
     missing = await client.get("/tasks/bad/runs/no-such-run")
     assert missing.status_code == 404
     assert "run 'no-such-run'" in missing.json()["detail"]
+
+
+async def test_deleting_it_removes_it(
+    client: httpx.AsyncClient, served: Served, caplog: pytest.LogCaptureFixture
+) -> None:
+    with caplog.at_level(logging.WARNING, logger="app.service"):
+        response = await client.delete("/tasks/bad")
+
+    assert response.status_code == 204
+    [record] = caplog.records
+    assert "'bad'" in record.getMessage() and "deleted" in record.getMessage()
+    assert (await client.get("/tasks/bad")).status_code == 404
+    assert (await client.delete("/tasks/bad")).status_code == 404
+    assert await stored_document(served.store, "bad") is None
+    assert await listed_pages(client, limit=2) == [(["a", "b"], ""), (["d", "e"], "")]
+    assert await listed_pages(client, limit=10, status="created") == [(["a", "b", "d", "e"], "")]
 
 
 async def test_the_openapi_document_says_so(client: httpx.AsyncClient) -> None:

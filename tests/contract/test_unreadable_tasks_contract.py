@@ -1,6 +1,7 @@
 """A stored task document that cannot be read (a hand edit in Redis, another version's
 format), one suite for every adapter: it is neither a task nor gone. A read of that one
-task says so, a read of many goes on without it, and no change applies to it."""
+task says so, a read of many goes on without it, and nothing but ``delete_unreadable``
+changes it."""
 
 from __future__ import annotations
 
@@ -8,13 +9,15 @@ import logging
 from datetime import timedelta
 from typing import cast
 
+import msgspec
 import pytest
 
 from app.adapters.memory_store import MemoryStore
 from app.adapters.redis_store import RedisStore
 from app.domain import RevisionConflict, TaskAlreadyExists, TaskStatus, UnreadableTask, utcnow
+from app.events import EventType, task_deleted
 from app.ports import DueAt, Store, TaskChange
-from tests.contract.stores import create, make_task, next_revision
+from tests.contract.stores import create, make_task, next_revision, running_run
 
 SPOILED = b'{"id":"bad","oops'
 """What the defect's report wrote over a task's document (JSON cut short)."""
@@ -143,3 +146,49 @@ async def test_a_listing_counts_a_task_deleted_as_it_reads(store: Store) -> None
         await create(store, task_id)
     assert (await store.list_tasks(status=None, limit=2, after=None)).after == "b"
     assert (await store.list_tasks(status=None, limit=3, after=None)).after is None
+
+
+async def test_deleting_it_takes_what_a_delete_takes(store: Store) -> None:
+    task, run = await running_run(store, "bad")
+    due = utcnow() + timedelta(hours=1)
+    await store.commit(
+        TaskChange("bad", task.revision, next_revision(task), schedule=DueAt(due.timestamp()))
+    )
+    await create(store, "good")
+    await spoil(store, "bad")
+    newest = (await store.read_events(None, limit=1000)).events[-1].id
+    events = [task_deleted("bad", utcnow())]
+
+    assert await store.delete_unreadable("bad", SPOILED, events=events) == [run.run_id]
+
+    assert await store.get_task("bad") is None
+    assert await store.list_runs("bad", limit=10) == []
+    for status in (None, *TaskStatus):
+        page = await store.list_tasks(status=status, limit=10, after=None)
+        assert "bad" not in [*page.unreadable, *(t.id for t in page.tasks)]
+    later = (utcnow() + timedelta(days=1)).timestamp()
+    assert await store.scheduled_entries(until=later, offset=0, limit=10) == []
+    assert await store.busy_tasks(limit=10) == []
+    [deleted] = (await store.read_events(newest, limit=10)).events
+    assert (deleted.type, deleted.task_id) == (EventType.TASK_DELETED, "bad")
+    assert await store.get_task("good") is not None
+    assert await store.delete_unreadable("bad", SPOILED, events=events) is None, "gone"
+
+
+async def test_it_is_not_deleted_once_its_document_changed(store: Store) -> None:
+    await create(store, "bad")
+    await spoil(store, "bad")
+    await spoil(store, "bad", b"written again")
+    events = [task_deleted("bad", utcnow())]
+
+    assert await store.delete_unreadable("bad", SPOILED, events=events) is None
+
+    assert await stored_document(store, "bad") == b"written again"
+    page = await store.list_tasks(status=TaskStatus.CREATED, limit=10, after=None)
+    assert page.unreadable == ["bad"]
+    logged = (await store.read_events(None, limit=1000)).events
+    assert EventType.TASK_DELETED not in [event.type for event in logged]
+    # Nor once it was written again as a task that can be read.
+    await spoil(store, "bad", msgspec.json.encode(make_task("bad")))
+    assert await store.delete_unreadable("bad", b"written again", events=events) is None
+    assert await store.get_task("bad") is not None

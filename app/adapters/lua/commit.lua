@@ -36,15 +36,9 @@ for event in string.gmatch(events, '[^\n]+') do
 end
 
 if doc == '' then
-  local doomed = {task_key, runs_key}
-  for _, run_id in ipairs(redis.call('HKEYS', runs_key)) do
-    doomed[#doomed + 1] = records_key(run_id)
-  end
-  redis.call('DEL', unpack(doomed))
-  redis.call('ZREM', tasks_key, id)
-  redis.call('ZREM', prefix .. 'status:' .. old_status, id)
-  redis.call('ZREM', due_key, id)
-  redis.call('HDEL', claims_key, id)
+  local keys = {task = task_key, tasks = tasks_key, due = due_key, claims = claims_key,
+                runs = runs_key}
+  delete_task(prefix, id, keys, {old_status})
   return 'ok'
 end
 

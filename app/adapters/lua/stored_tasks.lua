@@ -11,3 +11,21 @@ local function stored_revision(doc)
   return stored.revision, stored.status
 end
 
+-- Delete a task: its document, its runs and their notification records, its entries in
+-- `tasks`, in the index of each of `statuses`, in scheduled_tasks and in claims. The ids
+-- of the runs deleted.
+local function delete_task(prefix, id, keys, statuses)
+  local run_ids = redis.call('HKEYS', keys.runs)
+  local doomed = {keys.task, keys.runs}
+  for _, run_id in ipairs(run_ids) do
+    doomed[#doomed + 1] = prefix .. 'notifications:' .. run_id  -- the run's records
+  end
+  redis.call('DEL', unpack(doomed))
+  redis.call('ZREM', keys.tasks, id)
+  for _, status in ipairs(statuses) do
+    redis.call('ZREM', prefix .. 'status:' .. status, id)
+  end
+  redis.call('ZREM', keys.due, id)
+  redis.call('HDEL', keys.claims, id)
+  return run_ids
+end
