@@ -116,3 +116,29 @@ async def test_live_updates_resume_after_a_drop_without_missing_an_event(
         assert await resumed.header_value("last-event-id")
         # From the events replayed, not by reading the list again.
         assert len(list_reads(requests)) == 1
+
+
+async def test_the_task_list_names_a_task_it_cannot_read_and_deletes_it(
+    page: Page, prefix: str, servers: redis.Redis
+) -> None:
+    async with running(["serve", "--roles", "api"], service_env(prefix)) as service:
+        assert service.api_url is not None
+        async with httpx.AsyncClient(base_url=service.api_url) as api:
+            for task_id in ("ui-fine", "ui-spoiled"):
+                created = await api.post(
+                    "/tasks", json={"id": task_id, "name": task_id, "command": "true"}
+                )
+                assert created.status_code == 201, created.text
+        await servers.set(f"{prefix}task:ui-spoiled", '{"id":"ui-spoiled","oops')
+
+        await page.goto(f"{service.api_url}/ui/")
+
+        await expect(page.locator("tr[data-task-id='ui-fine']")).to_be_visible()
+        note = page.locator(".unreadable")
+        await expect(note).to_contain_text("Not listed: ui-spoiled")
+        await expect(note).to_contain_text("cannot be read")
+        await note.get_by_role("button", name="Delete ui-spoiled").click()
+        await page.locator("#confirm").get_by_role("button", name="Delete").click()
+        await expect(note).to_be_hidden()
+        assert not await servers.exists(f"{prefix}task:ui-spoiled")
+        await expect(page.locator("tr[data-task-id='ui-fine']")).to_be_visible()

@@ -15,6 +15,8 @@ export function tasksPage(main, { query }) {
   const rows = new Map(); // task id -> its <tr>
   const body = h("tbody");
   const pager = h("div", { class: "pager" });
+  // Tasks left out of the page because their stored document cannot be read.
+  const unreadableNote = h("div", { class: "error unreadable", role: "alert" });
   const cursors = [null]; // the cursor of each page seen so far; the last one is shown
   let nextCursor = null;
   let gone = false;
@@ -27,6 +29,7 @@ export function tasksPage(main, { query }) {
   main.append(
     h("div", { class: "toolbar" }, h("h1", {}, "Tasks"), h("label", {}, "Show ", filter),
       h("a", { class: "button", href: "#/new" }, "New task")),
+    unreadableNote,
     h("table", { class: "tasks" },
       h("thead", {}, h("tr", {}, ["ID", "Name", "Status", "Schedule", "Next run", "Last run", ""]
         .map((title) => h("th", {}, title)))),
@@ -41,10 +44,23 @@ export function tasksPage(main, { query }) {
     const tasks = await response.json();
     if (gone) return;
     nextCursor = response.headers.get("X-Next-Cursor");
+    showUnreadable((response.headers.get("X-Unreadable-Tasks") ?? "")
+      .split(",").filter(Boolean).map(decodeURIComponent));
     rows.clear();
     body.replaceChildren(...tasks.map((task) => remember(task)));
     if (!tasks.length) body.append(h("tr", { class: "empty" }, h("td", { colspan: 7 }, "No tasks.")));
     showPager();
+  }
+
+  function showUnreadable(ids) {
+    if (!ids.length) return unreadableNote.replaceChildren();
+    const which = ids.length === 1 ? "Its stored document" : "Their stored documents";
+    unreadableNote.replaceChildren(
+      h("span", {}, `Not listed: ${ids.join(", ")}. ${which} cannot be read; only deleting works.`),
+      ...ids.map((taskId) => h("button", { type: "button", class: "danger", onclick: async () => {
+        if (await actions.remove(taskId)) loadPage().catch(showError);
+      } }, `Delete ${taskId}`)),
+    );
   }
 
   function showPager() {
