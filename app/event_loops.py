@@ -1,12 +1,12 @@
 """Which event loop a ``taskq`` service process runs on.
 
 ``uvloop`` (asyncio's API over libuv) is the default wherever it is installed: it is a
-dependency of taskq on Linux and macOS. Measured on this project's 2-core machine
-(``python -m tests.bench.cpu_budget --taskq "serve --backend asyncio"``: ``taskq serve``
-on each loop, compare's workload), it took 10-17 % less CPU a task in the API and the
-consumer processes, which is most of what taskq itself spends. ``asyncio`` is the
-standard library's loop, the fallback where uvloop is not installed (``--backend
-asyncio`` asks for it anyway).
+dependency of taskq on Linux and macOS. Measured on this project's 2-core machine over
+compare's workload (``python -m tests.bench.cpu_budget --versus DIR --rounds 4``, DIR a
+checkout defaulting to asyncio), taskq's processes took 0.92x the CPU a task (0.89x
+read per process in two alternating pairs), and dispatched tasks started sooner
+(lateness p50 0.5-0.7 against 0.9-1.2 ms). ``asyncio`` is the standard library's loop,
+the fallback where uvloop is not installed (``--backend asyncio`` asks for it anyway).
 ``trio`` serves ``taskq dev`` only: the AMQP and Redis clients need asyncio.
 
 The loop must be chosen before it starts, so before the command line is parsed:
