@@ -151,15 +151,39 @@ _CLIENT_REPR = re.compile(
 )
 
 
-class _Sentinels(Sentinel):
-    """redis-py's ``Sentinel``, whose "no master found" names each Sentinel by its
-    address instead of its client's whole repr (the message reaches ``/health``)."""
+class Sentinels(Sentinel):
+    """redis-py's ``Sentinel``, with two repairs:
+
+    - its "no master found" names each Sentinel by its address instead of its client's
+      whole repr (the message reaches ``/health``);
+    - it keeps one client per Sentinel. ``discover_master`` moves the Sentinel that
+      answered to the front by the index it found it at, and lookups run at once (every
+      connection a failover breaks asks): when another lookup has reordered the list
+      meanwhile, the swap lists one Sentinel twice and drops another, whose client is
+      then never asked again nor closed (its sockets outlive the store, and a uvloop
+      loop cannot close while they are open)."""
+
+    def __init__(self, sentinels: list[tuple[str, int]], **options: Any) -> None:
+        super().__init__(sentinels, **options)
+        self._clients: tuple[redis.Redis, ...] = tuple(self.sentinels)
 
     async def discover_master(self, service_name: str) -> tuple[str, int]:
         try:
             return cast(tuple[str, int], await super().discover_master(service_name))
         except MasterNotFoundError as exc:
             raise MasterNotFoundError(_CLIENT_REPR.sub(r"\1:\2", str(exc))) from None
+        finally:
+            self._one_client_per_sentinel()
+
+    def _one_client_per_sentinel(self) -> None:
+        """Keep the order redis-py chose, each client once, and every client."""
+        listed = {id(client): client for client in self.sentinels}
+        kept = list(listed.values())
+        self.sentinels = kept + [client for client in self._clients if id(client) not in listed]
+
+    async def aclose(self) -> None:
+        self._one_client_per_sentinel()
+        await super().aclose()
 
 
 @asynccontextmanager
@@ -171,7 +195,7 @@ async def sentinel_clients(
     tries once more at once but does not wait out an outage. ``options`` are the
     connections' (retry, timeouts, client name). The caller closes the clients; the
     connections to the Sentinels are closed on exit."""
-    sentinel = _Sentinels(
+    sentinel = Sentinels(
         list(service.sentinels),
         sentinel_kwargs=service.sentinel_options(),
         **service.server_options(),

@@ -30,20 +30,15 @@ from tests.e2e.harness import running, service_env
 from tests.e2e.sentinels import SERVICE, SentinelSet, throwaway_sentinels
 from tests.e2e.servers import RedisServer, free_ports
 
-pytestmark = [
-    pytest.mark.e2e,
-    # Now and then (2 of 10 runs of this module) the garbage collector finds a socket to
-    # one of the throwaway servers that a redis-py connection dropped without closing
-    # it, somewhere on its failover paths (not found yet); it surfaces in whichever test
-    # runs then, as an unraisable ResourceWarning.
-    pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning"),
-]
+pytestmark = pytest.mark.e2e
 
 
 @pytest.fixture(autouse=True)
 def collect_dropped_sockets() -> Iterator[None]:
-    """Collect garbage as each test here ends, while the filter above applies: a socket
-    dropped here would otherwise surface in a later module's test, and fail it."""
+    """Collect garbage as each test here ends: a socket to a throwaway server that a
+    connection dropped without closing it (as lookups at once used to drop a Sentinel's
+    client, see ``app.adapters.redis_sentinel.Sentinels``) then fails the test that
+    dropped it, as an unraisable ResourceWarning, rather than a later module's test."""
     yield
     gc.collect()
 
