@@ -138,6 +138,8 @@ log = logging.getLogger(__name__)
 
 MAX_BODY_BYTES = 1_048_576
 MAX_PAGE = 1000
+MAX_UNREADABLE_NAMED = 20
+"""The most unreadable tasks a page of ``GET /tasks`` names (``X-Unreadable-Tasks``)."""
 # Orchestrators probe /health with a timeout of about a second: each check gets less.
 HEALTH_CHECK_SECONDS = 0.5
 # While the store is known down, how often a request may probe whether it is back.
@@ -394,7 +396,8 @@ UNREADABLE_HEADER = ResponseHeader(
     description="The ids, comma-separated (each percent-encoded, which leaves a valid id "
     "as it is), of the tasks on this stretch of the index whose stored document cannot "
     "be read: left out of the page (`GET /tasks/{task_id}` answers 500 for them, "
-    "`DELETE` removes them). Absent when there are none",
+    f"`DELETE` removes them). At most {MAX_UNREADABLE_NAMED}: a page with more ends at the "
+    f"{MAX_UNREADABLE_NAMED}th, the next one starts after it. Absent when there are none",
     documentation_only=True,
     required=False,
 )
@@ -442,9 +445,16 @@ class TaskController(Controller):
         queue: QueueFilter = None,
     ) -> Response[list[TaskResponse]]:
         listing = await service.list(status=status, limit=limit, cursor=cursor, queue=queue)
-        page = _within_budget([_shown(task) for task in listing.tasks])
-        next_cursor, unreadable = listing.next_cursor, listing.unreadable
-        if len(page) < len(listing.tasks):
+        tasks, next_cursor, unreadable = listing.tasks, listing.next_cursor, listing.unreadable
+        if len(unreadable) > MAX_UNREADABLE_NAMED:
+            # The header stays short (clients refuse long ones): the page ends at the last
+            # unreadable task it names, and the next one starts after it.
+            last = unreadable[MAX_UNREADABLE_NAMED - 1]
+            tasks = [task for task in tasks if task.id < last]
+            unreadable = unreadable[:MAX_UNREADABLE_NAMED]
+            next_cursor = encode_cursor(last)
+        page = _within_budget([_shown(task) for task in tasks])
+        if len(page) < len(tasks):
             next_cursor = encode_cursor(page[-1].id)
             # The next page starts after the last task shown, and names those after it.
             unreadable = [task_id for task_id in unreadable if task_id < page[-1].id]

@@ -81,6 +81,32 @@ async def test_a_listing_by_queue_pages_past_it_and_names_it(client: httpx.Async
     assert await listed_pages(client, limit=10, queue="other") == [([], "bad")]
 
 
+async def test_a_page_names_at_most_20_and_the_next_one_goes_on_after_the_20th(
+    served: Served, client: httpx.AsyncClient
+) -> None:
+    """Clients refuse long headers (h11's limit is 16 KiB: 1,000 ids of 128 characters
+    would not fit), so a page names at most 20 unreadable tasks and ends at the 20th."""
+    spoiled = [f"x{number:02}" for number in range(25)]
+    for task_id in spoiled:
+        created = await client.post(
+            "/tasks", json={"id": task_id, "name": task_id, "command": "true"}
+        )
+        assert created.status_code == 201, created.text
+        await spoil(served.store, task_id)
+    readable = [f"x{number:02}-ok" for number in range(25)]  # each right after a spoiled one
+    for task_id in readable:
+        created = await client.post(
+            "/tasks", json={"id": task_id, "name": task_id, "command": "true"}
+        )
+        assert created.status_code == 201, created.text
+
+    pages = await listed_pages(client, limit=1000)
+    assert pages == [
+        (["a", "b", "d", "e", *readable[:18]], ",".join(["bad", *spoiled[:19]])),
+        (readable[18:], ",".join(spoiled[19:])),
+    ]
+
+
 async def test_reading_it_answers_500_saying_why_and_logs_it_once(
     client: httpx.AsyncClient, caplog: pytest.LogCaptureFixture
 ) -> None:
