@@ -270,6 +270,10 @@ class TaskService:
             chain = patch.chain if isinstance(patch.chain, Chain) else None
             await check_chain(self._store, task_id, chain)
         if isinstance(queue := changes.get("queue"), str) and queue != DEFAULT_QUEUE:
+            # Noted before the change, so that the queue is known before a run can go to
+            # it, but only once the task is known to be there: a PUT refused (404, or a
+            # task that cannot be read) leaves no queue behind in /health.
+            await self.get(task_id)
             await self._store.note_queues([queue])
         return await self._change(task_id, lambda task: touch(task, self._clock(), **changes))
 

@@ -62,6 +62,12 @@ async def test_update_moves_an_idle_task_to_another_queue(client: Client) -> Non
     assert (await get_task(client, "t1"))["queue"] == "deploy"
 
 
+async def test_moving_a_task_that_is_not_there_leaves_no_queue_behind(served: Served) -> None:
+    response = await served.client.put("/tasks/none-such", json={"queue": "phantom"})
+    assert_problem(response, 404, "none-such")
+    assert await served.store.queues_in_use() == []
+
+
 async def test_a_task_with_a_queued_run_stays_on_its_queue(client: Client) -> None:
     await create_task(client, id="t1", queue="a")
     run = await execute(client, "t1")
