@@ -98,6 +98,7 @@ from app.domain import (
     TaskNotFound,
     TaskStatus,
     TaskView,
+    UnreadableRun,
     UnreadableTask,
 )
 from app.events import EVENT_ID_PATTERN, InvalidEventId, keep_task
@@ -108,6 +109,7 @@ from app.notifications import NotificationRecord
 from app.openapi_contract import describe_contract
 from app.outages import DependencyDown, OutageGate, probe
 from app.ports import (
+    UNREADABLE_RUNS_NAMED,
     BrokerUnavailable,
     EventBatch,
     QueueStats,
@@ -179,6 +181,17 @@ class UnreadableTaskException(HTTPException):
     detail = (
         "The task is stored, but its document cannot be read (corrupted, or written by "
         "another version of taskq); it can only be deleted"
+    )
+
+
+class UnreadableRunException(HTTPException):
+    """The run is stored, but its document cannot be read (500): the fault is in the
+    store, not in the request."""
+
+    status_code = HTTP_500_INTERNAL_SERVER_ERROR
+    detail = (
+        "The run is stored, but its document cannot be read (corrupted, or written by "
+        "another version of taskq)"
     )
 
 
@@ -398,6 +411,15 @@ UNREADABLE_HEADER = ResponseHeader(
     "be read: left out of the page (`GET /tasks/{task_id}` answers 500 for them, "
     f"`DELETE` removes them). At most {MAX_UNREADABLE_NAMED}: a page with more ends at the "
     f"{MAX_UNREADABLE_NAMED}th, the next one starts after it. Absent when there are none",
+    documentation_only=True,
+    required=False,
+)
+UNREADABLE_RUNS_HEADER = ResponseHeader(
+    name="X-Unreadable-Runs",
+    description="The ids, comma-separated (each percent-encoded), of the runs among the "
+    "`limit` newest whose stored document cannot be read: left out of the list "
+    f"(`GET /tasks/{{task_id}}/runs/{{run_id}}` answers 500 for them). At most "
+    f"{UNREADABLE_RUNS_NAMED} are named, the newest first. Absent when there are none",
     documentation_only=True,
     required=False,
 )
@@ -660,7 +682,10 @@ class TaskController(Controller):
         summary="List a task's runs, newest first",
         description="Without their `output` unless `output=true`; the list then stops "
         f"early once it passes {PAGE_BUDGET_BYTES} bytes (one run's output is at "
-        "`/tasks/{task_id}/runs/{run_id}`).",
+        "`/tasks/{task_id}/runs/{run_id}`). Runs whose stored document cannot be read are "
+        "left out of the list and named in `X-Unreadable-Runs`, so it may hold fewer than "
+        "`limit` runs.",
+        response_headers=[UNREADABLE_RUNS_HEADER],
         raises=[ValidationException, NotFoundException, NotAuthorizedException],
     )
     async def list_runs(
@@ -671,17 +696,25 @@ class TaskController(Controller):
         output: Annotated[
             bool, Parameter(description="Include each run's output", required=False)
         ] = False,
-    ) -> list[RunListed]:
-        runs = await service.runs(task_id, limit=limit)
+    ) -> Response[list[RunListed]]:
+        history = await service.runs(task_id, limit=limit)
+        runs = list(history.runs)
         if output:
             runs = _within_budget(runs)
         records = await service.notifications([run.run_id for run in runs])
-        return [_listed(run, records.get(run.run_id, []), output=output) for run in runs]
+        response = Response(
+            [_listed(run, records.get(run.run_id, []), output=output) for run in runs]
+        )
+        if history.unreadable:
+            response.headers["X-Unreadable-Runs"] = ",".join(
+                quote(run_id, safe="") for run_id in history.unreadable[:UNREADABLE_RUNS_NAMED]
+            )
+        return response
 
     @get(
         "/{task_id:str}/runs/{run_id:str}",
         summary="Get one run with its output",
-        raises=[NotFoundException, NotAuthorizedException],
+        raises=[NotFoundException, UnreadableRunException, NotAuthorizedException],
     )
     async def get_run(
         self, task_id: FromPath[str], run_id: FromPath[str], service: Service
@@ -699,7 +732,7 @@ class TaskController(Controller):
         "there is now (the newest output kept) unless the run already ended. A comment line "
         f"comes every {KEEPALIVE_SECONDS:g} s (`TASKQ_KEEPALIVE_SECONDS`) while the run is "
         "quiet. 503 with `Retry-After` when the server streams `TASKQ_MAX_FOLLOWERS` already.",
-        raises=[NotFoundException, NotAuthorizedException],
+        raises=[NotFoundException, UnreadableRunException, NotAuthorizedException],
         media_type="text/event-stream",
     )
     async def run_output(
@@ -991,6 +1024,7 @@ FOLLOWERS_RETRY_AFTER = 5
 _STATUS_OF: list[tuple[type[Exception], int]] = [
     (TaskNotFound, HTTP_404_NOT_FOUND),
     (UnreadableTask, HTTP_500_INTERNAL_SERVER_ERROR),
+    (UnreadableRun, HTTP_500_INTERNAL_SERVER_ERROR),
     (ChainRefused, HTTP_422_UNPROCESSABLE_ENTITY),
     (RunNotFound, HTTP_404_NOT_FOUND),
     (TaskAlreadyExists, HTTP_409_CONFLICT),
@@ -1025,19 +1059,20 @@ def _domain_error(_: Request[Any, Any, Any], exc: Exception) -> Response[dict[st
     return response
 
 
-def _unreadable_task(
-    request: Request[Any, Any, Any], exc: UnreadableTask
+def _unreadable_document(
+    request: Request[Any, Any, Any], exc: UnreadableTask | UnreadableRun
 ) -> Response[dict[str, object]]:
-    """A task whose stored document cannot be read: named in the answer, and logged
-    once, with what is wrong with the document but without a traceback (the fault is in
-    the data, not in the code)."""
+    """A task or a run whose stored document cannot be read: named in the answer, and
+    logged once, with what is wrong with the document but without a traceback (the
+    fault is in the data, not in the code)."""
+    run_id = exc.run_id if isinstance(exc, UnreadableRun) else None
     log.error(
         "%s %s: %s: %s",
         request.method,
         request.url.path,
         exc,
         exc.reason,
-        extra=about(exc.task_id),
+        extra=about(exc.task_id, run_id),
     )
     return _domain_error(request, exc)
 
@@ -1169,7 +1204,8 @@ def create_app(
         lifespan=[lambda _: service.creating_together()],
         exception_handlers={
             DomainError: _domain_error,
-            UnreadableTask: _unreadable_task,
+            UnreadableTask: _unreadable_document,
+            UnreadableRun: _unreadable_document,
             StoreContention: _domain_error,
             **_store_outage_handlers(store_gate),
             TooManyFollowers: _too_many_followers,

@@ -93,7 +93,8 @@ class OverlapPolicy(StrEnum):
 
 class DomainError(Exception):
     """Base class of the errors a caller can act on (the API maps them to 4xx, but
-    ``UnreadableTask``: the fault is in the store, not in the request)."""
+    ``UnreadableTask`` and ``UnreadableRun``: the fault is in the store, not in the
+    request)."""
 
 
 class TaskNotFound(DomainError):
@@ -115,6 +116,22 @@ class UnreadableTask(DomainError):
         )
         self.task_id = task_id
         self.document = document
+        self.reason = reason
+
+
+class UnreadableRun(DomainError):
+    """The run is stored, but its document cannot be read (a hand edit in Redis, or a
+    version of taskq that wrote another format). It is neither a run nor gone: a read of
+    that one run says so, a listing of runs leaves it out and names it; ``reason`` says
+    what is wrong with it."""
+
+    def __init__(self, task_id: str, run_id: str, reason: str) -> None:
+        super().__init__(
+            f"run {run_id!r} of task {task_id!r} is stored, but its document cannot be "
+            "read (corrupted, or written by another version of taskq)"
+        )
+        self.task_id = task_id
+        self.run_id = run_id
         self.reason = reason
 
 

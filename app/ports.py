@@ -98,6 +98,21 @@ class TaskPage:
     after: str | None = None
 
 
+UNREADABLE_RUNS_NAMED = 20
+"""How many of the runs a listing left out as unreadable it names at most (in the API's
+``X-Unreadable-Runs`` header and in its warning); it counts them all."""
+
+
+@dataclass(frozen=True, slots=True)
+class RunHistory:
+    """A task's most recent runs, newest first (``TaskStore.list_runs``), and the ids of
+    the runs among them whose document cannot be read (``UnreadableRun``: left out of
+    ``runs``)."""
+
+    runs: Sequence[Run]
+    unreadable: Sequence[str] = ()
+
+
 @dataclass(frozen=True, slots=True)
 class ScheduledEntry:
     """An entry of ``scheduled_tasks`` with its task (``None`` if gone, or unreadable).
@@ -157,6 +172,12 @@ class TaskStore(Protocol):
     ``busy_tasks``, ``claim_due``) give ``None`` for it or leave it out, logging a
     warning that names it; ``list_tasks`` names it in its page. A change checked against
     a revision conflicts with it, and only ``delete_unreadable`` removes it.
+
+    A stored run document that cannot be read is handled the same way: ``get_run`` and
+    ``get_task_and_run`` raise ``UnreadableRun``; ``get_tasks_and_runs`` and
+    ``read_and_commit_each`` give ``None`` for it, with a warning naming it;
+    ``list_runs`` leaves it out and names it in ``RunHistory.unreadable``. A commit that
+    writes the run replaces it.
     """
 
     async def ping(self) -> None:
@@ -225,19 +246,22 @@ class TaskStore(Protocol):
         ...
 
     async def get_run(self, task_id: str, run_id: str) -> Run | None:
-        """One run of a task, or ``None``."""
+        """One run of a task, or ``None``; ``UnreadableRun`` when its document cannot be
+        read."""
         ...
 
     async def get_task_and_run(self, task_id: str, run_id: str) -> tuple[Task | None, Run | None]:
         """The task and one of its runs, read together (one round trip where possible);
-        ``UnreadableTask`` when the task's document cannot be read."""
+        ``UnreadableTask`` when the task's document cannot be read, else ``UnreadableRun``
+        when the run's cannot."""
         ...
 
     async def get_tasks_and_runs(
         self, pairs: Sequence[tuple[str, str]]
     ) -> list[tuple[Task | None, Run | None]]:
         """``get_task_and_run`` for each (task id, run id) pair, in order, all in one
-        round trip where the store can (a task whose document cannot be read: ``None``)."""
+        round trip where the store can (a task or a run whose document cannot be read:
+        ``None``)."""
         ...
 
     async def read_and_commit_each(
@@ -249,8 +273,10 @@ class TaskStore(Protocol):
         the commits may have been applied, and sending them again is safe)."""
         ...
 
-    async def list_runs(self, task_id: str, *, limit: int) -> list[Run]:
-        """The task's most recent runs, newest first."""
+    async def list_runs(self, task_id: str, *, limit: int) -> RunHistory:
+        """The task's ``limit`` most recent runs, newest first, read in one step; those
+        whose document cannot be read are left out of ``runs`` (the history then holds
+        fewer) and named in ``unreadable``."""
         ...
 
     async def delete_unreadable(

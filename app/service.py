@@ -49,7 +49,7 @@ from app.events import event_key, task_deleted
 from app.live_output import OutputEvent, follow_output
 from app.logs import about
 from app.notifications import NotificationRecord
-from app.ports import EventBatch, Store, TaskChange
+from app.ports import EventBatch, RunHistory, Store, TaskChange
 from app.schemas import ScheduleRequest, TaskCreate, TaskUpdate
 from app.transactions import (
     MAX_COMMIT_ATTEMPTS,
@@ -385,12 +385,13 @@ class TaskService:
     ) -> Task:
         return (await transact_with_active_run(self._store, task_id, plan)).task
 
-    async def runs(self, task_id: str, *, limit: int) -> list[Run]:
-        """The task's runs, newest first."""
-        runs = await self._store.list_runs(task_id, limit=limit)
-        if not runs:
+    async def runs(self, task_id: str, *, limit: int) -> RunHistory:
+        """The task's ``limit`` most recent runs, newest first; those whose stored document
+        cannot be read are left out (named in ``unreadable``, see ``UnreadableRun``)."""
+        history = await self._store.list_runs(task_id, limit=limit)
+        if not history.runs and not history.unreadable:
             await self._check_stored(task_id)
-        return runs
+        return history
 
     async def notifications(self, run_ids: Sequence[str]) -> dict[str, list[NotificationRecord]]:
         """How the notifications of these runs went, by run id."""

@@ -24,7 +24,13 @@ from anyio.streams.memory import MemoryObjectSendStream
 
 from app.adapters.event_followers import EventFollowers
 from app.adapters.output_followers import OutputEntry, OutputFollowers, Read, read_result
-from app.adapters.task_documents import decode_task, readable_task
+from app.adapters.task_documents import (
+    decode_run,
+    decode_task,
+    readable_run,
+    readable_task,
+    run_history,
+)
 from app.domain import (
     FINISHED_RUN_STATUSES,
     RevisionConflict,
@@ -53,13 +59,13 @@ from app.ports import (
     Keep,
     OutputChunk,
     OutputPage,
+    RunHistory,
     ScheduledEntry,
     TaskChange,
     TaskPage,
     Unschedule,
 )
 
-_run_decoder = msgspec.json.Decoder(Run)
 _entry_decoder = msgspec.json.Decoder(OutboxEntry)
 _record_decoder = msgspec.json.Decoder(NotificationRecord)
 
@@ -313,8 +319,10 @@ class MemoryStore:
         return self._run(task_id, run_id)
 
     def _run(self, task_id: str, run_id: str) -> Run | None:
-        doc = self._runs.get(task_id, {}).get(run_id)
-        return None if doc is None else _run_decoder.decode(doc)
+        """The run, or ``None``; ``UnreadableRun`` when its document cannot be read (only
+        a test can store one here)."""
+        doc = self._run_document(task_id, run_id)
+        return None if doc is None else decode_run(task_id, run_id, doc)
 
     async def get_task_and_run(self, task_id: str, run_id: str) -> tuple[Task | None, Run | None]:
         await anyio.lowlevel.checkpoint()
@@ -324,18 +332,27 @@ class MemoryStore:
         self, pairs: Sequence[tuple[str, str]]
     ) -> list[tuple[Task | None, Run | None]]:
         await anyio.lowlevel.checkpoint()
-        return [(self._readable(task_id), self._run(task_id, run_id)) for task_id, run_id in pairs]
+        return [
+            (
+                self._readable(task_id),
+                readable_run(task_id, run_id, self._run_document(task_id, run_id)),
+            )
+            for task_id, run_id in pairs
+        ]
+
+    def _run_document(self, task_id: str, run_id: str) -> bytes | None:
+        return self._runs.get(task_id, {}).get(run_id)
 
     async def read_and_commit_each(
         self, pairs: Sequence[tuple[str, str]], changes: Sequence[TaskChange]
     ) -> tuple[list[tuple[Task | None, Run | None]], list[bool]]:
         return await self.get_tasks_and_runs(pairs), await self.commit_each(changes)
 
-    async def list_runs(self, task_id: str, *, limit: int) -> list[Run]:
+    async def list_runs(self, task_id: str, *, limit: int) -> RunHistory:
         await anyio.lowlevel.checkpoint()
         runs = self._runs.get(task_id, {})
         newest = sorted(runs, reverse=True)[:limit]
-        return [_run_decoder.decode(runs[run_id]) for run_id in newest]
+        return run_history(task_id, ((run_id, runs[run_id]) for run_id in newest))
 
     async def claim_due(self, *, now: float, limit: int, lease: float, token: str) -> list[Claim]:
         await anyio.lowlevel.checkpoint()

@@ -106,7 +106,13 @@ from app.adapters.redis_scripts import (
 )
 from app.adapters.redis_sentinel import SCHEME as SENTINEL_SCHEME
 from app.adapters.redis_sentinel import ReplicaAcks, SentinelService, sentinel_clients
-from app.adapters.task_documents import decode_task, readable_task
+from app.adapters.task_documents import (
+    decode_run,
+    decode_task,
+    readable_run,
+    readable_task,
+    run_history,
+)
 from app.domain import (
     FINISHED_RUN_STATUSES,
     RevisionConflict,
@@ -137,6 +143,7 @@ from app.ports import (
     Keep,
     OutputChunk,
     OutputPage,
+    RunHistory,
     ScheduledEntry,
     StoreUnavailable,
     TaskChange,
@@ -149,7 +156,6 @@ _READ_PAGE_SIZE = 100
 
 log = logging.getLogger(__name__)
 
-_run_decoder = msgspec.json.Decoder(Run)
 _entry_decoder = msgspec.json.Decoder(OutboxEntry)
 _record_decoder = msgspec.json.Decoder(NotificationRecord)
 _event_decoder = msgspec.json.Decoder(Event)
@@ -488,7 +494,7 @@ class RedisStore:
     @_translate_errors
     async def get_run(self, task_id: str, run_id: str) -> Run | None:
         doc = await self._redis.hget(self.runs_key(task_id), run_id)  # type: ignore[misc]
-        return None if doc is None else _run_decoder.decode(cast(bytes, doc))
+        return None if doc is None else decode_run(task_id, run_id, cast(bytes, doc))
 
     @_translate_errors
     async def get_task_and_run(self, task_id: str, run_id: str) -> tuple[Task | None, Run | None]:
@@ -498,7 +504,7 @@ class RedisStore:
             task_doc, run_doc = await pipe.execute()
         return (
             None if task_doc is None else decode_task(task_id, task_doc),
-            None if run_doc is None else _run_decoder.decode(run_doc),
+            None if run_doc is None else decode_run(task_id, run_id, run_doc),
         )
 
     @_translate_errors
@@ -571,9 +577,13 @@ class RedisStore:
         return [run_id.decode() for run_id in run_ids[0]] if deleted else None
 
     @_translate_errors
-    async def list_runs(self, task_id: str, *, limit: int) -> list[Run]:
-        docs = await self._list_runs(ListRunsKeys(self.runs_key(task_id)), ListRunsArgs(limit))
-        return [_run_decoder.decode(doc) for doc in cast(list[bytes | None], docs) if doc]
+    async def list_runs(self, task_id: str, *, limit: int) -> RunHistory:
+        run_ids, docs = cast(
+            tuple[list[bytes], list[bytes | None]],
+            await self._list_runs(ListRunsKeys(self.runs_key(task_id)), ListRunsArgs(limit)),
+        )
+        ids = [run_id.decode() for run_id in run_ids]
+        return run_history(task_id, zip(ids, docs, strict=True))
 
     @_translate_errors
     async def claim_due(self, *, now: float, limit: int, lease: float, token: str) -> list[Claim]:
@@ -886,13 +896,13 @@ def _decoded_pairs(
     pairs: Sequence[tuple[str, str]], docs: Sequence[object]
 ) -> list[tuple[Task | None, Run | None]]:
     """Each task and run document of a read's replies (task, run, task, run, ...) for
-    its (task id, run id) ``pairs``."""
+    its (task id, run id) ``pairs`` (``None`` for one that cannot be read)."""
     return [
         (
             readable_task(task_id, cast(bytes | None, task_doc)),
-            None if run_doc is None else _run_decoder.decode(cast(bytes, run_doc)),
+            readable_run(task_id, run_id, cast(bytes | None, run_doc)),
         )
-        for (task_id, _), task_doc, run_doc in zip(pairs, docs[::2], docs[1::2], strict=True)
+        for (task_id, run_id), task_doc, run_doc in zip(pairs, docs[::2], docs[1::2], strict=True)
     ]
 
 

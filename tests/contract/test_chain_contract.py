@@ -54,7 +54,7 @@ async def end(store: Store, task_id: str, outcome: Outcome) -> Transition:
 
 
 async def runs_of(store: Store, task_id: str) -> list[Run]:
-    return await store.list_runs(task_id, limit=50)
+    return list((await store.list_runs(task_id, limit=50)).runs)
 
 
 async def test_a_success_queues_the_on_success_targets_with_the_end(store: Store) -> None:

@@ -117,9 +117,9 @@ async def test_runs_are_kept_newest_first_and_bounded(store: Store) -> None:
         task = idle
         runs.append(run)
         await anyio.sleep(0.002)  # run ids order by millisecond
-    listed = await store.list_runs("a", limit=100)
+    listed = (await store.list_runs("a", limit=100)).runs
     assert [r.run_id for r in listed] == [r.run_id for r in reversed(runs[-RUN_HISTORY:])]
-    assert await store.list_runs("a", limit=2) == listed[:2]
+    assert (await store.list_runs("a", limit=2)).runs == listed[:2]
     assert await store.get_run("a", runs[-1].run_id) == runs[-1]
     assert await store.get_run("a", runs[0].run_id) is None
 
@@ -132,7 +132,7 @@ async def test_delete_removes_runs_and_schedule(store: Store) -> None:
     assert await store.get_run("a", run.run_id) is None
     assert await store.claim_due(now=time.time(), limit=10, lease=30, token="t") == []
     again = await create(store, "a")
-    assert await store.list_runs("a", limit=10) == []
+    assert (await store.list_runs("a", limit=10)).runs == []
     assert again == await store.get_task("a")
 
 
@@ -233,7 +233,7 @@ async def test_a_change_sent_again_after_it_was_applied_reports_applied(store: S
     assert await store.commit_each([change]) == [True]
     await store.commit(change)
     assert await store.get_task("a") == pending
-    assert await store.list_runs("a", limit=10) == [run]
+    assert (await store.list_runs("a", limit=10)).runs == [run]
     # A different change planned from the same old revision is still a conflict.
     assert await store.commit_each([TaskChange("a", task.revision, next_revision(task))]) == [False]
 

@@ -162,7 +162,7 @@ async def test_deleting_it_takes_what_a_delete_takes(store: Store) -> None:
     assert await store.delete_unreadable("bad", SPOILED, events=events) == [run.run_id]
 
     assert await store.get_task("bad") is None
-    assert await store.list_runs("bad", limit=10) == []
+    assert (await store.list_runs("bad", limit=10)).runs == []
     for status in (None, *TaskStatus):
         page = await store.list_tasks(status=status, limit=10, after=None)
         assert "bad" not in [*page.unreadable, *(t.id for t in page.tasks)]

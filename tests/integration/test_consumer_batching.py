@@ -108,7 +108,7 @@ async def test_a_batch_failing_in_an_outage_loses_and_repeats_nothing(
         assert task is not None
         # Exactly two commits after the run was queued: its start and its result.
         assert task.revision == queued_revision + 2, task_id
-        [run] = await store.list_runs(task_id, limit=10)
+        [run] = (await store.list_runs(task_id, limit=10)).runs
         assert (run.status, run.exit_code) == (RunStatus.COMPLETED, 0)
         assert task.last_run is not None and task.last_run.run_id == run.run_id
     assert not broker.dead_letters

@@ -77,7 +77,7 @@ async def one_shot(store: Store, task_id: str, at: datetime, command: str = "tru
 
 
 async def runs_of(store: Store, task_id: str) -> list[Run]:
-    return list(reversed(await store.list_runs(task_id, limit=100)))
+    return list(reversed((await store.list_runs(task_id, limit=100)).runs))
 
 
 async def completed(store: Store, task_id: str, count: int = 1) -> list[Run]:

@@ -86,12 +86,14 @@ async def check_unplannable_tasks_are_set_aside(
         task = await store.get_task(task_id)
         assert task is not None and task.status == TaskStatus.CREATED
         assert (task.schedule, task.scheduled_at, task.next_runs) == (None, None, [])
-        [run] = await store.list_runs(task_id, limit=10)
+        [run] = (await store.list_runs(task_id, limit=10)).runs
         assert run.status == RunStatus.SKIPPED and run.error is not None
         assert "could not be planned" in run.error
         [record] = [r for r in caplog.records if task_id in r.getMessage()]
         assert record.exc_info is not None, "logged with its traceback"
-    assert "OverflowError" in str((await store.list_runs("edge-of-calendar", limit=1))[0].error)
+    assert "OverflowError" in str(
+        (await store.list_runs("edge-of-calendar", limit=1)).runs[0].error
+    )
     # Set aside for good: no entry of theirs is left (the good ones wait for their runs).
     later = timestamp(utcnow() + timedelta(hours=1))
     assert await store.claim_due(now=later, limit=10, lease=1, token="t") == []

@@ -224,4 +224,4 @@ async def test_no_other_change_touches_it(adapter: str, prefix: str) -> None:
             await service.unschedule("bad")
 
         assert await stored_document(store, "bad") == SPOILED
-        assert await service.runs("bad", limit=10) == [], "its runs can be read"
+        assert (await service.runs("bad", limit=10)).runs == [], "its runs can be read"

@@ -98,7 +98,7 @@ async def test_a_failing_command_fails_the_task(store: MemoryStore, broker: Memo
         task = await finished(store, "a")
     assert task.status == TaskStatus.FAILED
     assert task.last_run is not None and task.last_run.exit_code == 3
-    [run] = await store.list_runs("a", limit=10)
+    [run] = (await store.list_runs("a", limit=10)).runs
     assert (run.status, run.exit_code, run.output) == (RunStatus.FAILED, 3, "bad\n")
 
 
@@ -113,7 +113,7 @@ async def test_a_duplicate_message_does_not_run_the_command_twice(
         await finished(store, "a")
         await eventually(lambda: not broker.queue)
     assert ran.read_text() == "once\n"
-    assert [r.run_id for r in await store.list_runs("a", limit=10)] == [run.run_id]
+    assert [r.run_id for r in (await store.list_runs("a", limit=10)).runs] == [run.run_id]
 
 
 async def test_a_message_for_a_deleted_task_is_acknowledged_and_skipped(
@@ -164,7 +164,7 @@ async def test_shutdown_lets_a_short_command_finish(
         stopping.set()
     task = await store.get_task("a")
     assert task is not None and task.status == TaskStatus.COMPLETED
-    [run] = await store.list_runs("a", limit=10)
+    [run] = (await store.list_runs("a", limit=10)).runs
     assert run.output == "done\n"
 
 
@@ -179,7 +179,7 @@ async def test_shutdown_requeues_a_command_still_running_after_the_grace_period(
     task = await store.get_task("a")
     assert task is not None
     assert task.status == TaskStatus.PENDING, "given back for another consumer"
-    fresh, interrupted = await store.list_runs("a", limit=10)
+    fresh, interrupted = (await store.list_runs("a", limit=10)).runs
     assert interrupted.run_id == first.run_id
     assert interrupted.status == RunStatus.CANCELLED
     assert interrupted.error == "worker shut down"
@@ -381,7 +381,7 @@ async def test_runs_waiting_for_a_slot_are_read_while_they_wait_and_start_in_tur
         go.touch()
         tasks = [await finished(store, task_id) for task_id in waiting]
     assert all(task.status == TaskStatus.COMPLETED for task in tasks)
-    runs = [(await store.list_runs(task_id, limit=1))[0] for task_id in waiting]
+    runs = [(await store.list_runs(task_id, limit=1)).runs[0] for task_id in waiting]
     starts = [run.started_at for run in runs]
     assert None not in starts and starts == sorted(starts), "in the order they came"  # type: ignore[type-var]
 
@@ -421,7 +421,7 @@ async def test_a_command_changed_while_its_run_waits_for_a_slot_runs_as_changed(
         go.touch()
         task = await finished(store, "second")
     assert task.status == TaskStatus.COMPLETED
-    [run] = await store.list_runs("second", limit=10)
+    [run] = (await store.list_runs("second", limit=10)).runs
     assert run.output == "after\n"
 
 

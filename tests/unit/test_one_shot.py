@@ -35,7 +35,7 @@ async def test_a_task_waiting_for_its_time_is_pending_without_a_run(store: Memor
     assert task.status == TaskStatus.PENDING and task.active_run is None
     pending = await service.list(status=TaskStatus.PENDING, limit=10, cursor=None)
     assert [t.id for t in pending.tasks] == ["a"]
-    assert await store.list_runs("a", limit=10) == []
+    assert (await store.list_runs("a", limit=10)).runs == []
 
 
 async def test_a_task_created_with_a_time_is_pending_too(store: MemoryStore) -> None:
@@ -51,7 +51,7 @@ async def test_cancel_keeps_the_waiting_run_from_ever_happening(
     assert cancelled.status == TaskStatus.CANCELLED and cancelled.scheduled_at is None
     assert await due_ids(store, after=2 * IN_AN_HOUR) == [], "its entry is gone"
     assert await Scheduler(store, broker, lease_seconds=30).dispatch_due() == 0
-    assert await store.list_runs("a", limit=10) == []
+    assert (await store.list_runs("a", limit=10)).runs == []
 
 
 async def test_execute_while_waiting_runs_it_now_and_consumes_the_time(

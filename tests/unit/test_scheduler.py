@@ -78,7 +78,7 @@ async def test_a_due_time_queues_one_run_and_publishes_it(
     assert task is not None and task.status == TaskStatus.PENDING
     assert task.scheduled_at is None, "a one-shot time is consumed when it fires"
     assert task.active_run is not None
-    [run] = await store.list_runs("a", limit=10)
+    [run] = (await store.list_runs("a", limit=10)).runs
     assert run.status == RunStatus.QUEUED and run.run_id == task.active_run.run_id
     assert queued(broker) == [Dispatch(task_id="a", run_id=run.run_id, attempt=1)]
 
@@ -127,7 +127,7 @@ async def test_a_run_queued_by_a_dead_scheduler_is_published_again_not_duplicate
     clock.now += LEASE + 1
     assert await Scheduler(store, broker, lease_seconds=LEASE, clock=clock).dispatch_due() == 1
     assert queued(broker) == [Dispatch(task_id="a", run_id=run.run_id, attempt=1)]
-    assert [r.run_id for r in await store.list_runs("a", limit=10)] == [run.run_id]
+    assert [r.run_id for r in (await store.list_runs("a", limit=10)).runs] == [run.run_id]
 
 
 async def test_unconfirmed_dispatches_stay_claimed_and_are_retried(store: MemoryStore) -> None:
@@ -249,7 +249,7 @@ async def test_a_run_whose_lease_ran_out_is_recovered_as_the_next_attempt(
     assert await scheduler.dispatch_due() == 1
     task = await store.get_task("a")
     assert task is not None and task.status == TaskStatus.PENDING
-    fresh, old = await store.list_runs("a", limit=10)
+    fresh, old = (await store.list_runs("a", limit=10)).runs
     assert old.run_id == lost.run_id and old.status == RunStatus.FAILED
     assert old.error == "lost: worker host:4242 stopped renewing its lease"
     assert fresh.status == RunStatus.QUEUED and fresh.attempt == 2
