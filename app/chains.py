@@ -192,8 +192,10 @@ def trigger(
     *,
     entropy: Entropy = ENTROPY,
 ) -> tuple[Transition, ChainTriggered]:
-    """What a chain's trigger does to ``target`` (``active``: its active run, if any)."""
-    if target.active_run is None or fired_ahead(target, now):
+    """What a chain's trigger does to ``target`` (``active``: its active run, if any; a
+    fire dispatched ahead whose run cannot be read cannot be withdrawn, so the target
+    counts as busy)."""
+    if target.active_run is None or (fired_ahead(target, now) and active is not None):
         queued = queue_run(target, now, active, entropy=entropy, triggered_by=by)
         done = ChainTriggered(
             task_id=target.id, outcome=ChainOutcome.QUEUED, run_id=queued.run.run_id
@@ -272,7 +274,8 @@ async def _read_targets(
 ) -> list[tuple[Task | None, Run | None]]:
     """Each target and its active run, read together: every target in one round trip,
     then those with an active run with it in one more; one whose active run changed in
-    between is read again on its own."""
+    between is read again on its own. An active run that is gone or cannot be read
+    (``UnreadableRun``) is ``None``."""
     tasks = await store.get_tasks(task_ids)
     pairs = [
         (task.id, task.active_run.run_id)
@@ -291,6 +294,9 @@ async def _read_targets(
             found.append((fresh, None))
         elif run is not None and run.run_id == fresh.active_run.run_id:
             found.append((fresh, run))
+        elif fresh.active_run.run_id == task.active_run.run_id:
+            # Still its active run, but gone or unreadable: reading it again cannot help.
+            found.append((fresh, None))
         else:  # its active run changed between the two reads: read it again
             found.extend(await _read_targets(store, [task_id]))
     return found

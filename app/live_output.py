@@ -24,7 +24,8 @@ from dataclasses import dataclass
 
 import anyio
 
-from app.domain import FINISHED_RUN_STATUSES, Run, RunNotFound
+from app.domain import FINISHED_RUN_STATUSES, Run, RunNotFound, UnreadableRun
+from app.logs import about
 from app.ports import (
     FOLLOW_KEEPALIVE,
     LiveOutput,
@@ -198,6 +199,21 @@ async def follow_output(
     return events
 
 
+async def _run_as_now(store: Store, run: Run) -> Run | None:
+    """``run`` read again; ``None`` when it is gone, or when its document became
+    unreadable meanwhile (logged: the stream then ends as for a deleted run)."""
+    try:
+        return await store.get_run(run.task_id, run.run_id)
+    except UnreadableRun as unreadable:
+        log.warning(
+            "%s: %s; its output stream ends",
+            unreadable,
+            unreadable.reason,
+            extra=about(run.task_id, run.run_id),
+        )
+        return None
+
+
 async def _recorded(run: Run) -> AsyncGenerator[OutputEvent]:
     """A run that ended: its record has everything there is."""
     if run.output:
@@ -239,11 +255,11 @@ async def _events(
                     continue
                 # Quiet for a while: make sure the run still goes on (its live output may
                 # have expired, or the run may have been deleted).
-                current = await store.get_run(run.task_id, run.run_id)
+                current = await _run_as_now(store, run)
                 if current is not None and current.status not in FINISHED_RUN_STATUSES:
                     yield KeepAlive()
                     continue
-            final = await store.get_run(run.task_id, run.run_id)
+            final = await _run_as_now(store, run)
             rest = decoder.decode(b"", final=True)
             if not received and final is not None:
                 # The command ended before its first batch was forwarded.

@@ -29,8 +29,8 @@ import httpx
 from anyio.abc import TaskGroup
 from anyio.abc import TaskStatus as StartedStatus
 
-from app.domain import ENTROPY, Entropy, RunStatus, utcnow, worker_name
-from app.logs import handling
+from app.domain import ENTROPY, Entropy, RunStatus, UnreadableRun, utcnow, worker_name
+from app.logs import about, handling
 from app.notifications import (
     Notification,
     NotifyEvent,
@@ -176,9 +176,20 @@ class Notifier:
         )
 
     async def _still_running(self, note: Notification) -> bool:
-        run = await until_available(
-            lambda: self._store.get_run(note.task_id, note.run_id), "read a run"
-        )
+        try:
+            run = await until_available(
+                lambda: self._store.get_run(note.task_id, note.run_id), "read a run"
+            )
+        except UnreadableRun as unreadable:
+            # Whether it runs cannot be told: say nothing rather than something wrong.
+            log.error(
+                "%s: %s; its %s notification is dropped",
+                unreadable,
+                unreadable.reason,
+                note.event.value,
+                extra=about(note.task_id, note.run_id),
+            )
+            return False
         return run is not None and run.status == RunStatus.RUNNING
 
     async def _send(self, client: httpx.AsyncClient, note: Notification) -> tuple[str | None, bool]:

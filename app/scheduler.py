@@ -42,6 +42,7 @@ from app.domain import (
     Task,
     TaskStatus,
     Transition,
+    UnreadableRun,
     UnreadableTask,
     dead_lettered,
     extend_lease,
@@ -330,7 +331,7 @@ class Scheduler:
     async def _dead_lettered(self, dispatch: Dispatch) -> None:
         try:
             task, run = await self._store.get_task_and_run(dispatch.task_id, dispatch.run_id)
-        except UnreadableTask as unreadable:
+        except (UnreadableTask, UnreadableRun) as unreadable:
             log.error(
                 "dropping a dead letter for %s/%s: %s",
                 dispatch.task_id,
@@ -379,7 +380,21 @@ class Scheduler:
 
     async def _plan(self, task: Task, now: datetime, entry_due: datetime) -> _Plan:
         """``plan_dispatch`` for one claimed task; a task it fails on is set aside."""
-        running = await self._running_run(task)
+        try:
+            running = await self._running_run(task)
+        except UnreadableRun as unreadable:
+            # Taken for gone, its entry would be dropped as stale, and a task whose worker
+            # died would stay running for ever; nor can it be recovered as lost without
+            # its run. The claim is kept instead: the task is planned again when the claim
+            # runs out (once a lease period, not in a loop), and a worker still running it
+            # records its end (which writes the run afresh) as usual.
+            log.error(
+                "%s: %s; its task is planned again when the claim runs out",
+                unreadable,
+                unreadable.reason,
+                extra=about(task.id, unreadable.run_id),
+            )
+            return _Plan(keep_claim=True)
         extend = now + self._lease if self._in_outage or now < self._reap_not_before else None
         try:
             return plan_dispatch(

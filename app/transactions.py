@@ -52,7 +52,15 @@ async def transact_with_active_run(
     store: TaskStore, task_id: str, plan: Callable[[Task, Run | None], Transition]
 ) -> Transition:
     """As ``transact``, planning from the task and its active run (``None`` when it has
-    none), read together."""
+    none), read together.
+
+    Raises ``UnreadableRun`` when the active run's document cannot be read, changing
+    nothing. Taking the run for gone would not help: a run that is gone reads as one
+    that changed meanwhile, so every attempt would read it again and the change end in
+    ``StoreContention`` (a "try again" that can never succeed); and planning without
+    the run could drop the task's queued or running run unseen. The task itself stays
+    as it is, so its run goes on (the consumer recording its end writes the run afresh),
+    and deleting the task still works (``transact`` does not read runs)."""
 
     async def attempt() -> Transition | None:
         task = await store.get_task(task_id)

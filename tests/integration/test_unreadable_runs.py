@@ -1,0 +1,149 @@
+"""The roles meeting a task whose active run's stored document cannot be read (a hand
+edit in Redis, another version's format): they log it and go on with the other tasks,
+and the task itself is neither lost nor changed (on the memory store and on Redis)."""
+
+from __future__ import annotations
+
+import logging
+import time
+from datetime import UTC, datetime, timedelta
+
+import anyio
+import msgspec
+import pytest
+
+from app.adapters.memory_broker import MemoryBroker
+from app.chains import chained_change
+from app.consumer import Consumer
+from app.domain import Chain, Outcome, Run, Task, TaskStatus, finish_run, queue_run, start_run
+from app.ports import Dispatch, Store, TaskChange
+from app.scheduler import Scheduler
+from app.schemas import TaskCreate
+from app.service import TaskService
+from tests.conftest import eventually
+from tests.contract.test_unreadable_runs_contract import spoil_run
+from tests.integration.test_unreadable_tasks import opened
+
+LEASE = 30.0
+ADAPTERS = pytest.mark.parametrize("adapter", ["memory", "redis"])
+
+
+async def read_task(store: Store, task_id: str) -> Task:
+    task = await store.get_task(task_id)
+    assert task is not None
+    return task
+
+
+async def running(store: Store, task_id: str, *, lease_until: float) -> Run:
+    """A task brought to running as a consumer would, its lease running out then."""
+    service = TaskService(store)
+    await service.create(TaskCreate(id=task_id, name=task_id, command="true"))
+    queued = await service.execute(task_id)
+    task = await read_task(store, task_id)
+    lease = datetime.fromtimestamp(lease_until, UTC)
+    started = start_run(task, queued, "gone-worker", task.updated_at, lease_until=lease)
+    await store.commit(TaskChange.of(started))
+    return started.run
+
+
+@ADAPTERS
+async def test_the_scheduler_keeps_the_claim_of_a_running_task_whose_run_it_cannot_read(
+    adapter: str, prefix: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    async with opened(adapter, prefix) as store:
+        now = time.time()
+        run = await running(store, "bad", lease_until=now - 1)
+        await spoil_run(store, "bad", run.run_id)
+        service = TaskService(store)
+        await service.create(TaskCreate(id="good", name="good", command="true"))
+        good = await service.execute("good")
+        broker = MemoryBroker()
+        before = await read_task(store, "bad")
+
+        with caplog.at_level(logging.ERROR):
+            assert await Scheduler(store, broker, lease_seconds=LEASE).dispatch_due() == 2
+
+        dispatched = [msgspec.json.decode(body, type=Dispatch) for body in broker.queue]
+        assert [d.run_id for d in dispatched] == [good.run_id], "goes on with the others"
+        [error] = [r for r in caplog.records if run.run_id in r.getMessage()]
+        assert "cannot be read" in error.getMessage() and error.exc_info is None
+        assert await read_task(store, "bad") == before, "left as it is"
+        # Not dropped: its entry stays claimed, and comes due again when the claim ends.
+        assert await store.claim_due(now=now + 1, limit=10, lease=1, token="t") == []
+        [again] = await store.claim_due(now=now + LEASE + 1, limit=10, lease=1, token="t")
+        assert again.task_id == "bad"
+
+
+@ADAPTERS
+async def test_a_consumer_skips_a_dispatch_whose_run_it_cannot_read_and_goes_on(
+    adapter: str, prefix: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    async with opened(adapter, prefix) as store:
+        broker = MemoryBroker()
+        service = TaskService(store)
+        for task_id in ("bad", "good"):
+            await service.create(TaskCreate(id=task_id, name=task_id, command="true"))
+        bad = await service.execute("bad")
+        await spoil_run(store, "bad", bad.run_id)
+        await service.execute("good")
+        assert await Scheduler(store, broker, lease_seconds=LEASE).dispatch_due() == 2
+        consumer = Consumer(
+            store, broker, concurrency=2, output_limit=4096, shutdown_grace=5, lease_seconds=LEASE
+        )
+
+        async def good_ended() -> bool:
+            return (await read_task(store, "good")).status == TaskStatus.COMPLETED
+
+        def bad_skipped() -> bool:
+            return any("skipping" in r.getMessage() for r in caplog.records)
+
+        with caplog.at_level(logging.INFO):
+            async with anyio.create_task_group() as tg:
+                stopping = anyio.Event()
+                await tg.start(consumer.run, stopping)
+                await eventually(good_ended)
+                await eventually(bad_skipped)
+                stopping.set()
+
+        [warning] = [r for r in caplog.records if "cannot be read" in r.getMessage()]
+        assert bad.run_id in warning.getMessage() and warning.levelno == logging.WARNING
+        assert not broker.queue
+        task = await read_task(store, "bad")
+        assert task.status == TaskStatus.PENDING and task.active_run is not None
+        assert task.active_run.run_id == bad.run_id, "still there, as it was"
+
+
+@ADAPTERS
+@pytest.mark.parametrize("ahead", [False, True], ids=["queued", "fired-ahead"])
+async def test_a_chain_to_a_task_whose_active_run_cannot_be_read_defers_the_trigger(
+    adapter: str, prefix: str, ahead: bool
+) -> None:
+    """Its active run cannot be withdrawn nor read again: the target counts as busy."""
+    async with opened(adapter, prefix) as store:
+        service = TaskService(store)
+        await service.create(TaskCreate(id="b", name="b", command="true"))
+        await service.create(
+            TaskCreate(id="a", name="a", command="true", chain=Chain(on_success=["b"]))
+        )
+        queued_b = await service.execute("b")
+        if ahead:  # as a fire dispatched ahead of its due time, an hour from now
+            b = await read_task(store, "b")
+            assert b.active_run is not None
+            later = b.updated_at + timedelta(hours=1)
+            active = msgspec.structs.replace(b.active_run, not_before=later)
+            moved = msgspec.structs.replace(b, revision=b.revision + 1, active_run=active)
+            await store.commit(TaskChange("b", b.revision, moved))
+        await spoil_run(store, "b", queued_b.run_id)
+        a = await read_task(store, "a")
+        at = a.updated_at
+        queued_a = queue_run(a, at)
+        started = start_run(queued_a.task, queued_a.run, "w", at, lease_until=at)
+        done = Outcome(exit_code=0, duration=0.1, output="", truncated=False)
+
+        with anyio.fail_after(5):
+            _, [planned] = await chained_change(
+                store, finish_run(started.task, started.run, done, at)
+            )
+
+        assert planned.task_id == "b" and planned.task.chain_waiting is not None
+        assert planned.task.active_run == (await read_task(store, "b")).active_run
