@@ -107,12 +107,17 @@ class ApiClient:
 
     async def list_runs(
         self, task_id: str, *, limit: int | None, output: bool = False
-    ) -> list[Any]:
+    ) -> tuple[list[Any], list[str]]:
         """The task's runs, newest first; with ``output``, each with its output (the server
-        may then answer fewer than ``limit``)."""
+        may then answer fewer than ``limit``). And the ids of the runs left out because
+        their stored documents cannot be read (``X-Unreadable-Runs``)."""
         params = {"limit": limit, "output": "true" if output else None}
         response = await self.request("GET", f"/tasks/{task_id}/runs", params=params)
-        return response.json()  # type: ignore[no-any-return]
+        unreadable = response.headers.get("x-unreadable-runs", "")
+        return (
+            response.json(),
+            [unquote(run_id) for run_id in unreadable.split(",") if run_id],
+        )
 
     async def get_run(self, task_id: str, run_id: str) -> Any:
         return (await self.request("GET", f"/tasks/{task_id}/runs/{run_id}")).json()

@@ -682,8 +682,14 @@ async def runs(
         _emit(await client.get_run(task_id, run_id), as_json, _run_details)
     else:
         # Scripts reading --json get each run's output; the table shows none.
-        listed = await client.list_runs(task_id, limit=limit, output=as_json)
+        listed, unreadable = await client.list_runs(task_id, limit=limit, output=as_json)
         _emit(listed, as_json, _run_table)
+        if unreadable:
+            # On stderr, with --json too: the JSON stays the list of runs.
+            click.echo(
+                f"not listed: run(s) whose stored document cannot be read: {', '.join(unreadable)}",
+                err=True,
+            )
 
 
 @cli.command()
@@ -789,7 +795,7 @@ async def _current_run_id(client: ApiClient, task_id: str) -> str:
     active = (await client.get_task(task_id)).get("active_run")
     if active:
         return cast(str, active["run_id"])
-    newest = await client.list_runs(task_id, limit=RUNS_SEARCHED)
+    newest, _ = await client.list_runs(task_id, limit=RUNS_SEARCHED)
     if not newest:
         raise click.ClickException(f"task {task_id!r} has no runs yet")
     ran = [run for run in newest if run["status"] != "skipped"] or newest
