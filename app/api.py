@@ -109,7 +109,7 @@ from app.notifications import NotificationRecord
 from app.openapi_contract import describe_contract
 from app.outages import DependencyDown, OutageGate, probe
 from app.ports import (
-    UNREADABLE_RUNS_NAMED,
+    MAX_UNREADABLE_NAMED,
     BrokerUnavailable,
     EventBatch,
     QueueStats,
@@ -140,8 +140,6 @@ log = logging.getLogger(__name__)
 
 MAX_BODY_BYTES = 1_048_576
 MAX_PAGE = 1000
-MAX_UNREADABLE_NAMED = 20
-"""The most unreadable tasks a page of ``GET /tasks`` names (``X-Unreadable-Tasks``)."""
 # Orchestrators probe /health with a timeout of about a second: each check gets less.
 HEALTH_CHECK_SECONDS = 0.5
 # While the store is known down, how often a request may probe whether it is back.
@@ -419,7 +417,7 @@ UNREADABLE_RUNS_HEADER = ResponseHeader(
     description="The ids, comma-separated (each percent-encoded), of the runs among the "
     "`limit` newest whose stored document cannot be read: left out of the list "
     f"(`GET /tasks/{{task_id}}/runs/{{run_id}}` answers 500 for them). At most "
-    f"{UNREADABLE_RUNS_NAMED} are named, the newest first. Absent when there are none",
+    f"{MAX_UNREADABLE_NAMED} are named, the newest first. Absent when there are none",
     documentation_only=True,
     required=False,
 )
@@ -707,7 +705,7 @@ class TaskController(Controller):
         )
         if history.unreadable:
             response.headers["X-Unreadable-Runs"] = ",".join(
-                quote(run_id, safe="") for run_id in history.unreadable[:UNREADABLE_RUNS_NAMED]
+                quote(run_id, safe="") for run_id in history.unreadable[:MAX_UNREADABLE_NAMED]
             )
         return response
 

@@ -98,9 +98,10 @@ class TaskPage:
     after: str | None = None
 
 
-UNREADABLE_RUNS_NAMED = 20
-"""How many of the runs a listing left out as unreadable it names at most (in the API's
-``X-Unreadable-Runs`` header and in its warning); it counts them all."""
+MAX_UNREADABLE_NAMED = 20
+"""The most unreadable documents one answer names: a page of ``GET /tasks``
+(``X-Unreadable-Tasks``), a list of runs (``X-Unreadable-Runs``, and the warning of
+``list_runs``, which counts them all). Clients refuse long headers."""
 
 
 @dataclass(frozen=True, slots=True)

@@ -16,7 +16,7 @@ import msgspec
 
 from app.domain import Run, Task, UnreadableRun, UnreadableTask
 from app.logs import about
-from app.ports import UNREADABLE_RUNS_NAMED, RunHistory
+from app.ports import MAX_UNREADABLE_NAMED, RunHistory
 
 log = logging.getLogger(__name__)
 
@@ -85,7 +85,7 @@ def run_history(task_id: str, documents: Iterable[tuple[str, bytes | None]]) -> 
         except UnreadableRun as exc:
             unreadable.append(exc)
     if unreadable:
-        named = unreadable[:UNREADABLE_RUNS_NAMED]
+        named = unreadable[:MAX_UNREADABLE_NAMED]
         log.warning(
             "task %r: %d run(s) left out of its history, their stored documents cannot be "
             "read (corrupted, or written by another version of taskq): %s%s",

@@ -12,7 +12,7 @@ import logging
 import httpx
 import pytest
 
-from app.ports import UNREADABLE_RUNS_NAMED
+from app.ports import MAX_UNREADABLE_NAMED
 from tests.api.conftest import Served
 from tests.contract.test_unreadable_runs_contract import spoil_run, with_runs
 
@@ -81,7 +81,7 @@ async def test_a_task_whose_every_run_is_unreadable_is_still_there(
 async def test_the_header_names_at_most_so_many(
     client: httpx.AsyncClient, served: Served, caplog: pytest.LogCaptureFixture
 ) -> None:
-    _, runs = await with_runs(served.store, "b", UNREADABLE_RUNS_NAMED + 2)
+    _, runs = await with_runs(served.store, "b", MAX_UNREADABLE_NAMED + 2)
     for run in runs:
         await spoil_run(served.store, "b", run.run_id)
 
@@ -90,7 +90,7 @@ async def test_the_header_names_at_most_so_many(
 
     assert (response.status_code, response.json()) == (200, [])
     newest_first = [run.run_id for run in reversed(runs)]
-    assert response.headers["x-unreadable-runs"].split(",") == newest_first[:UNREADABLE_RUNS_NAMED]
+    assert response.headers["x-unreadable-runs"].split(",") == newest_first[:MAX_UNREADABLE_NAMED]
     [warning] = [r for r in caplog.records if "left out" in r.getMessage()]
     assert f"{len(runs)} run(s)" in warning.getMessage()
     assert newest_first[-1] not in warning.getMessage(), "names as many as the header"
@@ -140,6 +140,6 @@ async def test_the_openapi_document_says_so(client: httpx.AsyncClient) -> None:
     paths = (await client.get("/schema/openapi.json")).json()["paths"]
     listing = paths["/tasks/{task_id}/runs"]["get"]["responses"]["200"]
     assert "X-Unreadable-Runs" in listing["headers"]
-    assert str(UNREADABLE_RUNS_NAMED) in listing["headers"]["X-Unreadable-Runs"]["description"]
+    assert str(MAX_UNREADABLE_NAMED) in listing["headers"]["X-Unreadable-Runs"]["description"]
     for path in ("/tasks/{task_id}/runs/{run_id}", "/tasks/{task_id}/runs/{run_id}/output"):
         assert "cannot be read" in paths[path]["get"]["responses"]["500"]["description"]
