@@ -142,3 +142,23 @@ async def test_the_task_list_names_a_task_it_cannot_read_and_deletes_it(
         await expect(note).to_be_hidden()
         assert not await servers.exists(f"{prefix}task:ui-spoiled")
         await expect(page.locator("tr[data-task-id='ui-fine']")).to_be_visible()
+
+
+async def test_a_task_page_names_the_runs_it_cannot_read(
+    page: Page, prefix: str, servers: redis.Redis
+) -> None:
+    async with running(["serve", "--roles", "api"], service_env(prefix)) as service:
+        assert service.api_url is not None
+        async with httpx.AsyncClient(base_url=service.api_url) as api:
+            created = await api.post(
+                "/tasks", json={"id": "ui-runs", "name": "ui-runs", "command": "true"}
+            )
+            assert created.status_code == 201, created.text
+        await servers.hset(f"{prefix}runs:ui-runs", "0001-spoiled", '{"run_id":"0001-sp')  # pyright: ignore[reportUnknownMemberType]
+
+        await page.goto(f"{service.api_url}/ui/#/tasks/ui-runs")
+
+        note = page.locator(".unreadable")
+        await expect(note).to_contain_text("Runs not listed: 0001-spoiled")
+        await expect(note).to_contain_text("cannot be read")
+        await expect(page.locator("table.runs")).to_contain_text("No runs yet.")

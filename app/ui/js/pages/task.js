@@ -18,6 +18,7 @@ export function taskPage(main, { taskId, runId }) {
   const head = h("div", { class: "task-head" });
   const settings = h("dl", { class: "settings" });
   const runs = h("tbody");
+  const unreadableRuns = h("div", { class: "error unreadable", role: "alert" });
   const output = h("section", { class: "output", hidden: true });
   let gone = false;
   let selectedRun = null;
@@ -29,7 +30,8 @@ export function taskPage(main, { taskId, runId }) {
       h("table", { class: "runs" },
         h("thead", {}, h("tr", {}, ["Run", "Attempt", "Status", "Queued", "Started", "Duration", "Exit code", "Worker"]
           .map((title) => h("th", {}, title)))),
-        runs)),
+        runs),
+      unreadableRuns),
     output);
 
   const refresh = coalescing(async () => {
@@ -40,10 +42,13 @@ export function taskPage(main, { taskId, runId }) {
       if (error instanceof ApiError && error.status === 404) return showDeleted();
       throw error;
     }
-    const history = await json("GET", `${path}/runs`, { query: { limit: RUNS_SHOWN } });
+    const response = await call("GET", `${path}/runs`, { query: { limit: RUNS_SHOWN } });
+    const history = await response.json();
     if (gone) return;
     showTask(task);
     showRuns(history);
+    showUnreadableRuns((response.headers.get("X-Unreadable-Runs") ?? "")
+      .split(",").filter(Boolean).map(decodeURIComponent));
   });
 
   function act(action) {
@@ -88,6 +93,7 @@ export function taskPage(main, { taskId, runId }) {
     head.replaceChildren(h("h1", {}, taskId), h("p", { class: "message error" }, "This task was deleted."));
     settings.replaceChildren();
     runs.replaceChildren();
+    unreadableRuns.replaceChildren();
   }
 
   function showRuns(history) {
@@ -106,6 +112,14 @@ export function taskPage(main, { taskId, runId }) {
     h("td", {}, run.exit_code ?? "—"),
     h("td", {}, run.worker ?? "—"))));
     if (!history.length) runs.append(h("tr", {}, h("td", { colspan: 8 }, "No runs yet.")));
+  }
+
+  /** The runs the history left out because their stored documents cannot be read. */
+  function showUnreadableRuns(ids) {
+    if (!ids.length) return unreadableRuns.replaceChildren();
+    const which = ids.length === 1 ? "Its stored document" : "Their stored documents";
+    unreadableRuns.replaceChildren(
+      h("span", {}, `Runs not listed: ${ids.join(", ")}. ${which} cannot be read.`));
   }
 
   async function selectRun(runId) {
