@@ -1026,6 +1026,40 @@ def cancel(
     raise InvalidTransition(f"task {task.id!r} is {task.status}: nothing to cancel")
 
 
+def cancel_unreadable(
+    task: Task, unreadable: UnreadableRun, now: datetime, *, entropy: Entropy = ENTROPY
+) -> Transition:
+    """``cancel`` for a task whose active run's document cannot be read (``unreadable``).
+
+    A running command is asked to stop as usual (that needs no run). A queued run, which
+    no consumer can start (each skips a dispatch whose run it cannot read), is closed as
+    cancelled from what the task knows of it: its document is replaced by one saying
+    what was wrong with the old one. Short of deleting the task, this is the way to free
+    it, so it is done only when a user asks to cancel."""
+    if task.status == TaskStatus.RUNNING:
+        return request_cancel(task, now)
+    active = task.active_run
+    if task.status != TaskStatus.PENDING or active is None or active.run_id != unreadable.run_id:
+        raise InvalidTransition(
+            f"run {unreadable.run_id!r} is not the active run of {task.id!r}: read it again"
+        )
+    stand_in = Run(
+        run_id=active.run_id,
+        task_id=task.id,
+        attempt=active.attempt,
+        status=RunStatus.QUEUED,
+        queued_at=task.updated_at,  # the task's last change: when the run was queued
+        not_before=active.not_before,
+        queue=task.queue,
+    )
+    idle, runs = _close_cancelled(task, stand_in, now, entropy)
+    closed = msgspec.structs.replace(
+        runs[0],
+        error=f"{CANCELLED_REASON}; its stored document could not be read: {unreadable.reason}",
+    )
+    return _ended(task, idle, [closed, *runs[1:]])
+
+
 def cancel_queued(task: Task, run: Run, now: datetime, *, entropy: Entropy = ENTROPY) -> Transition:
     """Cancel a pending task's queued run: it never starts."""
     _require_queued(task, run)

@@ -32,8 +32,10 @@ from app.domain import (
     TaskNotFound,
     TaskStatus,
     Transition,
+    UnreadableRun,
     UnreadableTask,
     cancel,
+    cancel_unreadable,
     create,
     delete,
     pause,
@@ -325,12 +327,29 @@ class TaskService:
         def plan(task: Task, active: Run | None) -> Transition:
             return cancel(task, active, self._clock(), entropy=self._entropy)
 
-        cancelled = await transact_with_active_run(self._store, task_id, plan)
+        try:
+            cancelled = await transact_with_active_run(self._store, task_id, plan)
+        except UnreadableRun as unreadable:
+            cancelled = await self._cancel_unreadable(unreadable)
         before = cancelled.before
         assert before is not None
         if before.status == TaskStatus.RUNNING and before.active_run is not None:
             await self._store.announce_cancel(before.active_run.run_id)
         return cancelled.task
+
+    async def _cancel_unreadable(self, unreadable: UnreadableRun) -> Transition:
+        """Cancel a task whose active run's document cannot be read (``cancel_unreadable``)."""
+        log.warning(
+            "%s: %s; cancelling its task without it",
+            unreadable,
+            unreadable.reason,
+            extra=about(unreadable.task_id, unreadable.run_id),
+        )
+
+        def plan(task: Task) -> Transition:
+            return cancel_unreadable(task, unreadable, self._clock(), entropy=self._entropy)
+
+        return await transact(self._store, unreadable.task_id, plan)
 
     async def execute(self, task_id: str) -> Run:
         """Queue a run now; refused while the task has a run queued or running (but not

@@ -123,8 +123,11 @@ async def test_a_change_that_needs_the_active_run_answers_500_and_changes_nothin
     await spoil_run(served.store, "a", queued["run_id"])
     before = (await client.get("/tasks/a")).json()
 
-    for method, path in [("POST", "/tasks/a/cancel"), ("POST", "/tasks/a/execute")]:
-        response = await client.request(method, path)
+    for method, path, body in [
+        ("POST", "/tasks/a/execute", None),
+        ("POST", "/tasks/a/schedule", {"at": "2099-01-01T00:00:00Z"}),
+    ]:
+        response = await client.request(method, path, json=body)
         assert response.status_code == 500, response.text
         assert response.json() == {
             "status_code": 500,
@@ -134,6 +137,36 @@ async def test_a_change_that_needs_the_active_run_answers_500_and_changes_nothin
     # Deleting the task still works.
     assert (await client.delete("/tasks/a")).status_code == 204
     assert (await client.get("/tasks/a")).status_code == 404
+
+
+async def test_cancel_frees_a_task_whose_queued_run_cannot_be_read(
+    client: httpx.AsyncClient, served: Served, caplog: pytest.LogCaptureFixture
+) -> None:
+    """No consumer can start that run: cancelling closes it from what the task knows of
+    it, and its document now says what was wrong with the old one; the task runs again."""
+    await client.post("/tasks", json={"id": "a", "name": "a", "command": "true"})
+    queued = (await client.post("/tasks/a/execute")).json()
+    await spoil_run(served.store, "a", queued["run_id"])
+
+    with caplog.at_level(logging.WARNING):
+        response = await client.post("/tasks/a/cancel")
+    assert response.status_code == 202, response.text
+    task = response.json()
+    assert task["status"] == "cancelled"
+    assert task["active_run"] is None
+    assert task["last_run"]["run_id"] == queued["run_id"]
+    [warning] = [r for r in caplog.records if "cancelling its task without it" in r.getMessage()]
+    assert warning.levelno == logging.WARNING and warning.exc_info is None
+
+    run = (await client.get(f"/tasks/a/runs/{queued['run_id']}")).json()
+    assert run["status"] == "cancelled"
+    assert run["attempt"] == queued["attempt"]
+    assert run["error"].startswith("cancelled; its stored document could not be read: ")
+    assert "x-unreadable-runs" not in (await client.get("/tasks/a/runs")).headers
+
+    again = await client.post("/tasks/a/execute")
+    assert again.status_code == 202, again.text
+    assert again.json()["status"] == "queued"
 
 
 async def test_the_openapi_document_says_so(client: httpx.AsyncClient) -> None:
