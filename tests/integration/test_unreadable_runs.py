@@ -15,7 +15,17 @@ import pytest
 from app.adapters.memory_broker import MemoryBroker
 from app.chains import chained_change
 from app.consumer import Consumer
-from app.domain import Chain, Outcome, Run, Task, TaskStatus, finish_run, queue_run, start_run
+from app.domain import (
+    Chain,
+    Outcome,
+    Run,
+    RunStatus,
+    Task,
+    TaskStatus,
+    finish_run,
+    queue_run,
+    start_run,
+)
 from app.ports import Dispatch, Store, TaskChange
 from app.scheduler import Scheduler
 from app.schemas import TaskCreate
@@ -111,6 +121,39 @@ async def test_a_consumer_skips_a_dispatch_whose_run_it_cannot_read_and_goes_on(
         task = await read_task(store, "bad")
         assert task.status == TaskStatus.PENDING and task.active_run is not None
         assert task.active_run.run_id == bad.run_id, "still there, as it was"
+
+
+@ADAPTERS
+async def test_cancelling_it_lets_its_task_run_again(adapter: str, prefix: str) -> None:
+    async with opened(adapter, prefix) as store:
+        broker = MemoryBroker()
+        service = TaskService(store)
+        await service.create(TaskCreate(id="bad", name="bad", command="true"))
+        stuck = await service.execute("bad")
+        await spoil_run(store, "bad", stuck.run_id)
+
+        assert (await service.cancel("bad")).status == TaskStatus.CANCELLED
+        again = await service.execute("bad")
+        assert await Scheduler(store, broker, lease_seconds=LEASE).dispatch_due() == 1
+        consumer = Consumer(
+            store, broker, concurrency=1, output_limit=4096, shutdown_grace=5, lease_seconds=LEASE
+        )
+
+        async def ran() -> bool:
+            return (await read_task(store, "bad")).status == TaskStatus.COMPLETED
+
+        async with anyio.create_task_group() as tg:
+            stopping = anyio.Event()
+            await tg.start(consumer.run, stopping)
+            await eventually(ran)
+            stopping.set()
+
+        history = await store.list_runs("bad", limit=10)
+        assert [(run.run_id, run.status) for run in history.runs] == [
+            (again.run_id, RunStatus.COMPLETED),
+            (stuck.run_id, RunStatus.CANCELLED),
+        ]
+        assert history.unreadable == []
 
 
 @ADAPTERS
