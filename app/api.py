@@ -479,10 +479,7 @@ class TaskController(Controller):
             # The next page starts after the last task shown, and names those after it.
             unreadable = [task_id for task_id in unreadable if task_id < page[-1].id]
         response = _page(page, next_cursor)
-        if unreadable:
-            response.headers["X-Unreadable-Tasks"] = ",".join(
-                quote(task_id, safe="") for task_id in unreadable
-            )
+        _name_unreadable(response, "X-Unreadable-Tasks", unreadable)
         return response
 
     @get(
@@ -703,10 +700,7 @@ class TaskController(Controller):
         response = Response(
             [_listed(run, records.get(run.run_id, []), output=output) for run in runs]
         )
-        if history.unreadable:
-            response.headers["X-Unreadable-Runs"] = ",".join(
-                quote(run_id, safe="") for run_id in history.unreadable[:MAX_UNREADABLE_NAMED]
-            )
+        _name_unreadable(response, "X-Unreadable-Runs", history.unreadable[:MAX_UNREADABLE_NAMED])
         return response
 
     @get(
@@ -858,6 +852,12 @@ def _page(items: list[T], next_cursor: str | None) -> Response[list[T]]:
     """A page of a listing, the next page's cursor in ``X-Next-Cursor`` (none on the last)."""
     headers = {} if next_cursor is None else {"X-Next-Cursor": next_cursor}
     return Response(items, headers=headers)
+
+
+def _name_unreadable(response: Response[Any], header: str, ids: Sequence[str]) -> None:
+    """Name ``ids`` in ``header`` (comma-separated, each percent-encoded), if any."""
+    if ids:
+        response.headers[header] = ",".join(quote(item_id, safe="") for item_id in ids)
 
 
 def _within_budget(items: list[T]) -> list[T]:

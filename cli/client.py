@@ -68,11 +68,10 @@ class ApiClient:
         out because their stored documents cannot be read (``X-Unreadable-Tasks``)."""
         params = {"status": status, "limit": limit, "cursor": cursor, "queue": queue}
         response = await self.request("GET", "/tasks", params=params)
-        unreadable = response.headers.get("x-unreadable-tasks", "")
         return (
             response.json(),
             response.headers.get("x-next-cursor"),
-            [unquote(task_id) for task_id in unreadable.split(",") if task_id],
+            _ids_named(response, "x-unreadable-tasks"),
         )
 
     async def upcoming(
@@ -113,11 +112,7 @@ class ApiClient:
         their stored documents cannot be read (``X-Unreadable-Runs``)."""
         params = {"limit": limit, "output": "true" if output else None}
         response = await self.request("GET", f"/tasks/{task_id}/runs", params=params)
-        unreadable = response.headers.get("x-unreadable-runs", "")
-        return (
-            response.json(),
-            [unquote(run_id) for run_id in unreadable.split(",") if run_id],
-        )
+        return response.json(), _ids_named(response, "x-unreadable-runs")
 
     async def get_run(self, task_id: str, run_id: str) -> Any:
         return (await self.request("GET", f"/tasks/{task_id}/runs/{run_id}")).json()
@@ -210,3 +205,8 @@ async def open_client(base_url: str, token: str | None) -> AsyncGenerator[ApiCli
         raise ApiError(f"the API URL {base_url!r} is not valid: {exc}") from exc
     async with http:
         yield ApiClient(http)
+
+
+def _ids_named(response: httpx.Response, header: str) -> list[str]:
+    """The ids ``header`` names (comma-separated, each percent-encoded); none if absent."""
+    return [unquote(item_id) for item_id in response.headers.get(header, "").split(",") if item_id]

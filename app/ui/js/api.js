@@ -31,6 +31,11 @@ export async function call(method, path, { query, body, headers, signal } = {}) 
 }
 
 /** A request whose answer is JSON (null for 204). */
+/** The ids a response names in `header` (comma-separated, each percent-encoded). */
+export function idsNamed(response, header) {
+  return (response.headers.get(header) ?? "").split(",").filter(Boolean).map(decodeURIComponent);
+}
+
 export async function json(method, path, options) {
   const response = await call(method, path, options);
   return response.status === 204 ? null : response.json();

@@ -3,7 +3,7 @@
 // and the actions on it. Kept up to date by events.
 
 import * as actions from "../actions.js";
-import { ApiError, call, json } from "../api.js";
+import { ApiError, call, idsNamed, json } from "../api.js";
 import { h, notify } from "../dom.js";
 import { badge, duration, program, time } from "../format.js";
 import { subscribe } from "../live.js";
@@ -47,8 +47,7 @@ export function taskPage(main, { taskId, runId }) {
     if (gone) return;
     showTask(task);
     showRuns(history);
-    showUnreadableRuns((response.headers.get("X-Unreadable-Runs") ?? "")
-      .split(",").filter(Boolean).map(decodeURIComponent));
+    showUnreadableRuns(idsNamed(response, "X-Unreadable-Runs"));
   });
 
   function act(action) {

@@ -1,7 +1,7 @@
 // The task list (#/ or #/?status=...): one page of tasks, kept up to date by events.
 
 import * as actions from "../actions.js";
-import { ApiError, call, json } from "../api.js";
+import { ApiError, call, idsNamed, json } from "../api.js";
 import { h, notify } from "../dom.js";
 import { badge, duration, time } from "../format.js";
 import { subscribe } from "../live.js";
@@ -44,8 +44,7 @@ export function tasksPage(main, { query }) {
     const tasks = await response.json();
     if (gone) return;
     nextCursor = response.headers.get("X-Next-Cursor");
-    showUnreadable((response.headers.get("X-Unreadable-Tasks") ?? "")
-      .split(",").filter(Boolean).map(decodeURIComponent));
+    showUnreadable(idsNamed(response, "X-Unreadable-Tasks"));
     rows.clear();
     body.replaceChildren(...tasks.map((task) => remember(task)));
     if (!tasks.length) body.append(h("tr", { class: "empty" }, h("td", { colspan: 7 }, "No tasks.")));
