@@ -14,7 +14,7 @@ from __future__ import annotations
 import os
 import random
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
 from enum import StrEnum
 from typing import Annotated
@@ -1038,26 +1038,41 @@ def cancel_unreadable(
     it, so it is done only when a user asks to cancel."""
     if task.status == TaskStatus.RUNNING:
         return request_cancel(task, now)
+    _require_active(task, unreadable, TaskStatus.PENDING)
+    closed = _close_cancelled(task, _stand_in(task, unreadable, RunStatus.QUEUED), now, entropy)
+    return _noting_unreadable(_ended(task, *closed), unreadable)
+
+
+def _require_active(task: Task, unreadable: UnreadableRun, status: TaskStatus) -> None:
     active = task.active_run
-    if task.status != TaskStatus.PENDING or active is None or active.run_id != unreadable.run_id:
+    if task.status != status or active is None or active.run_id != unreadable.run_id:
         raise InvalidTransition(
             f"run {unreadable.run_id!r} is not the active run of {task.id!r}: read it again"
         )
-    stand_in = Run(
+
+
+def _stand_in(task: Task, unreadable: UnreadableRun, status: RunStatus) -> Run:
+    """The active run of ``task`` whose document cannot be read (``unreadable``), as far
+    as the task knows it: what closing it needs, and nothing the task does not say."""
+    active = task.active_run
+    assert active is not None and active.run_id == unreadable.run_id
+    return Run(
         run_id=active.run_id,
         task_id=task.id,
         attempt=active.attempt,
-        status=RunStatus.QUEUED,
+        status=status,
         queued_at=task.updated_at,  # the task's last change: when the run was queued
         not_before=active.not_before,
         queue=task.queue,
     )
-    idle, runs = _close_cancelled(task, stand_in, now, entropy)
-    closed = msgspec.structs.replace(
-        runs[0],
-        error=f"{CANCELLED_REASON}; its stored document could not be read: {unreadable.reason}",
-    )
-    return _ended(task, idle, [closed, *runs[1:]])
+
+
+def _noting_unreadable(closing: Transition, unreadable: UnreadableRun) -> Transition:
+    """``closing``, whose first run replaces the document that could not be read, with
+    that run's ``error`` saying what was wrong with the old document."""
+    closed, *others = closing.runs
+    error = f"{closed.error}; its stored document could not be read: {unreadable.reason}"
+    return replace(closing, runs=(msgspec.structs.replace(closed, error=error), *others))
 
 
 def cancel_queued(task: Task, run: Run, now: datetime, *, entropy: Entropy = ENTROPY) -> Transition:
@@ -1140,7 +1155,8 @@ def lose_run(task: Task, run: Run, now: datetime, *, entropy: Entropy = ENTROPY)
     _require_running(task, run)
     if task.cancel_requested:
         return _ended(task, *_close_cancelled(task, run, now, entropy))
-    reason = f"{LOST_REASON_PREFIX} worker {run.worker} stopped renewing its lease"
+    worker = "its worker" if run.worker is None else f"worker {run.worker}"
+    reason = f"{LOST_REASON_PREFIX} {worker} stopped renewing its lease"
     lost = msgspec.structs.replace(run, status=RunStatus.FAILED, finished_at=now, error=reason)
     if run.attempt < LOST_RUN_LIMIT:
         pending, fresh = _pending_with_new_run(
@@ -1151,6 +1167,19 @@ def lose_run(task: Task, run: Run, now: datetime, *, entropy: Entropy = ENTROPY)
     failed = _advance(task, now, status=TaskStatus.FAILED, last_run=summary, active_run=None)
     idle, skipped = _end_overlap(failed, lost, now, entropy)
     return _ended(task, idle, [lost, *skipped])
+
+
+def lose_unreadable_run(
+    task: Task, unreadable: UnreadableRun, now: datetime, *, entropy: Entropy = ENTROPY
+) -> Transition:
+    """``lose_run`` for a running task whose run's document cannot be read
+    (``unreadable``; a hand edit in Redis while it ran, say) and whose worker stopped
+    renewing its lease. The run is closed from what the task knows of it, its document
+    replaced by one saying what was wrong with the old one; the task goes on as after
+    any lost run (its next attempt queued, or failed at ``LOST_RUN_LIMIT``)."""
+    _require_active(task, unreadable, TaskStatus.RUNNING)
+    lost = lose_run(task, _stand_in(task, unreadable, RunStatus.RUNNING), now, entropy=entropy)
+    return _noting_unreadable(lost, unreadable)
 
 
 def fired_ahead(task: Task, now: datetime) -> bool:

@@ -48,6 +48,7 @@ from app.domain import (
     extend_lease,
     fire_schedule,
     lose_run,
+    lose_unreadable_run,
     restore_entry,
     set_aside,
     timestamp,
@@ -100,7 +101,7 @@ def _dispatch_of(task: Task) -> Dispatch:
 def plan_dispatch(
     task: Task,
     now: datetime,
-    running: Run | None = None,
+    running: Run | UnreadableRun | None = None,
     *,
     fire_until: datetime | None = None,
     entry_due: datetime | None = None,
@@ -109,7 +110,8 @@ def plan_dispatch(
 ) -> _Plan:
     """Decide what a claimed entry of ``scheduled_tasks`` means for its task now.
 
-    ``running`` is the task's active run when the task is running. A scheduled time up
+    ``running`` is the task's active run when the task is running (or why its document
+    cannot be read: recovered as lost all the same when its lease ran out). A scheduled time up
     to ``fire_until`` (default ``now``) is fired, ahead of its time if need be (the run
     waits for it). ``entry_due`` is when the claimed entry was due: a run lease claimed
     before it ran out is put back. With ``extend_lease_to``, an expired run lease is
@@ -143,8 +145,13 @@ def _moment(seconds: float) -> datetime:
     return datetime.fromtimestamp(seconds, UTC)
 
 
-def _recover_lost_run(task: Task, run: Run, now: datetime, entropy: Entropy) -> _Plan:
-    recovered = lose_run(task, run, now, entropy=entropy)
+def _recover_lost_run(
+    task: Task, run: Run | UnreadableRun, now: datetime, entropy: Entropy
+) -> _Plan:
+    if isinstance(run, UnreadableRun):
+        recovered = lose_unreadable_run(task, run, now, entropy=entropy)
+    else:
+        recovered = lose_run(task, run, now, entropy=entropy)
     log.warning(
         "run %s/%s was lost (%s)",
         task.id,
@@ -380,21 +387,17 @@ class Scheduler:
 
     async def _plan(self, task: Task, now: datetime, entry_due: datetime) -> _Plan:
         """``plan_dispatch`` for one claimed task; a task it fails on is set aside."""
+        running: Run | UnreadableRun | None
         try:
             running = await self._running_run(task)
         except UnreadableRun as unreadable:
-            # Taken for gone, its entry would be dropped as stale, and a task whose worker
-            # died would stay running for ever; nor can it be recovered as lost without
-            # its run. The claim is kept instead: the task is planned again when the claim
-            # runs out (once a lease period, not in a loop), and a worker still running it
-            # records its end (which writes the run afresh) as usual.
+            # Planned as any running task: a worker still running it renews its lease and
+            # records its end (which writes the run afresh); if its lease ran out, the run
+            # is recovered as lost from what the task knows of it.
             log.error(
-                "%s: %s; its task is planned again when the claim runs out",
-                unreadable,
-                unreadable.reason,
-                extra=about(task.id, unreadable.run_id),
+                "%s: %s", unreadable, unreadable.reason, extra=about(task.id, unreadable.run_id)
             )
-            return _Plan(keep_claim=True)
+            running = unreadable
         extend = now + self._lease if self._in_outage or now < self._reap_not_before else None
         try:
             return plan_dispatch(

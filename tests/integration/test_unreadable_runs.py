@@ -57,30 +57,58 @@ async def running(store: Store, task_id: str, *, lease_until: float) -> Run:
 
 
 @ADAPTERS
-async def test_the_scheduler_keeps_the_claim_of_a_running_task_whose_run_it_cannot_read(
+async def test_the_scheduler_recovers_a_lost_run_it_cannot_read_and_runs_the_task_again(
     adapter: str, prefix: str, caplog: pytest.LogCaptureFixture
 ) -> None:
     async with opened(adapter, prefix) as store:
         now = time.time()
-        run = await running(store, "bad", lease_until=now - 1)
+        run = await running(store, "bad", lease_until=now - 1)  # its worker died
         await spoil_run(store, "bad", run.run_id)
         service = TaskService(store)
         await service.create(TaskCreate(id="good", name="good", command="true"))
         good = await service.execute("good")
         broker = MemoryBroker()
-        before = await read_task(store, "bad")
 
         with caplog.at_level(logging.ERROR):
             assert await Scheduler(store, broker, lease_seconds=LEASE).dispatch_due() == 2
 
-        dispatched = [msgspec.json.decode(body, type=Dispatch) for body in broker.queue]
-        assert [d.run_id for d in dispatched] == [good.run_id], "goes on with the others"
         [error] = [r for r in caplog.records if run.run_id in r.getMessage()]
         assert "cannot be read" in error.getMessage() and error.exc_info is None
-        assert await read_task(store, "bad") == before, "left as it is"
-        # Not dropped: its entry stays claimed, and comes due again when the claim ends.
-        assert await store.claim_due(now=now + 1, limit=10, lease=1, token="t") == []
-        [again] = await store.claim_due(now=now + LEASE + 1, limit=10, lease=1, token="t")
+        task = await read_task(store, "bad")
+        assert task.status == TaskStatus.PENDING and task.active_run is not None
+        assert task.active_run.attempt == 2
+        dispatched = [msgspec.json.decode(body, type=Dispatch) for body in broker.queue]
+        assert sorted(d.run_id for d in dispatched) == sorted([good.run_id, task.active_run.run_id])
+        history = await store.list_runs("bad", limit=10)
+        assert history.unreadable == [], "the unreadable document is replaced"
+        lost = next(r for r in history.runs if r.run_id == run.run_id)
+        assert (lost.status, lost.attempt) == (RunStatus.FAILED, 1)
+        assert lost.error is not None and lost.error.startswith("lost:")
+        assert "its stored document could not be read: " in lost.error
+
+
+@ADAPTERS
+async def test_the_scheduler_leaves_a_running_task_whose_lease_has_not_run_out(
+    adapter: str, prefix: str
+) -> None:
+    async with opened(adapter, prefix) as store:
+        now = time.time()
+        run = await running(store, "bad", lease_until=now + 5)  # its worker renews it
+        await spoil_run(store, "bad", run.run_id)
+        broker = MemoryBroker()
+        scheduler = Scheduler(store, broker, lease_seconds=LEASE, lookahead_seconds=10)
+
+        assert await scheduler.dispatch_due() == 1  # claimed within the look-ahead
+
+        assert not broker.queue
+        task = await read_task(store, "bad")
+        assert task.status == TaskStatus.RUNNING and task.active_run is not None
+        assert task.active_run.run_id == run.run_id, "still running the same run"
+        history = await store.list_runs("bad", limit=10)
+        assert history.unreadable == [run.run_id]
+        # Its entry is its lease again, due when the lease ends.
+        assert await store.claim_due(now=now + 4, limit=10, lease=1, token="t") == []
+        [again] = await store.claim_due(now=now + 6, limit=10, lease=1, token="t")
         assert again.task_id == "bad"
 
 
