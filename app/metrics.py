@@ -48,6 +48,7 @@ from app.ports import Broker, Store
 log = logging.getLogger(__name__)
 
 CONTENT_TYPE = CONTENT_TYPE_LATEST
+METRICS_PATH = "/metrics"
 SAMPLE_SECONDS = 5.0
 """How often the sampled gauges are refreshed."""
 PROBE_SECONDS = 1.0

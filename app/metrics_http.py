@@ -14,9 +14,8 @@ from litestar.handlers import HTTPRouteHandler
 from litestar.types import ASGIApp, Message, Receive, Scope, Send
 from prometheus_client import Counter, Histogram
 
-from app.metrics import CONTENT_TYPE, HTTP_LATENCY, HTTP_REQUESTS, exposition
+from app.metrics import CONTENT_TYPE, HTTP_LATENCY, HTTP_REQUESTS, METRICS_PATH, exposition
 
-METRICS_PATH = "/metrics"
 UNMATCHED_ROUTE = "unmatched"
 """The route label of a request no route matched (a 404): never the raw path."""
 _METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
