@@ -1,9 +1,14 @@
 """Browser tests of the dashboard: Debian's chromium driven by Playwright's async API.
 
-One browser for the session and one ``taskq dev`` service shared by the tests that need no
-settings of their own (each test uses task ids of its own); a fresh page (its own browser
-context: its own session storage) per test. Every wait is Playwright's, bounded by
-``EXPECT_TIMEOUT_MS``.
+One browser per module and one ``taskq dev`` service shared by a module's tests that need
+no settings of their own (each test uses task ids of its own); a fresh page (its own
+browser context: its own session storage) per test. Every wait is Playwright's, bounded
+by ``EXPECT_TIMEOUT_MS``.
+
+Module scope, not session: while an async fixture lives, AnyIO's pytest plugin runs every
+async test on that fixture's event loop, whatever backend the test asks for. Held for
+the session, the browser would put every test collected after these (a trio or uvloop
+one, in another order or another worker) on asyncio.
 """
 
 from __future__ import annotations
@@ -24,14 +29,14 @@ CHROMIUM = os.environ.get("TASKQ_TEST_CHROMIUM", "/usr/bin/chromium")
 EXPECT_TIMEOUT_MS = 15_000
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def anyio_backend() -> str:
-    """One event loop for the session, so that the browser outlives a test. Playwright's
+    """One event loop for the module, so that the browser outlives a test. Playwright's
     driver needs asyncio."""
     return "asyncio"
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 async def browser() -> AsyncGenerator[Browser]:
     if not os.access(CHROMIUM, os.X_OK):
         pytest.fail(
@@ -46,9 +51,9 @@ async def browser() -> AsyncGenerator[Browser]:
         await browser.close()
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 async def dev_url() -> AsyncGenerator[str]:
-    """The API of a ``taskq dev`` shared by the session (in memory: nothing to clean up)."""
+    """The API of a ``taskq dev`` shared by the module (in memory: nothing to clean up)."""
     env = service_env(f"taskq-ui-{uuid.uuid4().hex[:8]}:")
     async with running(["dev", "--port", "0"], env, name="taskq dev") as service:
         assert service.api_url is not None
