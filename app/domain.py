@@ -1061,7 +1061,9 @@ def _stand_in(task: Task, unreadable: UnreadableRun, status: RunStatus) -> Run:
         task_id=task.id,
         attempt=active.attempt,
         status=status,
-        queued_at=task.updated_at,  # the task's last change: when the run was queued
+        # The task's last change: when a queued run was queued; for a running one, when it
+        # started or later (which is all the task says of it).
+        queued_at=task.updated_at,
         not_before=active.not_before,
         queue=task.queue,
     )
